@@ -1,0 +1,26 @@
+"""jdist: distributed training in JAX where every strategy computes the same mathematics.
+
+A strategy is a factory returning pure functions (``init``, ``shard_batch``, ``step``), like an optax
+``GradientTransformation``. See README.md and shared/DESIGN.md.
+"""
+from jdist import models as models
+from jdist.data_parallel import data_parallel as data_parallel
+from jdist.mesh import emulate_devices as emulate_devices
+from jdist.mesh import make_mesh as make_mesh
+from jdist.mesh import replicate as replicate
+from jdist.mesh import shard_batch as shard_batch
+from jdist.state import TrainState as TrainState
+from jdist.strategy import Strategy as Strategy
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Strategy",
+    "TrainState",
+    "data_parallel",
+    "emulate_devices",
+    "make_mesh",
+    "models",
+    "replicate",
+    "shard_batch",
+]

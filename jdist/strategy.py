@@ -1,0 +1,131 @@
+"""The common shape of every training strategy, and helpers the strategies share."""
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from jdist._types import Batch, LossFn, Metrics, Params, PRNGKey, PyTree
+from jdist.state import TrainState
+
+
+class Strategy(NamedTuple):
+  """A way of training, as a tuple of pure functions (like an optax ``GradientTransformation``).
+
+  Attributes:
+    init: ``init(params, *, key=None) -> TrainState``; places (or shards) the params, builds the
+      optimizer state.
+    shard_batch: ``shard_batch(host_batch) -> batch`` in the layout ``step`` expects.
+    step: ``step(state, batch) -> (state, metrics)``; jitted, ``state`` donated. ``metrics["loss"]``
+      is the mean loss over the global batch.
+    name: a short human-readable name, used in logs and tables.
+    mesh: the device mesh the strategy runs on.
+  """
+
+  init: Callable[..., TrainState]
+  shard_batch: Callable[[Batch], Batch]
+  step: Callable[[TrainState, Batch], tuple[TrainState, Metrics]]
+  name: str
+  mesh: Mesh
+
+
+def check_callable(fn: Any, what: str) -> None:
+  if not callable(fn):
+    raise TypeError(f"{what} must be callable, got {type(fn).__name__}.")
+
+
+def check_optimizer(optimizer: Any) -> None:
+  if not (hasattr(optimizer, "init") and hasattr(optimizer, "update")):
+    raise TypeError(
+        f"optimizer must be an optax.GradientTransformation (with init and update), got "
+        f"{type(optimizer).__name__}. Build one with e.g. optax.sgd(0.1) or optax.adam(1e-3).")
+
+
+def check_positive_int(value: Any, what: str) -> int:
+  if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+    raise ValueError(f"{what} must be a positive int, got {value!r}.")
+  return int(value)
+
+
+def check_params(params: Params) -> Params:
+  """Converts leaves to arrays and rejects empty or non-numeric parameter trees."""
+  leaves = jax.tree.leaves(params)
+  if not leaves:
+    raise ValueError("params is an empty pytree; expected a pytree of arrays (a dict, nnx.State, ...).")
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    if not (isinstance(leaf, (jax.Array, np.ndarray, np.generic, float, int))):
+      raise TypeError(f"params leaf {jax.tree_util.keystr(path)} is a {type(leaf).__name__}; expected an "
+                      f"array. For a flax NNX model pass the state from nnx.split(model).")
+  return jax.tree.map(jnp.asarray, params)
+
+
+def raw_key(key: PRNGKey | int | None) -> jax.Array:
+  """Returns ``key`` as raw uint32 key data (checkpointable); an int is used as a seed."""
+  if key is None:
+    key = 0
+  if isinstance(key, (int, np.integer)):
+    return jax.random.key_data(jax.random.key(int(key)))
+  if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+    return jax.random.key_data(key)
+  return jnp.asarray(key)
+
+
+def value_and_grad(loss_fn: LossFn, *, has_aux: bool) -> Callable[[Params, Batch], tuple[tuple[jax.Array, Any], Params]]:
+  """``jax.value_and_grad`` that always returns ``((loss, aux), grads)`` and checks the loss is a scalar."""
+
+  def wrapped(params, batch):
+    out = loss_fn(params, batch)
+    if has_aux:
+      if not (isinstance(out, tuple) and len(out) == 2):
+        raise TypeError(f"With has_aux=True, loss_fn must return (loss, aux); it returned a "
+                        f"{type(out).__name__}.")
+      loss, aux = out
+    else:
+      if isinstance(out, tuple):
+        raise TypeError("loss_fn returned a tuple; if the second item is auxiliary output, pass has_aux=True.")
+      loss, aux = out, None
+    if jnp.shape(loss) != ():
+      raise ValueError(
+          f"loss_fn must return a scalar (the mean loss over the examples it is given), but it returned "
+          f"shape {jnp.shape(loss)}. Reduce it, e.g. with jnp.mean(...).")
+    return loss, aux
+
+  return jax.value_and_grad(wrapped, has_aux=True)
+
+
+def accumulate(vg: Callable, params: Params, batch: Batch, steps: int) -> tuple[jax.Array, Any, Params]:
+  """Mean loss, aux and gradient over ``steps`` equal micro-batches of ``batch``, via ``lax.scan``.
+
+  Returns ``(loss, aux, grads)``, equal to one ``vg`` on the whole batch (for mean losses).
+  """
+  if steps == 1:
+    (loss, aux), grads = vg(params, batch)
+    return loss, aux, grads
+  micro = jax.tree.map(lambda x: x.reshape(steps, x.shape[0] // steps, *x.shape[1:]), batch)
+  first = jax.tree.map(lambda x: x[0], micro)
+  rest = jax.tree.map(lambda x: x[1:], micro)
+  (loss0, aux0), grads0 = vg(params, first)
+
+  def body(carry, mb):
+    loss, grads = carry
+    (l, a), g = vg(params, mb)
+    return (loss + l, jax.tree.map(jnp.add, grads, g)), a
+
+  (loss, grads), auxes = jax.lax.scan(body, (loss0, grads0), rest)
+  aux = jax.tree.map(lambda a0, a: (a0 + a.sum(0)) / steps, aux0, auxes)
+  return loss / steps, aux, jax.tree.map(lambda g: g / steps, grads)
+
+
+def metrics_from(loss: jax.Array, grads: Params, aux: Any, step: jax.Array) -> Metrics:
+  """The metrics every gradient-based strategy reports."""
+  import optax
+
+  metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "step": step}
+  if isinstance(aux, dict):
+    metrics.update(aux)
+  elif aux is not None:
+    metrics["aux"] = aux
+  return metrics

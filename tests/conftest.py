@@ -1,0 +1,44 @@
+"""Test setup: 8 emulated CPU devices, set before anything imports jax."""
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+  if len(jax.devices()) < 8:
+    skip = pytest.mark.skip(reason=f"needs 8 devices, JAX has {len(jax.devices())}")
+    for item in items:
+      if "needs8" in item.keywords:
+        item.add_marker(skip)
+
+
+def assert_trees_all_close(actual, expected, *, rtol=1e-5, atol=1e-6):
+  """Asserts two pytrees have the same structure and leaves equal to a relative tolerance."""
+  a_leaves, a_def = jax.tree.flatten(actual)
+  e_leaves, e_def = jax.tree.flatten(expected)
+  assert a_def == e_def, f"tree structures differ: {a_def} vs {e_def}"
+  for i, (a, e) in enumerate(zip(a_leaves, e_leaves)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(e), rtol=rtol, atol=atol, err_msg=f"leaf {i}")
+
+
+def single_device_reference(loss_fn, optimizer, params, batches):
+  """Plain optax on one device: the independent reference every strategy must equal."""
+  opt_state = optimizer.init(params)
+
+  @jax.jit
+  def step(params, opt_state, batch):
+    loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    import optax
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  losses = []
+  for batch in batches:
+    params, opt_state, loss = step(params, opt_state, batch)
+    losses.append(float(loss))
+  return params, opt_state, losses

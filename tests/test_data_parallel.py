@@ -1,0 +1,191 @@
+"""Synchronous data parallelism equals single-device optax on the global batch."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import PartitionSpec as P
+
+import jdist
+from jdist.models import linear, mlp
+from tests.conftest import assert_trees_all_close, single_device_reference
+
+
+def _mlp_data(seed, steps, batch, d_in=6, classes=3):
+  rng = np.random.default_rng(seed)
+  xs = rng.normal(size=(steps, batch, d_in)).astype(np.float32)
+  ys = rng.integers(0, classes, size=(steps, batch)).astype(np.int32)
+  return [{"x": x, "y": y} for x, y in zip(xs, ys)]
+
+
+def _run(strategy, params, batches):
+  state = strategy.init(params)
+  losses = []
+  for b in batches:
+    state, metrics = strategy.step(state, strategy.shard_batch(b))
+    losses.append(float(metrics["loss"]))
+  return state, losses
+
+
+OPTIMIZERS = {"sgd": lambda: optax.sgd(0.1), "adam": lambda: optax.adam(1e-2)}
+
+
+@pytest.mark.parametrize("backend", ["shard_map", "pmap"])
+@pytest.mark.parametrize("opt", ["sgd", "adam"])
+@pytest.mark.parametrize("n", [1, 2, 4, 8])
+def test_equals_single_device(n, opt, backend):
+  params = mlp.init(jax.random.key(0), [6, 16, 3])
+  batches = _mlp_data(n, steps=50, batch=16)
+  mesh = jdist.make_mesh(data=n, devices=jax.devices()[:n])
+  strategy = jdist.data_parallel(mlp.loss, OPTIMIZERS[opt](), mesh, backend=backend)
+  state, losses = _run(strategy, params, batches)
+  ref_params, ref_opt, ref_losses = single_device_reference(mlp.loss, OPTIMIZERS[opt](), params, batches)
+  assert_trees_all_close(state.params, ref_params, rtol=1e-5)
+  assert_trees_all_close(state.opt_state, ref_opt, rtol=1e-5)
+  np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+  assert int(state.step) == 50
+
+
+def test_gradient_is_not_n_times_too_large():
+  """Regression for shared/DESIGN.md pitfall 1: grads of replicated params come back psum'ed."""
+  params = linear.init(in_features=3)
+  rng = np.random.default_rng(0)
+  batch = {"x": rng.normal(size=(16, 3)).astype(np.float32), "y": rng.normal(size=(16, 1)).astype(np.float32)}
+  mesh = jdist.make_mesh(data=8)
+  strategy = jdist.data_parallel(linear.loss, optax.sgd(1.0), mesh)
+  state, metrics = strategy.step(strategy.init(params), strategy.shard_batch(batch))
+  grads = jax.grad(linear.loss)(params, batch)
+  # With lr 1 and SGD, params move by exactly -grad; an 8x gradient would move 8x as far.
+  assert_trees_all_close(state.params, jax.tree.map(lambda p, g: p - g, params, grads), rtol=1e-6)
+  np.testing.assert_allclose(float(metrics["grad_norm"]), float(optax.tree.norm(grads)), rtol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["shard_map", "pmap"])
+def test_accumulation_equals_full_batch(backend):
+  params = mlp.init(jax.random.key(1), [6, 16, 3])
+  batches = _mlp_data(7, steps=10, batch=64)
+  mesh = jdist.make_mesh(data=4, devices=jax.devices()[:4])
+  full = jdist.data_parallel(mlp.loss, optax.adam(1e-2), mesh, backend=backend)
+  micro = jdist.data_parallel(mlp.loss, optax.adam(1e-2), mesh, backend=backend, accumulate_steps=4)
+  s_full, l_full = _run(full, params, batches)
+  s_micro, l_micro = _run(micro, params, batches)
+  assert_trees_all_close(s_micro.params, s_full.params, rtol=1e-5)
+  np.testing.assert_allclose(l_micro, l_full, rtol=1e-5)
+  ref, _, _ = single_device_reference(mlp.loss, optax.adam(1e-2), params, batches)
+  assert_trees_all_close(s_micro.params, ref, rtol=1e-5)
+
+
+def test_placement_is_kept_by_a_step():
+  mesh = jdist.make_mesh(data=8)
+  strategy = jdist.data_parallel(mlp.loss, optax.adam(1e-2), mesh)
+  state = strategy.init(mlp.init(jax.random.key(0), [6, 16, 3]))
+  batch = strategy.shard_batch(_mlp_data(0, 1, 32)[0])
+  assert batch["x"].sharding.shard_shape(batch["x"].shape) == (4, 6)
+  assert batch["x"].sharding.spec == P(("data",))
+  before = jax.tree.map(lambda x: x.sharding, state)
+  state, _ = strategy.step(state, batch)
+  for leaf in jax.tree.leaves(state.params) + jax.tree.leaves(state.opt_state):
+    assert leaf.sharding.is_fully_replicated
+    assert leaf.sharding.shard_shape(leaf.shape) == leaf.shape
+    assert len(leaf.sharding.device_set) == 8
+  after = jax.tree.map(lambda x: x.sharding, state)
+  assert jax.tree.all(jax.tree.map(lambda a, b: a.is_equivalent_to(b, 0) or a == b, before, after))
+
+
+def test_has_aux_metrics_and_flax_nnx_params():
+  from flax import nnx
+
+  class Net(nnx.Module):
+    def __init__(self, rngs):
+      self.l1 = nnx.Linear(6, 16, rngs=rngs)
+      self.l2 = nnx.Linear(16, 3, rngs=rngs)
+
+    def __call__(self, x):
+      return self.l2(jax.nn.relu(self.l1(x)))
+
+  graphdef, params = nnx.split(Net(nnx.Rngs(0)))
+
+  def loss_fn(params, batch):
+    logits = nnx.merge(graphdef, params)(batch["x"])
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean()
+    return loss, {"accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["y"])}
+
+  batches = _mlp_data(3, steps=20, batch=16)
+  mesh = jdist.make_mesh(data=8)
+  strategy = jdist.data_parallel(loss_fn, optax.adam(1e-2), mesh, has_aux=True)
+  state, _ = _run(strategy, params, batches)
+  ref, _, _ = single_device_reference(lambda p, b: loss_fn(p, b)[0], optax.adam(1e-2), params, batches)
+  assert_trees_all_close(state.params, ref, rtol=1e-5)
+  logits = nnx.merge(graphdef, jax.device_get(state.params))(batches[0]["x"])
+  _, metrics = strategy.step(state, strategy.shard_batch(batches[0]))  # state is donated here
+  expected_acc = float(jnp.mean(jnp.argmax(logits, -1) == batches[0]["y"]))
+  np.testing.assert_allclose(float(metrics["accuracy"]), expected_acc, rtol=1e-6)
+
+
+def test_init_does_not_consume_user_params():
+  params = mlp.init(jax.random.key(0), [6, 16, 3])
+  strategy = jdist.data_parallel(mlp.loss, optax.sgd(0.1), jdist.make_mesh(data=8))
+  state = strategy.init(params)
+  strategy.step(state, strategy.shard_batch(_mlp_data(0, 1, 8)[0]))
+  assert np.isfinite(np.asarray(params["layers"][0]["w"])).all()  # still readable: not donated
+
+
+# ---- bad input ------------------------------------------------------------------------------------
+
+
+def test_batch_not_divisible():
+  strategy = jdist.data_parallel(mlp.loss, optax.sgd(0.1), jdist.make_mesh(data=8))
+  state = strategy.init(mlp.init(jax.random.key(0), [6, 16, 3]))
+  batch = _mlp_data(0, 1, 12)[0]
+  with pytest.raises(ValueError, match=r"batch size 12 is not divisible by 8"):
+    strategy.shard_batch(batch)
+  with pytest.raises(ValueError, match=r"batch size 12 is not divisible by 8"):
+    strategy.step(state, batch)
+  micro = jdist.data_parallel(mlp.loss, optax.sgd(0.1), jdist.make_mesh(data=8), accumulate_steps=4)
+  with pytest.raises(ValueError, match=r"batch size 16 is not divisible by 32 .*multiple of 32"):
+    micro.shard_batch(_mlp_data(0, 1, 16)[0])
+
+
+def test_axis_not_in_mesh():
+  with pytest.raises(ValueError, match=r"'batch' is not an axis of the mesh; the mesh has axes \('data',\)"):
+    jdist.data_parallel(mlp.loss, optax.sgd(0.1), jdist.make_mesh(data=8), axis="batch")
+
+
+def test_non_scalar_loss():
+  strategy = jdist.data_parallel(lambda p, b: (b["x"] @ p["w"]) ** 2, optax.sgd(0.1), jdist.make_mesh(data=8))
+  state = strategy.init({"w": jnp.ones((6,))})
+  with pytest.raises(ValueError, match=r"must return a scalar .* returned shape \(2,\)"):
+    strategy.step(state, strategy.shard_batch({"x": np.ones((16, 6), np.float32)}))
+
+
+def test_leaves_with_different_leading_sizes():
+  strategy = jdist.data_parallel(mlp.loss, optax.sgd(0.1), jdist.make_mesh(data=8))
+  bad = {"x": np.ones((16, 6), np.float32), "y": np.zeros((8,), np.int32)}
+  with pytest.raises(ValueError, match=r"different leading sizes \(\['x'\]: 16, \['y'\]: 8\)"):
+    strategy.shard_batch(bad)
+
+
+def test_bad_arguments():
+  mesh = jdist.make_mesh(data=8)
+  with pytest.raises(ValueError, match="Unknown backend 'mpi'"):
+    jdist.data_parallel(mlp.loss, optax.sgd(0.1), mesh, backend="mpi")
+  with pytest.raises(ValueError, match="accumulate_steps must be a positive int, got 0"):
+    jdist.data_parallel(mlp.loss, optax.sgd(0.1), mesh, accumulate_steps=0)
+  with pytest.raises(TypeError, match="optax.GradientTransformation"):
+    jdist.data_parallel(mlp.loss, 0.1, mesh)
+  with pytest.raises(ValueError, match="backend='pmap' maps over one axis"):
+    jdist.data_parallel(mlp.loss, optax.sgd(0.1), jdist.make_mesh(data=2, model=4), backend="pmap")
+  with pytest.raises(TypeError, match="has_aux=True"):
+    s = jdist.data_parallel(lambda p, b: (mlp.loss(p, b), 1.0), optax.sgd(0.1), mesh)
+    s.step(s.init(mlp.init(jax.random.key(0), [6, 3])), s.shard_batch(_mlp_data(0, 1, 8)[0]))
+
+
+def test_two_axis_data_parallel_equals_single_device():
+  """The batch may be split over several mesh axes at once."""
+  params = mlp.init(jax.random.key(0), [6, 16, 3])
+  batches = _mlp_data(5, steps=10, batch=16)
+  mesh = jdist.make_mesh(replica=2, data=4)
+  strategy = jdist.data_parallel(mlp.loss, optax.adam(1e-2), mesh, axis=("replica", "data"))
+  state, _ = _run(strategy, params, batches)
+  ref, _, _ = single_device_reference(mlp.loss, optax.adam(1e-2), params, batches)
+  assert_trees_all_close(state.params, ref, rtol=1e-5)
