@@ -17,7 +17,7 @@ from jax.sharding import PartitionSpec as P
 from jdist import mesh as mesh_lib
 from jdist._types import Batch, LossFn, Params, PRNGKey
 from jdist.state import TrainState
-from jdist.strategy import (Strategy, accumulate, check_callable, check_optimizer, check_params,
+from jdist.strategy import (Strategy, StepFn, accumulate, check_callable, check_optimizer, check_params,
                             check_positive_int, metrics_from, raw_key, value_and_grad)
 
 BACKENDS = ("shard_map", "pmap")
@@ -115,6 +115,6 @@ def data_parallel(
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     return new_state, metrics_from(loss, grads, aux, new_state.step)
 
-  step = jax.jit(step_fn, donate_argnums=0, out_shardings=replicated)
+  step = StepFn(step_fn, mesh, donate_argnums=0, out_shardings=replicated)
   name = "data_parallel" + ("" if backend == "shard_map" else f"[{backend}]")
   return Strategy(init=init, shard_batch=shard_batch, step=step, name=name, mesh=mesh)
