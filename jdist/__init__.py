@@ -3,7 +3,11 @@
 A strategy is a factory returning pure functions (``init``, ``shard_batch``, ``step``), like an optax
 ``GradientTransformation``. See README.md and shared/DESIGN.md.
 """
+from jdist import collectives as collectives
+from jdist import data as data
 from jdist import models as models
+from jdist import train as train
+from jdist.collectives import comm_report as comm_report
 from jdist.data_parallel import data_parallel as data_parallel
 from jdist.mesh import emulate_devices as emulate_devices
 from jdist.mesh import make_mesh as make_mesh
@@ -11,16 +15,24 @@ from jdist.mesh import replicate as replicate
 from jdist.mesh import shard_batch as shard_batch
 from jdist.state import TrainState as TrainState
 from jdist.strategy import Strategy as Strategy
+from jdist.train import CheckpointConfig as CheckpointConfig
+from jdist.train import fit as fit
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CheckpointConfig",
     "Strategy",
     "TrainState",
+    "collectives",
+    "comm_report",
+    "data",
     "data_parallel",
     "emulate_devices",
+    "fit",
     "make_mesh",
     "models",
     "replicate",
     "shard_batch",
+    "train",
 ]

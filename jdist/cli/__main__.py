@@ -1,0 +1,5 @@
+import sys
+
+from jdist.cli import main
+
+sys.exit(main())

@@ -1,0 +1,128 @@
+"""What a compiled program communicates: every collective in its HLO, with bytes sent per device."""
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any
+
+import numpy as np
+
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
+
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4,
+                "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16, "f8e4m3fn": 1, "f8e5m2": 1}
+_ARRAY = re.compile(r"\b([a-z]+[0-9]*[a-z0-9]*)\[([0-9,]*)\]")
+_OP = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(.*?)\s+(" + "|".join(COLLECTIVES) + r")(-start)?\(")
+_GROUPS = re.compile(r"replica_groups=\{(\{[0-9,{}\s]*\})\}")
+_IOTA_GROUPS = re.compile(r"replica_groups=\[(\d+),(\d+)\]")
+_PAIRS = re.compile(r"source_target_pairs=\{([0-9,{}\s]*)\}")
+
+
+def _shape_bytes(text: str) -> int:
+  total = 0
+  for dtype, dims in _ARRAY.findall(text):
+    if dtype in _DTYPE_BYTES:
+      total += _DTYPE_BYTES[dtype] * int(np.prod([int(d) for d in dims.split(",") if d] or [1]))
+  return total
+
+
+def _group_size(line: str, default: int) -> int:
+  m = _IOTA_GROUPS.search(line)
+  if m:
+    return int(m.group(2))
+  m = _GROUPS.search(line)
+  if m:
+    first = re.search(r"\{([0-9,\s]*)\}", m.group(1))
+    if first and first.group(1).strip():
+      return len(first.group(1).split(","))
+  return default
+
+
+@dataclasses.dataclass(frozen=True)
+class CollectiveStat:
+  """All collectives of one kind: how many, their total result bytes and the bytes each device sends."""
+
+  kind: str
+  count: int
+  payload_bytes: int
+  sent_bytes: float
+
+
+@dataclasses.dataclass(frozen=True)
+class CommReport:
+  """Collectives found in a compiled program (per device, per call).
+
+  ``sent_bytes`` counts what one device puts on the wire under bandwidth-optimal algorithms: a
+  collective-permute sends its operand; an all-gather (N-1)/N of its result; a reduce-scatter
+  (N-1)/N of its input; an all-to-all (N-1)/N of its operand; an all-reduce 2(N-1)/N of its payload
+  (reduce-scatter then all-gather), with N the size of the replica group.
+  """
+
+  stats: dict[str, CollectiveStat]
+
+  @property
+  def total_sent_bytes(self) -> float:
+    return sum(s.sent_bytes for s in self.stats.values())
+
+  @property
+  def total_count(self) -> int:
+    return sum(s.count for s in self.stats.values())
+
+  def __getitem__(self, kind: str) -> CollectiveStat:
+    return self.stats.get(kind, CollectiveStat(kind, 0, 0, 0.0))
+
+  def table(self) -> str:
+    rows = [f"{'collective':<20}{'count':>7}{'payload bytes':>16}{'sent bytes/device':>20}"]
+    for kind in COLLECTIVES:
+      s = self[kind]
+      if s.count:
+        rows.append(f"{kind:<20}{s.count:>7}{s.payload_bytes:>16,}{s.sent_bytes:>20,.0f}")
+    rows.append(f"{'total':<20}{self.total_count:>7}{'':>16}{self.total_sent_bytes:>20,.0f}")
+    return "\n".join(rows)
+
+
+def comm_report(compiled: Any, *, num_devices: int | None = None) -> CommReport:
+  """Lists the collectives of a compiled (or lowered) jitted function, or of its HLO text.
+
+  Args:
+    compiled: ``jax.jit(f).lower(...).compile()``, a ``Lowered`` (compiled here), or HLO text.
+    num_devices: group size to assume where the HLO names no replica groups.
+
+  Returns:
+    A ``CommReport``; ``report.table()`` formats it.
+
+  Example:
+    >>> report = comm_report(strategy.step.lower(state, batch).compile())  # doctest: +SKIP
+  """
+  if not isinstance(compiled, str) and hasattr(compiled, "compile"):
+    compiled = compiled.compile()  # a Lowered: its own text would be StableHLO, not the partitioned HLO
+  text = compiled if isinstance(compiled, str) else compiled.as_text()
+  default = num_devices or 1
+  acc: dict[str, list[float]] = {}
+  for line in text.splitlines():
+    m = _OP.match(line)
+    if not m:
+      continue
+    shape_text, kind, started = m.group(1), m.group(2), m.group(3)
+    if started:
+      # async pairs: the "-start" result is a tuple (operands..., results...); count the results half
+      out_bytes = _shape_bytes(shape_text) / 2
+    else:
+      out_bytes = _shape_bytes(shape_text)
+    n = _group_size(line, default)
+    if kind == "collective-permute":
+      pairs = _PAIRS.search(line)
+      sent = out_bytes if pairs is None or pairs.group(1).strip() else 0.0
+    elif kind == "all-reduce":
+      sent = 2 * (n - 1) / n * out_bytes
+    elif kind == "all-gather":
+      sent = (n - 1) / n * out_bytes
+    elif kind == "reduce-scatter":
+      sent = (n - 1) * out_bytes  # input is N x the result
+    else:  # all-to-all
+      sent = (n - 1) / n * out_bytes
+    c = acc.setdefault(kind, [0, 0, 0.0])
+    c[0] += 1
+    c[1] += out_bytes
+    c[2] += sent
+  return CommReport({k: CollectiveStat(k, int(v[0]), int(v[1]), float(v[2])) for k, v in acc.items()})

@@ -1,0 +1,234 @@
+"""Run configuration: TOML files read with the standard library into frozen dataclasses.
+
+A file names the model, data, optimizer, strategy, mesh, steps, checkpointing and logging;
+``--set section.key=value`` overrides any entry. Unknown keys are errors that list the valid keys and
+suggest the closest one. See examples/configs/ for one file per strategy.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import pathlib
+import sys
+from typing import Any, Mapping, Sequence
+
+if sys.version_info >= (3, 11):
+  import tomllib
+else:  # pragma: no cover
+  import tomli as tomllib
+
+
+class ConfigError(ValueError):
+  """A configuration file or override is invalid; the message says what to change."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+  name: str = "mlp"  # "mlp" (digits classifier) or "linear" (regression)
+  hidden: tuple[int, ...] = (128,)  # hidden layer widths of the MLP
+
+  def __post_init__(self):
+    _one_of("model.name", self.name, ("mlp", "linear"))
+    object.__setattr__(self, "hidden", tuple(self.hidden))
+    if any((not isinstance(h, int)) or h < 1 for h in self.hidden):
+      raise ConfigError(f"model.hidden must be a list of positive ints, got {list(self.hidden)}.")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DataConfig:
+  name: str = "digits"  # "digits" (sklearn's 8x8 digits) or "linear_regression" (x = 1..8, y = 2x + 1)
+  batch_size: int = 128  # global batch, examples per step; divisible by the data-axis devices
+  seed: int = 0  # shuffle and train/test split seed
+
+  def __post_init__(self):
+    _one_of("data.name", self.name, ("digits", "linear_regression"))
+    _positive("data.batch_size", self.batch_size)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class OptimizerConfig:
+  name: str = "adam"  # "sgd", "momentum", "adam" or "adamw"
+  lr: float = 3e-3  # learning rate, > 0
+  momentum: float = 0.9  # for "momentum"
+  weight_decay: float = 1e-4  # for "adamw"
+
+  def __post_init__(self):
+    _one_of("optimizer.name", self.name, ("sgd", "momentum", "adam", "adamw"))
+    if not self.lr > 0:
+      raise ConfigError(f"optimizer.lr must be > 0, got {self.lr}.")
+
+  def build(self):
+    import optax
+
+    return {"sgd": lambda: optax.sgd(self.lr), "momentum": lambda: optax.sgd(self.lr, momentum=self.momentum),
+            "adam": lambda: optax.adam(self.lr),
+            "adamw": lambda: optax.adamw(self.lr, weight_decay=self.weight_decay)}[self.name]()
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StrategyConfig:
+  name: str = "data_parallel"  # a key of jdist.experiment.STRATEGIES
+  options: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # keyword arguments of the strategy
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MeshConfig:
+  axes: Mapping[str, int] = dataclasses.field(default_factory=lambda: {"data": -1})  # name -> size (-1: the rest)
+  cpu_devices: int = 8  # CPU devices to emulate when the host has only a CPU
+  num_devices: int = 0  # use the first this many devices (0: all of them)
+
+  def __post_init__(self):
+    _positive("mesh.cpu_devices", self.cpu_devices)
+    if not isinstance(self.num_devices, int) or self.num_devices < 0:
+      raise ConfigError(f"mesh.num_devices must be an int >= 0 (0: all devices), got {self.num_devices!r}.")
+    for name, size in self.axes.items():
+      if not isinstance(size, int) or (size < 1 and size != -1):
+        raise ConfigError(f"mesh.{name} must be a positive int or -1, got {size!r}.")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+  steps: int = 400  # total optimizer steps
+  seed: int = 0  # parameter initialisation seed
+  log_every: int = 10  # steps between metric log lines
+  eval_every: int = 100  # steps between test-set evaluations
+  progress: bool = True  # show a progress bar
+
+  def __post_init__(self):
+    _positive("train.steps", self.steps)
+    _positive("train.log_every", self.log_every)
+    _positive("train.eval_every", self.eval_every)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CheckpointSection:
+  enabled: bool = True  # save checkpoints under run_dir/checkpoints and resume from them
+  every_steps: int = 100  # steps between checkpoints
+  every_seconds: float = 0.0  # also save after this many seconds (0: off)
+  keep: int = 3  # newest checkpoints kept
+  fallback: bool = False  # resume from the previous checkpoint if the latest is unreadable
+
+  def __post_init__(self):
+    _positive("checkpoint.every_steps", self.every_steps)
+    _positive("checkpoint.keep", self.keep)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Config:
+  run_dir: str = "runs/default"  # metric logs, TensorBoard files and checkpoints go here
+  model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+  data: DataConfig = dataclasses.field(default_factory=DataConfig)
+  optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+  strategy: StrategyConfig = dataclasses.field(default_factory=StrategyConfig)
+  mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+  train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+  checkpoint: CheckpointSection = dataclasses.field(default_factory=CheckpointSection)
+
+
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "optimizer": OptimizerConfig, "train": TrainConfig,
+            "checkpoint": CheckpointSection}
+OPEN_SECTIONS = ("strategy", "mesh")  # keys beyond the fixed ones are strategy options / mesh axes
+
+
+def _one_of(name: str, value: Any, valid: Sequence[str]) -> None:
+  if value not in valid:
+    hint = difflib.get_close_matches(str(value), valid, n=1)
+    raise ConfigError(f"Unknown {name}: {value!r}. It needs to be one of {list(valid)}"
+                      + (f"; did you mean {hint[0]!r}?" if hint else "."))
+
+
+def _positive(name: str, value: Any) -> None:
+  if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+    raise ConfigError(f"{name} must be a positive int, got {value!r}.")
+
+
+def _unknown(where: str, key: str, valid: Sequence[str]) -> ConfigError:
+  hint = difflib.get_close_matches(key, list(valid), n=1)
+  return ConfigError(f"Unknown key {where}{key!r}. Valid keys: {', '.join(sorted(valid))}"
+                     + (f". Did you mean {hint[0]!r}?" if hint else "."))
+
+
+def _field_names(cls) -> list[str]:
+  return [f.name for f in dataclasses.fields(cls)]
+
+
+def _section(cls, name: str, raw: Any):
+  if not isinstance(raw, dict):
+    raise ConfigError(f"[{name}] must be a table of keys, got {raw!r}.")
+  valid = _field_names(cls)
+  for key in raw:
+    if key not in valid:
+      raise _unknown(f"in [{name}]: ", key, valid)
+  try:
+    return cls(**raw)
+  except TypeError as e:
+    raise ConfigError(f"[{name}]: {e}") from None
+
+
+def from_dict(raw: Mapping[str, Any]) -> Config:
+  """Builds a ``Config`` from a nested dict (as read from TOML), rejecting unknown keys."""
+  valid_top = _field_names(Config)
+  kwargs: dict[str, Any] = {}
+  for key, value in raw.items():
+    if key not in valid_top:
+      raise _unknown("", key, valid_top)
+    if key in SECTIONS:
+      kwargs[key] = _section(SECTIONS[key], key, value)
+    elif key == "strategy":
+      value = dict(value)
+      name = value.pop("name", "data_parallel")
+      kwargs[key] = StrategyConfig(name=name, options=value)
+    elif key == "mesh":
+      value = dict(value)
+      cpu = value.pop("cpu_devices", 8)
+      num = value.pop("num_devices", 0)
+      kwargs[key] = MeshConfig(axes=value or {"data": -1}, cpu_devices=cpu, num_devices=num)
+    else:
+      kwargs[key] = value
+  return Config(**kwargs)
+
+
+def parse_value(text: str) -> Any:
+  """A TOML value (``0.1``, ``true``, ``[64, 64]``, ``"adam"``), or the bare text as a string."""
+  try:
+    return tomllib.loads(f"v = {text}")["v"]
+  except tomllib.TOMLDecodeError:
+    return text
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+  """Applies ``section.key=value`` overrides to a nested dict (a copy)."""
+  out = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+  for item in overrides:
+    if "=" not in item:
+      raise ConfigError(f"Override {item!r} is not of the form section.key=value, e.g. optimizer.lr=0.1.")
+    path, value = item.split("=", 1)
+    parts = path.strip().split(".")
+    if len(parts) == 1:
+      out[parts[0]] = parse_value(value)
+    elif len(parts) == 2:
+      section, key = parts
+      if section not in SECTIONS and section not in OPEN_SECTIONS:
+        raise _unknown("", section, _field_names(Config))
+      if not isinstance(out.setdefault(section, {}), dict):
+        raise ConfigError(f"{section} is not a section.")
+      out[section][key] = parse_value(value)
+    else:
+      raise ConfigError(f"Override {item!r}: keys have at most two parts (section.key).")
+  return out
+
+
+def load(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -> Config:
+  """Reads a TOML config file (or the defaults when ``path`` is None) and applies overrides."""
+  raw: dict[str, Any] = {}
+  if path is not None:
+    p = pathlib.Path(path)
+    if not p.is_file():
+      raise ConfigError(f"Config file {str(path)!r} does not exist. Pass a TOML file, e.g. "
+                        f"examples/configs/data_parallel.toml.")
+    try:
+      raw = tomllib.loads(p.read_text())
+    except tomllib.TOMLDecodeError as e:
+      raise ConfigError(f"{path} is not valid TOML: {e}.") from None
+  return from_dict(apply_overrides(raw, overrides))

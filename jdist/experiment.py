@@ -1,0 +1,122 @@
+"""From a ``Config`` to a finished run: builds the model, data, optimizer, mesh and strategy, then fits.
+
+The CLI only parses arguments into a ``Config`` and calls ``run``. New strategies plug in by adding an
+entry to ``STRATEGIES``: ``name -> builder(loss_fn, optimizer, mesh, **options) -> Strategy``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import pathlib
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from jdist import datasets
+from jdist.config import Config, ConfigError
+from jdist.data import ArrayLoader
+from jdist.data_parallel import data_parallel
+from jdist.mesh import make_mesh
+from jdist.models import linear, mlp
+from jdist.strategy import Strategy
+from jdist.train import CheckpointConfig, NanGuard, PrintLogger, ProgressBar, fit
+
+STRATEGIES: dict[str, Callable[..., Strategy]] = {
+    "data_parallel": data_parallel,
+}
+
+
+@dataclasses.dataclass
+class Experiment:
+  """Everything ``fit`` needs, built from a config."""
+
+  config: Config
+  strategy: Strategy
+  state: Any
+  loader: ArrayLoader
+  eval_fn: Callable | None
+  eval_data: Any
+  num_params: int
+
+
+def _model(config: Config, key) -> tuple[Any, Callable, Callable | None]:
+  """(params, loss_fn, eval_fn) for the configured model and data."""
+  if config.model.name == "mlp":
+    if config.data.name != "digits":
+      raise ConfigError(f"model.name = 'mlp' is a classifier and needs data.name = 'digits', got {config.data.name!r}.")
+    params = mlp.init(key, [64, *config.model.hidden, 10])
+
+    def eval_fn(params, batch):
+      loss, aux = mlp.loss_and_accuracy(params, batch)
+      return {"loss": loss, **aux}
+
+    return params, mlp.loss, eval_fn
+  if config.data.name != "linear_regression":
+    raise ConfigError(f"model.name = 'linear' needs data.name = 'linear_regression', got {config.data.name!r}.")
+  return linear.init(in_features=1), linear.loss, lambda p, b: {"loss": linear.loss(p, b)}
+
+
+def _data(config: Config) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]:
+  if config.data.name == "digits":
+    return datasets.digits(seed=config.data.seed)
+  data = datasets.linear_regression()
+  return data, data
+
+
+def build_strategy(name: str, loss_fn: Callable, optimizer, mesh, options: dict[str, Any]) -> Strategy:
+  """Looks up ``name`` in ``STRATEGIES`` and calls it with ``options``, checking the option names."""
+  if name not in STRATEGIES:
+    import difflib
+
+    hint = difflib.get_close_matches(name, list(STRATEGIES), n=1)
+    raise ConfigError(f"Unknown strategy {name!r}. It needs to be one of {sorted(STRATEGIES)}"
+                      + (f"; did you mean {hint[0]!r}?" if hint else "."))
+  factory = STRATEGIES[name]
+  params = inspect.signature(factory).parameters
+  valid = [p for p, v in params.items() if v.kind == inspect.Parameter.KEYWORD_ONLY]
+  for key in options:
+    if key not in valid:
+      import difflib
+
+      hint = difflib.get_close_matches(key, valid, n=1)
+      raise ConfigError(f"Unknown option {key!r} for strategy {name!r}. Valid options: {', '.join(valid)}"
+                        + (f". Did you mean {hint[0]!r}?" if hint else "."))
+  return factory(loss_fn, optimizer, mesh, **options)
+
+
+def build(config: Config) -> Experiment:
+  """Builds the mesh, strategy, initial state and data of ``config``."""
+  devices = jax.devices()
+  if config.mesh.num_devices:
+    if config.mesh.num_devices > len(devices):
+      raise ConfigError(f"mesh.num_devices = {config.mesh.num_devices} but only {len(devices)} devices are available.")
+    devices = devices[:config.mesh.num_devices]
+  try:
+    mesh = make_mesh(devices=devices, **dict(config.mesh.axes))
+  except ValueError as e:
+    raise ConfigError(f"mesh {dict(config.mesh.axes)}: {e}") from None
+  key = jax.random.key(config.train.seed)
+  params, loss_fn, eval_fn = _model(config, key)
+  train_data, test_data = _data(config)
+  strategy = build_strategy(config.strategy.name, loss_fn, config.optimizer.build(), mesh, dict(config.strategy.options))
+  state = strategy.init(params, key=config.train.seed)
+  loader = ArrayLoader(train_data, config.data.batch_size, seed=config.data.seed)
+  num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+  return Experiment(config, strategy, state, loader, eval_fn, test_data, num_params)
+
+
+def run(config: Config, *, callbacks=(), quiet: bool = False):
+  """Builds and trains ``config``; resumes from ``run_dir/checkpoints`` when checkpoints exist."""
+  exp = build(config)
+  run_dir = pathlib.Path(config.run_dir)
+  c = config.checkpoint
+  checkpoint = CheckpointConfig(directory=run_dir / "checkpoints", every_steps=c.every_steps,
+                                every_seconds=c.every_seconds or None, keep=c.keep,
+                                fallback=c.fallback) if c.enabled else None
+  cbs = [NanGuard(), *callbacks]
+  if not quiet:
+    cbs.append(ProgressBar(exp.strategy.name) if config.train.progress else PrintLogger(config.train.log_every))
+  return exp, fit(exp.strategy, exp.state, exp.loader, steps=config.train.steps, callbacks=cbs,
+                  checkpoint=checkpoint, eval_fn=exp.eval_fn, eval_data=exp.eval_data,
+                  eval_every=config.train.eval_every, log_every=config.train.log_every, run_dir=run_dir)

@@ -1,0 +1,130 @@
+"""Callbacks: hooks that run outside ``jit`` at fixed points of ``jdist.fit``.
+
+A callback is any object with some of the methods below; the ones it lacks are skipped. Each receives
+the ``LoopControl`` of the run, through which it may ask the loop to stop.
+
+- ``on_start(loop, step)``: before the first step (``step`` is where the run starts or resumes).
+- ``on_step(loop, step, metrics)``: after every step; ``metrics`` are host floats.
+- ``on_eval(loop, step, metrics)``: after each evaluation.
+- ``on_checkpoint(loop, step, path)``: after a checkpoint was written.
+- ``on_end(loop, result)``: once, when the loop ends for any reason.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+
+class Callback:
+  """Base class with every hook as a no-op (subclassing it is optional)."""
+
+  def on_start(self, loop, step: int) -> None:
+    pass
+
+  def on_step(self, loop, step: int, metrics: dict[str, float]) -> None:
+    pass
+
+  def on_eval(self, loop, step: int, metrics: dict[str, float]) -> None:
+    pass
+
+  def on_checkpoint(self, loop, step: int, path) -> None:
+    pass
+
+  def on_end(self, loop, result) -> None:
+    pass
+
+
+class NanGuard(Callback):
+  """Stops training when a watched metric is NaN or infinite; the step is not checkpointed.
+
+  The last good checkpoint stays intact and the run ends with ``result.failed`` set.
+  """
+
+  def __init__(self, keys: Sequence[str] = ("loss", "grad_norm")):
+    self.keys = tuple(keys)
+
+  def on_step(self, loop, step, metrics):
+    for key in self.keys:
+      value = metrics.get(key)
+      if value is not None and not math.isfinite(value):
+        good = loop.last_checkpoint_step
+        loop.request_stop(
+            f"{key} is {value} at step {step}; training stopped"
+            + (f", the last good checkpoint (step {good}) is kept" if good is not None else "")
+            + ". Lower the learning rate or check the data.", failed=True)
+        return
+
+
+class EarlyStopping(Callback):
+  """Stops when ``monitor`` (an eval metric by default) has not improved by ``min_delta`` for ``patience`` evals."""
+
+  def __init__(self, monitor: str = "eval_loss", *, patience: int = 3, min_delta: float = 0.0, mode: str = "min"):
+    if mode not in ("min", "max"):
+      raise ValueError(f"Unknown mode: {mode!r}. It needs to be one of ['min', 'max'].")
+    if patience < 1:
+      raise ValueError(f"patience must be >= 1, got {patience}.")
+    self.monitor, self.patience, self.min_delta, self.mode = monitor, patience, min_delta, mode
+    self.best: float | None = None
+    self.bad = 0
+
+  def _check(self, loop, step, metrics):
+    if self.monitor not in metrics:
+      return
+    value = metrics[self.monitor]
+    sign = 1.0 if self.mode == "min" else -1.0
+    if self.best is None or sign * (self.best - value) > self.min_delta:
+      self.best, self.bad = value, 0
+    else:
+      self.bad += 1
+      if self.bad >= self.patience:
+        loop.request_stop(f"early stopping at step {step}: {self.monitor} did not improve on {self.best:.6g} "
+                          f"for {self.patience} evaluations")
+
+  def on_eval(self, loop, step, metrics):
+    self._check(loop, step, metrics)
+
+  def on_step(self, loop, step, metrics):
+    if not self.monitor.startswith("eval_"):
+      self._check(loop, step, metrics)
+
+
+class PrintLogger(Callback):
+  """Prints one line of metrics every ``every`` steps and after each evaluation."""
+
+  def __init__(self, every: int = 10, keys: Sequence[str] | None = None, print_fn=print):
+    self.every, self.keys, self.print_fn = every, keys, print_fn
+
+  def _fmt(self, metrics):
+    keys = self.keys or [k for k in metrics if k != "step"]
+    return "  ".join(f"{k} {metrics[k]:.5g}" for k in keys if k in metrics and isinstance(metrics[k], (int, float)))
+
+  def on_step(self, loop, step, metrics):
+    if step % self.every == 0:
+      self.print_fn(f"step {step:6d}  {self._fmt(metrics)}")
+
+  def on_eval(self, loop, step, metrics):
+    self.print_fn(f"eval {step:6d}  {self._fmt(metrics)}")
+
+
+class ProgressBar(Callback):
+  """A rich progress bar with the latest loss and steps/s."""
+
+  def __init__(self, description: str = "training", *, transient: bool = False):
+    self.description, self.transient = description, transient
+    self._progress: Any = None
+
+  def on_start(self, loop, step):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    self._progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                              TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn(),
+                              transient=self.transient)
+    self._progress.start()
+    self._task = self._progress.add_task(self.description, total=loop.total_steps, completed=step, loss="-")
+
+  def on_step(self, loop, step, metrics):
+    self._progress.update(self._task, completed=step, loss=f"{metrics.get('loss', float('nan')):.4f}")
+
+  def on_end(self, loop, result):
+    if self._progress is not None:
+      self._progress.stop()

@@ -1,0 +1,182 @@
+"""Checkpoints with orbax-checkpoint that resume exactly and never lose or overwrite data.
+
+A checkpoint is one orbax step directory holding two items: ``state`` (the whole ``TrainState``,
+sharded arrays included) and ``meta`` (JSON: the data position, a checksum per state leaf, and
+bookkeeping). orbax writes each step to a temporary directory and renames it when complete, so a
+crash mid-save leaves the earlier checkpoints as they were. On restore the checksums are recomputed:
+a truncated or corrupted checkpoint is reported by name instead of being loaded or ignored.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+import shutil
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jdist._types import PyTree
+
+FORMAT_VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint exists but cannot be used; nothing was overwritten."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CheckpointConfig:
+  """Where and when ``jdist.fit`` saves checkpoints, and how it resumes.
+
+  Attributes:
+    directory: the checkpoint directory (created if missing); ``fit`` resumes from its latest step.
+    every_steps: save after every this many steps (None: not by step count). Must be >= 1.
+    every_seconds: also save when this many seconds passed since the last save (None: not by time).
+    keep: how many of the newest checkpoints to keep on disk (>= 1).
+    fallback: if the latest checkpoint cannot be read, resume from the newest readable one (moving the
+      unreadable one into ``directory/unreadable/``) instead of stopping with an error.
+    save_at_end: save once more when training ends (unless it ended on a NaN/Inf or other failure).
+  """
+
+  directory: str | os.PathLike
+  every_steps: int | None = None
+  every_seconds: float | None = None
+  keep: int = 3
+  fallback: bool = False
+  save_at_end: bool = True
+
+  def __post_init__(self):
+    if self.every_steps is not None and (not isinstance(self.every_steps, int) or self.every_steps < 1):
+      raise ValueError(f"checkpoint every_steps must be a positive int or None, got {self.every_steps!r}.")
+    if self.every_seconds is not None and not self.every_seconds > 0:
+      raise ValueError(f"checkpoint every_seconds must be > 0 or None, got {self.every_seconds!r}.")
+    if not isinstance(self.keep, int) or self.keep < 1:
+      raise ValueError(f"checkpoint keep must be a positive int, got {self.keep!r}.")
+
+
+def _leaf_checksum(x: jax.Array) -> jax.Array:
+  """uint32 checksum of the bits of ``x``; any single changed element changes it."""
+  x = jnp.ravel(x)
+  if x.dtype == jnp.bool_:
+    bits = x.astype(jnp.uint32)
+  else:
+    width = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[x.dtype.itemsize]
+    bits = jax.lax.bitcast_convert_type(x, width).reshape(-1).astype(jnp.uint32)
+  idx = jnp.arange(bits.size, dtype=jnp.uint32)
+  return jnp.sum(bits * (2 * idx + 1), dtype=jnp.uint32) ^ (jnp.sum(bits, dtype=jnp.uint32) * jnp.uint32(0x9E3779B1))
+
+
+_checksums = jax.jit(lambda tree: [_leaf_checksum(x) for x in jax.tree.leaves(tree)])
+
+
+def tree_checksums(tree: PyTree) -> list[int]:
+  """One checksum per array leaf of ``tree`` (works on sharded, multi-process arrays)."""
+  return [int(c) for c in jax.device_get(_checksums(tree))]
+
+
+def abstract_like(tree: PyTree) -> PyTree:
+  """Shape, dtype and sharding of every leaf: the template a checkpoint is restored into."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=getattr(x, "sharding", None)), tree)
+
+
+class Checkpointer:
+  """Saves and restores ``(state, meta)`` under ``config.directory`` with an orbax CheckpointManager."""
+
+  def __init__(self, config: CheckpointConfig):
+    import orbax.checkpoint as ocp
+
+    self._ocp = ocp
+    self.config = config
+    self.directory = pathlib.Path(config.directory).absolute()
+    try:
+      self.directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+      raise CheckpointError(f"Cannot create checkpoint directory {self.directory}: {e.strerror}. "
+                            f"Choose a directory you can write to.") from None
+    if not os.access(self.directory, os.W_OK | os.X_OK):
+      raise CheckpointError(f"Checkpoint directory {self.directory} is not writable. Choose a directory you "
+                            f"can write to, or fix its permissions.")
+    self._manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(max_to_keep=config.keep, enable_async_checkpointing=False,
+                                             create=True))
+    self.last_saved_step: int | None = None
+    self.last_save_time = time.monotonic()
+
+  def steps(self) -> list[int]:
+    self._manager.reload()
+    return sorted(self._manager.all_steps())
+
+  def step_path(self, step: int) -> pathlib.Path:
+    return self.directory / str(step)
+
+  def due(self, step: int) -> bool:
+    c = self.config
+    if c.every_steps is not None and step % c.every_steps == 0:
+      return True
+    return c.every_seconds is not None and time.monotonic() - self.last_save_time >= c.every_seconds
+
+  def save(self, step: int, state: PyTree, meta: dict[str, Any]) -> pathlib.Path:
+    ocp = self._ocp
+    meta = dict(meta, step=int(step), checksums=tree_checksums(state), format=FORMAT_VERSION)
+    self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                     meta=ocp.args.JsonSave(meta)), force=True)
+    self._manager.wait_until_finished()
+    self.last_saved_step = step
+    self.last_save_time = time.monotonic()
+    return self.step_path(step)
+
+  def _restore(self, step: int, template: PyTree) -> tuple[PyTree, dict[str, Any]]:
+    ocp = self._ocp
+    restored = self._manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_like(template)), meta=ocp.args.JsonRestore()))
+    state, meta = restored.state, restored.meta
+    if not isinstance(meta, dict) or "checksums" not in meta:
+      raise ValueError("its metadata is missing or unreadable")
+    if meta.get("step") != step:
+      raise ValueError(f"its metadata names step {meta.get('step')}")
+    if tree_checksums(state) != list(meta["checksums"]):
+      raise ValueError("its arrays do not match the checksums recorded when it was saved (corrupted data)")
+    return state, meta
+
+  def restore_latest(self, template: PyTree) -> tuple[int, PyTree, dict[str, Any]] | None:
+    """The newest readable checkpoint as ``(step, state, meta)``, or None if the directory has none.
+
+    Raises:
+      CheckpointError: the newest checkpoint cannot be read and ``fallback`` is off (or none can).
+    """
+    steps = self.steps()
+    for step in reversed(steps):
+      try:
+        state, meta = self._restore(step, template)
+        return step, state, meta
+      except Exception as e:  # orbax, tensorstore and our own checks raise many types
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:400]
+        if not self.config.fallback:
+          raise CheckpointError(
+              f"Checkpoint {self.step_path(step)} cannot be read ({reason}). Nothing was overwritten. Move it "
+              f"away or delete it, or allow resuming from the previous checkpoint with fallback=True "
+              f"(CLI: --set checkpoint.fallback=true).") from None
+        self._quarantine(step, reason)
+    if steps:
+      raise CheckpointError(f"None of the checkpoints in {self.directory} ({steps}) can be read; they were moved "
+                            f"to {self.directory / 'unreadable'}. Nothing was overwritten.")
+    return None
+
+  def _quarantine(self, step: int, reason: str) -> None:
+    """Moves an unreadable checkpoint aside (never deletes it) so that newer saves do not collide."""
+    target = self.directory / "unreadable" / f"{step}-{int(time.time())}"
+    if jax.process_index() == 0:
+      target.parent.mkdir(exist_ok=True)
+      shutil.move(str(self.step_path(step)), str(target))
+      (target / "REASON.txt").write_text(reason + "\n")
+    print(f"jdist: checkpoint step {step} cannot be read ({reason}); moved to {target}, falling back.")
+    self._manager.reload()
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()

@@ -1,0 +1,219 @@
+"""``jdist.fit``: the training loop that runs any strategy, with checkpoints, evaluation and callbacks."""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import os
+import pathlib
+import time
+from typing import Any, Callable, Iterable, Sequence
+
+import jax
+import numpy as np
+
+from jdist.mesh import replicate
+from jdist.state import TrainState
+from jdist.strategy import Strategy
+from jdist.train._checkpoint import CheckpointConfig, Checkpointer, CheckpointError
+from jdist.train._writers import METRICS_FILE, TIMING_FILE, JsonlWriter, TensorBoardWriter
+
+
+@dataclasses.dataclass
+class FitResult:
+  """What ``fit`` returns.
+
+  Attributes:
+    state: the final ``TrainState``.
+    history: one dict of host metrics per step run in this call (resumed steps are not repeated).
+    eval_history: one dict per evaluation.
+    start_step: the step training started (or resumed) from.
+    stop_reason: why the loop ended before ``steps`` (a callback, exhausted data), else None.
+    failed: True when it ended on a failure (e.g. a NaN loss); the failing step was not checkpointed.
+  """
+
+  state: TrainState
+  history: list[dict[str, float]]
+  eval_history: list[dict[str, float]]
+  start_step: int
+  stop_reason: str | None = None
+  failed: bool = False
+
+
+class LoopControl:
+  """What callbacks see of the running loop."""
+
+  def __init__(self, strategy: Strategy, total_steps: int, run_dir: pathlib.Path | None):
+    self.strategy = strategy
+    self.total_steps = total_steps
+    self.run_dir = run_dir
+    self.stop_reason: str | None = None
+    self.failed = False
+    self.last_checkpoint_step: int | None = None
+
+  def request_stop(self, reason: str, *, failed: bool = False) -> None:
+    """Ends the loop after the current step; ``failed=True`` also skips checkpointing that step."""
+    if self.stop_reason is None:
+      self.stop_reason = reason
+    self.failed = self.failed or failed
+
+
+def _call(callbacks, hook, *args):
+  for cb in callbacks:
+    fn = getattr(cb, hook, None)
+    if fn is not None:
+      fn(*args)
+
+
+def _host(metrics: dict[str, Any]) -> dict[str, float]:
+  out = {}
+  for k, v in jax.device_get(metrics).items():
+    v = np.asarray(v)
+    if v.ndim == 0:
+      out[k] = v.item()
+  return out
+
+
+def fit(
+    strategy: Strategy,
+    state: TrainState,
+    data: Iterable[Any],
+    *,
+    steps: int,
+    callbacks: Sequence[Any] = (),
+    checkpoint: CheckpointConfig | None = None,
+    eval_fn: Callable[[Any, Any], dict[str, Any]] | None = None,
+    eval_data: Any = None,
+    eval_every: int | None = None,
+    log_every: int = 10,
+    run_dir: str | os.PathLike | None = None,
+    tensorboard: bool = True,
+) -> FitResult:
+  """Trains ``state`` with ``strategy`` until ``state.step == steps``, resuming from a checkpoint if any.
+
+  Args:
+    strategy: any jdist strategy (``init`` / ``shard_batch`` / ``step``).
+    state: the initial state from ``strategy.init``; also the template (shapes and shardings) that a
+      checkpoint is restored into, so resuming on a different mesh works.
+    data: an iterable of host batches. If it has ``get_state`` / ``set_state`` (``jdist.data.ArrayLoader``)
+      its position is checkpointed and restored; otherwise a resumed run skips the batches already used.
+    steps: the total number of steps (not the number still to run).
+    callbacks: objects with any of ``on_start``, ``on_step``, ``on_eval``, ``on_checkpoint``, ``on_end``.
+    checkpoint: a ``CheckpointConfig``; ``fit`` resumes from the newest checkpoint in its directory.
+    eval_fn: ``eval_fn(params, batch) -> dict of scalars``, jitted; run on ``eval_data`` (one batch)
+      every ``eval_every`` steps and at the end; logged with an ``eval_`` prefix.
+    log_every: write ``metrics.jsonl`` / TensorBoard every this many steps (and at the last step).
+    run_dir: where metric logs go (none written if None).
+    tensorboard: also write TensorBoard event files under ``run_dir/tensorboard``.
+
+  Returns:
+    A ``FitResult``.
+
+  Raises:
+    CheckpointError: the newest checkpoint cannot be read (unless ``checkpoint.fallback``).
+    ValueError: bad arguments.
+  """
+  if not isinstance(steps, int) or steps < 0:
+    raise ValueError(f"steps must be a non-negative int (the total number of steps), got {steps!r}.")
+  if not isinstance(log_every, int) or log_every < 1:
+    raise ValueError(f"log_every must be a positive int, got {log_every!r}.")
+  if eval_every is not None and (not isinstance(eval_every, int) or eval_every < 1):
+    raise ValueError(f"eval_every must be a positive int or None, got {eval_every!r}.")
+  if (eval_fn is None) != (eval_data is None):
+    raise ValueError("Pass eval_fn and eval_data together (eval_fn(params, batch) -> dict of metrics).")
+  run_path = pathlib.Path(run_dir) if run_dir is not None else None
+  checkpointer = Checkpointer(checkpoint) if checkpoint is not None else None
+  meta: dict[str, Any] = {}
+  if checkpointer is not None:
+    restored = checkpointer.restore_latest(state)
+    if restored is not None:
+      _, state, meta = restored
+      checkpointer.last_saved_step = int(state.step)
+  start = int(state.step)
+  if start > 0 and "data" in meta:
+    if not hasattr(data, "set_state"):
+      raise CheckpointError("The checkpoint holds a data position but the data has no set_state(); resume "
+                            "with the same kind of data (e.g. jdist.data.ArrayLoader).")
+    data.set_state(meta["data"])
+    batches = iter(data)
+  elif start > 0 and not hasattr(data, "set_state"):
+    batches = itertools.islice(iter(data), start, None)  # replay position of a plain iterable
+  else:
+    batches = iter(data)
+
+  control = LoopControl(strategy, steps, run_path)
+  control.last_checkpoint_step = checkpointer.last_saved_step if checkpointer else None
+  writers = []
+  if run_path is not None:
+    metrics_log = JsonlWriter(run_path / METRICS_FILE, resume_step=start)
+    timing_log = JsonlWriter(run_path / TIMING_FILE, resume_step=start)
+    tb = TensorBoardWriter(run_path / "tensorboard", resume_step=start) if tensorboard else None
+    writers = [w for w in (metrics_log, timing_log, tb) if w is not None]
+  eval_step = jax.jit(eval_fn) if eval_fn is not None else None
+  # eval data is small and of any size: replicate it rather than split it over the data axis
+  eval_batch = replicate(eval_data, strategy.mesh) if eval_data is not None else None
+
+  history: list[dict[str, float]] = []
+  eval_history: list[dict[str, float]] = []
+
+  def save(step, state):
+    position = {"data": data.get_state()} if hasattr(data, "get_state") else {}
+    path = checkpointer.save(step, state, position)
+    control.last_checkpoint_step = step
+    _call(callbacks, "on_checkpoint", control, step, path)
+
+  def evaluate(step, state):
+    metrics = {f"eval_{k}": v for k, v in _host(eval_step(state.params, eval_batch)).items()}
+    metrics["step"] = step
+    eval_history.append(metrics)
+    if run_path is not None:
+      metrics_log.write(metrics)
+      if tb is not None:
+        tb.write(step, metrics)
+    _call(callbacks, "on_eval", control, step, metrics)
+
+  _call(callbacks, "on_start", control, start)
+  step = start
+  window_start, window_steps, examples = time.perf_counter(), 0, 0
+  result = None
+  try:
+    while step < steps and control.stop_reason is None:
+      try:
+        batch = next(batches)
+      except StopIteration:
+        control.request_stop(f"the data ran out after step {step}")
+        break
+      examples += len(jax.tree.leaves(batch)[0])
+      state, metrics = strategy.step(state, strategy.shard_batch(batch))
+      step += 1
+      window_steps += 1
+      host = _host(metrics)
+      host["step"] = step
+      history.append(host)
+      _call(callbacks, "on_step", control, step, host)
+      if control.failed:
+        break
+      if run_path is not None and (step % log_every == 0 or step == steps):
+        elapsed = time.perf_counter() - window_start
+        metrics_log.write(host)
+        if tb is not None:
+          tb.write(step, host)
+        timing_log.write({"step": step, "steps_per_s": window_steps / elapsed,
+                          "examples_per_s": examples / elapsed, "time": time.time()})
+        window_start, window_steps, examples = time.perf_counter(), 0, 0
+      if eval_step is not None and ((eval_every and step % eval_every == 0) or step == steps):
+        evaluate(step, state)
+      if checkpointer is not None and checkpointer.due(step) and control.stop_reason is None:
+        save(step, state)
+    if (checkpointer is not None and not control.failed and checkpoint.save_at_end
+        and checkpointer.last_saved_step != step):
+      save(step, state)
+    result = FitResult(state=state, history=history, eval_history=eval_history, start_step=start,
+                       stop_reason=control.stop_reason, failed=control.failed)
+  finally:
+    for w in writers:
+      w.close()
+    if checkpointer is not None:
+      checkpointer.close()
+    if result is not None:
+      _call(callbacks, "on_end", control, result)
+  return result
