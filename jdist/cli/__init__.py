@@ -73,7 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       from jdist.cli._bench import bench
 
       return bench(args.names, quick=args.quick)
-  except (ConfigError, CheckpointError, ValueError, TypeError, FileNotFoundError, PermissionError, ImportError) as e:
+  except (ConfigError, CheckpointError, ValueError, TypeError, OSError, ImportError) as e:
     message = " ".join(str(e).split()) or type(e).__name__
     print(f"jdist {args.command}: error: {message}", file=sys.stderr)
     return 2 if isinstance(e, ConfigError) else 1

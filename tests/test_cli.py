@@ -1,0 +1,186 @@
+"""The jdist CLI: train resumes after SIGKILL bit for bit; bad input ends in one line and a non-zero exit."""
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from jdist import config as config_lib
+from jdist.cli import main
+from jdist.experiment import build
+from jdist.train import CheckpointConfig, Checkpointer
+
+CONFIG = """
+run_dir = "{run_dir}"
+[model]
+hidden = [32]
+[data]
+batch_size = 64
+[optimizer]
+name = "adam"
+lr = 0.003
+[strategy]
+name = "{strategy}"
+[train]
+steps = 30
+log_every = 1
+eval_every = 10
+progress = false
+[checkpoint]
+every_steps = 5
+"""
+
+
+def _write_config(tmp_path, name, strategy="data_parallel"):
+  path = tmp_path / f"{name}.toml"
+  path.write_text(CONFIG.format(run_dir=tmp_path / name, strategy=strategy))
+  return path
+
+
+def _train_cmd(config):
+  return [sys.executable, "-m", "jdist.cli", "train", str(config)]
+
+
+def _run_until_killed(config, kill_at):
+  """Starts `jdist train`, SIGKILLs it once it reports step `kill_at`; returns the last step it printed."""
+  env = dict(os.environ, PYTHONUNBUFFERED="1")
+  proc = subprocess.Popen(_train_cmd(config), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+  last = 0
+  for line in proc.stdout:
+    if line.startswith("step"):
+      last = int(line.split()[1])
+      if last >= kill_at:
+        proc.send_signal(signal.SIGKILL)
+        break
+  proc.wait(timeout=60)
+  assert proc.returncode == -signal.SIGKILL, f"the run ended by itself ({proc.returncode}) before step {kill_at}"
+  return last
+
+
+def _final_state(config_path):
+  cfg = config_lib.load(config_path)
+  template = build(cfg).state
+  ckpt = Checkpointer(CheckpointConfig(directory=pathlib.Path(cfg.run_dir) / "checkpoints"))
+  step, state, _ = ckpt.restore_latest(template)
+  ckpt.close()
+  return step, jax.device_get(state)
+
+
+def test_sigkill_at_five_steps_then_restart_equals_uninterrupted(tmp_path):
+  full = _write_config(tmp_path, "full")
+  subprocess.run(_train_cmd(full), check=True, capture_output=True, timeout=300)
+  ref_step, ref_state = _final_state(full)
+  ref_log = (tmp_path / "full" / "metrics.jsonl").read_bytes()
+  assert ref_step == 30
+  for kill_at in (3, 8, 12, 17, 26):
+    cfg = _write_config(tmp_path, f"killed_{kill_at}")
+    _run_until_killed(cfg, kill_at)
+    done = subprocess.run(_train_cmd(cfg), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    step, state = _final_state(cfg)
+    assert step == 30
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(ref_state)):
+      np.testing.assert_array_equal(a, b, err_msg=f"killed at step {kill_at}")
+    assert (tmp_path / f"killed_{kill_at}" / "metrics.jsonl").read_bytes() == ref_log, f"killed at {kill_at}"
+
+
+def _cli_error(capsys, argv):
+  code = main(argv)
+  err = capsys.readouterr().err.strip()
+  assert code != 0
+  assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+  return err
+
+
+def test_cli_bad_input_is_one_line_and_nonzero(tmp_path, capsys):
+  err = _cli_error(capsys, ["train", str(tmp_path / "missing.toml")])
+  assert "missing.toml' does not exist" in err
+  cfg = _write_config(tmp_path, "bad_strategy", strategy="data_paralel")
+  err = _cli_error(capsys, ["train", str(cfg)])
+  assert "Unknown strategy 'data_paralel'" in err and "did you mean 'data_parallel'" in err
+  cfg = _write_config(tmp_path, "big_mesh")
+  err = _cli_error(capsys, ["train", str(cfg), "--set", "mesh.data=16"])
+  assert "needs 16 devices but only 8 are available" in err
+  err = _cli_error(capsys, ["train", str(cfg), "--set", "optimizer.weight_decy=0.1"])
+  assert "Unknown key in [optimizer]: 'weight_decy'" in err and "Did you mean 'weight_decay'" in err
+  err = _cli_error(capsys, ["train", str(cfg), "--set", "strategy.acumulate_steps=2"])
+  assert "Unknown option 'acumulate_steps'" in err and "Did you mean 'accumulate_steps'" in err
+  err = _cli_error(capsys, ["train", str(cfg), "--set", "optimizer.lr"])
+  assert "not of the form section.key=value" in err
+
+
+def test_cli_read_only_run_dir(tmp_path, capsys):
+  cfg = _write_config(tmp_path, "ro")
+  # /proc cannot hold new directories even for root, which ignores permission bits
+  err = _cli_error(capsys, ["train", str(cfg), "--set", 'run_dir="/proc/jdist_run"'])
+  assert "/proc/jdist_run" in err
+  if os.geteuid() != 0:
+    ro = tmp_path / "ro_dir"
+    ro.mkdir()
+    ro.chmod(0o555)
+    err = _cli_error(capsys, ["train", str(cfg), "--set", f'run_dir="{ro}/run"'])
+    assert "ro_dir" in err
+
+
+def test_cli_train_resumes_and_plot(tmp_path, capsys):
+  cfg = _write_config(tmp_path, "run")
+  assert main(["train", str(cfg), "--quiet", "--set", "train.steps=10"]) == 0
+  assert main(["train", str(cfg), "--quiet", "--set", "train.steps=20"]) == 0
+  out = capsys.readouterr().out
+  assert "resumed from step 10" in out and "step 20" in out
+  assert main(["plot", str(tmp_path / "run"), "--out", str(tmp_path / "m.png")]) == 0
+  assert (tmp_path / "m.png").stat().st_size > 10_000
+
+
+def test_cli_nan_exits_nonzero(tmp_path, capsys):
+  cfg = _write_config(tmp_path, "nan")
+  code = main(["train", str(cfg), "--quiet", "--set", "optimizer.lr=1e30", "--set", "optimizer.name='sgd'"])
+  captured = capsys.readouterr()
+  assert code == 1
+  assert "is nan at step" in captured.err or "is inf at step" in captured.err
+
+
+@pytest.mark.parametrize("bad,match", [
+    ({"model": {"hiden": [3]}}, "Unknown key in [model]: 'hiden'. Valid keys: hidden, name. Did you mean 'hidden'?"),
+    ({"optimiser": {}}, "Unknown key 'optimiser'"),
+    ({"optimizer": {"name": "adamm"}}, "did you mean 'adam'?"),
+    ({"train": {"steps": 0}}, "train.steps must be a positive int, got 0"),
+])
+def test_config_errors(bad, match):
+  with pytest.raises(config_lib.ConfigError) as err:
+    config_lib.from_dict(bad)
+  assert match in str(err.value)
+
+
+def test_config_overrides_parse_toml_values(tmp_path):
+  cfg = config_lib.load(_write_config(tmp_path, "x"), ["optimizer.lr=0.1", "model.hidden=[8, 8]", "run_dir=elsewhere",
+                                                       "strategy.accumulate_steps=2", "mesh.data=4", "mesh.model=2"])
+  assert cfg.optimizer.lr == 0.1 and cfg.model.hidden == (8, 8) and cfg.run_dir == "elsewhere"
+  assert dict(cfg.strategy.options) == {"accumulate_steps": 2}
+  assert dict(cfg.mesh.axes) == {"data": 4, "model": 2}
+
+
+def test_example_configs_load():
+  for path in (pathlib.Path(__file__).resolve().parents[1] / "examples" / "configs").glob("*.toml"):
+    config_lib.load(path)
+
+
+def test_demo_prints_table_and_writes_png(tmp_path, capsys):
+  assert main(["demo", "--steps", "30", "--out", str(tmp_path)]) == 0
+  out = capsys.readouterr().out
+  for label in ("single device", "sync data parallel", "sync data parallel (pmap)", "sync DP, 4 micro-batches"):
+    assert label in out
+  assert "test acc" in out and "KB sent/dev/step" in out
+  png = tmp_path / "loss_curves.png"
+  assert png.stat().st_size > 20_000
+  losses = {}
+  for run in tmp_path.iterdir():
+    if (run / "metrics.jsonl").exists():
+      records = [r for r in __import__("jdist").train.read_jsonl(run / "metrics.jsonl") if "loss" in r]
+      losses[run.name] = records[-1]["loss"]
+  assert len(losses) == 4
+  np.testing.assert_allclose(list(losses.values()), list(losses.values())[0], rtol=1e-4)  # same mathematics

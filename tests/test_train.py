@@ -1,0 +1,242 @@
+"""jdist.fit: callbacks, checkpoints that resume exactly, corrupted checkpoints, NaN guard, resharding."""
+import json
+import pathlib
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+import jdist
+from jdist.data import ArrayLoader
+from jdist.models import mlp
+from jdist.train import Callback, CheckpointConfig, CheckpointError, NanGuard, fit, read_jsonl
+from tests.conftest import assert_trees_all_close
+
+
+def _data(n=256, seed=0):
+  rng = np.random.default_rng(seed)
+  return {"x": rng.normal(size=(n, 6)).astype(np.float32), "y": rng.integers(0, 3, n).astype(np.int32)}
+
+
+def _setup(n_devices=8, seed=0, lr=1e-2, init_seed=None):
+  mesh = jdist.make_mesh(data=n_devices, devices=jax.devices()[:n_devices])
+  strategy = jdist.data_parallel(mlp.loss, optax.adam(lr), mesh)
+  state = strategy.init(mlp.init(jax.random.key(seed if init_seed is None else init_seed), [6, 16, 3]))
+  loader = ArrayLoader(_data(), batch_size=32, seed=seed)  # 8 batches per epoch: resumes cross epochs
+  return strategy, state, loader
+
+
+def _eval_fn(params, batch):
+  return {"loss": mlp.loss(params, batch), "accuracy": mlp.accuracy(params, batch)}
+
+
+class Recorder(Callback):
+  def __init__(self):
+    self.events = []
+
+  def on_start(self, loop, step):
+    self.events.append(("start", step))
+
+  def on_step(self, loop, step, metrics):
+    self.events.append(("step", step))
+
+  def on_eval(self, loop, step, metrics):
+    self.events.append(("eval", step))
+
+  def on_checkpoint(self, loop, step, path):
+    self.events.append(("checkpoint", step))
+
+  def on_end(self, loop, result):
+    self.events.append(("end", int(result.state.step)))
+
+
+def test_callbacks_fire_at_the_right_steps(tmp_path):
+  strategy, state, loader = _setup()
+  rec = Recorder()
+  result = fit(strategy, state, loader, steps=12, callbacks=[rec], eval_fn=_eval_fn, eval_data=_data(40, 1),
+               eval_every=5, checkpoint=CheckpointConfig(directory=tmp_path / "ckpt", every_steps=4),
+               run_dir=tmp_path, log_every=3)
+  ev = rec.events
+  assert ev[0] == ("start", 0) and ev[-1] == ("end", 12)
+  assert [s for k, s in ev if k == "step"] == list(range(1, 13))
+  assert [s for k, s in ev if k == "eval"] == [5, 10, 12]
+  assert [s for k, s in ev if k == "checkpoint"] == [4, 8, 12]
+  # order within a step: step, then eval, then checkpoint
+  assert ev.index(("step", 10)) < ev.index(("eval", 10)) < ev.index(("step", 11))
+  logged = read_jsonl(tmp_path / "metrics.jsonl")
+  assert [r["step"] for r in logged if "loss" in r] == [3, 6, 9, 12]
+  assert [r["step"] for r in logged if "eval_accuracy" in r] == [5, 10, 12]
+  assert [r["step"] for r in read_jsonl(tmp_path / "timing.jsonl")] == [3, 6, 9, 12]
+  assert all(r["steps_per_s"] > 0 for r in read_jsonl(tmp_path / "timing.jsonl"))
+  assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+  assert len(result.history) == 12 and result.stop_reason is None
+
+
+def test_history_matches_plain_optax():
+  strategy, state, loader = _setup()
+  result = fit(strategy, state, loader, steps=10)
+  ref_loader = ArrayLoader(_data(), batch_size=32, seed=0)
+  batches = [b for b, _ in zip(ref_loader, range(10))]
+  params = mlp.init(jax.random.key(0), [6, 16, 3])
+  from tests.conftest import single_device_reference
+  ref_params, _, ref_losses = single_device_reference(mlp.loss, optax.adam(1e-2), params, batches)
+  np.testing.assert_allclose([h["loss"] for h in result.history], ref_losses, rtol=1e-5)
+  assert_trees_all_close(result.state.params, ref_params)
+
+
+def _leaves_equal(a, b):
+  la, lb = jax.tree.leaves(jax.device_get(a)), jax.tree.leaves(jax.device_get(b))
+  assert len(la) == len(lb)
+  for x, y in zip(la, lb):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_interrupted_and_resumed_equals_uninterrupted_bit_for_bit(tmp_path):
+  strategy, state, loader = _setup()
+  full = fit(strategy, state, loader, steps=20, run_dir=tmp_path / "full", log_every=1,
+             checkpoint=CheckpointConfig(directory=tmp_path / "full" / "ckpt", every_steps=5))
+  ck = CheckpointConfig(directory=tmp_path / "cut" / "ckpt", every_steps=5, save_at_end=False)
+  strategy, state, loader = _setup()
+  fit(strategy, state, loader, steps=13, run_dir=tmp_path / "cut", log_every=1, checkpoint=ck)  # last ckpt: 10
+  strategy, state, loader = _setup()  # a fresh process would build the same
+  resumed = fit(strategy, state, loader, steps=20, run_dir=tmp_path / "cut", log_every=1, checkpoint=ck)
+  assert resumed.start_step == 10
+  _leaves_equal(resumed.state.params, full.state.params)
+  _leaves_equal(resumed.state.opt_state, full.state.opt_state)
+  assert (tmp_path / "cut" / "metrics.jsonl").read_bytes() == (tmp_path / "full" / "metrics.jsonl").read_bytes()
+
+
+def _data_files(step_dir: pathlib.Path):
+  # orbax (OCDBT) reads the finalised arrays from state/d/; the per-process copies are not read back
+  return [p for p in (step_dir / "state" / "d").iterdir() if p.is_file()]
+
+
+def _truncate(step_dir: pathlib.Path):
+  for victim in _data_files(step_dir):
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+
+
+def _flip_bytes(step_dir: pathlib.Path):
+  for victim in _data_files(step_dir):
+    data = bytearray(victim.read_bytes())
+    mid = len(data) // 2
+    data[mid:mid + 16] = bytes(255 - b for b in data[mid:mid + 16])
+    victim.write_bytes(bytes(data))
+
+
+def _swap_state_from_another_run(step_dir: pathlib.Path):
+  """A well-formed checkpoint whose arrays are not the ones saved: only the checksums can tell."""
+  import shutil
+  other = step_dir.parent.parent / "other"
+  strategy, state, loader = _setup(seed=7)
+  fit(strategy, state, loader, steps=10, checkpoint=CheckpointConfig(directory=other, every_steps=10))
+  shutil.rmtree(step_dir / "state")
+  shutil.copytree(other / "10" / "state", step_dir / "state")
+
+
+@pytest.mark.parametrize("damage", [_truncate, _flip_bytes, _swap_state_from_another_run])
+def test_corrupted_latest_checkpoint_is_reported_and_fallback_only_when_allowed(tmp_path, damage):
+  ckdir = tmp_path / "run" / "ckpt"
+  strategy, state, loader = _setup()
+  fit(strategy, state, loader, steps=10, checkpoint=CheckpointConfig(directory=ckdir, every_steps=5))
+  damage(ckdir / "10")
+  strategy, state, loader = _setup()
+  with pytest.raises(CheckpointError, match=r"ckpt/10 cannot be read .*Nothing was overwritten.*fallback=True") as err:
+    fit(strategy, state, loader, steps=15, checkpoint=CheckpointConfig(directory=ckdir, every_steps=5))
+  if damage is _swap_state_from_another_run:
+    assert "do not match the checksums" in str(err.value)
+  assert sorted(p.name for p in ckdir.iterdir()) == ["10", "5"]  # untouched
+  strategy, state, loader = _setup()
+  resumed = fit(strategy, state, loader, steps=15,
+                checkpoint=CheckpointConfig(directory=ckdir, every_steps=5, fallback=True))
+  assert resumed.start_step == 5
+  assert [p.name.split("-")[0] for p in (ckdir / "unreadable").iterdir()] == ["10"]  # kept, moved aside
+  strategy, state, loader = _setup()
+  reference = fit(strategy, state, loader, steps=15)
+  _leaves_equal(resumed.state.params, reference.state.params)
+
+
+def test_saved_on_8_devices_restored_on_4(tmp_path):
+  ck = CheckpointConfig(directory=tmp_path / "ckpt", every_steps=5)
+  strategy, state, loader = _setup(8)
+  on8 = fit(strategy, state, loader, steps=10, checkpoint=ck)
+  strategy4, state4, loader4 = _setup(4, init_seed=1)  # different init: everything must come from the checkpoint
+  restored = fit(strategy4, state4, loader4, steps=10, checkpoint=ck)
+  assert restored.start_step == 10 and not restored.history
+  _leaves_equal(restored.state.params, on8.state.params)
+  leaf = jax.tree.leaves(restored.state.params)[0]
+  assert len(leaf.sharding.device_set) == 4
+  cont4 = fit(strategy4, restored.state, loader4, steps=20, checkpoint=ck)
+  strategy, state, loader = _setup(8)
+  cont8 = fit(strategy, state, loader, steps=20)
+  assert_trees_all_close(cont4.state.params, cont8.state.params, rtol=1e-5)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+  strategy, state, _ = _setup()
+  batches = [dict(b) for b, _ in zip(ArrayLoader(_data(), 32, seed=0), range(12))]
+  batches[6] = {"x": np.full_like(batches[6]["x"], np.nan), "y": batches[6]["y"]}  # step 7 goes NaN
+  ckdir = tmp_path / "ckpt"
+  result = fit(strategy, state, batches, steps=12, callbacks=[NanGuard()],
+               checkpoint=CheckpointConfig(directory=ckdir, every_steps=5), run_dir=tmp_path)
+  assert result.failed and "loss is nan at step 7" in result.stop_reason
+  assert "last good checkpoint (step 5)" in result.stop_reason
+  assert len(result.history) == 7
+  assert sorted(p.name for p in ckdir.iterdir() if p.name.isdigit()) == ["5"]
+  strategy, state, _ = _setup()
+  good = fit(strategy, state, batches[:5], steps=5)
+  strategy, state, _ = _setup()
+  back = fit(strategy, state, batches, steps=5, checkpoint=CheckpointConfig(directory=ckdir))
+  _leaves_equal(back.state.params, good.state.params)
+
+
+def test_plain_iterable_resumes_by_skipping(tmp_path):
+  strategy, state, _ = _setup()
+  batches = [b for b, _ in zip(ArrayLoader(_data(), 32, seed=3), range(10))]
+  full = fit(strategy, state, batches, steps=10)
+  strategy, state, _ = _setup()
+  ck = CheckpointConfig(directory=tmp_path / "ckpt", every_steps=4, save_at_end=False)
+  fit(strategy, state, batches, steps=6, checkpoint=ck)
+  strategy, state, _ = _setup()
+  resumed = fit(strategy, state, batches, steps=10, checkpoint=ck)
+  assert resumed.start_step == 4
+  _leaves_equal(resumed.state.params, full.state.params)
+
+
+def test_early_stopping_and_data_exhaustion():
+  strategy, state, loader = _setup()
+  stopper = jdist.train.EarlyStopping("loss", patience=1, min_delta=10.0)  # never improves by 10
+  result = fit(strategy, state, loader, steps=50, callbacks=[stopper])
+  assert result.stop_reason.startswith("early stopping at step 2") and not result.failed
+  strategy, state, loader = _setup()
+  batches = [b for b, _ in zip(loader, range(3))]
+  result = fit(strategy, state, batches, steps=10)
+  assert result.stop_reason == "the data ran out after step 3"
+
+
+def test_bad_fit_arguments(tmp_path):
+  strategy, state, loader = _setup()
+  with pytest.raises(ValueError, match="steps must be a non-negative int"):
+    fit(strategy, state, loader, steps=-1)
+  with pytest.raises(ValueError, match="eval_fn and eval_data together"):
+    fit(strategy, state, loader, steps=1, eval_fn=_eval_fn)
+  with pytest.raises(ValueError, match="every_steps must be a positive int"):
+    CheckpointConfig(directory=tmp_path, every_steps=0)
+  blocker = tmp_path / "file"
+  blocker.write_text("not a directory")
+  with pytest.raises(CheckpointError, match="Cannot create checkpoint directory"):
+    fit(strategy, state, loader, steps=1, checkpoint=CheckpointConfig(directory=blocker / "ckpt"))
+
+
+def test_loader_resumes_mid_epoch():
+  a = ArrayLoader(_data(), batch_size=32, seed=5)
+  it = iter(a)
+  first = [next(it) for _ in range(11)]  # one epoch (8) and 3 more
+  b = ArrayLoader(_data(), batch_size=32, seed=5)
+  b.set_state(json.loads(json.dumps(a.get_state())))
+  nxt = next(iter(b))
+  c = ArrayLoader(_data(), batch_size=32, seed=5)
+  expected = [x for x, _ in zip(c, range(12))][-1]
+  np.testing.assert_array_equal(nxt["x"], expected["x"])
+  assert not np.array_equal(first[0]["x"], first[8]["x"])  # a new permutation each epoch
