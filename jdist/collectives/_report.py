@@ -15,6 +15,8 @@ _ARRAY = re.compile(r"\b([a-z]+[0-9]*[a-z0-9]*)\[([0-9,]*)\]")
 _OP = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(.*?)\s+(" + "|".join(COLLECTIVES) + r")(-start)?\(")
 _GROUPS = re.compile(r"replica_groups=\{(\{[0-9,{}\s]*\})\}")
 _IOTA_GROUPS = re.compile(r"replica_groups=\[(\d+),(\d+)\]")
+_MESH_GROUPS = re.compile(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}")
+_PARTITIONS = re.compile(r"num_partitions=(\d+)")
 _PAIRS = re.compile(r"source_target_pairs=\{([0-9,{}\s]*)\}")
 
 
@@ -27,6 +29,10 @@ def _shape_bytes(text: str) -> int:
 
 
 def _group_size(line: str, default: int) -> int:
+  m = _MESH_GROUPS.search(line)  # replica_groups=mesh['data'=8,'model'=1] {'data'}
+  if m:
+    sizes = {k.strip().strip("'\""): int(v) for k, v in (kv.split("=") for kv in m.group(1).split(",") if "=" in kv)}
+    return int(np.prod([sizes[a.strip().strip("'\"")] for a in m.group(2).split(",") if a.strip()] or [1]))
   m = _IOTA_GROUPS.search(line)
   if m:
     return int(m.group(2))
@@ -97,7 +103,8 @@ def comm_report(compiled: Any, *, num_devices: int | None = None) -> CommReport:
   if not isinstance(compiled, str) and hasattr(compiled, "compile"):
     compiled = compiled.compile()  # a Lowered: its own text would be StableHLO, not the partitioned HLO
   text = compiled if isinstance(compiled, str) else compiled.as_text()
-  default = num_devices or 1
+  partitions = _PARTITIONS.search(text)
+  default = num_devices or (int(partitions.group(1)) if partitions else 1)
   acc: dict[str, list[float]] = {}
   for line in text.splitlines():
     m = _OP.match(line)

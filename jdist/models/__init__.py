@@ -3,7 +3,8 @@
 Each model is a set of pure functions over a dict of parameters: ``init(key, ...) -> params``,
 ``apply(params, x) -> y`` and a ``loss(params, batch)`` that is the mean over the batch's examples.
 """
+from jdist.models import gpt as gpt
 from jdist.models import linear as linear
 from jdist.models import mlp as mlp
 
-__all__ = ["linear", "mlp"]
+__all__ = ["gpt", "linear", "mlp"]

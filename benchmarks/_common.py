@@ -1,0 +1,58 @@
+"""Shared benchmark helpers: device setup, interleaved timing, tables and JSON output."""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import statistics
+import time
+from typing import Any, Callable, Sequence
+
+
+def setup_devices(n: int = 8) -> None:
+  """Emulates ``n`` CPU devices on a CPU-only host; call before JAX starts."""
+  import jdist
+
+  jdist.emulate_devices(n)
+
+
+def time_interleaved(fns: dict[str, Callable[[], Any]], *, steps: int, rounds: int) -> dict[str, float]:
+  """Median seconds per call of each fn, timed in alternating rounds so drift hits all alike.
+
+  Each fn runs one step and returns something to block on; each is warmed up (compiled) first.
+  """
+  import jax
+
+  for fn in fns.values():
+    jax.block_until_ready(fn())
+  samples: dict[str, list[float]] = {k: [] for k in fns}
+  for _ in range(rounds):
+    for name, fn in fns.items():
+      t = time.perf_counter()
+      for _ in range(steps):
+        out = fn()
+      jax.block_until_ready(out)
+      samples[name].append((time.perf_counter() - t) / steps)
+  return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+  from rich.console import Console
+  from rich.table import Table
+
+  table = Table(title=title)
+  for i, c in enumerate(columns):
+    table.add_column(c, justify="left" if i == 0 else "right", no_wrap=True)
+  for row in rows:
+    table.add_row(*[f"{v:.4g}" if isinstance(v, float) else str(v) for v in row])
+  Console(width=None if Console().is_terminal else 140).print(table)
+
+
+def write_json(name: str, payload: dict[str, Any]) -> pathlib.Path:
+  """Writes ``bench_results/NAME.json`` (or under $JDIST_BENCH_OUT) and returns its path."""
+  out = pathlib.Path(os.environ.get("JDIST_BENCH_OUT", "bench_results"))
+  out.mkdir(parents=True, exist_ok=True)
+  path = out / f"{name}.json"
+  path.write_text(json.dumps(payload, indent=1, default=str))
+  print(f"wrote {path}")
+  return path

@@ -1,0 +1,140 @@
+"""A small GPT as pure functions: RMSNorm, causal attention, GELU MLP, tied embeddings.
+
+Block parameters are stacked on a leading layer axis and the blocks run under ``jax.lax.scan``, so
+compile time does not grow with depth and pipeline stages can slice the stack. Compute may run in
+bf16 while parameters stay fp32 (``GPTConfig.compute_dtype``); ``remat`` picks a ``jax.checkpoint``
+policy for the blocks.
+
+Parameter layout (L layers, D model width, V vocabulary, S context)::
+
+  wte: f32[V, D]   wpe: f32[S, D]   lnf: f32[D]
+  blocks: ln1 f32[L, D], qkv f32[L, D, 3D], o f32[L, D, D], ln2 f32[L, D], fc f32[L, D, 4D], proj f32[L, 4D, D]
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jdist._types import Batch, Params
+
+REMAT_POLICIES = ("none", "dots_saveable", "full")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GPTConfig:
+  vocab_size: int = 256  # tokens; byte-level text by default
+  seq_len: int = 64  # context length S (tokens per example; batches hold S + 1 for the shifted target)
+  d_model: int = 128  # width D; divisible by n_heads
+  n_layers: int = 2  # blocks L
+  n_heads: int = 4  # attention heads H
+  compute_dtype: Any = jnp.float32  # activations and matmuls; params stay fp32
+  remat: str = "none"  # one of REMAT_POLICIES
+  attention_impl: str | None = None  # passed to jax.nn.dot_product_attention ("cudnn", "xla" or None)
+
+  def __post_init__(self):
+    if self.d_model % self.n_heads:
+      raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads}).")
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"Unknown remat policy: {self.remat!r}. It needs to be one of {list(REMAT_POLICIES)}.")
+    for name in ("vocab_size", "seq_len", "d_model", "n_layers", "n_heads"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"GPTConfig.{name} must be >= 1, got {getattr(self, name)}.")
+
+  def num_params(self) -> int:
+    D, L = self.d_model, self.n_layers
+    return self.vocab_size * D + self.seq_len * D + D + L * (2 * D + 12 * D * D)
+
+
+def init(key: jax.Array, config: GPTConfig) -> Params:
+  """Normal(0, 0.02) weights (output projections scaled by 1/sqrt(2L)), unit norms."""
+  D, L, s = config.d_model, config.n_layers, 0.02
+  k = jax.random.split(key, 6)
+  out_scale = s / jnp.sqrt(2.0 * L)
+  return {
+      "wte": jax.random.normal(k[0], (config.vocab_size, D)) * s,
+      "wpe": jax.random.normal(k[1], (config.seq_len, D)) * s,
+      "blocks": {
+          "ln1": jnp.ones((L, D)),
+          "qkv": jax.random.normal(k[2], (L, D, 3 * D)) * s,
+          "o": jax.random.normal(k[3], (L, D, D)) * out_scale,
+          "ln2": jnp.ones((L, D)),
+          "fc": jax.random.normal(k[4], (L, D, 4 * D)) * s,
+          "proj": jax.random.normal(k[5], (L, 4 * D, D)) * out_scale,
+      },
+      "lnf": jnp.ones((D,)),
+  }
+
+
+def rms_norm(x: jax.Array, gain: jax.Array, eps: float = 1e-6) -> jax.Array:
+  x32 = x.astype(jnp.float32)
+  return (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True) + eps) * gain).astype(x.dtype)
+
+
+def block(p: Params, x: jax.Array, config: GPTConfig) -> jax.Array:
+  """One transformer block. x: [B, S, D] in the compute dtype; p: one layer's slice of ``blocks``."""
+  B, S, D = x.shape
+  H = config.n_heads
+  cd = config.compute_dtype
+  h = rms_norm(x, p["ln1"])
+  qkv = (h @ p["qkv"].astype(cd)).reshape(B, S, 3, H, D // H)
+  q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+  a = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=config.attention_impl)
+  x = x + a.reshape(B, S, D) @ p["o"].astype(cd)
+  h = rms_norm(x, p["ln2"])
+  return x + jax.nn.gelu(h @ p["fc"].astype(cd)) @ p["proj"].astype(cd)
+
+
+def _remat(fn, policy: str):
+  if policy == "none":
+    return fn
+  if policy == "full":
+    return jax.checkpoint(fn)
+  return jax.checkpoint(fn, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+
+
+def embed(params: Params, tokens: jax.Array, config: GPTConfig) -> jax.Array:
+  """tokens: int[B, S] -> x: [B, S, D] in the compute dtype."""
+  S = tokens.shape[1]
+  return (params["wte"][tokens] + params["wpe"][:S]).astype(config.compute_dtype)
+
+
+def head(params: Params, x: jax.Array) -> jax.Array:
+  """x: [B, S, D] -> fp32 logits [B, S, V] through the tied embedding."""
+  x = rms_norm(x, params["lnf"])
+  return (x @ params["wte"].astype(x.dtype).T).astype(jnp.float32)
+
+
+def apply(params: Params, tokens: jax.Array, config: GPTConfig) -> jax.Array:
+  """tokens: int[B, S] -> logits f32[B, S, V]."""
+  x = embed(params, tokens, config)
+  step = _remat(lambda x, p: (block(p, x, config), None), config.remat)
+  x, _ = jax.lax.scan(step, x, params["blocks"])
+  return head(params, x)
+
+
+def loss(params: Params, batch: Batch, config: GPTConfig) -> jax.Array:
+  """Mean next-token cross-entropy; ``batch = {"tokens": int[B, S + 1]}``."""
+  tokens = batch["tokens"]
+  logits = apply(params, tokens[:, :-1], config)
+  return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+
+
+def loss_fn(config: GPTConfig):
+  """``loss_fn(params, batch)`` for this config, the signature strategies take."""
+  return lambda params, batch: loss(params, batch, config)
+
+
+def flops_per_token(config: GPTConfig) -> float:
+  """Training FLOPs per token: 6 N (non-embedding params plus the tied head) plus causal attention."""
+  D, L, S, V = config.d_model, config.n_layers, config.seq_len, config.vocab_size
+  dense = 12 * L * D * D + V * D
+  return 6 * dense + 12 * L * D * S / 2
+
+
+def synthetic_tokens(key: jax.Array, batch_size: int, config: GPTConfig) -> dict[str, jax.Array]:
+  """Random tokens ``{"tokens": int32[batch_size, S + 1]}`` for benchmarks and tests."""
+  return {"tokens": jax.random.randint(key, (batch_size, config.seq_len + 1), 0, config.vocab_size, jnp.int32)}

@@ -1,0 +1,41 @@
+"""comm_report reads collectives and their bytes from compiled HLO."""
+import jax
+import numpy as np
+import optax
+
+import jdist
+from jdist.collectives import comm_report
+from jdist.models import mlp
+
+
+def test_data_parallel_step_has_one_all_reduce_of_the_gradients():
+  params = mlp.init(jax.random.key(0), [64, 128, 10])
+  strategy = jdist.data_parallel(mlp.loss, optax.sgd(0.1), jdist.make_mesh(data=8))
+  state = strategy.init(params)
+  batch = strategy.shard_batch({"x": np.ones((64, 64), np.float32), "y": np.zeros(64, np.int32)})
+  report = comm_report(strategy.step.lower(state, batch))
+  grad_bytes = sum(x.size * 4 for x in jax.tree.leaves(params))
+  ar = report["all-reduce"]
+  assert ar.count == 1
+  assert ar.payload_bytes == grad_bytes + 4  # the gradients and the loss, fused into one all-reduce
+  np.testing.assert_allclose(report.total_sent_bytes, 2 * 7 / 8 * (grad_bytes + 4))
+  assert "all-reduce" in report.table()
+
+
+def test_hlo_formats():
+  hlo = "\n".join([
+      "HloModule m, num_partitions=8",
+      "  %a = f32[1024]{0} all-reduce(%x), channel_id=1, replica_groups={{0,1,2,3},{4,5,6,7}}, to_apply=%add",
+      "  %b = bf16[8,16]{1,0} all-gather(%y), channel_id=2, replica_groups=[4,2]<=[8], dimensions={0}",
+      "  %c = f32[16]{0} reduce-scatter(%z), channel_id=3, replica_groups=mesh['data'=2,'model'=4] {'model'}",
+      "  %d = (f32[256]{0}, f32[256]{0}) collective-permute-start(%w), source_target_pairs={{0,1},{1,0}}",
+      "  %e = f32[256]{0} collective-permute-done(%d)",
+      "  ROOT %f = s32[4,4]{1,0} all-to-all(%v), replica_groups={{0,1,2,3}}, dimensions={0}",
+  ])
+  r = comm_report(hlo)
+  assert r["all-reduce"].payload_bytes == 4096 and r["all-reduce"].sent_bytes == 2 * 3 / 4 * 4096
+  assert r["all-gather"].payload_bytes == 256 and r["all-gather"].sent_bytes == 256 / 2
+  assert r["reduce-scatter"].sent_bytes == 3 * 64
+  assert r["collective-permute"].count == 1 and r["collective-permute"].sent_bytes == 1024
+  assert r["all-to-all"].sent_bytes == 3 / 4 * 64
+  assert r.total_count == 5
