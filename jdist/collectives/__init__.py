@@ -1,7 +1,28 @@
-"""Collective communication: reports of what compiled programs send."""
+"""Collective communication: AllReduce algorithms you can read and swap, and reports of what programs send.
+
+Inside ``jax.shard_map``: ``allreduce(tree, axis_name, algorithm=..., op=...)``. Each algorithm is a
+function of one flat payload in ``ALGORITHMS``, with a numpy simulation in ``REFERENCES``.
+"""
+from jdist.collectives._algorithms import ALGORITHMS as ALGORITHMS
+from jdist.collectives._algorithms import halving_doubling as halving_doubling
+from jdist.collectives._algorithms import hierarchical as hierarchical
+from jdist.collectives._algorithms import psum as psum
+from jdist.collectives._algorithms import ring as ring
+from jdist.collectives._algorithms import ring_all_gather as ring_all_gather
+from jdist.collectives._algorithms import ring_reduce_scatter as ring_reduce_scatter
+from jdist.collectives._algorithms import tree as tree
+from jdist.collectives._allreduce import DEFAULT_BUCKET_BYTES as DEFAULT_BUCKET_BYTES
+from jdist.collectives._allreduce import allreduce as allreduce
+from jdist.collectives._allreduce import check_algorithm as check_algorithm
+from jdist.collectives._reference import REFERENCES as REFERENCES
+from jdist.collectives._reference import hierarchical_reference as hierarchical_reference
+from jdist.collectives._reference import ring_reference as ring_reference
 from jdist.collectives._report import COLLECTIVES as COLLECTIVES
 from jdist.collectives._report import CollectiveStat as CollectiveStat
 from jdist.collectives._report import CommReport as CommReport
 from jdist.collectives._report import comm_report as comm_report
 
-__all__ = ["COLLECTIVES", "CollectiveStat", "CommReport", "comm_report"]
+__all__ = ["ALGORITHMS", "COLLECTIVES", "CollectiveStat", "CommReport", "DEFAULT_BUCKET_BYTES", "REFERENCES",
+           "allreduce", "check_algorithm", "comm_report", "halving_doubling", "hierarchical",
+           "hierarchical_reference", "psum", "ring", "ring_all_gather", "ring_reduce_scatter", "ring_reference",
+           "tree"]

@@ -1,0 +1,38 @@
+"""Textbook communication figures, to compare with what ``comm_report`` reads from compiled programs."""
+from __future__ import annotations
+
+import math
+
+
+def allreduce_bytes(n_bytes: float, num_devices: int, algorithm: str = "ring", *, inner: int | None = None) -> float:
+  """Bytes each device sends to all-reduce a payload of ``n_bytes`` over ``num_devices``.
+
+  ``ring`` and ``psum`` (bandwidth-optimal): 2(N-1)/N n, the lower bound. ``halving_doubling``: the same
+  for a power of two N; otherwise 2(p-1)/p n plus the fold's n on the devices that fold (reported for
+  those, the busiest). ``tree``: 2 ceil(log2 N) n on the busiest device (the root). ``hierarchical``
+  with ``inner`` devices per group: 2(Ni-1)/Ni n + 2(No-1)/(No Ni) n.
+  """
+  n = num_devices
+  if n < 1:
+    raise ValueError(f"num_devices must be >= 1, got {n}.")
+  if n == 1:
+    return 0.0
+  if algorithm in ("ring", "psum"):
+    return 2 * (n - 1) / n * n_bytes
+  if algorithm == "halving_doubling":
+    p = 1 << (n.bit_length() - 1)
+    return 2 * (p - 1) / p * n_bytes + (n_bytes if p != n else 0.0)
+  if algorithm == "tree":
+    return 2 * math.ceil(math.log2(n)) * n_bytes
+  if algorithm == "hierarchical":
+    if inner is None or n % inner:
+      raise ValueError(f"hierarchical needs inner, the devices per group, dividing {n}; got inner={inner}.")
+    outer = n // inner
+    return 2 * (inner - 1) / inner * n_bytes + 2 * (outer - 1) / (outer * inner) * n_bytes
+  raise ValueError(f"Unknown all-reduce algorithm: {algorithm!r}. It needs to be one of "
+                   f"['halving_doubling', 'hierarchical', 'psum', 'ring', 'tree'].")
+
+
+def ring_minimum_bytes(n_bytes: float, num_devices: int) -> float:
+  """The least any all-reduce can send per device: 2(N-1)/N of the payload."""
+  return allreduce_bytes(n_bytes, num_devices, "ring")

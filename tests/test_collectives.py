@@ -1,0 +1,165 @@
+"""Every AllReduce algorithm equals psum (and its numpy reference), on awkward pytrees and meshes."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+import jdist
+from jdist.collectives import ALGORITHMS, REFERENCES, allreduce, hierarchical_reference, ring_reference
+from jdist import theory
+
+SIZES = [(1,), (7,), (13, 3), (2, 5, 11), (64,)]  # 1 element, primes, not divisible by N
+
+
+def _per_device_tree(n, dtype, seed):
+  rng = np.random.default_rng(seed)
+  if np.issubdtype(dtype, np.integer):
+    return {f"leaf{i}": rng.integers(-1000, 1000, size=(n,) + s).astype(dtype) for i, s in enumerate(SIZES)}
+  return {f"leaf{i}": rng.normal(size=(n,) + s).astype(dtype) for i, s in enumerate(SIZES)}
+
+
+def _run(tree, mesh, axis, **kwargs):
+  """Runs allreduce on stacked per-device values [N, ...]; returns every device's result, stacked."""
+  spec = P(axis)
+
+  def body(t):
+    t = jax.tree.map(lambda x: x[0], t)  # this device's values
+    return jax.tree.map(lambda x: x[None], allreduce(t, axis, **kwargs))
+
+  f = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False))
+  return jax.device_get(f(tree))
+
+
+def _mesh(n):
+  return jdist.make_mesh(data=n, devices=jax.devices()[:n])
+
+
+@pytest.mark.parametrize("algorithm", ["ring", "halving_doubling", "tree"])
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 8])
+def test_float_pytrees_equal_psum(algorithm, n):
+  tree = _per_device_tree(n, np.float32, seed=n)
+  mesh = _mesh(n)
+  ours = _run(tree, mesh, "data", algorithm=algorithm)
+  ref = _run(tree, mesh, "data", algorithm="psum")
+  for k in tree:
+    expected = np.sum(tree[k], axis=0)
+    for d in range(n):
+      np.testing.assert_allclose(ours[k][d], ref[k][d], rtol=1e-6, atol=1e-5)
+      np.testing.assert_allclose(ours[k][d], expected, rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("algorithm", ["ring", "halving_doubling", "tree"])
+@pytest.mark.parametrize("n", [2, 3, 8])
+def test_integer_payloads_bit_for_bit(algorithm, n):
+  tree = _per_device_tree(n, np.int32, seed=10 + n)
+  mesh = _mesh(n)
+  ours = _run(tree, mesh, "data", algorithm=algorithm, bucket_bytes=64)  # many small buckets too
+  ref = _run(tree, mesh, "data", algorithm="psum")
+  for k in tree:
+    np.testing.assert_array_equal(ours[k], ref[k])
+
+
+@pytest.mark.parametrize("algorithm", ["ring", "halving_doubling", "tree"])
+@pytest.mark.parametrize("n", [2, 3, 5, 6, 8])
+def test_numpy_references_match_the_sum(algorithm, n):
+  rng = np.random.default_rng(n)
+  p = 1 << (n.bit_length() - 1)
+  xs = [rng.integers(-50, 50, size=np.lcm(n, p) * 3).astype(np.int64) for _ in range(n)]
+  for got in REFERENCES[algorithm](xs):
+    np.testing.assert_array_equal(got, np.sum(xs, axis=0))
+
+
+@pytest.mark.parametrize("algorithm", ["ring", "halving_doubling", "tree"])
+def test_jax_equals_numpy_reference_bitwise(algorithm):
+  n = 8
+  rng = np.random.default_rng(1)
+  xs = rng.integers(-10**6, 10**6, size=(n, 24)).astype(np.int32)
+  ours = _run({"x": xs}, _mesh(n), "data", algorithm=algorithm)["x"]
+  np.testing.assert_array_equal(ours, np.stack(REFERENCES[algorithm](list(xs))))
+
+
+def test_hierarchical_on_2x4_mesh():
+  mesh = jdist.make_mesh(node=2, device=4)
+  tree = _per_device_tree(8, np.float32, seed=3)
+  stacked = jax.tree.map(lambda x: x.reshape(2, 4, *x.shape[1:]), tree)
+
+  def body(t):
+    t = jax.tree.map(lambda x: x[0, 0], t)
+    return jax.tree.map(lambda x: x[None, None], allreduce(t, ("node", "device"), algorithm="hierarchical"))
+
+  f = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=P("node", "device"), out_specs=P("node", "device"),
+                            check_vma=False))
+  out = jax.device_get(f(stacked))
+  for k in tree:
+    expected = np.sum(tree[k], axis=0)
+    for o in range(2):
+      for i in range(4):
+        np.testing.assert_allclose(out[k][o, i], expected, rtol=1e-6, atol=1e-5)
+  ints = np.random.default_rng(0).integers(-99, 99, size=(8, 16)).astype(np.int32)
+  got = jax.device_get(f({"x": ints.reshape(2, 4, 16)}))["x"].reshape(8, 16)
+  np.testing.assert_array_equal(got, np.stack(hierarchical_reference(list(ints), 2, 4)))
+
+
+def test_mean_op():
+  tree = _per_device_tree(4, np.float32, seed=0)
+  out = _run(tree, _mesh(4), "data", algorithm="ring", op="mean")
+  for k in tree:
+    np.testing.assert_allclose(out[k][0], np.mean(tree[k], axis=0), rtol=1e-6, atol=1e-6)
+
+
+def test_ring_trace_shows_the_article_figure():
+  xs = [np.full(4, float(d + 1)) for d in range(4)]
+  results, steps = ring_reference(xs, trace=True)
+  assert len(steps) == 6 and steps[0][0] == "reduce-scatter" and steps[-1][0] == "all-gather"
+  phase, step, chunks = steps[2]  # after reduce-scatter: device i holds the full sum of chunk i
+  for i in range(4):
+    assert chunks[i][i][0] == 10.0
+  for r in results:
+    np.testing.assert_array_equal(r, np.full(4, 10.0))
+
+
+# ---- bad input and theory -----------------------------------------------------------------------------
+
+
+def test_unknown_algorithm_lists_valid_ones():
+  with pytest.raises(ValueError, match=r"Unknown all-reduce algorithm: 'rign'.*\['halving_doubling', 'hierarchical', "
+                                       r"'psum', 'ring', 'tree'\]; did you mean 'ring'"):
+    _run({"x": np.ones((2, 3), np.float32)}, _mesh(2), "data", algorithm="rign")
+
+
+def test_hierarchical_needs_two_axes():
+  with pytest.raises(ValueError, match="hierarchical' reduces over two mesh axes"):
+    _run({"x": np.ones((2, 3), np.float32)}, _mesh(2), "data", algorithm="hierarchical")
+
+
+def test_mean_of_integers_and_bad_bucket():
+  with pytest.raises(TypeError, match="op='mean' needs floating-point"):
+    _run({"x": np.ones((2, 3), np.int32)}, _mesh(2), "data", algorithm="ring", op="mean")
+  with pytest.raises(ValueError, match="bucket_bytes must be a positive int"):
+    _run({"x": np.ones((2, 3), np.float32)}, _mesh(2), "data", algorithm="ring", bucket_bytes=0)
+
+
+def test_theory():
+  assert theory.allreduce_bytes(800, 8, "ring") == 1400
+  assert theory.allreduce_bytes(800, 8, "halving_doubling") == 1400
+  assert theory.allreduce_bytes(800, 6, "halving_doubling") == 2 * 3 / 4 * 800 + 800
+  assert theory.allreduce_bytes(800, 8, "tree") == 6 * 800
+  assert theory.allreduce_bytes(800, 8, "hierarchical", inner=4) == 2 * 3 / 4 * 800 + 2 * 1 / 8 * 800
+  assert theory.allreduce_bytes(800, 1) == 0
+  with pytest.raises(ValueError, match="Unknown all-reduce algorithm"):
+    theory.allreduce_bytes(1, 2, "magic")
+
+
+@pytest.mark.parametrize("algorithm", ["ring", "halving_doubling"])
+def test_compiled_bytes_match_theory(algorithm):
+  n, size = 8, 8 * 1024
+  mesh = _mesh(n)
+
+  def body(x):
+    return allreduce(x[0], "data", algorithm=algorithm)[None]
+
+  f = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=P("data"), out_specs=P("data"), check_vma=False))
+  report = jdist.comm_report(f.lower(jnp.ones((n, size), jnp.float32)))
+  assert set(report.stats) == {"collective-permute"}
+  np.testing.assert_allclose(report.total_sent_bytes, theory.allreduce_bytes(size * 4, n, algorithm))
