@@ -14,7 +14,9 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jdist import collectives
 from jdist import mesh as mesh_lib
+from jdist.collectives._compression import check_compression
 from jdist._types import Batch, LossFn, Params, PRNGKey
 from jdist.state import TrainState
 from jdist.strategy import (Strategy, StepFn, accumulate, check_callable, check_optimizer, check_params,
@@ -32,6 +34,9 @@ def data_parallel(
     backend: Literal["shard_map", "pmap"] = "shard_map",
     accumulate_steps: int = 1,
     has_aux: bool = False,
+    allreduce: str = "psum",
+    bucket_bytes: int = collectives.DEFAULT_BUCKET_BYTES,
+    compression: str | None = None,
 ) -> Strategy:
   """Synchronous data-parallel SGD (any optax optimizer) over ``axis`` of ``mesh``.
 
@@ -46,6 +51,11 @@ def data_parallel(
     accumulate_steps: split each device's batch into this many micro-batches and average their
       gradients before the one AllReduce (for memory); the result equals one full-batch step.
     has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
+    allreduce: how gradients are averaged, a key of ``jdist.collectives.ALGORITHMS`` (``psum``, ``ring``,
+      ``halving_doubling``, ``tree``, ``hierarchical`` with ``axis=(outer, inner)``).
+    bucket_bytes: gradients are flattened into buckets of at most this many bytes per collective.
+    compression: ``None``; ``"bf16"`` (gradients sent and summed in bf16); or ``"int8"`` (int8 with error
+      feedback; the per-device residual is kept in ``state.extra["residual"]``, leading axis = devices).
 
   Returns:
     A ``Strategy``: ``init(params, *, key=None)``, ``shard_batch(host_batch)``,
@@ -69,6 +79,8 @@ def data_parallel(
   if backend not in BACKENDS:
     raise ValueError(f"Unknown backend {backend!r}. It needs to be one of {list(BACKENDS)}.")
   k = check_positive_int(accumulate_steps, "accumulate_steps")
+  collectives.check_algorithm(allreduce, axes if len(axes) > 1 else axes[0])
+  check_compression(compression)
   n = mesh_lib.axis_size(mesh, axes)
   if backend == "pmap":
     if len(axes) != 1 or n != mesh.size:
@@ -79,29 +91,54 @@ def data_parallel(
   replicated = NamedSharding(mesh, P())
   vg = value_and_grad(loss_fn, has_aux=has_aux)
 
-  def local_grads(params, batch):
-    # params: replicated; batch: [B/N, ...] on this device.
+  reduce_axis = axes if len(axes) > 1 else axes[0]
+
+  def reduce(tree, residual):
+    # tree: this device's (loss, aux, grads); returns their mean over the data axis, identical everywhere
+    if compression == "int8":
+      (loss, aux), grads = jax.lax.pmean(tree[:2], reduce_axis), tree[2]
+      grads, residual = collectives.int8_allreduce(grads, residual, reduce_axis)
+      return (loss, aux, grads), residual
+    if compression == "bf16":
+      return collectives.bf16_allreduce(tree, reduce_axis, algorithm=allreduce, bucket_bytes=bucket_bytes), residual
+    return collectives.allreduce(tree, reduce_axis, algorithm=allreduce, op="mean", bucket_bytes=bucket_bytes), residual
+
+  def local_grads(params, batch, residual):
+    # params: replicated; batch: [B/N, ...] on this device; residual: [1, ...] (int8 error feedback) or None.
     # Mark params device-varying first: grad w.r.t. an invariant input comes back already psum'ed
-    # over the axis (shared/DESIGN.md, pitfall 1), and the pmean below would then be N times too big.
+    # over the axis (shared/DESIGN.md, pitfall 1), and the mean below would then be N times too big.
     params = jax.lax.pcast(params, axes, to="varying")
     loss, aux, grads = accumulate(vg, params, batch, k)
-    return jax.lax.pmean((loss, aux, grads), axes)
+    residual = jax.tree.map(lambda r: r[0], residual)
+    out, residual = reduce((loss, aux, grads), residual)
+    return out, jax.tree.map(lambda r: r[None], residual)
 
+  # psum results are provably replicated; results assembled from ppermute / all-to-all are equal on every
+  # device by construction but the type system cannot see it, so those run with check_vma=False
+  check_vma = allreduce == "psum" and compression is None
   if backend == "shard_map":
-    sharded_grads = jax.shard_map(local_grads, mesh=mesh, in_specs=(P(), P(axes)), out_specs=P())
+    sharded_grads = jax.shard_map(local_grads, mesh=mesh, in_specs=(P(), P(axes), P(axes)),
+                                  out_specs=(P(), P(axes)), check_vma=check_vma)
   else:
-    pmapped = jax.pmap(local_grads, axis_name=axes[0], in_axes=(None, 0), out_axes=None,
+    pmapped = jax.pmap(local_grads, axis_name=axes[0], in_axes=(None, 0, 0), out_axes=(None, 0),
                        devices=list(mesh.devices.flat))
 
-    def sharded_grads(params, batch):
-      # batch: [B, ...] -> [N, B/N, ...], the leading axis mapped over devices.
-      return pmapped(params, jax.tree.map(lambda x: x.reshape(n, x.shape[0] // n, *x.shape[1:]), batch))
+    def sharded_grads(params, batch, residual):
+      # batch: [B, ...] -> [N, B/N, ...], the leading axis mapped over devices; residual: [N, 1, ...]
+      split = lambda x: x.reshape(n, x.shape[0] // n, *x.shape[1:])
+      out, residual = pmapped(params, jax.tree.map(split, batch), jax.tree.map(split, residual))
+      return out, jax.tree.map(lambda r: r.reshape(n, *r.shape[2:]), residual)
 
   def init(params: Params, *, key: PRNGKey | int | None = None) -> TrainState:
     params = mesh_lib.replicate(check_params(params), mesh)
     opt_state = jax.jit(optimizer.init, out_shardings=replicated)(params)
-    return mesh_lib.replicate(
+    extra = None
+    if compression == "int8":  # one residual per device: leading axis of size N, split over the data axis
+      zeros = lambda p: jnp.zeros((n,) + p.shape, p.dtype)
+      extra = {"residual": jax.jit(lambda p: jax.tree.map(zeros, p), out_shardings=NamedSharding(mesh, P(axes)))(params)}
+    state = mesh_lib.replicate(
         TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state, key=raw_key(key)), mesh)
+    return state.replace(extra=extra)
 
   def shard_batch(batch: Batch) -> Batch:
     mesh_lib.batch_size(batch, multiple_of=n * k)
@@ -109,12 +146,20 @@ def data_parallel(
 
   def step_fn(state: TrainState, batch: Batch):
     mesh_lib.batch_size(batch, multiple_of=n * k)  # runs at trace time only
-    loss, aux, grads = sharded_grads(state.params, batch)
+    residual = state.extra["residual"] if compression == "int8" else None
+    (loss, aux, grads), residual = sharded_grads(state.params, batch, residual)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    extra = {"residual": residual} if compression == "int8" else None
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, extra=extra)
     return new_state, metrics_from(loss, grads, aux, new_state.step)
 
-  step = StepFn(step_fn, mesh, donate_argnums=0, out_shardings=replicated)
-  name = "data_parallel" + ("" if backend == "shard_map" else f"[{backend}]")
+  state_shardings = replicated
+  if compression == "int8":
+    state_shardings = TrainState(step=replicated, params=replicated, opt_state=replicated, key=replicated,
+                                 extra={"residual": NamedSharding(mesh, P(axes))})
+  step = StepFn(step_fn, mesh, donate_argnums=0, out_shardings=(state_shardings, replicated))
+  tags = [t for t in (backend if backend != "shard_map" else None, allreduce if allreduce != "psum" else None,
+                      compression) if t]
+  name = "data_parallel" + (f"[{','.join(tags)}]" if tags else "")
   return Strategy(init=init, shard_batch=shard_batch, step=step, name=name, mesh=mesh)

@@ -11,6 +11,9 @@ from jdist.collectives._algorithms import ring as ring
 from jdist.collectives._algorithms import ring_all_gather as ring_all_gather
 from jdist.collectives._algorithms import ring_reduce_scatter as ring_reduce_scatter
 from jdist.collectives._algorithms import tree as tree
+from jdist.collectives._compression import COMPRESSIONS as COMPRESSIONS
+from jdist.collectives._compression import bf16_allreduce as bf16_allreduce
+from jdist.collectives._compression import int8_allreduce as int8_allreduce
 from jdist.collectives._allreduce import DEFAULT_BUCKET_BYTES as DEFAULT_BUCKET_BYTES
 from jdist.collectives._allreduce import allreduce as allreduce
 from jdist.collectives._allreduce import check_algorithm as check_algorithm
@@ -22,7 +25,7 @@ from jdist.collectives._report import CollectiveStat as CollectiveStat
 from jdist.collectives._report import CommReport as CommReport
 from jdist.collectives._report import comm_report as comm_report
 
-__all__ = ["ALGORITHMS", "COLLECTIVES", "CollectiveStat", "CommReport", "DEFAULT_BUCKET_BYTES", "REFERENCES",
+__all__ = ["ALGORITHMS", "COLLECTIVES", "COMPRESSIONS", "bf16_allreduce", "int8_allreduce", "CollectiveStat", "CommReport", "DEFAULT_BUCKET_BYTES", "REFERENCES",
            "allreduce", "check_algorithm", "comm_report", "halving_doubling", "hierarchical",
            "hierarchical_reference", "psum", "ring", "ring_all_gather", "ring_reduce_scatter", "ring_reference",
            "tree"]

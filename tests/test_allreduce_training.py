@@ -1,0 +1,118 @@
+"""Training with every AllReduce algorithm (and compression) against psum and single-device optax."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import PartitionSpec as P
+
+import jdist
+from jdist.collectives import int8_allreduce
+from jdist.models import mlp
+from tests.conftest import assert_trees_all_close, single_device_reference
+
+
+def _batches(steps=20, batch=32, seed=0):
+  rng = np.random.default_rng(seed)
+  return [{"x": rng.normal(size=(batch, 6)).astype(np.float32), "y": rng.integers(0, 3, batch).astype(np.int32)}
+          for _ in range(steps)]
+
+
+def _train(strategy, params, batches):
+  state = strategy.init(params)
+  for b in batches:
+    state, m = strategy.step(state, strategy.shard_batch(b))
+  return state, float(m["loss"])
+
+
+PARAMS = mlp.init(jax.random.key(0), [6, 16, 3])
+
+
+@pytest.mark.parametrize("algorithm", ["ring", "halving_doubling", "tree"])
+@pytest.mark.parametrize("backend", ["shard_map", "pmap"])
+def test_each_algorithm_trains_like_psum_and_one_device(algorithm, backend):
+  mesh = jdist.make_mesh(data=8)
+  batches = _batches()
+  ours, _ = _train(jdist.data_parallel(mlp.loss, optax.adam(1e-2), mesh, allreduce=algorithm, backend=backend),
+                   PARAMS, batches)
+  ref, _ = _train(jdist.data_parallel(mlp.loss, optax.adam(1e-2), mesh), PARAMS, batches)
+  assert_trees_all_close(ours.params, ref.params, rtol=1e-5)
+  single, _, _ = single_device_reference(mlp.loss, optax.adam(1e-2), PARAMS, batches)
+  assert_trees_all_close(ours.params, single, rtol=1e-5)
+
+
+def test_halving_doubling_on_six_devices_and_tiny_buckets():
+  mesh = jdist.make_mesh(data=6, devices=jax.devices()[:6])
+  batches = _batches(batch=36)
+  ours, _ = _train(jdist.data_parallel(mlp.loss, optax.sgd(0.1), mesh, allreduce="halving_doubling",
+                                       bucket_bytes=100), PARAMS, batches)
+  single, _, _ = single_device_reference(mlp.loss, optax.sgd(0.1), PARAMS, batches)
+  assert_trees_all_close(ours.params, single, rtol=1e-5)
+
+
+def test_hierarchical_on_a_2x4_mesh():
+  mesh = jdist.make_mesh(node=2, device=4)
+  batches = _batches()
+  ours, _ = _train(jdist.data_parallel(mlp.loss, optax.adam(1e-2), mesh, axis=("node", "device"),
+                                       allreduce="hierarchical"), PARAMS, batches)
+  single, _, _ = single_device_reference(mlp.loss, optax.adam(1e-2), PARAMS, batches)
+  assert_trees_all_close(ours.params, single, rtol=1e-5)
+
+
+def test_bad_algorithm_arguments():
+  mesh = jdist.make_mesh(data=8)
+  with pytest.raises(ValueError, match=r"Unknown all-reduce algorithm: 'butterfly'. It needs to be one of"):
+    jdist.data_parallel(mlp.loss, optax.sgd(0.1), mesh, allreduce="butterfly")
+  with pytest.raises(ValueError, match="reduces over two mesh axes"):
+    jdist.data_parallel(mlp.loss, optax.sgd(0.1), mesh, allreduce="hierarchical")
+  with pytest.raises(ValueError, match=r"Unknown compression: 'fp4'"):
+    jdist.data_parallel(mlp.loss, optax.sgd(0.1), mesh, compression="fp4")
+
+
+def test_compression_off_equals_no_compression_and_bf16_is_close():
+  mesh = jdist.make_mesh(data=8)
+  batches = _batches()
+  plain, _ = _train(jdist.data_parallel(mlp.loss, optax.sgd(0.1), mesh), PARAMS, batches)
+  off, _ = _train(jdist.data_parallel(mlp.loss, optax.sgd(0.1), mesh, compression=None), PARAMS, batches)
+  assert_trees_all_close(off.params, plain.params, rtol=0, atol=0)
+  bf16, _ = _train(jdist.data_parallel(mlp.loss, optax.sgd(0.1), mesh, compression="bf16", allreduce="ring"),
+                   PARAMS, batches)
+  assert_trees_all_close(bf16.params, plain.params, rtol=2e-2, atol=2e-2)
+
+
+def test_int8_error_feedback_identity_and_exact_sum():
+  mesh = jdist.make_mesh(data=8)
+  rng = np.random.default_rng(0)
+  g = rng.normal(size=(8, 37)).astype(np.float32)
+  r0 = 0.01 * rng.normal(size=(8, 37)).astype(np.float32)
+
+  def body(g, r):
+    out, res = int8_allreduce({"g": g[0]}, {"g": r[0]}, "data", op="sum")
+    return out["g"][None], res["g"][None]
+
+  f = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P("data"), P("data")), out_specs=(P("data"), P("data")),
+                            check_vma=False))
+  total, res = jax.device_get(f(g, r0))
+  x = g + r0
+  scale = np.abs(x).max() / 127
+  q = np.clip(np.round(x / scale), -127, 127)
+  sent = q * scale
+  np.testing.assert_allclose(sent + res, x, rtol=0, atol=1e-6)  # sent + residual = gradient + previous residual
+  for d in range(8):
+    np.testing.assert_allclose(total[d], q.sum(0) * scale, rtol=1e-6, atol=1e-6)  # the quantised values, summed
+  np.testing.assert_allclose(total[0], x.sum(0), atol=8 * scale)
+
+
+def test_int8_training_keeps_residual_per_device_and_converges():
+  mesh = jdist.make_mesh(data=8)
+  batches = _batches(steps=60)
+  strategy = jdist.data_parallel(mlp.loss, optax.sgd(0.1), mesh, compression="int8")
+  state, loss = _train(strategy, PARAMS, batches)
+  res = state.extra["residual"]
+  leaf = jax.tree.leaves(res)[0]
+  assert leaf.shape[0] == 8 and leaf.sharding.spec == P(("data",))
+  assert float(jnp.abs(leaf).max()) > 0
+  plain, plain_loss = _train(jdist.data_parallel(mlp.loss, optax.sgd(0.1), mesh), PARAMS, batches)
+  assert abs(loss - plain_loss) < 0.05
+  report = jdist.comm_report(strategy.step.lower(state, strategy.shard_batch(batches[0])))
+  assert report["all-to-all"].count >= 1 and report["all-gather"].count >= 1
