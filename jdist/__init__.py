@@ -6,9 +6,11 @@ A strategy is a factory returning pure functions (``init``, ``shard_batch``, ``s
 from jdist import collectives as collectives
 from jdist import data as data
 from jdist import models as models
+from jdist import theory as theory
 from jdist import train as train
 from jdist.collectives import comm_report as comm_report
 from jdist.data_parallel import data_parallel as data_parallel
+from jdist.local_sgd import local_sgd as local_sgd
 from jdist.mesh import emulate_devices as emulate_devices
 from jdist.mesh import make_mesh as make_mesh
 from jdist.mesh import replicate as replicate
@@ -30,9 +32,11 @@ __all__ = [
     "data_parallel",
     "emulate_devices",
     "fit",
+    "local_sgd",
     "make_mesh",
     "models",
     "replicate",
     "shard_batch",
+    "theory",
     "train",
 ]
