@@ -12,18 +12,36 @@ from typing import Any, Callable
 
 import jax
 import numpy as np
+import optax
 
 from jdist import datasets
 from jdist.config import Config, ConfigError
 from jdist.data import ArrayLoader
 from jdist.data_parallel import data_parallel
+from jdist.local_sgd import local_sgd
 from jdist.mesh import make_mesh
 from jdist.models import linear, mlp
 from jdist.strategy import Strategy
 from jdist.train import CheckpointConfig, NanGuard, PrintLogger, ProgressBar, fit
 
+def local_sgd_from_config(loss_fn, optimizer, mesh, *, axis: str = "data", sync_every: int = 4,
+                          allreduce: str = "psum", outer_lr: float | None = None, outer_momentum: float = 0.0,
+                          outer_nesterov: bool = False) -> Strategy:
+  """``local_sgd`` with its outer optimizer given as numbers (TOML cannot hold an optax object).
+
+  ``outer_lr`` None is plain averaging; else the outer optimizer is SGD(outer_lr, outer_momentum,
+  nesterov), e.g. DiLoCo's 0.7 / 0.9 / true.
+  """
+  outer = None
+  if outer_lr is not None:
+    outer = optax.sgd(outer_lr, momentum=outer_momentum or None, nesterov=outer_nesterov)
+  return local_sgd(loss_fn, optimizer, mesh, axis=axis, sync_every=sync_every, outer_optimizer=outer,
+                   allreduce=allreduce)
+
+
 STRATEGIES: dict[str, Callable[..., Strategy]] = {
     "data_parallel": data_parallel,
+    "local_sgd": local_sgd_from_config,
 }
 
 

@@ -130,4 +130,5 @@ def local_sgd(
                          extra={"replicas": per_device, "inner_opt_state": per_device, "spread": replicated})
   step = StepFn(step_fn, mesh, donate_argnums=0, out_shardings=(shardings, replicated))
   kind = "diloco" if outer_optimizer is not None else "local_sgd"
-  return Strategy(init=init, shard_batch=shard_batch, step=step, name=f"{kind}[H={h}]", mesh=mesh)
+  return Strategy(init=init, shard_batch=shard_batch, step=step, name=f"{kind}[H={h}]", mesh=mesh,
+                  info={"sync_every": h})

@@ -23,6 +23,8 @@ class Strategy(NamedTuple):
       is the mean loss over the global batch.
     name: a short human-readable name, used in logs and tables.
     mesh: the device mesh the strategy runs on.
+    info: facts about the strategy for reports, e.g. ``{"sync_every": 4}`` when the step's collectives
+      run only every 4th step.
   """
 
   init: Callable[..., TrainState]
@@ -30,6 +32,7 @@ class Strategy(NamedTuple):
   step: Callable[[TrainState, Batch], tuple[TrainState, Metrics]]
   name: str
   mesh: Mesh
+  info: dict[str, Any] = {}
 
 
 class StepFn:
