@@ -35,3 +35,24 @@ def test_digits_mlp_reaches_95_percent():
   accuracy, loss = example.train(400, verbose=False)
   assert accuracy >= 0.95, accuracy
   assert loss < 0.3
+
+
+def test_allreduce_walkthrough(capsys):
+  example = load_example("allreduce_walkthrough")
+  ours = example.show_ring()
+  assert (ours == [10, 100, 1000, 10000]).all()
+  out = capsys.readouterr().out
+  assert "after reduce-scatter step 3:" in out and "after all-gather step 3:" in out
+  results = example.train_with_each_algorithm(epochs=20)
+  for algorithm, values in results.items():
+    np.testing.assert_allclose(values, results["psum"], rtol=1e-6, err_msg=algorithm)
+
+
+def test_local_sgd_example(tmp_path):
+  example = load_example("local_sgd")
+  results = example.run(steps=48, out=str(tmp_path), verbose=True)
+  dp = results["sync data parallel"]["bytes_per_step"]
+  np.testing.assert_allclose(results["local SGD H=4"]["bytes_per_step"], dp / 4, rtol=0.01)
+  np.testing.assert_allclose(results["local SGD H=16"]["bytes_per_step"], dp / 16, rtol=0.01)
+  assert all(r["accuracy"] > 0.8 for r in results.values())
+  assert (tmp_path / "local_sgd.png").exists()
