@@ -5,6 +5,7 @@ A strategy is a factory returning pure functions (``init``, ``shard_batch``, ``s
 """
 from jdist import collectives as collectives
 from jdist import data as data
+from jdist import model_parallel as model_parallel
 from jdist import models as models
 from jdist import theory as theory
 from jdist import train as train
@@ -12,6 +13,9 @@ from jdist.collectives import comm_report as comm_report
 from jdist.data_parallel import data_parallel as data_parallel
 from jdist.local_sgd import local_sgd as local_sgd
 from jdist.mesh import emulate_devices as emulate_devices
+from jdist.model_parallel import explain_sharding as explain_sharding
+from jdist.model_parallel import partition_specs as partition_specs
+from jdist.model_parallel import sharded as sharded
 from jdist.mesh import make_mesh as make_mesh
 from jdist.mesh import replicate as replicate
 from jdist.mesh import shard_batch as shard_batch
@@ -31,12 +35,16 @@ __all__ = [
     "data",
     "data_parallel",
     "emulate_devices",
+    "explain_sharding",
     "fit",
     "local_sgd",
     "make_mesh",
+    "model_parallel",
     "models",
+    "partition_specs",
     "replicate",
     "shard_batch",
+    "sharded",
     "theory",
     "train",
 ]

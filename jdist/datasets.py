@@ -29,3 +29,22 @@ def linear_regression() -> dict[str, np.ndarray]:
   """The seed article's problem: x = 1..8, y = 2x + 1, as ``{"x": f32[8, 1], "y": f32[8, 1]}``."""
   x = np.arange(1, 9, dtype=np.float32)[:, None]
   return {"x": x, "y": 2 * x + 1}
+
+
+def zen_of_python_tokens(seq_len: int, *, num_examples: int = 512, seed: int = 0) -> dict[str, np.ndarray]:
+  """Byte-level windows of "The Zen of Python" (shipped with Python as ``this``), for the GPT examples.
+
+  Returns ``{"tokens": int32[num_examples, seq_len + 1]}``: random windows of the text's UTF-8 bytes
+  (vocabulary 256), each with one extra token for the shifted next-token target.
+  """
+  import codecs
+  import contextlib
+  import io
+
+  with contextlib.redirect_stdout(io.StringIO()):  # importing `this` prints the poem
+    import this
+  text = codecs.decode(this.s, "rot13").encode()
+  data = np.frombuffer(text * (1 + (seq_len + 1) // len(text)), dtype=np.uint8).astype(np.int32)
+  starts = np.random.default_rng(seed).integers(0, len(text), size=num_examples)
+  data = np.concatenate([data, data])
+  return {"tokens": np.stack([data[s:s + seq_len + 1] for s in starts])}

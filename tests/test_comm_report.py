@@ -39,3 +39,18 @@ def test_hlo_formats():
   assert r["collective-permute"].count == 1 and r["collective-permute"].sent_bytes == 1024
   assert r["all-to-all"].sent_bytes == 3 / 4 * 64
   assert r.total_count == 5
+
+
+def test_collectives_in_loop_bodies_count_once_per_iteration():
+  mesh = jdist.make_mesh(data=8)
+  from jax.sharding import PartitionSpec as P
+
+  def body(x):
+    def step(c, _):
+      return c + jax.lax.psum(c, "data") * 0.5, None
+    return jax.lax.scan(step, x, None, length=5)[0]
+
+  f = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=P("data"), out_specs=P("data")))
+  report = comm_report(f.lower(np.ones((8, 16), np.float32)))
+  assert report["all-reduce"].count == 5 and report["all-reduce"].payload_bytes == 5 * 16 * 4
+  assert not report.unknown_trip_counts

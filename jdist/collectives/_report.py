@@ -18,6 +18,52 @@ _IOTA_GROUPS = re.compile(r"replica_groups=\[(\d+),(\d+)\]")
 _MESH_GROUPS = re.compile(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}")
 _PARTITIONS = re.compile(r"num_partitions=(\d+)")
 _PAIRS = re.compile(r"source_target_pairs=\{([0-9,{}\s]*)\}")
+_COMPUTATION = re.compile(r"^(ENTRY\s+)?%([\w.\-]+)\s*\(")
+_WHILE_BODY = re.compile(r"\bwhile\(.*body=%([\w.\-]+)")
+_TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
+_CALLED = re.compile(r"(?:calls|to_apply|branch_computations|true_computation|false_computation)=\{?%([\w.\-]+)"
+                     r"(?:,\s*%([\w.\-]+))*")
+
+
+def _multipliers(text: str) -> tuple[dict[str, int], bool]:
+  """How many times each computation runs per call of the entry: while bodies run their trip count."""
+  computations: dict[str, list[str]] = {}
+  entry, current = None, None
+  for line in text.splitlines():
+    m = _COMPUTATION.match(line)
+    if m:
+      current = m.group(2)
+      computations[current] = []
+      if m.group(1):
+        entry = current
+    elif current is not None:
+      computations[current].append(line)
+  edges: dict[str, list[tuple[str, int]]] = {name: [] for name in computations}
+  unknown = False
+  for name, lines in computations.items():
+    for line in lines:
+      w = _WHILE_BODY.search(line)
+      if w:
+        trip = _TRIP_COUNT.search(line)
+        unknown = unknown or trip is None
+        edges[name].append((w.group(1), int(trip.group(1)) if trip else 1))
+        continue
+      for m in _CALLED.finditer(line):
+        for callee in m.groups():
+          if callee:
+            edges[name].append((callee, 1))
+  mult: dict[str, int] = {}
+
+  def visit(name: str, factor: int, depth: int = 0) -> None:
+    if depth > 64 or name not in computations:
+      return
+    mult[name] = mult.get(name, 0) + factor
+    for callee, n in edges[name]:
+      visit(callee, factor * n, depth + 1)
+
+  if entry is not None:
+    visit(entry, 1)
+  return mult, unknown
 
 
 def _shape_bytes(text: str) -> int:
@@ -58,6 +104,9 @@ class CollectiveStat:
 class CommReport:
   """Collectives found in a compiled program (per device, per call).
 
+  Collectives inside a loop body (``lax.scan`` over layers, say) are counted once per iteration, using
+  the trip count XLA records; ``unknown_trip_counts`` is True if some loop had none (counted once).
+
   ``sent_bytes`` counts what one device puts on the wire under bandwidth-optimal algorithms: a
   collective-permute sends its operand; an all-gather (N-1)/N of its result; a reduce-scatter
   (N-1)/N of its input; an all-to-all (N-1)/N of its operand; an all-reduce 2(N-1)/N of its payload
@@ -65,6 +114,7 @@ class CommReport:
   """
 
   stats: dict[str, CollectiveStat]
+  unknown_trip_counts: bool = False
 
   @property
   def total_sent_bytes(self) -> float:
@@ -105,11 +155,18 @@ def comm_report(compiled: Any, *, num_devices: int | None = None) -> CommReport:
   text = compiled if isinstance(compiled, str) else compiled.as_text()
   partitions = _PARTITIONS.search(text)
   default = num_devices or (int(partitions.group(1)) if partitions else 1)
+  multipliers, unknown = _multipliers(text)
   acc: dict[str, list[float]] = {}
+  current = None
   for line in text.splitlines():
+    c = _COMPUTATION.match(line)
+    if c:
+      current = c.group(2)
+      continue
     m = _OP.match(line)
     if not m:
       continue
+    times = multipliers.get(current, 1) if multipliers else 1
     shape_text, kind, started = m.group(1), m.group(2), m.group(3)
     if started:
       # async pairs: the "-start" result is a tuple (operands..., results...); count the results half
@@ -129,7 +186,7 @@ def comm_report(compiled: Any, *, num_devices: int | None = None) -> CommReport:
     else:  # all-to-all
       sent = (n - 1) / n * out_bytes
     c = acc.setdefault(kind, [0, 0, 0.0])
-    c[0] += 1
-    c[1] += out_bytes
-    c[2] += sent
-  return CommReport({k: CollectiveStat(k, int(v[0]), int(v[1]), float(v[2])) for k, v in acc.items()})
+    c[0] += times
+    c[1] += out_bytes * times
+    c[2] += sent * times
+  return CommReport({k: CollectiveStat(k, int(v[0]), int(v[1]), float(v[2])) for k, v in acc.items()}, unknown)

@@ -8,7 +8,10 @@ policy for the blocks.
 Parameter layout (L layers, D model width, V vocabulary, S context)::
 
   wte: f32[V, D]   wpe: f32[S, D]   lnf: f32[D]
-  blocks: ln1 f32[L, D], qkv f32[L, D, 3D], o f32[L, D, D], ln2 f32[L, D], fc f32[L, D, 4D], proj f32[L, 4D, D]
+  blocks: ln1 f32[L, D], qkv f32[L, D, 3, D], o f32[L, D, D], ln2 f32[L, D], fc f32[L, D, 4D], proj f32[L, 4D, D]
+
+The last axis of ``qkv`` and the first of ``o`` run over heads (H blocks of D/H), so splitting them
+over a ``model`` mesh axis splits attention by heads (Megatron); ``TP_RULES`` says so.
 """
 from __future__ import annotations
 
@@ -22,6 +25,16 @@ import optax
 from jdist._types import Batch, Params
 
 REMAT_POLICIES = ("none", "dots_saveable", "full")
+
+# Megatron tensor parallelism over a "model" mesh axis: attention split by heads (qkv by output
+# columns, o by input rows), the MLP's first matrix by columns and its second by rows, so each block
+# does one all-reduce of activations after attention and one after the MLP, forward and backward.
+TP_RULES = (
+    (r"^blocks/qkv$", (None, None, None, "model")),
+    (r"^blocks/o$", (None, "model", None)),
+    (r"^blocks/fc$", (None, None, "model")),
+    (r"^blocks/proj$", (None, "model", None)),
+)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -59,7 +72,7 @@ def init(key: jax.Array, config: GPTConfig) -> Params:
       "wpe": jax.random.normal(k[1], (config.seq_len, D)) * s,
       "blocks": {
           "ln1": jnp.ones((L, D)),
-          "qkv": jax.random.normal(k[2], (L, D, 3 * D)) * s,
+          "qkv": jax.random.normal(k[2], (L, D, 3, D)) * s,
           "o": jax.random.normal(k[3], (L, D, D)) * out_scale,
           "ln2": jnp.ones((L, D)),
           "fc": jax.random.normal(k[4], (L, D, 4 * D)) * s,
@@ -80,7 +93,7 @@ def block(p: Params, x: jax.Array, config: GPTConfig) -> jax.Array:
   H = config.n_heads
   cd = config.compute_dtype
   h = rms_norm(x, p["ln1"])
-  qkv = (h @ p["qkv"].astype(cd)).reshape(B, S, 3, H, D // H)
+  qkv = jnp.einsum("bsd,dtk->bstk", h, p["qkv"].astype(cd)).reshape(B, S, 3, H, D // H)
   q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
   a = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=config.attention_impl)
   x = x + a.reshape(B, S, D) @ p["o"].astype(cd)

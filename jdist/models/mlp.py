@@ -49,3 +49,17 @@ def loss_and_accuracy(params: Params, batch: Batch) -> tuple[jax.Array, dict[str
 def accuracy(params: Params, batch: Batch) -> jax.Array:
   """Fraction of examples whose largest logit is the label."""
   return jnp.mean(jnp.argmax(apply(params, batch["x"]), -1) == batch["y"])
+
+
+def tp_rules(num_layers: int, axis: str = "model") -> tuple:
+  """Megatron rules for ``num_layers`` linear layers: even layers split by columns, odd ones by rows.
+
+  A column-split layer's bias is split with its outputs; a row-split layer's bias stays whole.
+  """
+  rules = []
+  for i in range(num_layers):
+    if i % 2 == 0:
+      rules += [(rf"^layers/{i}/w$", (None, axis)), (rf"^layers/{i}/b$", (axis,))]
+    else:
+      rules += [(rf"^layers/{i}/w$", (axis, None))]
+  return tuple(rules)

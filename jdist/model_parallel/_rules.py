@@ -1,0 +1,188 @@
+"""Sharding rules as data: (pattern on the parameter path) -> PartitionSpec over mesh axes.
+
+``partition_specs`` is one pure function from a params pytree (arrays or shapes), the rules and the
+mesh's axis sizes to a pytree of ``PartitionSpec``s. It needs no devices: pass the axis sizes as a dict
+(``{"data": 2, "model": 4}``) to test rules on a laptop for a cluster's mesh.
+
+A parameter's path is its keys joined by "/" (``blocks/qkv``, ``layers/0/w``); a rule's pattern is a
+regular expression searched in it. Every rule that matches a parameter must give the same spec (two
+that disagree are an error naming both); a parameter no rule matches is replicated and listed in the
+report. FSDP then adds its axis to the largest free dimension of every parameter big enough.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Any, Mapping, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import PartitionSpec as P
+
+from jdist._types import Params, PyTree
+
+Rule = tuple[str, Any]  # (regex on the path, PartitionSpec or tuple of axis names / None / tuples)
+DEFAULT_FSDP_MIN_SIZE = 1024  # parameters with fewer elements stay replicated under FSDP
+
+
+def path_str(path) -> str:
+  """``(DictKey('blocks'), DictKey('qkv'))`` -> ``"blocks/qkv"``."""
+  parts = []
+  for k in path:
+    for attr in ("key", "idx", "name"):
+      if hasattr(k, attr):
+        parts.append(str(getattr(k, attr)))
+        break
+    else:
+      parts.append(str(k))
+  return "/".join(parts)
+
+
+def _axis_sizes(mesh: Any) -> dict[str, int]:
+  if isinstance(mesh, Mapping):
+    return dict(mesh)
+  return dict(mesh.shape)
+
+
+def _entry_axes(entry) -> tuple[str, ...]:
+  if entry is None:
+    return ()
+  return (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardingReport:
+  """What ``partition_specs`` decided: the spec of every parameter, which rule set it, what was left replicated."""
+
+  specs: dict[str, P]
+  shapes: dict[str, tuple[int, ...]]
+  itemsizes: dict[str, int]
+  matched_by: dict[str, str | None]
+  unmatched: list[str]
+  fsdp_added: list[str]
+  axis_sizes: dict[str, int]
+
+  def bytes_per_device(self, name: str) -> int:
+    shape, spec = self.shapes[name], self.specs[name]
+    per = 1
+    for dim, entry in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+      per *= dim // math.prod(self.axis_sizes[a] for a in _entry_axes(entry))
+    return per * self.itemsizes[name]
+
+  def table(self) -> str:
+    rows = [f"{'parameter':<28}{'shape':<20}{'spec':<34}{'bytes/device':>14}"]
+    total = 0
+    for name in self.specs:
+      b = self.bytes_per_device(name)
+      total += b
+      spec = str(tuple(self.specs[name])) if len(self.specs[name]) else "replicated"
+      rows.append(f"{name:<28}{str(self.shapes[name]):<20}{spec:<34}{b:>14,}")
+    full = sum(math.prod(s) * self.itemsizes[n] for n, s in self.shapes.items())
+    rows.append(f"{'total':<28}{'':<20}{'':<34}{total:>14,}  ({total / max(full, 1):.3f} of unsharded {full:,})")
+    alone = [n for n in self.unmatched if n not in self.fsdp_added]
+    if alone:
+      rows.append(f"replicated (no rule matched, not sharded by FSDP): {', '.join(alone)}")
+    return "\n".join(rows)
+
+
+def _normalise(spec: Any, rule: str) -> P:
+  if isinstance(spec, P):
+    return spec
+  if isinstance(spec, (tuple, list)):
+    return P(*spec)
+  raise TypeError(f"Rule {rule!r} has spec {spec!r}; expected a PartitionSpec or a tuple of mesh axis names / None.")
+
+
+def partition_specs(params: Params, rules: Sequence[Rule], mesh: Any, *, fsdp_axis: str | None = None,
+                    fsdp_min_size: int = DEFAULT_FSDP_MIN_SIZE) -> tuple[PyTree, ShardingReport]:
+  """The ``PartitionSpec`` of every parameter under ``rules`` (and FSDP), checked against ``mesh``.
+
+  Args:
+    params: a pytree of arrays or ``jax.ShapeDtypeStruct``s.
+    rules: ``(pattern, spec)`` pairs; ``spec`` entries name mesh axes (or tuples of them) per dimension.
+    mesh: a ``Mesh`` or a dict of axis sizes.
+    fsdp_axis: shard every parameter of at least ``fsdp_min_size`` elements over this axis too, on its
+      largest dimension that is not yet sharded and divides by the axis size.
+
+  Returns:
+    ``(specs, report)``: a pytree of ``PartitionSpec`` shaped like ``params`` and a ``ShardingReport``.
+
+  Raises:
+    ValueError: a rule names an axis not in the mesh, has more entries than the parameter has
+      dimensions, or shards a dimension that is not divisible; two matching rules disagree; the FSDP
+      axis is not in the mesh.
+
+  Example:
+    >>> specs, report = partition_specs({"w": np.zeros((8, 4))}, [("w", (None, "model"))], {"model": 4})
+    >>> specs["w"]
+    PartitionSpec(None, 'model')
+  """
+  sizes = _axis_sizes(mesh)
+  compiled = []
+  for rule in rules:
+    if not (isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str)):
+      raise TypeError(f"Each rule must be a (pattern, spec) pair, got {rule!r}.")
+    pattern, spec = rule
+    spec = _normalise(spec, pattern)
+    for entry in spec:
+      for a in _entry_axes(entry):
+        if a not in sizes:
+          raise ValueError(f"Rule {pattern!r} -> {tuple(spec)} names mesh axis {a!r}, but the mesh has axes "
+                           f"{sizes}. Use one of {list(sizes)} or add the axis to the mesh.")
+    compiled.append((pattern, re.compile(pattern), spec))
+  if fsdp_axis is not None and fsdp_axis not in sizes:
+    raise ValueError(f"fsdp_axis {fsdp_axis!r} is not an axis of the mesh {sizes}.")
+
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+  specs, shapes, itemsizes, matched_by, unmatched, fsdp_added = {}, {}, {}, {}, [], []
+  out = []
+  for path, leaf in leaves:
+    name = path_str(path)
+    shape = tuple(int(d) for d in np.shape(leaf))
+    shapes[name] = shape
+    itemsizes[name] = np.dtype(leaf.dtype).itemsize
+    hits = [(pattern, spec) for pattern, regex, spec in compiled if regex.search(name)]
+    distinct = {tuple(s) for _, s in hits}
+    if len(distinct) > 1:
+      listing = "; ".join(f"{p!r} -> {tuple(s)}" for p, s in hits)
+      raise ValueError(f"Parameter {name} {shape} is matched by rules with different specs: {listing}. Make the "
+                       f"patterns disjoint (e.g. anchor them with ^...$).")
+    spec = hits[0][1] if hits else P()
+    matched_by[name] = hits[0][0] if hits else None
+    if not hits:
+      unmatched.append(name)
+    if len(spec) > len(shape):
+      raise ValueError(f"Rule {hits[0][0]!r} gives {tuple(spec)} ({len(spec)} entries) for parameter {name} of "
+                       f"shape {shape} ({len(shape)} dimensions).")
+    entries = list(spec) + [None] * (len(shape) - len(spec))
+    if fsdp_axis is not None and math.prod(shape) >= fsdp_min_size:
+      used = {a for e in entries for a in _entry_axes(e)}
+      if fsdp_axis not in used:
+        free = [d for d in range(len(shape)) if entries[d] is None and shape[d] % sizes[fsdp_axis] == 0]
+        if free:
+          d = max(free, key=lambda i: shape[i])
+          entries[d] = fsdp_axis
+          fsdp_added.append(name)
+    for d, entry in enumerate(entries):
+      div = math.prod(sizes[a] for a in _entry_axes(entry))
+      if shape[d] % div:
+        raise ValueError(f"Parameter {name} has shape {shape}; dimension {d} (size {shape[d]}) is sharded over "
+                         f"{_entry_axes(entry)} of sizes {[sizes[a] for a in _entry_axes(entry)]} (= {div}), "
+                         f"which does not divide it. Change the rule or the mesh.")
+    while entries and entries[-1] is None:
+      entries.pop()
+    spec = P(*entries)
+    specs[name] = spec
+    out.append(spec)
+  report = ShardingReport(specs, shapes, itemsizes, matched_by, unmatched, fsdp_added, sizes)
+  return jax.tree.unflatten(treedef, out), report
+
+
+def explain_sharding(params: Params, rules: Sequence[Rule], mesh: Any, *, fsdp_axis: str | None = None,
+                     fsdp_min_size: int = DEFAULT_FSDP_MIN_SIZE, print_fn=print) -> ShardingReport:
+  """Prints a table: parameter, shape, spec, bytes per device (and what stayed replicated)."""
+  _, report = partition_specs(params, rules, mesh, fsdp_axis=fsdp_axis, fsdp_min_size=fsdp_min_size)
+  if print_fn is not None:
+    print_fn(report.table())
+  return report

@@ -1,0 +1,103 @@
+"""``sharded``: parameters laid out over a named mesh by rules, compiled by GSPMD (``jax.jit``).
+
+Tensor parallelism, FSDP (ZeRO-3) and their combinations on 2-D and 3-D meshes are all the same
+strategy with different rules: the batch is split over the data (and FSDP) axes, each parameter and
+its optimizer state over the axes its rule names, and XLA inserts the collectives. Output shardings
+are fixed, so a step never changes the layout, and the state is donated.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jdist import mesh as mesh_lib
+from jdist._types import Batch, LossFn, Params, PRNGKey
+from jdist.model_parallel._rules import DEFAULT_FSDP_MIN_SIZE, Rule, partition_specs
+from jdist.state import TrainState
+from jdist.strategy import (Strategy, StepFn, check_callable, check_optimizer, check_params, metrics_from, raw_key,
+                            value_and_grad)
+
+
+def sharded(
+    loss_fn: LossFn,
+    optimizer: optax.GradientTransformation,
+    mesh: Mesh,
+    *,
+    rules: Sequence[Rule] = (),
+    data_axis: str | None = "data",
+    fsdp_axis: str | None = None,
+    fsdp_min_size: int = DEFAULT_FSDP_MIN_SIZE,
+    has_aux: bool = False,
+) -> Strategy:
+  """Model parallelism by sharding: tensor parallel, FSDP and data parallel on one mesh.
+
+  Args:
+    loss_fn: ``loss_fn(params, batch) -> scalar`` mean loss over the global batch (written as for one
+      device: GSPMD partitions it).
+    optimizer: any optax optimizer; its state is sharded like the parameters it mirrors.
+    mesh: the device mesh, e.g. ``make_mesh(data=2, fsdp=2, model=2)``.
+    rules: ``(pattern, spec)`` pairs for ``jdist.partition_specs`` (e.g. ``jdist.models.gpt.TP_RULES``).
+    data_axis: the mesh axis the batch is split over; ignored when the mesh has no such axis.
+    fsdp_axis: shard every parameter of at least ``fsdp_min_size`` elements (and its optimizer state) over
+      this axis as well; the batch is split over it too (ZeRO-3).
+
+  Returns:
+    A ``Strategy``; ``strategy.info["param_specs"]`` holds the parameter specs and ``["report"]`` the
+    ``ShardingReport`` after ``init``.
+  """
+  check_callable(loss_fn, "loss_fn")
+  check_optimizer(optimizer)
+  if fsdp_axis is not None:
+    mesh_lib.check_axes(mesh, fsdp_axis, what="fsdp_axis")
+  if data_axis is not None and data_axis != "data":
+    mesh_lib.check_axes(mesh, data_axis, what="data_axis")
+  batch_axes = tuple(a for a in (data_axis, fsdp_axis) if a is not None and a in mesh.shape)
+  n_batch = mesh_lib.axis_size(mesh, batch_axes) if batch_axes else 1
+  batch_sharding = NamedSharding(mesh, P(batch_axes if batch_axes else None))
+  replicated = NamedSharding(mesh, P())
+  vg = value_and_grad(loss_fn, has_aux=has_aux)
+  info: dict = {"rules": tuple(rules), "fsdp_axis": fsdp_axis, "batch_axes": batch_axes}
+
+  def layout(params, opt_state):
+    """Shardings of params and optimizer state; works on arrays, shapes and tracers alike."""
+    specs, report = partition_specs(params, rules, mesh, fsdp_axis=fsdp_axis, fsdp_min_size=fsdp_min_size)
+    info["param_specs"], info["report"] = specs, report
+    param_shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
+    # optimizer state mirrors the params where it has their shape (moments); the rest is replicated
+    opt_shardings = optax.tree_map_params(optimizer, lambda _, s: s, opt_state, param_shardings,
+                                          transform_non_params=lambda _: replicated)
+    return param_shardings, opt_shardings
+
+  def init(params: Params, *, key: PRNGKey | int | None = None) -> TrainState:
+    params = check_params(params)
+    param_shardings, opt_shardings = layout(params, jax.eval_shape(optimizer.init, params))
+    params = jax.device_put(jax.tree.map(lambda x: jnp.array(x, copy=True), params), param_shardings)
+    opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
+    return TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), replicated), params=params, opt_state=opt_state,
+                      key=jax.device_put(raw_key(key), replicated))
+
+  def shard_batch(batch: Batch) -> Batch:
+    mesh_lib.batch_size(batch, multiple_of=n_batch)
+    return jax.device_put(batch, batch_sharding)
+
+  def step_fn(state: TrainState, batch: Batch):
+    mesh_lib.batch_size(batch, multiple_of=n_batch)
+    batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
+    (loss, aux), grads = vg(state.params, batch)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    # pin the layout: the step's outputs have exactly the shardings init gave (rules evaluated at trace time)
+    param_shardings, opt_shardings = layout(params, opt_state)
+    params = jax.lax.with_sharding_constraint(params, param_shardings)
+    opt_state = jax.lax.with_sharding_constraint(opt_state, opt_shardings)
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    return new_state, metrics_from(loss, grads, aux, new_state.step)
+
+  name = "sharded" + (f"[fsdp={fsdp_axis}]" if fsdp_axis else "") + (f"[{len(rules)} rules]" if rules else "")
+  step = StepFn(step_fn, mesh, donate_argnums=0)
+  return Strategy(init=init, shard_batch=shard_batch, step=step, name=name, mesh=mesh, info=info)

@@ -1,0 +1,191 @@
+"""Model parallelism: rules as data (no devices), and sharded / FSDP / TP equal to single-device training."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import jdist
+from jdist.model_parallel import fsdp, partition_specs, tp_mlp
+from jdist.models import gpt, mlp
+from tests.conftest import assert_trees_all_close, single_device_reference
+
+CFG = gpt.GPTConfig(vocab_size=64, seq_len=16, d_model=32, n_layers=2, n_heads=8)
+GPT_PARAMS = gpt.init(jax.random.key(0), CFG)
+MLP_PARAMS = mlp.init(jax.random.key(0), [16, 32, 8])
+MLP_RULES = mlp.tp_rules(2)
+
+
+def _gpt_batches(steps, batch=16):
+  return [jax.device_get(gpt.synthetic_tokens(jax.random.key(100 + i), batch, CFG)) for i in range(steps)]
+
+
+def _mlp_batches(steps, batch=16):
+  rng = np.random.default_rng(0)
+  return [{"x": rng.normal(size=(batch, 16)).astype(np.float32), "y": rng.integers(0, 8, batch).astype(np.int32)}
+          for _ in range(steps)]
+
+
+# ---- rules: pure functions, fake meshes, no devices ----------------------------------------------------
+
+
+def test_rules_give_specs_and_report_without_devices():
+  specs, report = partition_specs(GPT_PARAMS, gpt.TP_RULES, {"data": 2, "model": 4})
+  assert specs["blocks"]["qkv"] == P(None, None, None, "model")
+  assert specs["blocks"]["proj"] == P(None, "model")
+  assert specs["wte"] == P()
+  assert set(report.unmatched) == {"wte", "wpe", "lnf", "blocks/ln1", "blocks/ln2"}
+  assert report.bytes_per_device("blocks/fc") == 2 * 32 * 128 * 4 // 4
+  specs, report = partition_specs(GPT_PARAMS, gpt.TP_RULES, {"fsdp": 2, "model": 4}, fsdp_axis="fsdp")
+  assert specs["blocks"]["fc"] == P(None, "fsdp", "model")  # largest free dimension
+  assert specs["wte"] == P("fsdp")
+  assert specs["blocks"]["ln1"] == P()  # too small for FSDP
+  assert "blocks/qkv" in report.table()
+
+
+def test_rule_naming_an_axis_not_in_the_mesh():
+  with pytest.raises(ValueError, match=r"Rule '\^blocks/qkv\$' -> \(None, None, None, 'model'\) names mesh axis "
+                                       r"'model', but the mesh has axes \{'data': 8\}"):
+    partition_specs(GPT_PARAMS, gpt.TP_RULES, {"data": 8})
+
+
+def test_non_divisible_dimension_names_the_parameter():
+  with pytest.raises(ValueError, match=r"Parameter blocks/fc has shape \(2, 32, 128\); dimension 2 \(size 128\) is "
+                                       r"sharded over \('model',\) of sizes \[3\]"):
+    partition_specs(GPT_PARAMS, gpt.TP_RULES, {"model": 3})
+
+
+def test_conflicting_rules_name_the_parameter():
+  rules = [("qkv", (None, "model")), ("blocks/(qkv|fc)", (None, None, "model"))]
+  with pytest.raises(ValueError, match=r"Parameter blocks/qkv \(2, 32, 3, 32\) is matched by rules with different specs"):
+    partition_specs(GPT_PARAMS, rules, {"model": 2})
+
+
+def test_spec_longer_than_the_parameter():
+  with pytest.raises(ValueError, match=r"gives \(None, None, 'model'\) \(3 entries\) for parameter lnf of shape \(32,\)"):
+    partition_specs(GPT_PARAMS, [("^lnf$", (None, None, "model"))], {"model": 2})
+
+
+def test_explain_sharding_prints_a_table(capsys):
+  report = jdist.explain_sharding(GPT_PARAMS, gpt.TP_RULES, jdist.make_mesh(data=2, model=4))
+  out = capsys.readouterr().out
+  assert "blocks/qkv" in out and "bytes/device" in out and "replicated (no rule matched" in out
+  assert report.specs["blocks/o"] == P(None, "model")
+
+
+# ---- equivalence on 8 emulated devices ------------------------------------------------------------------
+
+MESHES = [
+    ({"data": 8}, {}, {}),
+    ({"fsdp": 8}, {"fsdp_axis": "fsdp", "fsdp_min_size": 64}, {"fsdp_axis": "fsdp", "fsdp_min_size": 64}),
+    ({"model": 8}, {"rules": gpt.TP_RULES}, {"rules": MLP_RULES}),
+    ({"data": 2, "model": 4}, {"rules": gpt.TP_RULES}, {"rules": MLP_RULES}),
+    ({"data": 2, "fsdp": 2, "model": 2}, {"rules": gpt.TP_RULES, "fsdp_axis": "fsdp", "fsdp_min_size": 64},
+     {"rules": MLP_RULES, "fsdp_axis": "fsdp", "fsdp_min_size": 64}),
+]
+
+
+def _train(strategy, params, batches):
+  state = strategy.init(params)
+  specs = jax.tree.map(lambda x: x.sharding, state)
+  for b in batches:
+    state, m = strategy.step(state, strategy.shard_batch(b))
+  after = jax.tree.map(lambda x: x.sharding, state)
+  for a, b, x in zip(jax.tree.leaves(specs), jax.tree.leaves(after), jax.tree.leaves(state)):
+    assert a.is_equivalent_to(b, x.ndim), (a, b)  # a step never changes the layout
+  return state
+
+
+@pytest.mark.parametrize("axes,gpt_kw,mlp_kw", MESHES, ids=lambda v: "x".join(f"{k}{n}" for k, n in v.items())
+                         if isinstance(v, dict) and v and isinstance(next(iter(v.values())), int) else "")
+def test_sharded_equals_single_device(axes, gpt_kw, mlp_kw):
+  mesh = jdist.make_mesh(**axes)
+  for params, loss, kw, batches, lr in ((GPT_PARAMS, gpt.loss_fn(CFG), gpt_kw, _gpt_batches(20), 1e-3),
+                                        (MLP_PARAMS, mlp.loss, mlp_kw, _mlp_batches(20), 1e-2)):
+    strategy = jdist.sharded(loss, optax.adam(lr), mesh, **kw)
+    state = _train(strategy, params, batches)
+    ref, ref_opt, _ = single_device_reference(loss, optax.adam(lr), params, batches)
+    assert_trees_all_close(state.params, ref, rtol=1e-5, atol=1e-6)
+    # shard shapes are what the rules say
+    specs, _ = partition_specs(params, kw.get("rules", ()), mesh, fsdp_axis=kw.get("fsdp_axis"),
+                               fsdp_min_size=kw.get("fsdp_min_size", 1024))
+    for leaf, spec in zip(jax.tree.leaves(state.params), jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P))):
+      expected = NamedSharding(mesh, spec).shard_shape(leaf.shape)
+      assert leaf.sharding.shard_shape(leaf.shape) == expected
+
+
+def test_explicit_fsdp_equals_single_device_and_moves_no_full_gradient():
+  mesh = jdist.make_mesh(fsdp=8)
+  batches = _gpt_batches(10)
+  strategy = fsdp(gpt.loss_fn(CFG), optax.adam(1e-3), mesh, min_size=64)
+  state = _train(strategy, GPT_PARAMS, batches)
+  ref, _, _ = single_device_reference(gpt.loss_fn(CFG), optax.adam(1e-3), GPT_PARAMS, batches)
+  assert_trees_all_close(state.params, ref, rtol=1e-5, atol=1e-6)
+  lowered = strategy.step.lower(state, strategy.shard_batch(batches[0]))
+  sharded_bytes = sum(x.size * 4 for x in jax.tree.leaves(GPT_PARAMS) if x.size >= 64)
+  n_sharded = sum(1 for x in jax.tree.leaves(GPT_PARAMS) if x.size >= 64)
+  # the program gathers every sharded weight twice (forward, and again for backward: ZeRO-3) ...
+  assert lowered.as_text().count("all_gather") == 2 * n_sharded
+  report = jdist.comm_report(lowered)
+  # ... XLA:CPU merges the second gather into the first: (N-1)/N P gathered + (N-1)/N P reduce-scattered
+  np.testing.assert_allclose(report["all-gather"].sent_bytes, 7 / 8 * sharded_bytes, rtol=0.01)
+  np.testing.assert_allclose(report["reduce-scatter"].sent_bytes, 7 / 8 * sharded_bytes, rtol=0.01)
+  assert report["all-reduce"].payload_bytes < 0.02 * sharded_bytes  # only the small replicated leaves and the loss
+
+
+def test_fsdp_memory_per_device_is_an_eighth():
+  mesh = jdist.make_mesh(fsdp=8)
+  for strategy in (jdist.sharded(gpt.loss_fn(CFG), optax.adam(1e-2), mesh, fsdp_axis="fsdp", fsdp_min_size=64),
+                   fsdp(gpt.loss_fn(CFG), optax.adam(1e-2), mesh, min_size=64)):
+    state = strategy.init(GPT_PARAMS)
+    per_device = sum(int(np.prod(x.sharding.shard_shape(x.shape))) * x.dtype.itemsize
+                     for x in jax.tree.leaves((state.params, state.opt_state)))
+    replicated = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves((state.params, state.opt_state)))
+    assert per_device <= 1.1 * replicated / 8, (per_device, replicated / 8)
+    compiled = strategy.step.lower(state, strategy.shard_batch(_gpt_batches(1)[0])).compile()
+    args = compiled.memory_analysis().argument_size_in_bytes
+    assert args <= 1.1 * replicated / 8 + 16 * 17 * 4, (args, replicated / 8)  # plus the batch shard
+
+
+def test_tp_mlp_in_shard_map_equals_unsharded_and_gspmd_with_one_forward_all_reduce():
+  mesh = jdist.make_mesh(model=8)
+  rng = np.random.default_rng(0)
+  D = 16
+  params = {"fc": jnp.asarray(rng.normal(size=(D, 4 * D)) / np.sqrt(D), jnp.float32),
+            "proj": jnp.asarray(rng.normal(size=(4 * D, D)) / np.sqrt(4 * D), jnp.float32)}
+  x = jnp.asarray(rng.normal(size=(4, 8, D)), jnp.float32)
+  specs = {"fc": P(None, "model"), "proj": P("model", None)}
+  explicit = jax.shard_map(lambda p, x: tp_mlp(p, x, "model"), mesh=mesh, in_specs=(specs, P()), out_specs=P())
+  plain = lambda p, x: jax.nn.gelu(x @ p["fc"]) @ p["proj"]
+  placed = jax.device_put(params, jax.tree.map(lambda s: NamedSharding(mesh, s), specs))
+  np.testing.assert_allclose(jax.jit(explicit)(placed, x), plain(params, x), rtol=1e-5, atol=1e-5)
+  gspmd = jax.jit(plain)
+  np.testing.assert_allclose(jax.jit(explicit)(placed, x), gspmd(placed, x), rtol=1e-5, atol=1e-5)
+  loss = lambda f: (lambda p, x: jnp.sum(f(p, x) ** 2))
+  g_explicit = jax.jit(jax.grad(loss(explicit), argnums=(0, 1)))(placed, x)
+  g_plain = jax.grad(loss(plain), argnums=(0, 1))(params, x)
+  assert_trees_all_close(g_explicit, g_plain, rtol=1e-5, atol=1e-5)
+  forward = jdist.comm_report(jax.jit(explicit).lower(placed, x))
+  assert forward["all-reduce"].count == 1 and forward["all-reduce"].payload_bytes == x.size * 4
+  backward = jdist.comm_report(jax.jit(jax.grad(loss(explicit), argnums=(0, 1))).lower(placed, x))
+  assert backward["all-reduce"].count == 2  # forward's, and the "f" operator's for dx
+  gs = jdist.comm_report(gspmd.lower(placed, x))
+  assert gs["all-reduce"].count == 1 and gs["all-reduce"].payload_bytes == x.size * 4
+
+
+def test_gpt_tp_all_reduces_per_block_are_the_textbook_ones():
+  """Megatron: per block, 2 all-reduces of B x S x D activations forward (attention, MLP), 4 per step."""
+  mesh = jdist.make_mesh(model=8)
+  strategy = jdist.sharded(gpt.loss_fn(CFG), optax.sgd(0.1), mesh, rules=gpt.TP_RULES)
+  state = strategy.init(GPT_PARAMS)
+  tokens = strategy.shard_batch(_gpt_batches(1)[0])
+  act = 16 * CFG.seq_len * CFG.d_model * 4  # B x S x D floats
+  L = CFG.n_layers  # the blocks run in a scan: comm_report multiplies the loop body by its trip count
+  forward = jdist.comm_report(jax.jit(gpt.loss_fn(CFG)).lower(state.params, tokens))
+  assert not forward.unknown_trip_counts
+  assert forward.total_count == 2 * L and forward["all-reduce"].payload_bytes == 2 * L * act
+  step = jdist.comm_report(strategy.step.lower(state, tokens))
+  assert set(step.stats) == {"all-reduce"}
+  assert 4 * L * act <= step["all-reduce"].payload_bytes <= 4 * L * act + 64  # plus a few scalars (loss)
