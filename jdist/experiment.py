@@ -19,6 +19,7 @@ from jdist.config import Config, ConfigError
 from jdist.data import ArrayLoader
 from jdist.data_parallel import data_parallel
 from jdist.local_sgd import local_sgd
+from jdist.model_parallel import fsdp, sharded
 from jdist.mesh import make_mesh
 from jdist.models import linear, mlp
 from jdist.strategy import Strategy
@@ -39,9 +40,25 @@ def local_sgd_from_config(loss_fn, optimizer, mesh, *, axis: str = "data", sync_
                    allreduce=allreduce)
 
 
+def sharded_from_config(loss_fn, optimizer, mesh, *, rules=(), data_axis: str = "data", fsdp_axis: str = "",
+                        fsdp_min_size: int = 1024) -> Strategy:
+  """``sharded`` with TOML-friendly options: ``rules`` a list of [pattern, [axis or "" per dim]] pairs
+  (or "tp", resolved by ``build`` to the model's tensor-parallel rules); ``fsdp_axis = ""`` for none."""
+  rules = tuple((p, tuple(a or None for a in spec)) for p, spec in rules)
+  return sharded(loss_fn, optimizer, mesh, rules=rules, data_axis=data_axis, fsdp_axis=fsdp_axis or None,
+                 fsdp_min_size=fsdp_min_size)
+
+
+def fsdp_from_config(loss_fn, optimizer, mesh, *, axis: str = "fsdp", min_size: int = 1024) -> Strategy:
+  """The explicit shard_map FSDP (``jdist.model_parallel.fsdp``)."""
+  return fsdp(loss_fn, optimizer, mesh, axis=axis, min_size=min_size)
+
+
 STRATEGIES: dict[str, Callable[..., Strategy]] = {
     "data_parallel": data_parallel,
     "local_sgd": local_sgd_from_config,
+    "sharded": sharded_from_config,
+    "fsdp": fsdp_from_config,
 }
 
 
@@ -117,7 +134,12 @@ def build(config: Config) -> Experiment:
   key = jax.random.key(config.train.seed)
   params, loss_fn, eval_fn = _model(config, key)
   train_data, test_data = _data(config)
-  strategy = build_strategy(config.strategy.name, loss_fn, config.optimizer.build(), mesh, dict(config.strategy.options))
+  options = dict(config.strategy.options)
+  if options.get("rules") == "tp":  # the model's own tensor-parallel rules
+    if config.model.name != "mlp":
+      raise ConfigError(f"strategy.rules = 'tp' is defined for model.name = 'mlp', got {config.model.name!r}.")
+    options["rules"] = [(p, [a or "" for a in spec]) for p, spec in mlp.tp_rules(len(config.model.hidden) + 1)]
+  strategy = build_strategy(config.strategy.name, loss_fn, config.optimizer.build(), mesh, options)
   state = strategy.init(params, key=config.train.seed)
   loader = ArrayLoader(train_data, config.data.batch_size, seed=config.data.seed)
   num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))

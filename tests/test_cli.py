@@ -25,6 +25,9 @@ name = "adam"
 lr = 0.003
 [strategy]
 name = "{strategy}"
+{strategy_options}
+[mesh]
+{mesh}
 [train]
 steps = 30
 log_every = 1
@@ -35,10 +38,18 @@ every_steps = 5
 """
 
 
-def _write_config(tmp_path, name, strategy="data_parallel"):
+def _write_config(tmp_path, name, strategy="data_parallel", strategy_options="", mesh="data = -1"):
   path = tmp_path / f"{name}.toml"
-  path.write_text(CONFIG.format(run_dir=tmp_path / name, strategy=strategy))
+  path.write_text(CONFIG.format(run_dir=tmp_path / name, strategy=strategy, strategy_options=strategy_options,
+                                mesh=mesh))
   return path
+
+
+SETUPS = {
+    "data_parallel": {},
+    "sharded_tp_fsdp": {"strategy": "sharded", "strategy_options": 'rules = "tp"\nfsdp_axis = "fsdp"',
+                        "mesh": "fsdp = 2\nmodel = 4"},
+}
 
 
 def _train_cmd(config):
@@ -70,14 +81,15 @@ def _final_state(config_path):
   return step, jax.device_get(state)
 
 
-def test_sigkill_at_five_steps_then_restart_equals_uninterrupted(tmp_path):
-  full = _write_config(tmp_path, "full")
+@pytest.mark.parametrize("setup", sorted(SETUPS))
+def test_sigkill_at_five_steps_then_restart_equals_uninterrupted(tmp_path, setup):
+  full = _write_config(tmp_path, "full", **SETUPS[setup])
   subprocess.run(_train_cmd(full), check=True, capture_output=True, timeout=300)
   ref_step, ref_state = _final_state(full)
   ref_log = (tmp_path / "full" / "metrics.jsonl").read_bytes()
   assert ref_step == 30
   for kill_at in (3, 8, 12, 17, 26):
-    cfg = _write_config(tmp_path, f"killed_{kill_at}")
+    cfg = _write_config(tmp_path, f"killed_{kill_at}", **SETUPS[setup])
     _run_until_killed(cfg, kill_at)
     done = subprocess.run(_train_cmd(cfg), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]

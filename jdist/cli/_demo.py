@@ -34,6 +34,10 @@ ENTRIES: list[DemoEntry] = [
     DemoEntry("sync DP, hierarchical 2x4", "data_parallel", {"allreduce": "hierarchical", "axis": ("node", "device")},
               axes={"node": 2, "device": 4}, num_devices=8),
     DemoEntry("sync DP, int8 + error feedback", "data_parallel", {"compression": "int8"}, exact=False),
+    DemoEntry("tensor parallel (model=8)", "sharded", {"rules": "tp"}, axes={"model": 8}, num_devices=8),
+    DemoEntry("DP x TP (data=2, model=4)", "sharded", {"rules": "tp"}, axes={"data": 2, "model": 4}, num_devices=8),
+    DemoEntry("FSDP / ZeRO-3 (GSPMD)", "sharded", {"fsdp_axis": "fsdp"}, axes={"fsdp": -1}),
+    DemoEntry("FSDP / ZeRO-3 (shard_map)", "fsdp", {}, axes={"fsdp": -1}),
     DemoEntry("local SGD, H=4", "local_sgd", {"sync_every": 4}, exact=False),
     DemoEntry("local SGD, H=16", "local_sgd", {"sync_every": 16}, exact=False),
     DemoEntry("DiLoCo, H=16", "local_sgd", {"sync_every": 16, "outer_lr": 0.7, "outer_momentum": 0.9,
@@ -80,9 +84,8 @@ def demo(*, quick: bool = False, steps: int | None = None, out: str = "runs/demo
   out_dir = pathlib.Path(out)
   rows, run_dirs, labels = [], [], []
   for entry in ENTRIES:
-    if entry.num_devices > len(devices) or (entry.num_devices and entry.num_devices != len(devices)
-                                            and "node" in entry.axes):
-      continue
+    if entry.num_devices > len(devices) or (entry.num_devices > 1 and entry.num_devices != len(devices)):
+      continue  # layouts drawn for 8 devices
     config = Config(run_dir=str(out_dir / _slug(entry.label)), data=DataConfig(batch_size=128),
                     strategy=StrategyConfig(name=entry.strategy, options=entry.options),
                     mesh=MeshConfig(axes=entry.axes, num_devices=entry.num_devices),
