@@ -1,0 +1,297 @@
+"""Pipeline parallelism: layers on different devices, micro-batches flowing through them.
+
+The model is a stack of identical stages (per-layer parameters stacked on a leading axis, as
+``jdist.models.gpt`` keeps its blocks) plus an input function before the first stage and a loss after
+the last. Inside ``jax.shard_map`` over the ``pipe`` axis each device holds some of the layers; every
+tick each device runs its stage on one micro-batch and hands the activations to the next device with
+``ppermute``. ``jax.grad`` of that loop runs the ticks backwards (the reverse ``ppermute`` carries the
+activation gradients), which is the GPipe schedule, and accumulates the gradients of every micro-batch.
+
+Schedules (p devices on the pipe axis, m micro-batches, S stacked layers):
+
+- ``gpipe``: device d holds layers [d S/p, (d+1) S/p). Micro-batch i is on device d at tick i + d.
+  m + p - 1 ticks; bubble (idle stage-ticks / all) = (p-1)/(m+p-1).
+- ``circular`` (interleaved): the layers are cut into p v virtual stages of S/(p v) layers; virtual stage
+  j lives on device j mod p, so a micro-batch goes round the ring of devices v times. Micro-batches enter
+  in groups of p. m v + p - 1 ticks for m a multiple of p; bubble (p-1)/(m v + p - 1), about v times less.
+
+1F1B is not offered: in SPMD JAX the backward pass is derived by ``jax.grad`` of the whole forward loop,
+so all forward ticks precede all backward ticks. Interleaving one forward and one backward per tick
+needs per-stage ``jax.vjp`` calls with hand-managed activation stashes inside the loop; its benefit is
+memory (p instead of m stashed micro-batches), not the bubble, which is the same as GPipe's.
+
+Every device computes every tick (SPMD); idle ticks compute on zeros and are masked out, so the bubble
+is wasted compute, exactly what the schedule table predicts. ``pipeline_schedule`` returns that table.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jdist import mesh as mesh_lib
+from jdist._types import Batch, Params, PRNGKey
+from jdist.state import TrainState
+from jdist.strategy import (Strategy, StepFn, check_callable, check_optimizer, check_params, check_positive_int,
+                            metrics_from, raw_key)
+
+SCHEDULES = ("gpipe", "circular")
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+  """Which micro-batch each device works on at each tick.
+
+  Attributes:
+    table: int[T, p]: the micro-batch device d works on at tick t, or -1 when idle.
+    lap: int[T, p]: which of the device's v virtual stages it runs (0 for GPipe).
+    num_stages: p, devices on the pipe axis; repeats: v; microbatches: m.
+  """
+
+  table: np.ndarray
+  lap: np.ndarray
+  num_stages: int
+  repeats: int
+  microbatches: int
+
+  @property
+  def ticks(self) -> int:
+    return self.table.shape[0]
+
+  @property
+  def bubble(self) -> float:
+    """Idle stage-ticks over all stage-ticks."""
+    return float(np.mean(self.table < 0))
+
+  def expected_bubble(self) -> float:
+    """The textbook figure: (p-1)/(m v + p - 1)."""
+    p, v, m = self.num_stages, self.repeats, self.microbatches
+    return (p - 1) / (m * v + p - 1)
+
+  def format(self) -> str:
+    """The tick-by-device table as text: ``3.1`` is micro-batch 3 on its second lap, ``.`` is idle."""
+    width = max(4, len(str(self.microbatches)) + (2 if self.repeats > 1 else 0) + 1)
+    head = "tick " + "".join(f"{'dev ' + str(d):>{width + 2}}" for d in range(self.num_stages))
+    rows = [head]
+    for t in range(self.ticks):
+      cells = []
+      for d in range(self.num_stages):
+        i = self.table[t, d]
+        cell = "." if i < 0 else (f"{i}.{self.lap[t, d]}" if self.repeats > 1 else str(i))
+        cells.append(f"{cell:>{width + 2}}")
+      rows.append(f"{t:>4} " + "".join(cells))
+    rows.append(f"bubble: {self.bubble:.3f} idle (textbook (p-1)/(m v+p-1) = {self.expected_bubble():.3f})")
+    return "\n".join(rows)
+
+
+def pipeline_schedule(num_stages: int, microbatches: int, schedule: str = "gpipe", *, repeats: int | None = None) -> Schedule:
+  """The schedule ``pipeline`` runs: for p = ``num_stages`` devices and m micro-batches.
+
+  Device d at tick t works on item k = t - d. Items come in groups of p v; within a group, position
+  u = k mod (p v) means lap u // p of micro-batch (group) p + u mod p. GPipe is v = 1.
+
+  Args:
+    num_stages: p, the devices on the pipe axis.
+    microbatches: m.
+    schedule: "gpipe" or "circular".
+    repeats: v, the virtual stages per device for "circular" (default 2); must be 1 for "gpipe".
+  """
+  p = check_positive_int(num_stages, "num_stages")
+  m = check_positive_int(microbatches, "microbatches")
+  if schedule not in SCHEDULES:
+    raise ValueError(f"Unknown schedule: {schedule!r}. It needs to be one of {list(SCHEDULES)}.")
+  v = 1 if schedule == "gpipe" else check_positive_int(2 if repeats is None else repeats, "repeats")
+  if schedule == "gpipe" and repeats not in (None, 1):
+    raise ValueError(f"schedule='gpipe' runs one stage per device (repeats=1), got repeats={repeats}.")
+  group = p * v
+  items = math.ceil(m / p) * group
+  ticks = items + p - 1
+  table = -np.ones((ticks, p), np.int32)
+  lap = np.zeros((ticks, p), np.int32)
+  for t in range(ticks):
+    for d in range(p):
+      k = t - d
+      if 0 <= k < items:
+        g, u = divmod(k, group)
+        i = g * p + u % p
+        if i < m:
+          table[t, d], lap[t, d] = i, u // p
+  # trailing ticks where every device is idle (a last, partial group) are not run
+  last = int(np.max(np.nonzero((table >= 0).any(axis=1)))) + 1
+  return Schedule(table[:last], lap[:last], p, v, m)
+
+
+def pipeline(
+    stage_fn: Callable[[Params, jax.Array], jax.Array],
+    loss_fn: Callable[[Params, jax.Array, Batch], jax.Array],
+    optimizer: optax.GradientTransformation,
+    mesh: Mesh,
+    *,
+    axis: str = "pipe",
+    microbatches: int = 1,
+    schedule: str = "gpipe",
+    repeats: int | None = None,
+    data_axis: str | None = None,
+    input_fn: Callable[[Params, Batch], jax.Array] | None = None,
+) -> Strategy:
+  """Pipeline-parallel training of a stack of identical stages.
+
+  ``params`` (given to ``init``) must be a dict with key ``"stages"``: a pytree whose leaves all have the
+  same leading size S (one slice per layer). Other keys (embeddings, heads) are replicated.
+
+  Args:
+    stage_fn: ``stage_fn(layer_params, x) -> x`` for ONE layer (x keeps its shape: [mb, ...]).
+    loss_fn: ``loss_fn(params, y, batch) -> scalar``, the mean loss of a micro-batch from the last
+      layer's output ``y``.
+    optimizer: any optax optimizer.
+    mesh: a mesh with ``axis`` (and ``data_axis`` if given).
+    microbatches: m; each device's batch is split into m equal micro-batches.
+    schedule: "gpipe" or "circular"; ``repeats`` is v for "circular" (default 2).
+    data_axis: also split the batch over this axis (data x pipe meshes).
+    input_fn: ``input_fn(params, batch) -> x`` before the first layer (default ``batch["x"]``).
+
+  Returns:
+    A ``Strategy``. Metrics: ``loss``, ``grad_norm``, ``bubble`` (idle stage-ticks / all, counted from
+    the schedule the step ran) and ``ticks``.
+  """
+  check_callable(stage_fn, "stage_fn")
+  check_callable(loss_fn, "loss_fn")
+  check_optimizer(optimizer)
+  (axis,) = mesh_lib.check_axes(mesh, axis, what="pipe axis")
+  data_axes = mesh_lib.check_axes(mesh, data_axis, what="data axis") if data_axis is not None else ()
+  p = mesh.shape[axis]
+  sched = pipeline_schedule(p, microbatches, schedule, repeats=repeats)
+  m, v = sched.microbatches, sched.repeats
+  n_data = mesh_lib.axis_size(mesh, data_axes) if data_axes else 1
+  input_fn = input_fn or (lambda params, batch: batch["x"])
+  replicated = NamedSharding(mesh, P())
+  stage_spec = P(None, axis)  # stacked layers as [v, p, c, ...]: the p axis split over the pipe devices
+  batch_spec = P(data_axes) if data_axes else P()
+  table = jnp.asarray(sched.table)
+  laps = jnp.asarray(sched.lap)
+
+  def check_stages(params):
+    if not isinstance(params, dict) or "stages" not in params:
+      raise ValueError("pipeline params must be a dict with a 'stages' entry holding the stacked per-layer "
+                       f"parameters; got {type(params).__name__} with keys "
+                       f"{list(params) if isinstance(params, dict) else '-'}.")
+    leaves = jax.tree.leaves(params["stages"])
+    sizes = {np.shape(x)[0] if np.ndim(x) else None for x in leaves}
+    if not leaves or len(sizes) != 1 or None in sizes:
+      raise ValueError(f"params['stages'] must be stacked: every leaf with the same leading (layer) size; got "
+                       f"leading sizes {sorted(map(str, sizes))}. Stack per-layer parameters with "
+                       f"jax.tree.map(lambda *x: jnp.stack(x), *layers).")
+    (s,) = sizes
+    if s % (p * v):
+      raise ValueError(f"{s} stacked layers cannot be split into {p} pipeline devices x {v} virtual stages "
+                       f"(= {p * v}); use a number of layers divisible by {p * v} or another mesh / repeats.")
+    return s
+
+  def to_device_layout(stages, s):
+    c = s // (p * v)  # layers per virtual stage
+    return jax.tree.map(lambda x: x.reshape(v, p, c, *x.shape[1:]), stages)
+
+  def run_stage(local, lap, x):
+    # local: this device's layers [v, 1, c, ...]; run the c layers of virtual stage `lap` in order
+    layers = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, lap, 0, keepdims=False)[0], local)
+    return jax.lax.scan(lambda h, layer: (stage_fn(layer, h), None), x, layers)[0]
+
+  def local_loss(params, batch):
+    # params["stages"]: [v, 1, c, ...] this device's layers; other entries whole; batch: [B/n_data, ...]
+    d = jax.lax.axis_index(axis)
+    micro = jax.tree.map(lambda x: x.reshape(m, x.shape[0] // m, *x.shape[1:]), batch)
+    pick = lambda i: jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, jnp.maximum(i, 0), 0, keepdims=False), micro)
+    x_shape = jax.eval_shape(lambda: input_fn(params, pick(0)))
+
+    def tick(carry, t):
+      received, loss, active = carry
+      i, lap = table[t, d], laps[t, d]
+      fresh = input_fn(params, pick(i))
+      x = jnp.where((d == 0) & (lap == 0), fresh, received)
+      y = run_stage(params["stages"], lap, x)
+      working = i >= 0
+      done = working & (d == p - 1) & (lap == v - 1)
+      loss = loss + jnp.where(done, loss_fn(params, y, pick(i)), 0.0)
+      sent = jax.lax.ppermute(jnp.where(working, y, 0.0), axis, [(j, (j + 1) % p) for j in range(p)])
+      return (sent, loss, active + working.astype(jnp.int32)), None
+
+    all_axes = (axis,) + tuple(data_axes)
+    varying = lambda x: jax.lax.pcast(x, all_axes, to="varying")
+    init = (varying(jnp.zeros(x_shape.shape, x_shape.dtype)), varying(jnp.zeros(())),
+            varying(jnp.zeros((), jnp.int32)))
+    (_, loss, active), _ = jax.lax.scan(tick, init, jnp.arange(sched.ticks))
+    return loss / m, active
+
+  def local_grads(params, batch):
+    vary = lambda x, axes: jax.lax.pcast(x, axes, to="varying") if axes else x
+    pipe_and_data = (axis,) + tuple(data_axes)
+    params = {k: (jax.tree.map(lambda x: vary(x, tuple(data_axes)), val) if k == "stages" else
+                  jax.tree.map(lambda x: vary(x, pipe_and_data), val)) for k, val in params.items()}
+    (loss, active), grads = jax.value_and_grad(local_loss, has_aux=True)(params, batch)
+    # the loss lives on the last device only: sum over the pipe; average over data replicas
+    loss = jax.lax.psum(loss, axis)
+    grads = {k: (val if k == "stages" else jax.lax.psum(val, axis)) for k, val in grads.items()}
+    if data_axes:
+      loss, grads = jax.lax.pmean((loss, grads), data_axes)
+    idle = p * sched.ticks - jax.lax.psum(active, axis)
+    if data_axes:
+      idle = jax.lax.pmean(idle, data_axes)
+    return loss, grads, idle
+
+  def specs_of(params):
+    return {k: (jax.tree.map(lambda _: stage_spec, val) if k == "stages" else jax.tree.map(lambda _: P(), val))
+            for k, val in params.items()}
+
+  def shardings_of(params):
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), specs_of(params), is_leaf=lambda x: isinstance(x, P))
+
+  def init(params: Params, *, key: PRNGKey | int | None = None) -> TrainState:
+    params = check_params(params)
+    s = check_stages(params)
+    params = dict(params, stages=to_device_layout(params["stages"], s))
+    shardings = shardings_of(params)
+    params = jax.device_put(jax.tree.map(lambda x: jnp.array(x, copy=True), params), shardings)
+    opt_shardings = optax.tree_map_params(optimizer, lambda _, sh: sh, jax.eval_shape(optimizer.init, params),
+                                          shardings, transform_non_params=lambda _: replicated)
+    opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
+    return TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), replicated), params=params,
+                      opt_state=opt_state, key=jax.device_put(raw_key(key), replicated))
+
+  def check_batch(batch):
+    mesh_lib.batch_size(batch, multiple_of=n_data * m, what="batch")
+
+  def shard_batch(batch: Batch) -> Batch:
+    try:
+      check_batch(batch)
+    except ValueError as e:
+      raise ValueError(f"{e} (the batch is split over {n_data} data replica(s), then into {m} micro-batches)") from None
+    return jax.device_put(batch, NamedSharding(mesh, batch_spec))
+
+  def step_fn(state: TrainState, batch: Batch):
+    check_batch(batch)
+    specs = specs_of(state.params)
+    body = jax.shard_map(local_grads, mesh=mesh, in_specs=(specs, batch_spec), out_specs=(P(), specs, P()))
+    loss, grads, idle = body(state.params, batch)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    metrics = metrics_from(loss, grads, None, new_state.step)
+    metrics.update(bubble=idle / (p * sched.ticks), ticks=jnp.float32(sched.ticks))
+    return new_state, metrics
+
+  step = StepFn(step_fn, mesh, donate_argnums=0)
+  strategy = Strategy(init=init, shard_batch=shard_batch, step=step, name=f"pipeline[{schedule}, p={p}, m={m}]",
+                      mesh=mesh, info={"schedule": sched})
+  return strategy
+
+
+def unstack_params(params: Params) -> Params:
+  """Pipeline params (stages laid out [v, p, c, ...] for the devices) back in plain [S, ...] layer order."""
+  return dict(params, stages=jax.tree.map(lambda x: x.reshape(-1, *x.shape[3:]), params["stages"]))
