@@ -19,6 +19,8 @@ from jdist.model_parallel import sharded as sharded
 from jdist.mesh import make_mesh as make_mesh
 from jdist.mesh import replicate as replicate
 from jdist.mesh import shard_batch as shard_batch
+from jdist.pipeline import pipeline as pipeline
+from jdist.pipeline import pipeline_schedule as pipeline_schedule
 from jdist.state import TrainState as TrainState
 from jdist.strategy import Strategy as Strategy
 from jdist.train import CheckpointConfig as CheckpointConfig
@@ -42,6 +44,8 @@ __all__ = [
     "model_parallel",
     "models",
     "partition_specs",
+    "pipeline",
+    "pipeline_schedule",
     "replicate",
     "shard_batch",
     "sharded",

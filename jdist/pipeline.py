@@ -71,7 +71,7 @@ class Schedule:
     return float(np.mean(self.table < 0))
 
   def expected_bubble(self) -> float:
-    """The textbook figure: (p-1)/(m v + p - 1)."""
+    """The textbook figure (p-1)/(m v + p - 1); exact for GPipe, and for circular when p divides m."""
     p, v, m = self.num_stages, self.repeats, self.microbatches
     return (p - 1) / (m * v + p - 1)
 

@@ -56,3 +56,18 @@ def test_local_sgd_example(tmp_path):
   np.testing.assert_allclose(results["local SGD H=16"]["bytes_per_step"], dp / 16, rtol=0.01)
   assert all(r["accuracy"] > 0.8 for r in results.values())
   assert (tmp_path / "local_sgd.png").exists()
+
+
+def test_gpt_sharded_example_equals_single_device():
+  example = load_example("gpt_sharded")
+  losses, diff = example.train(12, verbose=False)
+  assert losses[-1] < losses[0]
+  assert diff < 1e-5
+
+
+def test_pipeline_example(capsys):
+  example = load_example("pipeline")
+  example.show_schedules()
+  assert "bubble: 0.273" in capsys.readouterr().out
+  losses, diff = example.train(6, verbose=False)
+  assert losses[-1] < losses[0] and diff < 1e-5

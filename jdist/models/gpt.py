@@ -151,3 +151,27 @@ def flops_per_token(config: GPTConfig) -> float:
 def synthetic_tokens(key: jax.Array, batch_size: int, config: GPTConfig) -> dict[str, jax.Array]:
   """Random tokens ``{"tokens": int32[batch_size, S + 1]}`` for benchmarks and tests."""
   return {"tokens": jax.random.randint(key, (batch_size, config.seq_len + 1), 0, config.vocab_size, jnp.int32)}
+
+
+def pipeline_fns(config: GPTConfig):
+  """The GPT as a pipeline: ``(stage_fn, loss_fn, input_fn, to_pipeline_params)`` for ``jdist.pipeline``.
+
+  Each block is one stage layer; the embedding runs before the first stage and the tied head and loss
+  after the last. ``to_pipeline_params(params)`` regroups ``init``'s params as
+  ``{"stages": blocks, "wte", "wpe", "lnf"}``; the pipeline's ``loss`` equals ``loss`` on them.
+  """
+
+  def stage_fn(layer, x):
+    return block(layer, x, config)
+
+  def input_fn(params, batch):
+    return embed(params, batch["tokens"][:, :-1], config)
+
+  def loss_fn(params, y, batch):
+    logits = head(params, y)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, batch["tokens"][:, 1:]).mean()
+
+  def to_pipeline_params(params):
+    return {"stages": params["blocks"], "wte": params["wte"], "wpe": params["wpe"], "lnf": params["lnf"]}
+
+  return stage_fn, loss_fn, input_fn, to_pipeline_params
