@@ -142,10 +142,11 @@ def loss_fn(config: GPTConfig):
 
 
 def flops_per_token(config: GPTConfig) -> float:
-  """Training FLOPs per token: 6 N (non-embedding params plus the tied head) plus causal attention."""
-  D, L, S, V = config.d_model, config.n_layers, config.seq_len, config.vocab_size
-  dense = 12 * L * D * D + V * D
-  return 6 * dense + 12 * L * D * S / 2
+  """Training FLOPs per token, the convention of shared/reference/plain_jax_gpt.py: 6 x (parameters
+  without the position table; the tied embedding counts once, as the head's matmul) plus the causal
+  attention term 12 L D S / 2."""
+  D, L, S = config.d_model, config.n_layers, config.seq_len
+  return 6 * (config.num_params() - S * D) + 12 * L * D * S / 2
 
 
 def synthetic_tokens(key: jax.Array, batch_size: int, config: GPTConfig) -> dict[str, jax.Array]:

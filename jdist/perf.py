@@ -1,0 +1,39 @@
+"""Model FLOPs utilisation: the share of the chip's peak that the model's arithmetic uses."""
+from __future__ import annotations
+
+import jax
+
+# Dense bf16 peak FLOP/s per chip (vendor figures, without sparsity).
+PEAK_BF16_FLOPS = {
+    "H200": 989e12,
+    "H100": 989e12,  # SXM; PCIe parts are lower (756e12)
+    "A100": 312e12,
+    "L4": 121e12,
+    "TPU v4": 275e12,
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+}
+
+
+def peak_flops(device: jax.Device | None = None) -> float | None:
+  """The bf16 dense peak of ``device`` (default: the first device), or None if its kind is unknown."""
+  device = device or jax.devices()[0]
+  kind = getattr(device, "device_kind", "")
+  if "PCIe" in kind and "H100" in kind:
+    return 756e12
+  for name, flops in PEAK_BF16_FLOPS.items():
+    if name.lower() in kind.lower():
+      return flops
+  return None
+
+
+def mfu(flops_per_step: float, step_time_s: float, peak: float | None = None) -> float | None:
+  """Model FLOPs utilisation: ``flops_per_step / step_time_s / peak`` (None if the peak is unknown).
+
+  For the GPT use ``jdist.models.gpt.flops_per_token(cfg) * tokens_per_step`` (6 N per token for the
+  weights plus the causal attention term), the convention of shared/reference/plain_jax_gpt.py.
+  """
+  peak = peak if peak is not None else peak_flops()
+  if peak is None or step_time_s <= 0:
+    return None
+  return flops_per_step / step_time_s / peak

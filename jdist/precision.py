@@ -1,0 +1,49 @@
+"""Mixed precision as a loss-function wrapper, so every strategy accepts it unchanged.
+
+``mixed_precision(loss_fn, compute_dtype=jnp.bfloat16)`` returns a loss function that casts the
+floating-point parameters (and, optionally, batch leaves) to ``compute_dtype`` before calling
+``loss_fn`` and returns the loss in fp32. The parameters and the optimizer state stay in their own
+dtype (fp32 master weights): the gradient flows back through the cast and arrives in fp32. With
+``compute_dtype=jnp.float32`` it is the identity, so fp32 equivalence tests are untouched.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from jdist._types import Batch, Params
+
+
+def _cast_floating(tree: Any, dtype) -> Any:
+  return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(jnp.result_type(x), jnp.floating) else x, tree)
+
+
+def mixed_precision(loss_fn: Callable[..., Any], *, compute_dtype=jnp.bfloat16, cast_batch: bool = False,
+                    has_aux: bool = False) -> Callable[[Params, Batch], Any]:
+  """Wraps ``loss_fn(params, batch)`` to compute in ``compute_dtype`` with fp32 master parameters.
+
+  Args:
+    loss_fn: the loss to wrap (returns a scalar, or ``(scalar, aux)`` with ``has_aux``).
+    compute_dtype: the dtype the forward and backward passes run in (bf16 on accelerators).
+    cast_batch: also cast floating batch leaves (integer tokens and labels are never cast).
+
+  Returns:
+    ``loss(params, batch)``, its loss in fp32.
+
+  Example:
+    >>> strategy = jdist.data_parallel(mixed_precision(gpt.loss_fn(cfg)), optax.adamw(3e-4), mesh)  # doctest: +SKIP
+  """
+
+  def wrapped(params, batch):
+    low = _cast_floating(params, compute_dtype)
+    if cast_batch:
+      batch = _cast_floating(batch, compute_dtype)
+    out = loss_fn(low, batch)
+    if has_aux:
+      loss, aux = out
+      return loss.astype(jnp.float32), aux
+    return out.astype(jnp.float32)
+
+  return wrapped

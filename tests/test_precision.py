@@ -1,0 +1,82 @@
+"""Mixed precision, remat policies and MFU: the code paths of the GPU benchmark, checked on the CPU."""
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jdist
+from jdist.models import gpt
+from jdist.perf import mfu, peak_flops
+from jdist.precision import mixed_precision
+from tests.conftest import assert_trees_all_close
+
+CFG = gpt.GPTConfig(vocab_size=64, seq_len=16, d_model=32, n_layers=2, n_heads=4)
+PARAMS = gpt.init(jax.random.key(0), CFG)
+BATCH = gpt.synthetic_tokens(jax.random.key(1), 8, CFG)
+
+
+def test_fp32_policy_is_the_identity():
+  ref = jax.jit(jax.grad(gpt.loss_fn(CFG)))(PARAMS, BATCH)
+  ours = jax.jit(jax.grad(mixed_precision(gpt.loss_fn(CFG), compute_dtype=jnp.float32)))(PARAMS, BATCH)
+  assert_trees_all_close(ours, ref, rtol=0, atol=0)
+
+
+def test_bf16_compute_keeps_fp32_master_weights_and_gradients():
+  cfg = gpt.GPTConfig(**{**CFG.__dict__, "compute_dtype": jnp.bfloat16})
+  loss = mixed_precision(gpt.loss_fn(cfg))
+  l32, g32 = jax.jit(jax.value_and_grad(gpt.loss_fn(CFG)))(PARAMS, BATCH)
+  l16, g16 = jax.jit(jax.value_and_grad(loss))(PARAMS, BATCH)
+  assert l16.dtype == jnp.float32
+  assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(g16))
+  np.testing.assert_allclose(float(l16), float(l32), rtol=2e-2)
+  cos = sum(float(jnp.vdot(a, b)) for a, b in zip(jax.tree.leaves(g16), jax.tree.leaves(g32))) / (
+      float(optax.tree.norm(g16)) * float(optax.tree.norm(g32)))
+  assert cos > 0.99
+  strategy = jdist.data_parallel(loss, optax.adamw(1e-3), jdist.make_mesh(data=2, devices=jax.devices()[:2]))
+  state, metrics = strategy.step(strategy.init(PARAMS), strategy.shard_batch(jax.device_get(BATCH)))
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves((state.params, state.opt_state))
+             if jnp.issubdtype(p.dtype, jnp.floating))
+
+
+@pytest.mark.parametrize("remat", ["dots_saveable", "full"])
+def test_remat_policies_do_not_change_the_mathematics(remat):
+  cfg = gpt.GPTConfig(**{**CFG.__dict__, "remat": remat})
+  ref = jax.jit(jax.grad(gpt.loss_fn(CFG)))(PARAMS, BATCH)
+  ours = jax.jit(jax.grad(gpt.loss_fn(cfg)))(PARAMS, BATCH)
+  assert_trees_all_close(ours, ref, rtol=1e-5, atol=1e-7)
+  with pytest.raises(ValueError, match="Unknown remat policy: 'some'"):
+    gpt.GPTConfig(remat="some")
+
+
+def test_mfu_and_peaks():
+  assert peak_flops(types.SimpleNamespace(device_kind="NVIDIA H200")) == 989e12
+  assert peak_flops(types.SimpleNamespace(device_kind="NVIDIA H100 PCIe")) == 756e12
+  assert peak_flops(types.SimpleNamespace(device_kind="cpu")) is None
+  assert mfu(989e12 * 0.5, 1.0, peak=989e12) == pytest.approx(0.5)
+  assert mfu(1.0, 1.0, peak=None) is None or peak_flops() is not None
+  # the reference script's count for its 124M configuration
+  cfg = gpt.GPTConfig(vocab_size=32768, seq_len=1024, d_model=768, n_layers=12, n_heads=12)
+  nparams = cfg.num_params()
+  nonemb = nparams - 32768 * 768 - 1024 * 768
+  assert gpt.flops_per_token(cfg) == pytest.approx(6 * (nonemb + 32768 * 768) + 12 * 12 * 768 * 1024 / 2)
+
+
+def test_gpu_benchmark_code_paths_on_cpu():
+  import importlib.util
+  import pathlib
+  import sys
+  root = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
+  sys.path.insert(0, str(root))
+  try:
+    spec = importlib.util.spec_from_file_location("gpu_gpt", root / "gpu_gpt.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    shape = bench.CONFIGS["cpu-smoke"]
+    t_jdist, flops = bench.run_jdist(shape, None, "dots_saveable", 2)
+    t_plain = bench.run_plain(shape, None, 2)
+    assert t_jdist > 0 and t_plain > 0 and flops > 0
+  finally:
+    sys.path.remove(str(root))
