@@ -136,9 +136,8 @@ def data_parallel(
     if compression == "int8":  # one residual per device: leading axis of size N, split over the data axis
       zeros = lambda p: jnp.zeros((n,) + p.shape, p.dtype)
       extra = {"residual": jax.jit(lambda p: jax.tree.map(zeros, p), out_shardings=NamedSharding(mesh, P(axes)))(params)}
-    state = mesh_lib.replicate(
-        TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state, key=raw_key(key)), mesh)
-    return state.replace(extra=extra)
+    step, key = mesh_lib.replicate((jnp.zeros((), jnp.int32), raw_key(key)), mesh)
+    return TrainState(step=step, params=params, opt_state=opt_state, key=key, extra=extra)
 
   def shard_batch(batch: Batch) -> Batch:
     mesh_lib.batch_size(batch, multiple_of=n * k)
