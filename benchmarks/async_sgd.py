@@ -1,0 +1,103 @@
+"""The async SGD emulator's throughput against data_parallel, same model, same examples, same run.
+
+Throughput is counted in per-device gradients per second, the same unit for both: one *gradient* is the
+gradient of one mini-batch of b examples. A data_parallel step on N devices with a global batch of
+N*b computes N of them (one per device); an emulator tick with N workers of b examples each computes
+N of them (one per worker, whether or not the schedule delivers it). So
+
+  async worker-gradients / s = N / tick time,   data_parallel gradients / s = N / step time,
+
+and their ratio is data_parallel step time / tick time (goal: >= 0.8). Timing is interleaved
+(benchmarks/_common.time_interleaved). Emulator rows: every worker delivering every tick (each tick
+one synchronous round), half the workers pausing (the delivered gradients applied one by one, as a
+parameter server does), and the same on one device with the workers vmapped instead of one per device
+(the layout examples/async_sgd.py uses on a CPU). Writes bench_results/async_sgd.json.
+
+Run: python benchmarks/async_sgd.py [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from _common import print_table, setup_devices, time_interleaved, write_json  # noqa: E402
+
+setup_devices(8)
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+import jdist  # noqa: E402
+from jdist.async_sgd import async_sgd, split_workers  # noqa: E402
+from jdist.models import gpt, mlp  # noqa: E402
+
+
+def models(quick: bool, n: int):
+  key = jax.random.key(0)
+  rng = np.random.default_rng(0)
+  per = 32
+  batch = {"x": rng.normal(size=(n * per, 256)).astype(np.float32), "y": rng.integers(0, 10, n * per).astype(np.int32)}
+  yield "MLP", per, mlp.init(key, [256, 1024, 512, 256, 10]), mlp.loss, batch
+  cfg = gpt.GPTConfig(vocab_size=256, seq_len=64 if quick else 128, d_model=128, n_layers=2, n_heads=4)
+  yield "GPT", 2, gpt.init(key, cfg), gpt.loss_fn(cfg), jax.device_get(gpt.synthetic_tokens(key, 2 * n, cfg))
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--quick", action="store_true")
+  args = parser.parse_args()
+  steps, rounds = (5, 3) if args.quick else (20, 7)
+  devices = jax.devices()
+  n = len(devices)
+  dp_mesh = jdist.make_mesh(data=n, devices=devices)
+  workers_mesh = jdist.make_mesh(workers=n, devices=devices)
+  rows, results = [], {}
+  for name, per, params, loss_fn, host_batch in models(args.quick, n):
+    optimizer = optax.adam(1e-3)
+    dp = jdist.data_parallel(loss_fn, optimizer, dp_mesh)
+    box = {"dp": dp.init(params)}
+    dp_batch = dp.shard_batch(host_batch)
+    fns = {}
+
+    def run_dp():
+      box["dp"], m = dp.step(box["dp"], dp_batch)
+      return m["loss"]
+
+    fns["data_parallel"] = run_dp
+    variants = {
+        f"async, {n} devices, no pauses": dict(mesh=workers_mesh),
+        f"async, {n} devices, pause 0.5": dict(mesh=workers_mesh, pause_prob=0.5),
+        "async, 1 device (vmap), pause 0.5": dict(mesh=None, pause_prob=0.5),
+    }
+    for label, kw in variants.items():
+      strategy = async_sgd(loss_fn, optimizer, num_workers=n, key=0, **kw)
+      box[label] = strategy.init(params)
+      batch = strategy.shard_batch(split_workers(host_batch, n))
+
+      def run_async(label=label, strategy=strategy, batch=batch):
+        box[label], m = strategy.step(box[label], batch)
+        return m["loss"]
+
+      fns[label] = run_async
+    times = time_interleaved(fns, steps=steps, rounds=rounds)
+    dp_rate = n / times["data_parallel"]
+    results[name] = {"per_worker_batch": per, "data_parallel_step_ms": times["data_parallel"] * 1e3,
+                     "data_parallel_grads_per_s": dp_rate, "async": {}}
+    rows.append((name, "data_parallel", times["data_parallel"] * 1e3, dp_rate, 1.0))
+    for label in variants:
+      rate = n / times[label]
+      rows.append((name, label, times[label] * 1e3, rate, rate / dp_rate))
+      results[name]["async"][label] = {"tick_ms": times[label] * 1e3, "worker_grads_per_s": rate,
+                                       "ratio": rate / dp_rate}
+  print_table(f"async_sgd emulator vs data_parallel, {n} {devices[0].platform} devices, Adam "
+              f"(median of {rounds} interleaved rounds x {steps} steps)",
+              ["model", "strategy", "ms per step/tick", "gradients / s", "ratio (goal >= 0.8)"], rows)
+  write_json("async_sgd", {"devices": n, "platform": devices[0].platform, "device_kind": devices[0].device_kind,
+                           "unit": "per-device (per-worker) mini-batch gradients per second", "results": results})
+
+
+if __name__ == "__main__":
+  main()
