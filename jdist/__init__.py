@@ -9,6 +9,8 @@ from jdist import model_parallel as model_parallel
 from jdist import models as models
 from jdist import theory as theory
 from jdist import train as train
+from jdist.async_sgd import async_sgd as async_sgd
+from jdist.async_sgd import split_workers as split_workers
 from jdist.collectives import comm_report as comm_report
 from jdist.data_parallel import data_parallel as data_parallel
 from jdist.local_sgd import local_sgd as local_sgd
@@ -32,6 +34,7 @@ __all__ = [
     "CheckpointConfig",
     "Strategy",
     "TrainState",
+    "async_sgd",
     "collectives",
     "comm_report",
     "data",
@@ -49,6 +52,7 @@ __all__ = [
     "replicate",
     "shard_batch",
     "sharded",
+    "split_workers",
     "theory",
     "train",
 ]

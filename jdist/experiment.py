@@ -17,6 +17,7 @@ import optax
 from jdist import datasets
 from jdist.config import Config, ConfigError
 from jdist.data import ArrayLoader
+from jdist.async_sgd import async_sgd, split_workers
 from jdist.data_parallel import data_parallel
 from jdist.local_sgd import local_sgd
 from jdist.model_parallel import fsdp, sharded
@@ -54,7 +55,20 @@ def fsdp_from_config(loss_fn, optimizer, mesh, *, axis: str = "fsdp", min_size: 
   return fsdp(loss_fn, optimizer, mesh, axis=axis, min_size=min_size)
 
 
+def async_sgd_from_config(loss_fn, optimizer, mesh, *, num_workers: int = 8, pause_prob: float = 0.0,
+                          max_staleness: int = -1, staleness_lr: str = "", delay_compensation: float = 0.0,
+                          seed: int = 0) -> Strategy:
+  """``async_sgd`` for configs: workers over the mesh's first axis, ``max_staleness = -1`` for no bound,
+  ``staleness_lr = ""`` for none. Its ``shard_batch`` takes global batches (as ``ArrayLoader`` yields) and
+  splits them into one slice per worker."""
+  strategy = async_sgd(loss_fn, optimizer, num_workers=num_workers, mesh=mesh, axis=mesh.axis_names[0],
+                       pause_prob=pause_prob, max_staleness=None if max_staleness < 0 else max_staleness,
+                       staleness_lr=staleness_lr or None, delay_compensation=delay_compensation, key=seed)
+  return strategy._replace(shard_batch=lambda batch: strategy.shard_batch(split_workers(batch, num_workers)))
+
+
 STRATEGIES: dict[str, Callable[..., Strategy]] = {
+    "async_sgd": async_sgd_from_config,
     "data_parallel": data_parallel,
     "local_sgd": local_sgd_from_config,
     "sharded": sharded_from_config,
