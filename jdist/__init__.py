@@ -5,6 +5,7 @@ A strategy is a factory returning pure functions (``init``, ``shard_batch``, ``s
 """
 from jdist import collectives as collectives
 from jdist import data as data
+from jdist import distributed as distributed
 from jdist import model_parallel as model_parallel
 from jdist import models as models
 from jdist import theory as theory
@@ -19,8 +20,10 @@ from jdist.model_parallel import explain_sharding as explain_sharding
 from jdist.model_parallel import partition_specs as partition_specs
 from jdist.model_parallel import sharded as sharded
 from jdist.mesh import make_mesh as make_mesh
+from jdist.mesh import put_batch as put_batch
 from jdist.mesh import replicate as replicate
 from jdist.mesh import shard_batch as shard_batch
+from jdist.perf import mfu as mfu
 from jdist.pipeline import pipeline as pipeline
 from jdist.pipeline import pipeline_schedule as pipeline_schedule
 from jdist.state import TrainState as TrainState
@@ -39,16 +42,19 @@ __all__ = [
     "comm_report",
     "data",
     "data_parallel",
+    "distributed",
     "emulate_devices",
     "explain_sharding",
     "fit",
     "local_sgd",
     "make_mesh",
+    "mfu",
     "model_parallel",
     "models",
     "partition_specs",
     "pipeline",
     "pipeline_schedule",
+    "put_batch",
     "replicate",
     "shard_batch",
     "sharded",

@@ -9,17 +9,26 @@ from jdist import mesh as mesh_lib
 
 
 class ArrayLoader:
-  """Yields global batches of ``batch_size`` examples from a dict of equally long numpy arrays.
+  """Yields batches of ``batch_size`` examples (this process's share of them) from a dict of numpy arrays.
 
   Each epoch is a fresh permutation drawn from ``np.random.default_rng((seed, epoch))``, so the order
   depends only on the seed and the epoch: a loader restored with ``set_state`` continues exactly where
   the saved one was, mid-epoch included. The remainder that does not fill a batch is dropped.
+
+  In a multi-process run every process holds the same arrays and draws the same global batch, then
+  yields only its share: process ``p`` of ``P`` gets examples ``[p * B/P, (p + 1) * B/P)`` of it, so the
+  processes' batches in process order are exactly the single-process batch (the convention of
+  ``jdist.mesh.put_batch`` and every strategy's ``shard_batch``). The position (``get_state``) counts
+  global batches, so a checkpoint taken with any number of processes resumes with any other.
 
   Args:
     arrays: name -> array, all with the same leading (example) size.
     batch_size: global batch size (examples per step).
     seed: the shuffle seed.
     shuffle: whether to permute each epoch (``False`` keeps the given order).
+    process_index: which share of each batch to yield (default ``jax.process_index()``).
+    process_count: into how many shares each batch is split (default ``jax.process_count()``);
+      must divide ``batch_size``.
 
   Example:
     >>> loader = ArrayLoader({"x": np.zeros((10, 2)), "y": np.zeros(10)}, batch_size=4, seed=0)
@@ -27,13 +36,28 @@ class ArrayLoader:
     (4, 2)
   """
 
-  def __init__(self, arrays: Mapping[str, Any], batch_size: int, *, seed: int = 0, shuffle: bool = True):
+  def __init__(self, arrays: Mapping[str, Any], batch_size: int, *, seed: int = 0, shuffle: bool = True,
+               process_index: int | None = None, process_count: int | None = None):
     self.arrays = {k: np.asarray(v) for k, v in arrays.items()}
     n = mesh_lib.batch_size(self.arrays, what="data set")
     if not isinstance(batch_size, int) or batch_size < 1:
       raise ValueError(f"batch_size must be a positive int, got {batch_size!r}.")
     if batch_size > n:
       raise ValueError(f"batch_size {batch_size} is larger than the data set ({n} examples); use at most {n}.")
+    if process_index is None or process_count is None:
+      import jax
+
+      process_index = jax.process_index() if process_index is None else process_index
+      process_count = jax.process_count() if process_count is None else process_count
+    if not isinstance(process_count, int) or process_count < 1 or not isinstance(process_index, int) or not (
+        0 <= process_index < process_count):
+      raise ValueError(f"process_index must be in 0 .. process_count - 1 and process_count >= 1, got "
+                       f"process_index={process_index!r}, process_count={process_count!r}.")
+    if batch_size % process_count:
+      raise ValueError(f"batch_size {batch_size} is not divisible by the {process_count} processes; each process "
+                       f"yields an equal share. Use a multiple of {process_count}, e.g. "
+                       f"{max(process_count, batch_size - batch_size % process_count)}.")
+    self.process_index, self.process_count = process_index, process_count
     self.num_examples = n
     self.batch_size = batch_size
     self.seed = int(seed)
@@ -54,7 +78,9 @@ class ArrayLoader:
     while True:
       order = self._order(self.epoch)
       while self.index < self.batches_per_epoch:
-        idx = order[self.index * self.batch_size:(self.index + 1) * self.batch_size]
+        share = self.batch_size // self.process_count
+        start = self.index * self.batch_size + self.process_index * share
+        idx = order[start:start + share]
         self.index += 1
         yield {k: v[idx] for k, v in self.arrays.items()}
       self.epoch += 1

@@ -140,8 +140,8 @@ def data_parallel(
     return TrainState(step=step, params=params, opt_state=opt_state, key=key, extra=extra)
 
   def shard_batch(batch: Batch) -> Batch:
-    mesh_lib.batch_size(batch, multiple_of=n * k)
-    return jax.device_put(batch, NamedSharding(mesh, P(axes)))
+    # one process: the global batch; several: this process's share (jdist.mesh.put_batch)
+    return mesh_lib.put_batch(batch, NamedSharding(mesh, P(axes)), multiple_of=n * k)
 
   def step_fn(state: TrainState, batch: Batch):
     mesh_lib.batch_size(batch, multiple_of=n * k)  # runs at trace time only

@@ -112,8 +112,8 @@ def local_sgd(
                              "spread": jax.device_put(jnp.zeros((), jnp.float32), replicated)})
 
   def shard_batch(batch: Batch) -> Batch:
-    mesh_lib.batch_size(batch, multiple_of=n)
-    return jax.device_put(batch, per_device)
+    # one process: the global batch; several: this process's share (jdist.mesh.put_batch)
+    return mesh_lib.put_batch(batch, per_device, multiple_of=n)
 
   def step_fn(state: TrainState, batch: Batch):
     mesh_lib.batch_size(batch, multiple_of=n)

@@ -161,12 +161,84 @@ def batch_size(batch: Batch, *, multiple_of: int = 1, what: str = "batch") -> in
 def shard_batch(batch: Batch, mesh: Mesh, axis: str | Sequence[str] = "data") -> Batch:
   """Places a host batch on ``mesh``, split along its leading axis over ``axis``.
 
-  Works in a single process with numpy or jax arrays. (Multi-process input goes through
-  ``jax.make_array_from_process_local_data``.)
+  In a single process ``batch`` is the global batch; in a multi-process run it is this process's share
+  (see ``put_batch``).
   """
   axes = check_axes(mesh, axis)
-  batch_size(batch, multiple_of=axis_size(mesh, axes))
-  return jax.device_put(batch, NamedSharding(mesh, P(axes)))
+  return put_batch(batch, NamedSharding(mesh, P(axes)), multiple_of=axis_size(mesh, axes))
+
+
+def put_batch(batch: Batch, sharding: NamedSharding, *, multiple_of: int = 1, what: str = "batch") -> Batch:
+  """Places a batch on ``sharding``, its leading (example) axis split as the sharding says.
+
+  The convention for multi-process runs: every process passes only its own share, the
+  ``global batch / jax.process_count()`` examples that process ``p`` holds at rows
+  ``[p * B/P, (p + 1) * B/P)`` of the global batch (what ``jdist.data.ArrayLoader`` yields in each
+  process), and the global array is assembled with ``jax.make_array_from_process_local_data``. So the
+  union of the processes' batches, in process order, is the batch a single process would get.
+
+  - One process: ``batch`` is the global batch; ``jax.device_put``.
+  - Several processes: ``batch`` is this process's share; leaves that are already global (not fully
+    addressable) ``jax.Array``s are passed to ``jax.device_put`` as they are.
+
+  Args:
+    batch: a pytree of arrays sharing the leading axis.
+    sharding: a ``NamedSharding`` whose first spec entry names the axes the examples are split over.
+    multiple_of: the global batch size must be a multiple of this (devices x micro-batches).
+    what: the name used in error messages.
+
+  Returns:
+    The batch as global ``jax.Array``s with ``sharding``.
+
+  Raises:
+    ValueError: a global batch not divisible by ``multiple_of``, leaves with different leading sizes,
+      or a mesh on which this process's devices do not hold rows ``[p * B/P, (p + 1) * B/P)`` of the
+      batch (the batch axes must run across processes, in process order, as ``make_mesh`` lays them out).
+  """
+  leaves = jax.tree.leaves(batch)
+  if jax.process_count() == 1 or any(isinstance(x, jax.Array) and not x.is_fully_addressable for x in leaves):
+    batch_size(batch, multiple_of=multiple_of, what=what)
+    return jax.device_put(batch, sharding)
+  local = batch_size(batch, what=f"process-local {what}")
+  global_size = process_batch_rows(sharding, local)[2]
+  if global_size % multiple_of:
+    per = multiple_of // math.gcd(multiple_of, jax.process_count())
+    raise ValueError(
+        f"Global {what} size {global_size} ({jax.process_count()} processes x {local} examples each) is not "
+        f"divisible by {multiple_of} (devices on the data axis x micro-batches). Give each process a multiple "
+        f"of {per} examples.")
+  return jax.tree.map(
+      lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x), (global_size, *np.shape(x)[1:])),
+      batch)
+
+
+def process_batch_rows(sharding: NamedSharding, local_size: int) -> tuple[int, int, int]:
+  """``(start, stop, global_size)``: the rows of the global batch this process's ``local_size`` examples are.
+
+  Raises:
+    ValueError: if this process's devices do not hold rows ``[p * B/P, (p + 1) * B/P)`` of the batch
+      (e.g. a batch axis inside each process, or devices of different processes interleaved on it), or
+      ``local_size`` does not split evenly over them.
+  """
+  spec = tuple(sharding.spec)
+  lead = spec[0] if spec else None
+  blocks_total = axis_size(sharding.mesh, lead) if lead is not None else 1
+  rows = NamedSharding(sharding.mesh, P(lead))  # one row per block of the leading axis
+  blocks = sorted({(idx[0].start or 0) for idx in rows.addressable_devices_indices_map((blocks_total,)).values()})
+  mine, p, count = len(blocks), jax.process_index(), jax.process_count()
+  expected = list(range(p * blocks_total // count, (p + 1) * blocks_total // count))
+  if blocks_total % count or blocks != expected:
+    raise ValueError(
+        f"Process {p} of {count} holds blocks {blocks} of the {blocks_total} blocks the batch is split into over "
+        f"mesh axes {lead!r}, but each process passes only its own share of the global batch, which must be "
+        f"blocks {expected} (process p holds rows [p * B/{count}, (p + 1) * B/{count})). Split the batch over "
+        f"axes that run across processes in process order, e.g. jdist.make_mesh(data=-1) or "
+        f"make_mesh(data={count}, model=...), with a multiple of {count} devices on them.")
+  if local_size % mine:
+    raise ValueError(f"The process-local batch has {local_size} examples, which do not split evenly over the "
+                     f"{mine} batch shards of process {p}. Use a multiple of {mine} examples per process.")
+  block = local_size // mine
+  return blocks[0] * block, (blocks[-1] + 1) * block, block * blocks_total
 
 
 def replicate(tree: PyTree, mesh: Mesh) -> PyTree:

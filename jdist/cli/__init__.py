@@ -1,4 +1,4 @@
-"""The ``jdist`` command line: ``demo``, ``train``, ``plot`` and ``bench``.
+"""The ``jdist`` command line: ``demo``, ``train``, ``plot``, ``bench`` and ``launch``.
 
 The CLI only parses arguments into config dataclasses and calls library functions. Bad input ends
 with a one-line message on stderr and a non-zero exit, never a traceback.
@@ -35,6 +35,17 @@ def _parser() -> argparse.ArgumentParser:
   bench = sub.add_parser("bench", help="run the benchmarks/ suite and print its tables")
   bench.add_argument("names", nargs="*", help="benchmark names (default: all), e.g. data_parallel")
   bench.add_argument("--quick", action="store_true", help="smaller sizes and fewer repeats")
+
+  launch = sub.add_parser("launch", help="run a command as P local processes joined by jax.distributed",
+                          usage="jdist launch -n P [--devices-per-process D] [--timeout S] -- COMMAND ...")
+  launch.add_argument("-n", "--num-processes", type=int, required=True, help="number of processes")
+  launch.add_argument("--devices-per-process", type=int, default=None, help="CPU devices each process emulates")
+  launch.add_argument("--timeout", type=float, default=None, help="start-up timeout in seconds (default 60)")
+  launch.add_argument("--heartbeat-timeout", type=int, default=None,
+                      help="seconds without heartbeats before JAX declares a process dead (default 30)")
+  launch.add_argument("--grace", type=float, default=5.0, help="seconds between SIGTERM and SIGKILL after a failure")
+  launch.add_argument("--port", type=int, default=None, help="coordinator port on 127.0.0.1 (default: a free one)")
+  launch.add_argument("cmd", nargs=argparse.REMAINDER, help="the command, after --, e.g. -- jdist train CONFIG")
   return parser
 
 
@@ -47,6 +58,7 @@ def _emulate(n: int) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
   args = _parser().parse_args(argv)
   from jdist.config import ConfigError
+  from jdist.distributed import DistributedError
   from jdist.train import CheckpointError
 
   try:
@@ -59,7 +71,13 @@ def main(argv: Sequence[str] | None = None) -> int:
       from jdist import config as config_lib
 
       cfg = config_lib.load(args.config, args.overrides)
-      _emulate(cfg.mesh.cpu_devices)
+      from jdist import distributed
+
+      if distributed.requested():  # started by `jdist launch` (or JDIST_* set by hand): join the others first
+        distributed.initialize(local_device_count=None if os.environ.get(distributed.ENV_LOCAL_DEVICES)
+                               else cfg.mesh.cpu_devices)
+      else:
+        _emulate(cfg.mesh.cpu_devices)
       from jdist.cli._train import train
 
       return train(cfg, quiet=args.quiet)
@@ -73,7 +91,14 @@ def main(argv: Sequence[str] | None = None) -> int:
       from jdist.cli._bench import bench
 
       return bench(args.names, quick=args.quick)
-  except (ConfigError, CheckpointError, ValueError, TypeError, OSError, ImportError) as e:
+    if args.command == "launch":
+      from jdist.cli._launch import launch
+
+      cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+      return launch(cmd, num_processes=args.num_processes, devices_per_process=args.devices_per_process,
+                    timeout_s=args.timeout, heartbeat_timeout_s=args.heartbeat_timeout, grace_s=args.grace,
+                    port=args.port)
+  except (ConfigError, CheckpointError, DistributedError, ValueError, TypeError, OSError, ImportError) as e:
     message = " ".join(str(e).split()) or type(e).__name__
     print(f"jdist {args.command}: error: {message}", file=sys.stderr)
     return 2 if isinstance(e, ConfigError) else 1

@@ -82,8 +82,8 @@ def sharded(
                       key=jax.device_put(raw_key(key), replicated))
 
   def shard_batch(batch: Batch) -> Batch:
-    mesh_lib.batch_size(batch, multiple_of=n_batch)
-    return jax.device_put(batch, batch_sharding)
+    # one process: the global batch; several: this process's share (jdist.mesh.put_batch)
+    return mesh_lib.put_batch(batch, batch_sharding, multiple_of=n_batch)
 
   def step_fn(state: TrainState, batch: Batch):
     mesh_lib.batch_size(batch, multiple_of=n_batch)

@@ -169,12 +169,16 @@ class Checkpointer:
 
   def _quarantine(self, step: int, reason: str) -> None:
     """Moves an unreadable checkpoint aside (never deletes it) so that newer saves do not collide."""
+    from jdist.distributed import barrier
+
     target = self.directory / "unreadable" / f"{step}-{int(time.time())}"
+    barrier(f"jdist_quarantine_{step}_enter")  # every process has finished reading it
     if jax.process_index() == 0:
       target.parent.mkdir(exist_ok=True)
       shutil.move(str(self.step_path(step)), str(target))
       (target / "REASON.txt").write_text(reason + "\n")
-    print(f"jdist: checkpoint step {step} cannot be read ({reason}); moved to {target}, falling back.")
+      print(f"jdist: checkpoint step {step} cannot be read ({reason}); moved to {target}, falling back.")
+    barrier(f"jdist_quarantine_{step}_moved")  # nobody reloads before it has moved
     self._manager.reload()
 
   def close(self) -> None:

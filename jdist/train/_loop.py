@@ -102,7 +102,8 @@ def fit(
     eval_fn: ``eval_fn(params, batch) -> dict of scalars``, jitted; run on ``eval_data`` (one batch)
       every ``eval_every`` steps and at the end; logged with an ``eval_`` prefix.
     log_every: write ``metrics.jsonl`` / TensorBoard every this many steps (and at the last step).
-    run_dir: where metric logs go (none written if None).
+    run_dir: where metric logs go (none written if None). In a multi-process run only process 0 writes
+      them; every process saves its part of the checkpoints (one directory, shared by all).
     tensorboard: also write TensorBoard event files under ``run_dir/tensorboard``.
 
   Returns:
@@ -143,7 +144,8 @@ def fit(
   control = LoopControl(strategy, steps, run_path)
   control.last_checkpoint_step = checkpointer.last_saved_step if checkpointer else None
   writers = []
-  if run_path is not None:
+  log_here = run_path is not None and jax.process_index() == 0  # several processes: one writes the logs
+  if log_here:
     metrics_log = JsonlWriter(run_path / METRICS_FILE, resume_step=start)
     timing_log = JsonlWriter(run_path / TIMING_FILE, resume_step=start)
     tb = TensorBoardWriter(run_path / "tensorboard", resume_step=start) if tensorboard else None
@@ -165,7 +167,7 @@ def fit(
     metrics = {f"eval_{k}": v for k, v in _host(eval_step(state.params, eval_batch)).items()}
     metrics["step"] = step
     eval_history.append(metrics)
-    if run_path is not None:
+    if log_here:
       metrics_log.write(metrics)
       if tb is not None:
         tb.write(step, metrics)
@@ -182,7 +184,8 @@ def fit(
       except StopIteration:
         control.request_stop(f"the data ran out after step {step}")
         break
-      examples += len(jax.tree.leaves(batch)[0])
+      # several processes: each passes its share (jdist.mesh.put_batch); count the global batch
+      examples += len(jax.tree.leaves(batch)[0]) * jax.process_count()
       state, metrics = strategy.step(state, strategy.shard_batch(batch))
       step += 1
       window_steps += 1
@@ -192,7 +195,7 @@ def fit(
       _call(callbacks, "on_step", control, step, host)
       if control.failed:
         break
-      if run_path is not None and (step % log_every == 0 or step == steps):
+      if log_here and (step % log_every == 0 or step == steps):
         elapsed = time.perf_counter() - window_start
         metrics_log.write(host)
         if tb is not None:

@@ -1,0 +1,304 @@
+"""Several processes on localhost as one JAX run (gloo over loopback), each with 4 emulated CPU devices.
+
+2 processes x 4 devices must equal 1 process x 8 devices (the pytest process); a checkpoint written by
+2 processes must resume on 1; a killed process must end the run, not hang it; a missing coordinator or
+process must be named within the start-up timeout.
+"""
+import os
+import pathlib
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import jax
+import numpy as np
+import psutil
+import pytest
+
+import jdist
+from jdist import distributed
+from jdist.cli._launch import free_port, process_env
+
+from tests import _multihost_worker as worker
+from tests.conftest import assert_trees_all_close
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+WORKER = str(ROOT / "tests" / "_multihost_worker.py")
+pytestmark = pytest.mark.skipif(len(jax.devices()) < 8, reason="the 1-process reference needs 8 devices")
+
+
+def _launch_cmd(*command, n=2, devices=4, extra=()):
+  return [sys.executable, "-m", "jdist.cli", "launch", "-n", str(n), "--devices-per-process", str(devices), *extra,
+          "--", *command]
+
+
+class _Lines:
+  """Reads a process's output lines on a thread, so the test can wait for one with a timeout."""
+
+  def __init__(self, proc):
+    self.lines: list[str] = []
+    self._queue: queue.Queue = queue.Queue()
+    threading.Thread(target=self._read, args=(proc,), daemon=True).start()
+
+  def _read(self, proc):
+    for line in proc.stdout:
+      self._queue.put(line)
+    self._queue.put(None)
+
+  def wait_for(self, predicate, timeout):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+      try:
+        line = self._queue.get(timeout=max(0.01, deadline - time.monotonic()))
+      except queue.Empty:
+        break
+      if line is None:
+        break
+      self.lines.append(line)
+      if predicate(line):
+        return line
+    raise AssertionError(f"no such line within {timeout} s; output:\n{''.join(self.lines[-40:])}")
+
+  def rest(self, timeout):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+      try:
+        line = self._queue.get(timeout=max(0.01, deadline - time.monotonic()))
+      except queue.Empty:
+        break
+      if line is None:
+        break
+      self.lines.append(line)
+    return "".join(self.lines)
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory):
+  """One `jdist launch -n 2 --devices-per-process 4` of the worker: data_parallel, FSDP and fit."""
+  out = tmp_path_factory.mktemp("two_processes")
+  done = subprocess.run(_launch_cmd(sys.executable, WORKER, "train", str(out)), capture_output=True, text=True,
+                        timeout=300)
+  assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+  assert "[p0] process 0 of 2 done, 8 devices" in done.stdout and "[p1] process 1 of 2 done" in done.stdout
+  return out, dict(np.load(out / "result.npz"))
+
+
+def _leaves(result, prefix):
+  """The leaves the worker saved as ``prefix/0``, ``prefix/1``, ..., in order."""
+  count = sum(1 for k in result if k.startswith(prefix + "/") and k.rsplit("/", 1)[1].isdigit())
+  return [result[f"{prefix}/{i}"] for i in range(count)]
+
+
+@pytest.mark.parametrize("name, make", [("data_parallel", worker.data_parallel_strategy),
+                                        ("fsdp", worker.fsdp_strategy)])
+def test_two_processes_equal_one_process(two_process_run, name, make):
+  _, result = two_process_run
+  params, losses = worker.run(make(), worker.STEPS)  # 1 process x 8 devices, here
+  np.testing.assert_allclose(result[f"{name}/losses"], losses, rtol=1e-5)
+  assert_trees_all_close(_leaves(result, name), jax.tree.leaves(params), rtol=1e-5)
+
+
+def test_checkpoint_from_two_processes_resumes_on_one(two_process_run, tmp_path):
+  out, _ = two_process_run
+  steps = sorted(int(p.name) for p in (out / "ckpt").iterdir() if p.name.isdigit())
+  assert steps == [5, worker.FIT_STEPS]
+  # only process 0 wrote the metric log: one line per step, not two
+  records = jdist.train.read_jsonl(out / "run" / "metrics.jsonl")
+  assert [r["step"] for r in records] == list(range(1, worker.FIT_STEPS + 1))
+  strategy = worker.fsdp_strategy()
+  ckpt = jdist.CheckpointConfig(directory=out / "ckpt", every_steps=5)
+  resumed = jdist.fit(strategy, strategy.init(worker.params()), worker.loader(), steps=worker.TOTAL_FIT_STEPS,
+                      checkpoint=ckpt)
+  assert resumed.start_step == worker.FIT_STEPS
+  strategy = worker.fsdp_strategy()
+  straight = jdist.fit(strategy, strategy.init(worker.params()), worker.loader(), steps=worker.TOTAL_FIT_STEPS)
+  assert_trees_all_close(jax.device_get(resumed.state.params), jax.device_get(straight.state.params), rtol=1e-5)
+
+
+TRAIN_CONFIG = """
+run_dir = "{run_dir}"
+[model]
+hidden = [32]
+[data]
+batch_size = 64
+[strategy]
+name = "data_parallel"
+[train]
+steps = 100000
+log_every = 1
+eval_every = 100000
+progress = false
+[checkpoint]
+enabled = false
+"""
+
+
+def _step(line, prefix=None):
+  """The step number of a PrintLogger line ("step   3  loss ..."), optionally after a [pN] prefix; else -1."""
+  words = line.split()
+  if prefix is not None:
+    if words[:1] != [prefix]:
+      return -1
+    words = words[1:]
+  return int(words[1]) if len(words) > 1 and words[0] == "step" and words[1].isdigit() else -1
+
+
+def _descendants(pid):
+  try:
+    return psutil.Process(pid).children(recursive=True)
+  except psutil.NoSuchProcess:
+    return []
+
+
+def _alive(procs):
+  alive = []
+  for p in procs:
+    try:
+      if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+        alive.append(p)
+    except psutil.NoSuchProcess:
+      pass
+  return alive
+
+
+def test_sigkill_mid_training_ends_the_run_and_names_the_lost_process(tmp_path):
+  config = tmp_path / "spin.toml"
+  config.write_text(TRAIN_CONFIG.format(run_dir=tmp_path / "run"))
+  launcher = subprocess.Popen(_launch_cmd("jdist", "train", str(config), extra=("--grace", "3")),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+  try:
+    lines = _Lines(launcher)
+    lines.wait_for(lambda line: _step(line, "[p1]") >= 3, timeout=120)
+    children = _descendants(launcher.pid)
+    victim = next(p for p in children if p.environ().get("JDIST_PROCESS_ID") == "1")
+    assert any(p.environ().get("JDIST_PROCESS_ID") == "0" for p in children)
+    victim.send_signal(signal.SIGKILL)
+    killed_at = time.monotonic()
+    launcher.wait(timeout=60)
+    elapsed = time.monotonic() - killed_at
+    output = lines.rest(timeout=5)
+  finally:
+    if launcher.poll() is None:
+      os.killpg(launcher.pid, signal.SIGKILL)
+  assert launcher.returncode != 0 and elapsed < 60
+  assert "lost process 1, which was killed by signal SIGKILL" in output, output[-3000:]
+  # the survivor was stopped, not left waiting (JAX's preemption service catches SIGTERM, so SIGKILL may end it)
+  assert "process 0 was killed by signal SIGTERM" in output or "process 0 was killed by signal SIGKILL" in output
+  time.sleep(0.5)
+  assert not _alive(children), f"orphans left: {_alive(children)}"
+
+
+def test_jax_heartbeat_ends_a_survivor_without_the_launcher(tmp_path):
+  """No launcher: JAX's own heartbeat must abort process 0 when process 1 dies, naming task 1."""
+  config = tmp_path / "spin.toml"
+  config.write_text(TRAIN_CONFIG.format(run_dir=tmp_path / "run"))
+  base = dict(os.environ)
+  coordinator = f"127.0.0.1:{free_port()}"
+  procs = []
+  for i in range(2):
+    env = process_env(base, coordinator=coordinator, num_processes=2, process_id=i, devices_per_process=4,
+                      timeout_s=60, heartbeat_timeout_s=3)
+    procs.append(subprocess.Popen([sys.executable, "-m", "jdist.cli", "train", str(config)], env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True))
+  try:
+    survivor = _Lines(procs[0])
+    survivor.wait_for(lambda line: _step(line) >= 3, timeout=120)
+    procs[1].kill()
+    killed_at = time.monotonic()
+    procs[0].wait(timeout=60)
+    elapsed = time.monotonic() - killed_at
+    output = survivor.rest(timeout=5)
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        os.killpg(p.pid, signal.SIGKILL)
+      p.wait()
+  assert procs[0].returncode != 0 and elapsed < 60
+  assert "stopped sending heartbeats" in output and "\n1\n" in output, output[-3000:]
+
+
+def test_coordinator_that_never_starts_is_a_clear_error_within_the_timeout():
+  port = free_port()  # nobody listens there
+  env = dict(os.environ, JDIST_COORDINATOR=f"127.0.0.1:{port}", JDIST_NUM_PROCESSES="2", JDIST_PROCESS_ID="1",
+             JDIST_INIT_TIMEOUT="3")
+  code = ("import time, jdist.distributed as d\nt = time.monotonic()\n"
+          "try:\n  d.initialize()\nexcept d.DistributedError as e:\n  print(f'{time.monotonic() - t:.1f}', e)\n")
+  done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+  assert done.returncode == 0, done.stderr[-2000:]
+  seconds, message = done.stdout.split(" ", 1)
+  assert 3 <= float(seconds) < 6
+  assert f"process 1 of 2: no coordinator at 127.0.0.1:{port} after 3 s" in message
+  assert "Process 0 runs the coordinator" in message
+
+
+def _in_threads(fns):
+  errors = [None] * len(fns)
+
+  def call(i, fn):
+    try:
+      fn()
+    except Exception as e:  # noqa: BLE001 - collected for the assertions
+      errors[i] = e
+
+  threads = [threading.Thread(target=call, args=(i, fn)) for i, fn in enumerate(fns)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join(timeout=30)
+  return errors
+
+
+def test_missing_process_is_named_by_every_process():
+  address = f"127.0.0.1:{free_port()}"
+  start = time.monotonic()
+  errors = _in_threads([lambda: distributed._rendezvous(address, 3, 0, 2.0),
+                        lambda: distributed._rendezvous(address, 3, 1, 2.0)])
+  assert time.monotonic() - start < 6
+  assert all(isinstance(e, distributed.DistributedError) for e in errors), errors
+  assert "process(es) [2] of 3 never arrived (arrived: [1])" in str(errors[0])
+  assert "process 1 of 3: the coordinator at" in str(errors[1]) and "[2] never arrived" in str(errors[1])
+
+
+def test_rendezvous_joins_and_rejects_a_wrong_process_count():
+  address = f"127.0.0.1:{free_port()}"
+  assert _in_threads([lambda i=i: distributed._rendezvous(address, 3, i, 10.0) for i in range(3)]) == [None] * 3
+  address = f"127.0.0.1:{free_port()}"
+  errors = _in_threads([lambda: distributed._rendezvous(address, 2, 0, 10.0),
+                        lambda: distributed._rendezvous(address, 3, 1, 10.0)])
+  assert all("process 1 was started for 3 processes but process 0 for 2" in str(e) for e in errors), errors
+
+
+def test_single_process_helpers_and_errors():
+  assert distributed.process_count() == 1 and distributed.process_index() == 0 and distributed.is_coordinator()
+  distributed.barrier("noop")
+  with pytest.raises(RuntimeError, match="must run before JAX's first computation"):
+    distributed.initialize("127.0.0.1:1234", 2, 0)
+  with pytest.raises(ValueError, match="process_id 2 is out of range for 2 processes"):
+    distributed.initialize("127.0.0.1:1234", 2, 2)
+  with pytest.raises(ValueError, match="not of the form host:port"):
+    distributed._split_address("localhost")
+  # one process: the batch is global; the loader's shares are the global batch in order
+  data = {"x": np.arange(32.0).reshape(16, 2)}
+  full = next(iter(jdist.data.ArrayLoader(data, 8, seed=3, process_index=0, process_count=1)))
+  shares = [next(iter(jdist.data.ArrayLoader(data, 8, seed=3, process_index=p, process_count=2))) for p in range(2)]
+  np.testing.assert_array_equal(np.concatenate([s["x"] for s in shares]), full["x"])
+  with pytest.raises(ValueError, match="batch_size 6 is not divisible by the 4 processes"):
+    jdist.data.ArrayLoader(data, 6, process_index=0, process_count=4)
+  mesh = jdist.make_mesh(data=-1)
+  start, stop, size = jdist.mesh.process_batch_rows(jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")),
+                                                    16)
+  assert (start, stop, size) == (0, 16, 16)
+
+
+def test_launcher_propagates_a_failure_and_stops_the_others():
+  script = ("import os, sys, time\ni = int(os.environ['JDIST_PROCESS_ID'])\n"
+            "print('up', i, os.environ['JDIST_NUM_PROCESSES'], os.environ['JDIST_LOCAL_DEVICES'], flush=True)\n"
+            "time.sleep(0.5) if i == 2 else time.sleep(60)\nsys.exit(3)")
+  done = subprocess.run(_launch_cmd(sys.executable, "-c", script, n=3, devices=2, extra=("--grace", "1")),
+                        capture_output=True, text=True, timeout=60)
+  assert done.returncode == 3, done.stdout + done.stderr
+  assert all(f"[p{i}] up {i} 3 2" in done.stdout for i in range(3)), done.stdout
+  assert "lost process 2, which exited with code 3 (process 0 was killed by signal SIGTERM" in done.stdout, done.stdout
