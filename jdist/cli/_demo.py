@@ -81,7 +81,7 @@ def demo(*, quick: bool = False, steps: int | None = None, out: str = "runs/demo
   from jdist.train import NanGuard, ProgressBar, fit
 
   steps = steps or (QUICK_STEPS if quick else DEFAULT_STEPS)
-  console = Console(width=None if Console().is_terminal else 150)
+  console = Console(width=None if Console().is_terminal else 170)
   devices = jax.devices()
   console.print(f"[bold]jdist demo[/bold]: an MLP (64-128-10) on scikit-learn's 8x8 digits, {steps} Adam steps, "
                 f"global batch 128, on {len(devices)} {devices[0].platform} device(s).")
@@ -117,7 +117,7 @@ def demo(*, quick: bool = False, steps: int | None = None, out: str = "runs/demo
 
   table = Table(title=f"digits MLP, {steps} steps, global batch 128")
   for col in ("strategy", "devices", "steps/s", "train loss", "test loss", "test acc", "KB sent/dev/step",
-              "max staleness (clocks)", "= 1 device"):
+              "staleness (clocks)", "= 1 device"):
     table.add_column(col, justify="left" if col == "strategy" else "right", no_wrap=True)
   for row in rows:
     table.add_row(*row)
