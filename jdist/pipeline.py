@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -40,7 +40,7 @@ from jdist import mesh as mesh_lib
 from jdist._types import Batch, Params, PRNGKey
 from jdist.state import TrainState
 from jdist.strategy import (Strategy, StepFn, check_callable, check_optimizer, check_params, check_positive_int,
-                            metrics_from, raw_key)
+                            metrics_from, sharded_state)
 
 SCHEDULES = ("gpipe", "circular")
 
@@ -171,7 +171,6 @@ def pipeline(
   m, v = sched.microbatches, sched.repeats
   n_data = mesh_lib.axis_size(mesh, data_axes) if data_axes else 1
   input_fn = input_fn or (lambda params, batch: batch["x"])
-  replicated = NamedSharding(mesh, P())
   stage_spec = P(None, axis)  # stacked layers as [v, p, c, ...]: the p axis split over the pipe devices
   batch_spec = P(data_axes) if data_axes else P()
   table = jnp.asarray(sched.table)
@@ -256,13 +255,7 @@ def pipeline(
     params = check_params(params)
     s = check_stages(params)
     params = dict(params, stages=to_device_layout(params["stages"], s))
-    shardings = shardings_of(params)
-    params = jax.device_put(jax.tree.map(lambda x: jnp.array(x, copy=True), params), shardings)
-    opt_shardings = optax.tree_map_params(optimizer, lambda _, sh: sh, jax.eval_shape(optimizer.init, params),
-                                          shardings, transform_non_params=lambda _: replicated)
-    opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
-    return TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), replicated), params=params,
-                      opt_state=opt_state, key=jax.device_put(raw_key(key), replicated))
+    return sharded_state(params, shardings_of(params), optimizer, mesh, key)
 
   def check_batch(batch):
     mesh_lib.batch_size(batch, multiple_of=n_data * m, what="batch")

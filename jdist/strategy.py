@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from jdist._types import Batch, LossFn, Metrics, Params, PRNGKey, PyTree
+from jdist._types import Batch, LossFn, Metrics, Params, PRNGKey
 from jdist.state import TrainState
 
 
@@ -56,6 +56,30 @@ class StepFn:
     if self._sync:
       jax.block_until_ready(out)
     return out
+
+
+def optimizer_shardings(optimizer: Any, opt_state: Any, param_shardings: Any, mesh: Mesh) -> Any:
+  """Shardings for an optimizer state (arrays, shapes or tracers): like the params where the state mirrors
+  them (moments, traces), replicated for everything else (step counts)."""
+  import optax
+  from jax.sharding import NamedSharding, PartitionSpec
+
+  replicated = NamedSharding(mesh, PartitionSpec())
+  return optax.tree_map_params(optimizer, lambda _, s: s, opt_state, param_shardings,
+                               transform_non_params=lambda _: replicated)
+
+
+def sharded_state(params: Params, param_shardings: Any, optimizer: Any, mesh: Mesh, key: Any) -> TrainState:
+  """A ``TrainState`` with fresh copies of ``params`` placed by ``param_shardings`` and the optimizer state
+  sharded like them (built in place by a jitted ``optimizer.init``); step and key replicated."""
+  from jax.sharding import NamedSharding, PartitionSpec
+
+  replicated = NamedSharding(mesh, PartitionSpec())
+  params = jax.device_put(jax.tree.map(lambda x: jnp.array(x, copy=True), params), param_shardings)
+  opt_shardings = optimizer_shardings(optimizer, jax.eval_shape(optimizer.init, params), param_shardings, mesh)
+  opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
+  return TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), replicated), params=params, opt_state=opt_state,
+                    key=jax.device_put(raw_key(key), replicated))
 
 
 def check_callable(fn: Any, what: str) -> None:

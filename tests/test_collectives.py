@@ -6,7 +6,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import jdist
-from jdist.collectives import ALGORITHMS, REFERENCES, allreduce, hierarchical_reference, ring_reference
+from jdist.collectives import REFERENCES, allreduce, hierarchical_reference, ring_reference
 from jdist import theory
 
 SIZES = [(1,), (7,), (13, 3), (2, 5, 11), (64,)]  # 1 element, primes, not divisible by N

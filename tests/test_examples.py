@@ -3,7 +3,6 @@ import importlib.util
 import pathlib
 
 import numpy as np
-import pytest
 
 from tests.conftest import assert_trees_all_close
 

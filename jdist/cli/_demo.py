@@ -70,7 +70,6 @@ def _slug(label: str) -> str:
 
 def demo(*, quick: bool = False, steps: int | None = None, out: str = "runs/demo") -> int:
   import jax
-  import numpy as np
   from rich.console import Console
   from rich.table import Table
 

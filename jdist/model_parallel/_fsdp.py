@@ -16,7 +16,6 @@ optimizers that need global quantities (gradient clipping by global norm) stay c
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -27,8 +26,8 @@ from jdist import mesh as mesh_lib
 from jdist._types import Batch, LossFn, Params, PRNGKey
 from jdist.model_parallel._rules import DEFAULT_FSDP_MIN_SIZE, partition_specs
 from jdist.state import TrainState
-from jdist.strategy import (Strategy, StepFn, check_callable, check_optimizer, check_params, metrics_from, raw_key,
-                            value_and_grad)
+from jdist.strategy import (Strategy, StepFn, check_callable, check_optimizer, check_params, metrics_from,
+                            sharded_state, value_and_grad)
 
 
 GATHERED = "fsdp_gathered_weight"
@@ -61,7 +60,6 @@ def fsdp(
   check_optimizer(optimizer)
   (axis,) = mesh_lib.check_axes(mesh, axis, what="fsdp axis")
   n = mesh.shape[axis]
-  replicated = NamedSharding(mesh, P())
   batch_sharding = NamedSharding(mesh, P(axis))
 
   def specs_for(params):
@@ -103,14 +101,8 @@ def fsdp(
 
   def init(params: Params, *, key: PRNGKey | int | None = None) -> TrainState:
     params = check_params(params)
-    specs = specs_for(params)
-    shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
-    params = jax.device_put(jax.tree.map(lambda x: jnp.array(x, copy=True), params), shardings)
-    opt_shardings = optax.tree_map_params(optimizer, lambda _, s: s, jax.eval_shape(optimizer.init, params), shardings,
-                                          transform_non_params=lambda _: replicated)
-    opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
-    return TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), replicated), params=params, opt_state=opt_state,
-                      key=jax.device_put(raw_key(key), replicated))
+    shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs_for(params), is_leaf=lambda x: isinstance(x, P))
+    return sharded_state(params, shardings, optimizer, mesh, key)
 
   def shard_batch(batch: Batch) -> Batch:
     # one process: the global batch; several: this process's share (jdist.mesh.put_batch)

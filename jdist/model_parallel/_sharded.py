@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Sequence
 
 import jax
-import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -19,8 +18,8 @@ from jdist import mesh as mesh_lib
 from jdist._types import Batch, LossFn, Params, PRNGKey
 from jdist.model_parallel._rules import DEFAULT_FSDP_MIN_SIZE, Rule, partition_specs
 from jdist.state import TrainState
-from jdist.strategy import (Strategy, StepFn, check_callable, check_optimizer, check_params, metrics_from, raw_key,
-                            value_and_grad)
+from jdist.strategy import (Strategy, StepFn, check_callable, check_optimizer, check_params, metrics_from,
+                            optimizer_shardings, sharded_state, value_and_grad)
 
 
 def sharded(
@@ -59,7 +58,6 @@ def sharded(
   batch_axes = tuple(a for a in (data_axis, fsdp_axis) if a is not None and a in mesh.shape)
   n_batch = mesh_lib.axis_size(mesh, batch_axes) if batch_axes else 1
   batch_sharding = NamedSharding(mesh, P(batch_axes if batch_axes else None))
-  replicated = NamedSharding(mesh, P())
   vg = value_and_grad(loss_fn, has_aux=has_aux)
   info: dict = {"rules": tuple(rules), "fsdp_axis": fsdp_axis, "batch_axes": batch_axes}
 
@@ -68,18 +66,12 @@ def sharded(
     specs, report = partition_specs(params, rules, mesh, fsdp_axis=fsdp_axis, fsdp_min_size=fsdp_min_size)
     info["param_specs"], info["report"] = specs, report
     param_shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
-    # optimizer state mirrors the params where it has their shape (moments); the rest is replicated
-    opt_shardings = optax.tree_map_params(optimizer, lambda _, s: s, opt_state, param_shardings,
-                                          transform_non_params=lambda _: replicated)
-    return param_shardings, opt_shardings
+    return param_shardings, optimizer_shardings(optimizer, opt_state, param_shardings, mesh)
 
   def init(params: Params, *, key: PRNGKey | int | None = None) -> TrainState:
     params = check_params(params)
-    param_shardings, opt_shardings = layout(params, jax.eval_shape(optimizer.init, params))
-    params = jax.device_put(jax.tree.map(lambda x: jnp.array(x, copy=True), params), param_shardings)
-    opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
-    return TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), replicated), params=params, opt_state=opt_state,
-                      key=jax.device_put(raw_key(key), replicated))
+    param_shardings, _ = layout(params, jax.eval_shape(optimizer.init, params))
+    return sharded_state(params, param_shardings, optimizer, mesh, key)
 
   def shard_batch(batch: Batch) -> Batch:
     # one process: the global batch; several: this process's share (jdist.mesh.put_batch)
