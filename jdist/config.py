@@ -25,11 +25,13 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ModelConfig:
-  name: str = "mlp"  # "mlp" (digits classifier) or "linear" (regression)
-  hidden: tuple[int, ...] = (128,)  # hidden layer widths of the MLP
+  name: str = "mlp"  # "mlp" or "resmlp" (digits classifiers) or "linear" (regression)
+  hidden: tuple[int, ...] = (128,)  # hidden widths; for "resmlp" one entry per residual layer, all equal
 
   def __post_init__(self):
-    _one_of("model.name", self.name, ("mlp", "linear"))
+    _one_of("model.name", self.name, ("mlp", "resmlp", "linear"))
+    if self.name == "resmlp" and len(set(self.hidden)) != 1:
+      raise ConfigError(f"model.hidden for 'resmlp' lists one equal width per residual layer, got {list(self.hidden)}.")
     object.__setattr__(self, "hidden", tuple(self.hidden))
     if any((not isinstance(h, int)) or h < 1 for h in self.hidden):
       raise ConfigError(f"model.hidden must be a list of positive ints, got {list(self.hidden)}.")

@@ -22,7 +22,8 @@ from jdist.data_parallel import data_parallel
 from jdist.local_sgd import local_sgd
 from jdist.model_parallel import fsdp, sharded
 from jdist.mesh import make_mesh
-from jdist.models import linear, mlp
+from jdist.models import linear, mlp, resmlp
+from jdist.pipeline import pipeline
 from jdist.strategy import Strategy
 from jdist.train import CheckpointConfig, NanGuard, PrintLogger, ProgressBar, fit
 
@@ -67,7 +68,16 @@ def async_sgd_from_config(loss_fn, optimizer, mesh, *, num_workers: int = 8, pau
   return strategy._replace(shard_batch=lambda batch: strategy.shard_batch(split_workers(batch, num_workers)))
 
 
+def pipeline_from_config(loss_fn, optimizer, mesh, *, microbatches: int = 4, schedule: str = "gpipe",
+                         repeats: int = 0, data_axis: str = "") -> Strategy:
+  """``pipeline`` of the residual MLP (model.name = "resmlp"): its residual layers are the stages."""
+  stage_fn, head_loss, input_fn = resmlp.pipeline_fns()
+  return pipeline(stage_fn, head_loss, optimizer, mesh, axis="pipe", microbatches=microbatches, schedule=schedule,
+                  repeats=repeats or None, data_axis=data_axis or None, input_fn=input_fn)
+
+
 STRATEGIES: dict[str, Callable[..., Strategy]] = {
+    "pipeline": pipeline_from_config,
     "async_sgd": async_sgd_from_config,
     "data_parallel": data_parallel,
     "local_sgd": local_sgd_from_config,
@@ -91,19 +101,34 @@ class Experiment:
 
 def _model(config: Config, key) -> tuple[Any, Callable, Callable | None]:
   """(params, loss_fn, eval_fn) for the configured model and data."""
-  if config.model.name == "mlp":
+  if config.model.name in ("mlp", "resmlp"):
     if config.data.name != "digits":
-      raise ConfigError(f"model.name = 'mlp' is a classifier and needs data.name = 'digits', got {config.data.name!r}.")
-    params = mlp.init(key, [64, *config.model.hidden, 10])
+      raise ConfigError(f"model.name = {config.model.name!r} is a classifier and needs data.name = 'digits', got "
+                        f"{config.data.name!r}.")
+    if config.model.name == "mlp":
+      params, model = mlp.init(key, [64, *config.model.hidden, 10]), mlp
+    else:
+      params = resmlp.init(key, 64, config.model.hidden[0], len(config.model.hidden), 10)
+      model = resmlp
+      if config.strategy.name == "pipeline":  # the pipeline sees the stacked layers; eval uses the plain order
+        return params, model.loss, lambda p, b: dict(zip(("loss", "accuracy"), _flat_eval(p, b)))
 
     def eval_fn(params, batch):
-      loss, aux = mlp.loss_and_accuracy(params, batch)
+      loss, aux = model.loss_and_accuracy(params, batch)
       return {"loss": loss, **aux}
 
-    return params, mlp.loss, eval_fn
+    return params, model.loss, eval_fn
   if config.data.name != "linear_regression":
     raise ConfigError(f"model.name = 'linear' needs data.name = 'linear_regression', got {config.data.name!r}.")
   return linear.init(in_features=1), linear.loss, lambda p, b: {"loss": linear.loss(p, b)}
+
+
+def _flat_eval(params, batch):
+  """resmlp loss and accuracy from pipeline params (stages laid out for the devices)."""
+  from jdist.pipeline import unstack_params
+
+  loss, aux = resmlp.loss_and_accuracy(unstack_params(params), batch)
+  return loss, aux["accuracy"]
 
 
 def _data(config: Config) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]:
@@ -149,6 +174,9 @@ def build(config: Config) -> Experiment:
   params, loss_fn, eval_fn = _model(config, key)
   train_data, test_data = _data(config)
   options = dict(config.strategy.options)
+  if config.strategy.name == "pipeline" and config.model.name != "resmlp":
+    raise ConfigError(f"strategy 'pipeline' needs a stack of identical layers: use model.name = 'resmlp', got "
+                      f"{config.model.name!r}.")
   if options.get("rules") == "tp":  # the model's own tensor-parallel rules
     if config.model.name != "mlp":
       raise ConfigError(f"strategy.rules = 'tp' is defined for model.name = 'mlp', got {config.model.name!r}.")

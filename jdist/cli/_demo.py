@@ -20,6 +20,7 @@ class DemoEntry:
   options: dict[str, Any] = dataclasses.field(default_factory=dict)
   axes: dict[str, int] = dataclasses.field(default_factory=lambda: {"data": -1})
   num_devices: int = 0  # 0: all devices
+  model: str = "mlp"  # "mlp" (64-128-10) or "resmlp" (64-128, 8 residual layers of 128, 10)
   exact: bool = True  # computes single-device training's mathematics (else trades it for less communication)
 
 
@@ -42,6 +43,12 @@ ENTRIES: list[DemoEntry] = [
     DemoEntry("async SGD, pause 0.5, staleness <= 2", "async_sgd",
               {"num_workers": 8, "pause_prob": 0.5, "max_staleness": 2}, exact=False),
     DemoEntry("async SGD, pause 0.5, unbounded", "async_sgd", {"num_workers": 8, "pause_prob": 0.5}, exact=False),
+    DemoEntry("res-MLP, single device", "data_parallel", axes={"data": 1}, num_devices=1, model="resmlp"),
+    DemoEntry("res-MLP, pipeline p=8, m=8 (GPipe)", "pipeline", {"microbatches": 8}, axes={"pipe": 8},
+              num_devices=8, model="resmlp"),
+    DemoEntry("res-MLP, data=2 x pipe=4, circular", "pipeline",
+              {"microbatches": 4, "schedule": "circular", "repeats": 2, "data_axis": "data"},
+              axes={"data": 2, "pipe": 4}, num_devices=8, model="resmlp"),
     DemoEntry("local SGD, H=4", "local_sgd", {"sync_every": 4}, exact=False),
     DemoEntry("local SGD, H=16", "local_sgd", {"sync_every": 16}, exact=False),
     DemoEntry("DiLoCo, H=16", "local_sgd", {"sync_every": 16, "outer_lr": 0.7, "outer_momentum": 0.9,
@@ -74,7 +81,7 @@ def demo(*, quick: bool = False, steps: int | None = None, out: str = "runs/demo
   from rich.table import Table
 
   from jdist.collectives import comm_report
-  from jdist.config import Config, DataConfig, MeshConfig, StrategyConfig, TrainConfig
+  from jdist.config import Config, DataConfig, MeshConfig, ModelConfig, StrategyConfig, TrainConfig
   from jdist.experiment import build
   from jdist.plot import plot_runs
   from jdist.train import NanGuard, ProgressBar, fit
@@ -82,14 +89,17 @@ def demo(*, quick: bool = False, steps: int | None = None, out: str = "runs/demo
   steps = steps or (QUICK_STEPS if quick else DEFAULT_STEPS)
   console = Console(width=None if Console().is_terminal else 170)
   devices = jax.devices()
-  console.print(f"[bold]jdist demo[/bold]: an MLP (64-128-10) on scikit-learn's 8x8 digits, {steps} Adam steps, "
+  console.print(f"[bold]jdist demo[/bold]: an MLP (64-128-10; the pipeline rows: a residual MLP with 8 layers of 128) "
+                f"on scikit-learn's 8x8 digits, {steps} Adam steps, "
                 f"global batch 128, on {len(devices)} {devices[0].platform} device(s).")
   out_dir = pathlib.Path(out)
   rows, run_dirs, labels = [], [], []
   for entry in ENTRIES:
     if entry.num_devices > len(devices) or (entry.num_devices > 1 and entry.num_devices != len(devices)):
       continue  # layouts drawn for 8 devices
+    hidden = (128,) * 8 if entry.model == "resmlp" else (128,)
     config = Config(run_dir=str(out_dir / _slug(entry.label)), data=DataConfig(batch_size=128),
+                    model=ModelConfig(name=entry.model, hidden=hidden),
                     strategy=StrategyConfig(name=entry.strategy, options=entry.options),
                     mesh=MeshConfig(axes=entry.axes, num_devices=entry.num_devices),
                     train=TrainConfig(steps=steps, log_every=max(1, steps // 100), eval_every=max(10, steps // 8)))

@@ -6,5 +6,6 @@ Each model is a set of pure functions over a dict of parameters: ``init(key, ...
 from jdist.models import gpt as gpt
 from jdist.models import linear as linear
 from jdist.models import mlp as mlp
+from jdist.models import resmlp as resmlp
 
-__all__ = ["gpt", "linear", "mlp"]
+__all__ = ["gpt", "linear", "mlp", "resmlp"]
