@@ -199,3 +199,16 @@ def test_demo_prints_table_and_writes_png(tmp_path, capsys):
     exact = [loss for loss, is_exact, m in losses.values() if is_exact and m == model]
     assert len(exact) >= 3
     np.testing.assert_allclose(exact, exact[0], rtol=1e-4)
+
+
+def test_cli_corrupted_checkpoint_is_one_line_in_a_real_process(tmp_path):
+  cfg = _write_config(tmp_path, "corrupt")
+  assert main(["train", str(cfg), "--quiet", "--set", "train.steps=10"]) == 0
+  for f in (tmp_path / "corrupt" / "checkpoints" / "10" / "state" / "d").iterdir():
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+  done = subprocess.run(_train_cmd(cfg) + ["--quiet", "--set", "train.steps=15"], capture_output=True, text=True,
+                        timeout=300)
+  assert done.returncode == 1
+  lines = done.stderr.strip().splitlines()
+  assert len(lines) == 1 and "checkpoints/10 cannot be read" in lines[0] and "fallback" in lines[0], done.stderr
+  assert sorted(p.name for p in (tmp_path / "corrupt" / "checkpoints").iterdir()) == ["10", "5"]  # nothing lost

@@ -55,12 +55,31 @@ def _emulate(n: int) -> None:
   jdist.emulate_devices(n) if n > 1 else None
 
 
+def _quiet_closed_loops() -> None:
+  """Drops one known harmless traceback: after a failed checkpoint read, orbax's reader threads post to
+  an asyncio loop that has already closed ("Event loop is closed"). Every other thread error is shown."""
+  import threading
+
+  default = threading.excepthook
+  if getattr(default, "jdist_quiet", False):
+    return
+
+  def hook(args):
+    if isinstance(args.exc_value, RuntimeError) and "Event loop is closed" in str(args.exc_value):
+      return
+    default(args)
+
+  hook.jdist_quiet = True
+  threading.excepthook = hook
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   args = _parser().parse_args(argv)
   from jdist.config import ConfigError
   from jdist.distributed import DistributedError
   from jdist.train import CheckpointError
 
+  _quiet_closed_loops()
   try:
     if args.command == "demo":
       _emulate(args.devices)
@@ -108,5 +127,19 @@ def main(argv: Sequence[str] | None = None) -> int:
   return 0
 
 
+def entry() -> None:
+  """The console script: ``main``, then on failure an exit that skips interpreter shutdown.
+
+  After a failed checkpoint read, orbax's background threads would print tracebacks while Python shuts
+  down ("Event loop is closed"), after our one-line message; a failing run has nothing left to save.
+  """
+  code = main()
+  if code:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+  sys.exit(0)
+
+
 if __name__ == "__main__":
-  sys.exit(main())
+  entry()

@@ -1,5 +1,3 @@
-import sys
+from jdist.cli import entry
 
-from jdist.cli import main
-
-sys.exit(main())
+entry()
