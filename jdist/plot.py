@@ -56,21 +56,26 @@ def plot_runs(run_dirs: Sequence[str | pathlib.Path], out: str | pathlib.Path, *
     for i, (label, records) in enumerate(zip(labels, runs)):
       pts = [(r["step"], r[metric]) for r in records if isinstance(r.get(metric), (int, float))]
       if pts:  # varied dashes keep runs that coincide (as equivalent strategies do) visible
+        color = plt.cm.tab20(i % 20) if len(runs) > 10 else None  # the default cycle has 10 colours
         ax.plot(*zip(*pts), label=label, linestyle=_STYLES[i % len(_STYLES)], linewidth=2.2 - 0.3 * (i % 4),
-                marker="." if len(pts) < 30 else None)
+                marker="." if len(pts) < 30 else None, color=color)
     ax.set_xlabel("step")
     ax.set_ylabel(metric)
     if metric.endswith("loss") or metric == "grad_norm":
       ax.set_yscale("log")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if len(runs) <= 4:
+      ax.legend(fontsize=8)
   for ax in list(axes.flat)[len(metrics):]:
     ax.axis("off")
   if title:
     fig.suptitle(title)
   fig.tight_layout()
+  if len(runs) > 4:  # one legend beside the panels instead of one over each
+    handles, names = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False)
   out = pathlib.Path(out)
   out.parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(out, dpi=110)
+  fig.savefig(out, dpi=110, bbox_inches="tight")
   plt.close(fig)
   return out
