@@ -48,30 +48,28 @@ class _Lines:
       self._queue.put(line)
     self._queue.put(None)
 
-  def wait_for(self, predicate, timeout):
+  def _until(self, timeout):
+    """The lines arriving within ``timeout`` seconds (recorded in ``self.lines``), until the output ends."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
       try:
         line = self._queue.get(timeout=max(0.01, deadline - time.monotonic()))
       except queue.Empty:
-        break
+        return
       if line is None:
-        break
+        return
       self.lines.append(line)
+      yield line
+
+  def wait_for(self, predicate, timeout):
+    for line in self._until(timeout):
       if predicate(line):
         return line
     raise AssertionError(f"no such line within {timeout} s; output:\n{''.join(self.lines[-40:])}")
 
   def rest(self, timeout):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-      try:
-        line = self._queue.get(timeout=max(0.01, deadline - time.monotonic()))
-      except queue.Empty:
-        break
-      if line is None:
-        break
-      self.lines.append(line)
+    for _ in self._until(timeout):
+      pass
     return "".join(self.lines)
 
 

@@ -56,9 +56,15 @@ def _emulate(n: int) -> None:
 
 
 def _quiet_closed_loops() -> None:
-  """Drops one known harmless traceback: after a failed checkpoint read, orbax's reader threads post to
-  an asyncio loop that has already closed ("Event loop is closed"). Every other thread error is shown."""
+  """Drops the known harmless tracebacks of a failed checkpoint read: orbax leaves its reads' asyncio
+  tasks behind ("Task exception was never retrieved", logged by asyncio) and its reader threads post to
+  a loop that has already closed ("Event loop is closed"). The CLI has reported the failure in one line;
+  every other thread error is shown. (The process is the CLI's, so it may set these process-wide hooks;
+  the library itself does not.)"""
+  import logging
   import threading
+
+  logging.getLogger("asyncio").setLevel(logging.CRITICAL)
 
   default = threading.excepthook
   if getattr(default, "jdist_quiet", False):

@@ -9,7 +9,6 @@ a truncated or corrupted checkpoint is reported by name instead of being loaded 
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
 import pathlib
 import shutil
@@ -156,9 +155,6 @@ class Checkpointer:
         state, meta = self._restore(step, template)
         return step, state, meta
       except Exception as e:  # orbax, tensorstore and our own checks raise many types
-        # orbax leaves the failed reads' asyncio tasks behind; at exit asyncio would print their
-        # tracebacks ("Task exception was never retrieved") after our one-line report
-        logging.getLogger("asyncio").setLevel(logging.CRITICAL)
         reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:400]
         if not self.config.fallback:
           raise CheckpointError(
