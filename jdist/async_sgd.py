@@ -219,28 +219,72 @@ class AsyncStrategy(Strategy):
     return AsyncStrategy(*Strategy(*self)._replace(**changes), run=self.run)
 
 
-def split_workers(batch: Batch, num_workers: int) -> Batch:
-  """Reshapes a global batch ``[num_workers * b, ...]`` to ``[num_workers, b, ...]`` (worker ``w``
-  gets examples ``w*b .. (w+1)*b - 1``), the layout ``async_sgd`` takes, e.g. for ``ArrayLoader`` data.
+def split_workers(batch: Batch, num_workers: int, *, process_count: int | None = None) -> Batch:
+  """Reshapes a batch of ``num_workers * b`` examples to ``[num_workers, b, ...]``, the layout ``async_sgd``
+  takes (worker ``w`` gets examples ``w*b .. (w+1)*b - 1``), e.g. for ``ArrayLoader`` data.
+
+  In a multi-process run each process holds only its share of the global batch (``ArrayLoader`` yields
+  rows ``[p * B/P, (p + 1) * B/P)`` in process ``p``), which is exactly the data of workers
+  ``p * N/P .. (p + 1) * N/P - 1``; so the share is split into this process's ``num_workers / P`` workers,
+  the slices ``async_sgd``'s ``shard_batch`` takes there. The union over processes, in process order, is
+  what one process gets from the global batch.
+
+  Args:
+    batch: a pytree of arrays sharing the leading (example) axis: the global batch in one process, this
+      process's share in a multi-process run.
+    num_workers: N, all the workers of the run.
+    process_count: P, by default ``jax.process_count()``; N must be a multiple of it.
+
+  Returns:
+    The batch with leaves ``[N / P, b, ...]`` (numpy arrays).
+
+  Raises:
+    ValueError: N not a multiple of P, or a batch size not a multiple of N / P.
+
+  Example:
+    >>> split_workers({"x": np.zeros((8, 3))}, 4)["x"].shape
+    (4, 2, 3)
   """
   n = check_positive_int(num_workers, "num_workers")
-  mesh_lib.batch_size(batch, multiple_of=n)
-  return jax.tree.map(lambda x: np.asarray(x).reshape(n, x.shape[0] // n, *x.shape[1:]), batch)
+  count = check_positive_int(jax.process_count() if process_count is None else process_count, "process_count")
+  if n % count:
+    raise ValueError(f"num_workers ({n}) is not divisible by the {count} processes; each process runs the same "
+                     f"number of workers. Use a multiple of {count} workers.")
+  local = n // count
+  mesh_lib.batch_size(batch, multiple_of=local, what="batch" if count == 1 else "process-local batch")
+  return jax.tree.map(lambda x: np.asarray(x).reshape(local, x.shape[0] // local, *x.shape[1:]), batch)
 
 
-def _check_worker_axis(batch: Batch, n: int, *, dim: int, what: str) -> None:
+def _process_local(batch: Batch) -> bool:
+  """Whether ``batch`` is this process's part (host data in a multi-process run), not global arrays."""
+  return jax.process_count() > 1 and not any(isinstance(x, jax.Array) and not x.is_fully_addressable
+                                             for x in jax.tree.leaves(batch))
+
+
+def _check_worker_axis(batch: Batch, n: int, *, dim: int, what: str, process_local: bool = False) -> None:
+  """Checks axis ``dim`` of every leaf is the workers: all ``n`` of them, or with ``process_local`` the
+  ``n / P`` workers of this process (a multi-process run, where each process passes its own workers)."""
   leaves = jax.tree_util.tree_flatten_with_path(batch)[0]
   if not leaves:
     raise ValueError(f"The {what} is empty; expected a pytree of arrays.")
+  count = jax.process_count() if process_local else 1
+  local = n // count
   for path, leaf in leaves:
     shape = np.shape(leaf)
     name = jax.tree_util.keystr(path) or "<root>"
-    if len(shape) <= dim or shape[dim] != n:
+    if len(shape) <= dim or shape[dim] != local:
       got = f"shape {shape}" if len(shape) <= dim else f"axis {dim} of size {shape[dim]} (shape {shape})"
-      layout = "[num_workers, b, ...]" if dim == 0 else "[T, num_workers, b, ...]"
+      workers = "num_workers" if count == 1 else "num_workers / processes"
+      layout = f"[{workers}, b, ...]" if dim == 0 else f"[T, {workers}, b, ...]"
+      if count == 1:
+        raise ValueError(
+            f"async_sgd: {what} leaf {name} has {got}, but num_workers is {n}: each leaf must be {layout}, "
+            f"worker w's examples at index w. Split a global batch of {n}*b examples with "
+            f"jdist.async_sgd.split_workers(batch, {n}).")
       raise ValueError(
-          f"async_sgd: {what} leaf {name} has {got}, but num_workers is {n}: each leaf must be {layout}, "
-          f"worker w's examples at index w. Split a global batch of {n}*b examples with "
+          f"async_sgd: process {jax.process_index()}'s {what} leaf {name} has {got}, but in a run of {count} "
+          f"processes each passes only the slices of its own {local} of the {n} workers: each leaf must be "
+          f"{layout}, {local} at axis {dim}. Split this process's share of the global batch with "
           f"jdist.async_sgd.split_workers(batch, {n}).")
 
 
@@ -273,7 +317,9 @@ def async_sgd(
     num_workers: N, the number of emulated workers (>= 1).
     mesh: where the workers run. Worker copies and batches are split over its ``axis`` (``num_workers``
       must be divisible by its size); server state is replicated. None: one device,
-      ``jax.devices()[0]``.
+      ``jax.devices()[0]`` (one process only). In a multi-process run ``axis`` must run across the
+      processes in process order (``jdist.make_mesh(workers=-1)`` does), so that process ``p`` holds
+      workers ``p * N/P .. (p + 1) * N/P - 1``.
     max_staleness: None (fully asynchronous) or s >= 0: Stale Synchronous Parallel, the clock spread
       of the alive workers never exceeds s; s = 0 is synchronous SGD.
     pause_prob: each tick each worker pauses (finishes nothing) with this probability, in [0, 1).
@@ -290,6 +336,12 @@ def async_sgd(
   Returns:
     An ``AsyncStrategy``: ``init(params, *, key=None)``, ``shard_batch(batch)``, ``step(state, batch)``
     with batch leaves ``[num_workers, b, ...]``, and ``run(state, batches, ticks)``.
+
+    Batches in a multi-process run (P processes): each process passes to ``shard_batch`` only the
+    slices of its own workers, leaves ``[N/P, b, ...]`` for workers ``p * N/P .. (p + 1) * N/P - 1``
+    (``run``: ``[T, N/P, b, ...]``), and the global ``[N, b, ...]`` batch is assembled from them with no
+    communication. That is ``split_workers(share, N)`` of the process's share of the global batch (what
+    ``ArrayLoader`` yields there), so the run equals one process given ``split_workers(global, N)``.
 
     ``state.params`` / ``state.opt_state``: the server's. ``state.step``: ticks run.
     ``state.key``: raw uint32 key data, split every tick. ``state.extra``:
@@ -351,6 +403,11 @@ def async_sgd(
   jax.eval_shape(lambda k: delay_model.init(k, n), jax.random.wrap_key_data(base_key))  # fits n workers?
 
   if mesh is None:
+    if jax.process_count() > 1:
+      raise ValueError(
+          f"async_sgd with mesh=None runs every worker on one device, jax.devices()[0], but this run has "
+          f"{jax.process_count()} processes and every process's devices must take part. Pass a mesh over all "
+          f"devices, e.g. mesh=jdist.make_mesh({axis}=-1) (num_workers a multiple of its size).")
     mesh = mesh_lib.make_mesh(**{axis: 1}, devices=jax.devices()[:1])
   (axis,) = mesh_lib.check_axes(mesh, axis, what="workers axis")
   d = mesh.shape[axis]
@@ -526,8 +583,9 @@ def async_sgd(
     return build(mesh_lib.replicate(check_params(params), mesh), raw_key(key) if key is not None else base_key)
 
   def shard_batch(batch: Batch) -> Batch:
-    _check_worker_axis(batch, n, dim=0, what="batch")
-    return jax.device_put(batch, per_worker)
+    # one process: [N, b, ...]; several: this process's workers [N/P, b, ...] (jdist.mesh.put_batch)
+    _check_worker_axis(batch, n, dim=0, what="batch", process_local=_process_local(batch))
+    return mesh_lib.put_batch(batch, per_worker)
 
   def step_fn(state: TrainState, batch: Batch):
     _check_worker_axis(batch, n, dim=0, what="batch")  # runs at trace time only
@@ -551,7 +609,8 @@ def async_sgd(
     Args:
       state: from ``init`` (donated).
       batches: leaves ``[T, num_workers, b, ...]``; ``T = ticks`` gives every tick its own batch,
-        ``T = 1`` reuses one batch (full-batch training).
+        ``T = 1`` reuses one batch (full-batch training). In a multi-process run each process passes
+        its own workers, ``[T, num_workers / P, b, ...]`` (as for ``shard_batch``).
       ticks: the number of ticks, a positive int.
 
     Returns:
@@ -559,12 +618,20 @@ def async_sgd(
       tick by tick.
     """
     ticks = check_positive_int(ticks, "ticks")
-    _check_worker_axis(batches, n, dim=1, what="batches")
+    process_local = _process_local(batches)
+    _check_worker_axis(batches, n, dim=1, what="batches", process_local=process_local)
     sizes = {np.shape(x)[0] for x in jax.tree.leaves(batches)}
     if len(sizes) > 1:
       raise ValueError(f"async_sgd.run: batches leaves have different leading (tick) sizes {sorted(sizes)}; "
                        f"every leaf must be [T, num_workers, b, ...] with the same T.")
-    batches = jax.device_put(batches, NamedSharding(mesh, P(None, axis)))
+    sharding = NamedSharding(mesh, P(None, axis))
+    if process_local:  # this process's workers [T, N/P, b, ...], at workers [p N/P, (p+1) N/P) of the mesh axis
+      mesh_lib.process_batch_rows(per_worker, n // jax.process_count())  # raises if the axis is laid out otherwise
+      batches = jax.tree.map(
+          lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x), (x.shape[0], n, *x.shape[2:])),
+          batches)
+    else:
+      batches = jax.device_put(batches, sharding)
     return scan(state, batches, ticks)
 
   tags = [f"N={n}"]

@@ -154,12 +154,16 @@ def pipeline(
     mesh: a mesh with ``axis`` (and ``data_axis`` if given).
     microbatches: m; each device's batch is split into m equal micro-batches.
     schedule: "gpipe" or "circular"; ``repeats`` is v for "circular" (default 2).
-    data_axis: also split the batch over this axis (data x pipe meshes).
+    data_axis: also split the batch over this axis (data x pipe meshes). Without it the batch is
+      replicated over the mesh (only the first and last pipe devices read it).
     input_fn: ``input_fn(params, batch) -> x`` before the first layer (default ``batch["x"]``).
 
   Returns:
     A ``Strategy``. Metrics: ``loss``, ``grad_norm``, ``bubble`` (idle stage-ticks / all, counted from
-    the schedule the step ran) and ``ticks``.
+    the schedule the step ran) and ``ticks``. ``shard_batch`` takes the global batch in one process and
+    this process's share in a multi-process run (as ``jdist.mesh.put_batch``); with ``data_axis``
+    outermost, e.g. ``make_mesh(data=2, pipe=4)`` on 2 processes, each process's devices need only its
+    share, otherwise the shares are first gathered on every host (see ``_put_batch``).
   """
   check_callable(stage_fn, "stage_fn")
   check_callable(loss_fn, "loss_fn")
@@ -261,11 +265,11 @@ def pipeline(
     mesh_lib.batch_size(batch, multiple_of=n_data * m, what="batch")
 
   def shard_batch(batch: Batch) -> Batch:
+    # one process: the global batch; several: this process's share (see _put_batch)
     try:
-      check_batch(batch)
+      return _put_batch(batch, NamedSharding(mesh, batch_spec), multiple_of=n_data * m)
     except ValueError as e:
       raise ValueError(f"{e} (the batch is split over {n_data} data replica(s), then into {m} micro-batches)") from None
-    return jax.device_put(batch, NamedSharding(mesh, batch_spec))
 
   def step_fn(state: TrainState, batch: Batch):
     check_batch(batch)
@@ -283,6 +287,33 @@ def pipeline(
   strategy = Strategy(init=init, shard_batch=shard_batch, step=step, name=f"pipeline[{schedule}, p={p}, m={m}]",
                       mesh=mesh, info={"schedule": sched})
   return strategy
+
+
+def _put_batch(batch: Batch, sharding: NamedSharding, *, multiple_of: int) -> Batch:
+  """Places a batch on ``sharding`` (``P()`` or ``P(data_axes)``), the convention of ``jdist.mesh.put_batch``.
+
+  One process: ``batch`` is the global batch (``jax.device_put``). Several processes: ``batch`` is this
+  process's share, rows ``[p * B/P, (p + 1) * B/P)`` of the global batch. When the batch is split over data
+  axes that run across the processes in process order (e.g. ``make_mesh(data=2, pipe=4)`` on 2 processes),
+  each process's devices need only its own share: ``jdist.mesh.put_batch``, no communication. Otherwise
+  (no data axis, so the batch is replicated over the pipe axis, which runs across processes; or a data
+  axis inside each process) every process's devices need rows of other processes: the shares are
+  gathered on every host first (``multihost_utils.process_allgather``), then the devices take their rows.
+  """
+  leaves = jax.tree.leaves(batch)
+  if jax.process_count() == 1 or any(isinstance(x, jax.Array) and not x.is_fully_addressable for x in leaves):
+    return mesh_lib.put_batch(batch, sharding, multiple_of=multiple_of)
+  lead = tuple(sharding.spec)[0] if tuple(sharding.spec) else None
+  try:  # do this process's devices hold exactly the rows of its own share?
+    mesh_lib.process_batch_rows(sharding, mesh_lib.axis_size(sharding.mesh, lead) if lead is not None else 1)
+  except ValueError:
+    from jax.experimental import multihost_utils
+
+    mesh_lib.batch_size(batch, what="process-local batch")  # leaves agree on the size (gathered per leaf)
+    full = multihost_utils.process_allgather(jax.tree.map(np.asarray, batch), tiled=True)
+    mesh_lib.batch_size(full, multiple_of=multiple_of)
+    return jax.tree.map(lambda x: jax.make_array_from_callback(x.shape, sharding, lambda index: x[index]), full)
+  return mesh_lib.put_batch(batch, sharding, multiple_of=multiple_of)
 
 
 def unstack_params(params: Params) -> Params:

@@ -1,8 +1,9 @@
 """One process of the multi-process tests (run by ``jdist launch`` or directly with ``JDIST_*`` set).
 
-``python tests/_multihost_worker.py train OUT_DIR``: data_parallel and sharded-FSDP for ``STEPS`` steps,
-then ``fit`` with checkpoints into ``OUT_DIR/ckpt``; process 0 writes the final params to
-``OUT_DIR/result.npz``. ``python tests/_multihost_worker.py spin``: trains until killed, printing its pid
+``python tests/_multihost_worker.py train OUT_DIR``: every strategy of ``CASES`` (data_parallel, FSDP,
+pipeline on two meshes, local SGD, async SGD) for ``STEPS`` steps, the misuses of ``errors``, then ``fit``
+with checkpoints into ``OUT_DIR/ckpt``; process 0 writes the final params, the losses and the error messages
+to ``OUT_DIR/result.npz``. ``python tests/_multihost_worker.py spin``: trains until killed, printing its pid
 and one line per step. The same setup functions build the single-process reference in the tests.
 """
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from typing import Callable, NamedTuple
 
 if __name__ == "__main__":  # join the other processes before anything touches JAX
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -23,8 +25,9 @@ import optax  # noqa: E402
 
 import jdist  # noqa: E402
 import jdist.distributed  # noqa: E402
+from jdist.async_sgd import split_workers  # noqa: E402
 from jdist.data import ArrayLoader  # noqa: E402
-from jdist.models import mlp  # noqa: E402
+from jdist.models import mlp, resmlp  # noqa: E402
 
 STEPS = 20  # steps of the equivalence runs
 FIT_STEPS = 10  # steps fit runs on 2 processes before the 1-process resume
@@ -58,15 +61,78 @@ def fsdp_strategy():
                        fsdp_min_size=256)
 
 
-def run(strategy, steps: int):
+def pipeline_params():
+  return resmlp.init(jax.random.key(0), SIZES[0], 32, 8, SIZES[-1])
+
+
+def pipeline_strategy(data_axis: str | None = None, **axes: int):
+  stage, head_loss, embed = resmlp.pipeline_fns()
+  return jdist.pipeline(stage, head_loss, optax.adam(1e-2), jdist.make_mesh(**axes), microbatches=4,
+                        data_axis=data_axis, input_fn=embed)
+
+
+def async_strategy():
+  return jdist.async_sgd(mlp.loss, optax.adam(1e-2), num_workers=8, mesh=jdist.make_mesh(workers=-1), key=0)
+
+
+class Case(NamedTuple):
+  """A strategy to run for ``STEPS`` steps: its initial params, what it takes of a loader batch, and whether
+  the steps go through async_sgd's ``run`` (all in one jitted scan) instead of ``step``."""
+
+  make: Callable[[], jdist.Strategy]
+  params: Callable[[], object] = params
+  prepare: Callable[[dict], dict] = lambda batch: batch
+  scan: bool = False
+
+
+# On 2 processes x 4 devices: data2_pipe4 splits the batch over a data axis that runs across the processes
+# (each process places only its share); pipe8 replicates it over the processes (the shares are gathered).
+# async_sgd: each process passes its own 4 of the 8 workers' slices.
+CASES = {
+    "data_parallel": Case(data_parallel_strategy),
+    "fsdp": Case(fsdp_strategy),
+    "pipeline_data2_pipe4": Case(lambda: pipeline_strategy("data", data=2, pipe=4), pipeline_params),
+    "pipeline_pipe8": Case(lambda: pipeline_strategy(pipe=8), pipeline_params),
+    "local_sgd": Case(lambda: jdist.local_sgd(mlp.loss, optax.adam(1e-2), jdist.make_mesh(data=-1), sync_every=2)),
+    "async_sgd": Case(async_strategy, prepare=lambda batch: split_workers(batch, 8)),
+    "async_sgd_run": Case(async_strategy, prepare=lambda batch: split_workers(batch, 8), scan=True),
+}
+
+
+def run(case: Case, steps: int):
   """``steps`` steps on the loader's batches; returns (params on the host, losses)."""
-  state = strategy.init(params())
+  strategy = case.make()
+  state = strategy.init(case.params())
   batches = iter(loader())
+  if case.scan:
+    stacked = jax.tree.map(lambda *x: np.stack(x), *[case.prepare(next(batches)) for _ in range(steps)])
+    state, metrics = strategy.run(state, stacked, steps)
+    return gather(state.params), np.asarray(gather(metrics["loss"]))
   losses = []
   for _ in range(steps):
-    state, metrics = strategy.step(state, strategy.shard_batch(next(batches)))
+    state, metrics = strategy.step(state, strategy.shard_batch(case.prepare(next(batches))))
     losses.append(float(metrics["loss"]))
   return gather(state.params), np.array(losses)
+
+
+def errors() -> dict[str, str]:
+  """What each of these raises in this run ("" if nothing): data_parallel's pmap backend for one step,
+  async_sgd without a mesh, and async_sgd's shard_batch given all 8 workers' slices instead of its own."""
+  tries = {
+      "pmap": lambda: run(Case(lambda: jdist.data_parallel(mlp.loss, optax.adam(1e-2), jdist.make_mesh(data=-1),
+                                                           backend="pmap")), 1),
+      "async_without_mesh": lambda: jdist.async_sgd(mlp.loss, optax.sgd(0.1), num_workers=8, key=0),
+      "async_all_workers": lambda: async_strategy().shard_batch(split_workers(next(iter(loader())), 8,
+                                                                              process_count=1)),
+  }
+  out = {}
+  for name, attempt in tries.items():
+    try:
+      attempt()
+      out[name] = ""
+    except Exception as e:  # noqa: BLE001 - reported to the test
+      out[name] = f"{type(e).__name__}: {e}"
+  return out
 
 
 def gather(tree):
@@ -92,10 +158,11 @@ def fit_run(directory: str, steps: int):
 
 def main_train(out: str) -> None:
   results = {}
-  for name, make in (("data_parallel", data_parallel_strategy), ("fsdp", fsdp_strategy)):
-    p, losses = run(make(), STEPS)
+  for name, case in CASES.items():
+    p, losses = run(case, STEPS)
     results.update(flat(name, p))
     results[f"{name}/losses"] = losses
+  results.update({f"error/{name}": np.array(message) for name, message in errors().items()})
   fitted = fit_run(out, FIT_STEPS)
   results.update(flat("fit", gather(fitted.state.params)))
   if jdist.distributed.is_coordinator():

@@ -1,9 +1,12 @@
 """Several processes on localhost as one JAX run (gloo over loopback), each with 4 emulated CPU devices.
 
-2 processes x 4 devices must equal 1 process x 8 devices (the pytest process); a checkpoint written by
-2 processes must resume on 1; a killed process must end the run, not hang it; a missing coordinator or
-process must be named within the start-up timeout.
+2 processes x 4 devices must equal 1 process x 8 devices (the pytest process), for every strategy:
+data_parallel, FSDP, pipeline (batch split across the processes, or replicated over them), local SGD and
+async SGD (step by step and in one scan); data_parallel's pmap backend must refuse to run across processes;
+a checkpoint written by 2 processes must resume on 1; a killed process must end the run, not hang it; a
+missing coordinator or process must be named within the start-up timeout.
 """
+import functools
 import os
 import pathlib
 import queue
@@ -75,7 +78,7 @@ class _Lines:
 
 @pytest.fixture(scope="module")
 def two_process_run(tmp_path_factory):
-  """One `jdist launch -n 2 --devices-per-process 4` of the worker: data_parallel, FSDP and fit."""
+  """One `jdist launch -n 2 --devices-per-process 4` of the worker: every strategy of worker.CASES and fit."""
   out = tmp_path_factory.mktemp("two_processes")
   done = subprocess.run(_launch_cmd(sys.executable, WORKER, "train", str(out)), capture_output=True, text=True,
                         timeout=300)
@@ -90,13 +93,34 @@ def _leaves(result, prefix):
   return [result[f"{prefix}/{i}"] for i in range(count)]
 
 
-@pytest.mark.parametrize("name, make", [("data_parallel", worker.data_parallel_strategy),
-                                        ("fsdp", worker.fsdp_strategy)])
-def test_two_processes_equal_one_process(two_process_run, name, make):
+@functools.cache
+def _one_process(name):
+  """``worker.run`` of a case on 1 process x 8 devices (this one)."""
+  return worker.run(worker.CASES[name], worker.STEPS)
+
+
+@pytest.mark.parametrize("name", list(worker.CASES))
+def test_two_processes_equal_one_process(two_process_run, name):
   _, result = two_process_run
-  params, losses = worker.run(make(), worker.STEPS)  # 1 process x 8 devices, here
+  # async_sgd's run scans the same ticks as its step: one reference serves both (saves a compile)
+  params, losses = _one_process("async_sgd" if name == "async_sgd_run" else name)
+  assert len(losses) == worker.STEPS
   np.testing.assert_allclose(result[f"{name}/losses"], losses, rtol=1e-5)
   assert_trees_all_close(_leaves(result, name), jax.tree.leaves(params), rtol=1e-5)
+
+
+def test_pmap_backend_and_async_misuse_are_clear_errors_across_processes(two_process_run):
+  _, result = two_process_run
+  errors = {name: str(result[f"error/{name}"]) for name in ("pmap", "async_without_mesh", "async_all_workers")}
+  # jax.pmap traced inside the jitted step maps over this process's devices only: it must not run
+  assert errors["pmap"].startswith("ValueError: "), errors["pmap"]
+  assert errors["async_without_mesh"] == (
+      "ValueError: async_sgd with mesh=None runs every worker on one device, jax.devices()[0], but this run has 2 "
+      "processes and every process's devices must take part. Pass a mesh over all devices, e.g. "
+      "mesh=jdist.make_mesh(workers=-1) (num_workers a multiple of its size).")
+  assert errors["async_all_workers"].startswith(
+      "ValueError: async_sgd: process 0's batch leaf ['x'] has axis 0 of size 8 (shape (8, 4, 16)), but in a run of "
+      "2 processes each passes only the slices of its own 4 of the 8 workers"), errors["async_all_workers"]
 
 
 def test_checkpoint_from_two_processes_resumes_on_one(two_process_run, tmp_path):
@@ -285,6 +309,13 @@ def test_single_process_helpers_and_errors():
   np.testing.assert_array_equal(np.concatenate([s["x"] for s in shares]), full["x"])
   with pytest.raises(ValueError, match="batch_size 6 is not divisible by the 4 processes"):
     jdist.data.ArrayLoader(data, 6, process_index=0, process_count=4)
+  # async_sgd: the loader's share of each process is the slices of its own workers, in worker order
+  workers = jdist.split_workers(full, 4)
+  np.testing.assert_array_equal(
+      np.concatenate([jdist.split_workers(s, 4, process_count=2)["x"] for s in shares]), workers["x"])
+  assert workers["x"].shape == (4, 2, 2)
+  with pytest.raises(ValueError, match=r"num_workers \(3\) is not divisible by the 2 processes"):
+    jdist.split_workers(full, 3, process_count=2)
   mesh = jdist.make_mesh(data=-1)
   start, stop, size = jdist.mesh.process_batch_rows(jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")),
                                                     16)
