@@ -201,4 +201,5 @@ def run(config: Config, *, callbacks=(), quiet: bool = False):
     cbs.append(ProgressBar(exp.strategy.name) if config.train.progress else PrintLogger(config.train.log_every))
   return exp, fit(exp.strategy, exp.state, exp.loader, steps=config.train.steps, callbacks=cbs,
                   checkpoint=checkpoint, eval_fn=exp.eval_fn, eval_data=exp.eval_data,
-                  eval_every=config.train.eval_every, log_every=config.train.log_every, run_dir=run_dir)
+                  eval_every=config.train.eval_every, log_every=config.train.log_every, run_dir=run_dir,
+                  flops_per_step=6.0 * exp.num_params * config.data.batch_size)  # dense-model 6 N per example

@@ -173,16 +173,20 @@ def test_saved_on_8_devices_restored_on_4(tmp_path):
   assert_trees_all_close(cont4.state.params, cont8.state.params, rtol=1e-5)
 
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+@pytest.mark.parametrize("overlap", [True, False])
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, overlap):
   strategy, state, _ = _setup()
   batches = [dict(b) for b, _ in zip(ArrayLoader(_data(), 32, seed=0), range(12))]
   batches[6] = {"x": np.full_like(batches[6]["x"], np.nan), "y": batches[6]["y"]}  # step 7 goes NaN
   ckdir = tmp_path / "ckpt"
-  result = fit(strategy, state, batches, steps=12, callbacks=[NanGuard()],
+  result = fit(strategy, state, batches, steps=12, callbacks=[NanGuard()], overlap=overlap,
                checkpoint=CheckpointConfig(directory=ckdir, every_steps=5), run_dir=tmp_path)
   assert result.failed and "loss is nan at step 7" in result.stop_reason
   assert "last good checkpoint (step 5)" in result.stop_reason
-  assert len(result.history) == 7
+  # with overlap step 8 was already running when step 7's loss was read; it is read too, then the run ends
+  last = 8 if overlap else 7
+  assert len(result.history) == last and int(result.state.step) == last
+  assert np.isnan(result.history[-1]["loss"])
   assert sorted(p.name for p in ckdir.iterdir() if p.name.isdigit()) == ["5"]
   strategy, state, _ = _setup()
   good = fit(strategy, state, batches[:5], steps=5)
@@ -205,10 +209,12 @@ def test_plain_iterable_resumes_by_skipping(tmp_path):
 
 
 def test_early_stopping_and_data_exhaustion():
-  strategy, state, loader = _setup()
-  stopper = jdist.train.EarlyStopping("loss", patience=1, min_delta=10.0)  # never improves by 10
-  result = fit(strategy, state, loader, steps=50, callbacks=[stopper])
-  assert result.stop_reason.startswith("early stopping at step 2") and not result.failed
+  for overlap, last in ((False, 2), (True, 3)):
+    strategy, state, loader = _setup()
+    stopper = jdist.train.EarlyStopping("loss", patience=1, min_delta=10.0)  # never improves by 10
+    result = fit(strategy, state, loader, steps=50, callbacks=[stopper], overlap=overlap)
+    assert result.stop_reason.startswith("early stopping at step 2") and not result.failed
+    assert int(result.state.step) == last and len(result.history) == last
   strategy, state, loader = _setup()
   batches = [b for b, _ in zip(loader, range(3))]
   result = fit(strategy, state, batches, steps=10)
@@ -240,3 +246,73 @@ def test_loader_resumes_mid_epoch():
   expected = [x for x, _ in zip(c, range(12))][-1]
   np.testing.assert_array_equal(nxt["x"], expected["x"])
   assert not np.array_equal(first[0]["x"], first[8]["x"])  # a new permutation each epoch
+
+
+class _CountingStep:
+  """A strategy step that counts how many steps have been dispatched."""
+
+  def __init__(self, step):
+    self.step, self.dispatched = step, 0
+
+  def __call__(self, state, batch):
+    self.dispatched += 1
+    return self.step(state, batch)
+
+
+class _SeesDispatched(Callback):
+  def __init__(self, counter):
+    self.counter, self.seen = counter, {}
+
+  def on_step(self, loop, step, metrics):
+    self.seen[step] = self.counter.dispatched
+
+
+def _overlap_run(tmp_path, overlap):
+  # one device: its dispatch is asynchronous, as on a GPU (multi-device CPU steps block, see StepFn)
+  strategy, state, loader = _setup(n_devices=1)
+  counter = _CountingStep(strategy.step)
+  strategy = strategy._replace(step=counter)
+  seer = _SeesDispatched(counter)
+  run_dir = tmp_path / f"overlap_{overlap}"
+  result = fit(strategy, state, loader, steps=13, callbacks=[seer], overlap=overlap, eval_fn=_eval_fn,
+               eval_data=_data(40, 1), eval_every=5, log_every=2, run_dir=run_dir, tensorboard=False,
+               checkpoint=CheckpointConfig(directory=run_dir / "ckpt", every_steps=4, keep=10))
+  return result, seer.seen, run_dir
+
+
+def test_overlap_reads_each_step_while_the_next_runs_and_changes_nothing(tmp_path):
+  fast, seen_fast, dir_fast = _overlap_run(tmp_path, True)
+  slow, seen_slow, dir_slow = _overlap_run(tmp_path, False)
+  assert seen_slow == {k: k for k in range(1, 14)}
+  # steps with an evaluation (5, 10, 13) or a checkpoint (4, 8, 12) are read before the next step starts
+  sync = {4, 5, 8, 10, 12, 13}
+  assert seen_fast == {k: k if k in sync else k + 1 for k in range(1, 14)}
+  _leaves_equal(fast.state.params, slow.state.params)
+  _leaves_equal(fast.state.opt_state, slow.state.opt_state)
+  assert fast.history == slow.history and fast.eval_history == slow.eval_history
+  assert (dir_fast / "metrics.jsonl").read_text() == (dir_slow / "metrics.jsonl").read_text()
+  ck = lambda d: sorted(int(p.name) for p in (d / "ckpt").iterdir() if p.name.isdigit())
+  assert ck(dir_fast) == ck(dir_slow) == [4, 8, 12, 13]
+  timing = read_jsonl(dir_fast / "timing.jsonl")
+  assert [r["step"] for r in timing] == [2, 4, 6, 8, 10, 12, 13]
+
+
+def test_model_flops_and_mfu_in_the_timing_log(tmp_path):
+  strategy, state, loader = _setup(n_devices=4)
+  flops = 6 * (6 * 16 + 16 * 3) * 32  # 6 x weights x examples per step
+  fit(strategy, state, loader, steps=6, log_every=3, run_dir=tmp_path, tensorboard=False,
+      flops_per_step=flops, peak_flops=1e9)
+  timing = read_jsonl(tmp_path / "timing.jsonl")
+  assert [r["step"] for r in timing] == [3, 6]
+  for r in timing:
+    assert r["model_tflops_per_s"] == pytest.approx(flops * r["steps_per_s"] / 1e12, rel=1e-12)
+    assert r["mfu"] == pytest.approx(flops * r["steps_per_s"] / (1e9 * 4), rel=1e-12)  # 4 devices' peak
+  fit(strategy, strategy.init(mlp.init(jax.random.key(0), [6, 16, 3])), loader, steps=3, log_every=3,
+      run_dir=tmp_path / "cpu", tensorboard=False, flops_per_step=flops)
+  (r,) = read_jsonl(tmp_path / "cpu" / "timing.jsonl")  # the CPU's peak is unknown: no MFU, FLOP/s still
+  assert "mfu" not in r and r["model_tflops_per_s"] > 0
+  for bad in (0, -1.0, "6N"):
+    with pytest.raises(ValueError, match="flops_per_step must be a positive number"):
+      fit(strategy, state, loader, steps=1, flops_per_step=bad)
+  with pytest.raises(ValueError, match="peak_flops must be a positive number"):
+    fit(strategy, state, loader, steps=1, flops_per_step=1.0, peak_flops=0)

@@ -73,6 +73,14 @@ def _host(metrics: dict[str, Any]) -> dict[str, float]:
   return out
 
 
+def _mesh_peak(strategy: Strategy, peak_flops: float | None) -> float | None:
+  """Peak FLOP/s of all the devices of the strategy's mesh (None if one device's peak is unknown)."""
+  from jdist.perf import peak_flops as device_peak
+
+  per_device = peak_flops if peak_flops is not None else device_peak(strategy.mesh.devices.flat[0])
+  return per_device * strategy.mesh.size if per_device is not None else None
+
+
 def fit(
     strategy: Strategy,
     state: TrainState,
@@ -87,6 +95,9 @@ def fit(
     log_every: int = 10,
     run_dir: str | os.PathLike | None = None,
     tensorboard: bool = True,
+    overlap: bool = True,
+    flops_per_step: float | None = None,
+    peak_flops: float | None = None,
 ) -> FitResult:
   """Trains ``state`` with ``strategy`` until ``state.step == steps``, resuming from a checkpoint if any.
 
@@ -105,6 +116,16 @@ def fit(
     run_dir: where metric logs go (none written if None). In a multi-process run only process 0 writes
       them; every process saves its part of the checkpoints (one directory, shared by all).
     tensorboard: also write TensorBoard event files under ``run_dir/tensorboard``.
+    overlap: dispatch step k + 1 before reading step k's metrics, so the devices never wait for the
+      host (callbacks, logs, the next batch), as in a hand-written loop that reads its metrics late.
+      Evaluation and checkpoint steps are read before going on, so they see exactly their step's
+      state, and a failed step is never checkpointed. A stop that a callback requests at step k
+      (``EarlyStopping`` on a training metric, ``NanGuard``) then ends the run after step k + 1, which
+      was already running; pass ``overlap=False`` to stop at exactly step k (one host wait per step).
+    flops_per_step: the model FLOPs of one step (e.g. ``gpt.flops_per_token(cfg) * tokens_per_step``);
+      ``timing.jsonl`` then also gets ``model_tflops_per_s`` and, where the peak is known, ``mfu``:
+      model FLOPs per second over the peak of all the mesh's devices.
+    peak_flops: the peak FLOP/s of one device (default: ``jdist.perf.peak_flops`` of the mesh's devices).
 
   Returns:
     A ``FitResult``.
@@ -119,6 +140,10 @@ def fit(
     raise ValueError(f"log_every must be a positive int, got {log_every!r}.")
   if eval_every is not None and (not isinstance(eval_every, int) or eval_every < 1):
     raise ValueError(f"eval_every must be a positive int or None, got {eval_every!r}.")
+  if flops_per_step is not None and not (isinstance(flops_per_step, (int, float)) and flops_per_step > 0):
+    raise ValueError(f"flops_per_step must be a positive number (model FLOPs of one step), got {flops_per_step!r}.")
+  if peak_flops is not None and not (isinstance(peak_flops, (int, float)) and peak_flops > 0):
+    raise ValueError(f"peak_flops must be a positive number (FLOP/s of one device), got {peak_flops!r}.")
   if (eval_fn is None) != (eval_data is None):
     raise ValueError("Pass eval_fn and eval_data together (eval_fn(params, batch) -> dict of metrics).")
   run_path = pathlib.Path(run_dir) if run_dir is not None else None
@@ -176,37 +201,66 @@ def fit(
   _call(callbacks, "on_start", control, start)
   step = start
   window_start, window_steps, examples = time.perf_counter(), 0, 0
+  peak = _mesh_peak(strategy, peak_flops) if flops_per_step is not None else None
   result = None
+
+  def finish(k, metrics, n_examples):
+    # step k's metrics to the host: history, callbacks, logs (a failed step is not logged)
+    nonlocal window_start, window_steps, examples
+    window_steps += 1
+    examples += n_examples
+    host = _host(metrics)
+    host["step"] = k
+    history.append(host)
+    _call(callbacks, "on_step", control, k, host)
+    if control.failed:
+      return
+    if log_here and (k % log_every == 0 or k == steps):
+      elapsed = time.perf_counter() - window_start
+      metrics_log.write(host)
+      if tb is not None:
+        tb.write(k, host)
+      timing = {"step": k, "steps_per_s": window_steps / elapsed, "examples_per_s": examples / elapsed}
+      if flops_per_step is not None:
+        timing["model_tflops_per_s"] = flops_per_step * timing["steps_per_s"] / 1e12
+        if peak is not None:
+          timing["mfu"] = flops_per_step * timing["steps_per_s"] / peak
+      timing_log.write({**timing, "time": time.time()})
+      window_start, window_steps, examples = time.perf_counter(), 0, 0
+
+  pending = None  # (step, metrics on the device, examples) of the last step dispatched and not yet read
   try:
-    while step < steps and control.stop_reason is None:
+    while True:
+      if pending is not None:
+        k, metrics, n_examples = pending
+        eval_due = eval_step is not None and ((eval_every and k % eval_every == 0) or k == steps)
+        save_due = checkpointer is not None and checkpointer.due(k)
+        # evaluation and checkpoints need step k's state, which the next (donating) step consumes
+        if not overlap or eval_due or save_due or k >= steps or control.stop_reason is not None:
+          pending = None
+          finish(k, metrics, n_examples)
+          if control.failed:
+            break
+          if eval_due:
+            evaluate(k, state)
+          if save_due and control.stop_reason is None:
+            save(k, state)
+      if step >= steps or control.stop_reason is not None:
+        if pending is None:
+          break
+        continue  # read the step still running first
       try:
         batch = next(batches)
       except StopIteration:
         control.request_stop(f"the data ran out after step {step}")
-        break
+        continue
       # several processes: each passes its share (jdist.mesh.put_batch); count the global batch
-      examples += len(jax.tree.leaves(batch)[0]) * jax.process_count()
+      n_examples = len(jax.tree.leaves(batch)[0]) * jax.process_count()
       state, metrics = strategy.step(state, strategy.shard_batch(batch))
       step += 1
-      window_steps += 1
-      host = _host(metrics)
-      host["step"] = step
-      history.append(host)
-      _call(callbacks, "on_step", control, step, host)
-      if control.failed:
-        break
-      if log_here and (step % log_every == 0 or step == steps):
-        elapsed = time.perf_counter() - window_start
-        metrics_log.write(host)
-        if tb is not None:
-          tb.write(step, host)
-        timing_log.write({"step": step, "steps_per_s": window_steps / elapsed,
-                          "examples_per_s": examples / elapsed, "time": time.time()})
-        window_start, window_steps, examples = time.perf_counter(), 0, 0
-      if eval_step is not None and ((eval_every and step % eval_every == 0) or step == steps):
-        evaluate(step, state)
-      if checkpointer is not None and checkpointer.due(step) and control.stop_reason is None:
-        save(step, state)
+      if pending is not None:  # overlap: read the previous step while this one runs on the devices
+        finish(*pending)
+      pending = (step, metrics, n_examples)
     if (checkpointer is not None and not control.failed and checkpoint.save_at_end
         and checkpointer.last_saved_step != step):
       save(step, state)
