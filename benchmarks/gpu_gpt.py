@@ -3,18 +3,24 @@
 Two configurations (those of shared/reference/plain_jax_gpt.py): 124M-class (d=768, 12 layers, seq
 1024, batch 16) and 1B-class (d=2048, 16 layers, seq 2048, batch 8), vocabulary 32768. jdist runs the
 GPT through `data_parallel` on a 1-device mesh with bf16 compute and fp32 master weights and optimizer
-state (`jdist.precision.mixed_precision` plus `GPTConfig.compute_dtype`), cuDNN attention where
-available, blocks under `lax.scan`, the state donated. The plain step is the reference's own code,
-copied into benchmarks/_plain_gpt.py. The table: step ms, tokens/s, MFU (of the chip's bf16 peak) and
-jdist / plain in tokens/s. Writes bench_results/gpu_gpt.json; keep the figures in benchmarks/RESULTS.md.
+state (`GPTConfig.compute_dtype`; `--policy wrapper` adds `jdist.precision.mixed_precision`, the
+policy for any model), cuDNN attention where
+available, blocks under `lax.scan`, the state donated; then the same compiled step once more through
+`jdist.fit` (host batches, metrics read one step late), to show what the training loop costs. The plain
+step is the reference's own code, copied into benchmarks/_plain_gpt.py. The table: step ms, tokens/s,
+MFU (of the chip's bf16 peak) and jdist / plain in tokens/s (goal >= 1). Writes
+bench_results/gpu_gpt.json; keep the figures in benchmarks/RESULTS.md.
 
-Run on a GPU host: python benchmarks/gpu_gpt.py [--remat none|dots_saveable|full] [--only 124m|1b]
-Without a GPU it prints a clear message and exits 0; `--cpu-smoke` runs a tiny configuration on the
-CPU to check the code paths.
+Run on a GPU host: python benchmarks/gpu_gpt.py [--remat none|dots_saveable|full] [--unroll N]
+    [--policy model|wrapper] [--only 124m|1b]
+Without a GPU it prints a clear message and exits 0. `--cpu-smoke` runs a tiny configuration on the
+CPU to check the code paths. `--static` compiles both steps for the real shapes without running them
+and compares XLA's FLOP, byte and memory counts (works on any backend, CPU included).
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import pathlib
 import sys
 import time
@@ -30,6 +36,7 @@ import jdist  # noqa: E402
 from jdist.models import gpt  # noqa: E402
 from jdist.perf import mfu, peak_flops  # noqa: E402
 from jdist.precision import mixed_precision  # noqa: E402
+from jdist.state import TrainState  # noqa: E402
 
 CONFIGS = {
     "124m": dict(vocab_size=32768, d_model=768, n_layers=12, n_heads=12, seq_len=1024, batch=16),
@@ -39,6 +46,7 @@ CONFIGS = {
 
 
 def timed(step, state, batch, n):
+  """Seconds per step over ``n`` steps after a compile step and 3 warm-up steps; returns the last state too."""
   state, out = step(state, batch)
   jax.block_until_ready(out)
   for _ in range(3):
@@ -51,25 +59,66 @@ def timed(step, state, batch, n):
   return (time.perf_counter() - t) / n, state
 
 
-def run_jdist(shape, impl, remat, n):
+# --- jdist ---------------------------------------------------------------------------------------------
+
+POLICIES = ("model", "wrapper")
+
+
+def jdist_setup(shape, impl, remat, unroll=1, policy="model"):
+  """(strategy, config) for ``shape``: bf16 compute, fp32 master weights, AdamW, a 1-device mesh.
+
+  ``policy="model"``: the GPT casts each weight to bf16 where it uses it (``GPTConfig.compute_dtype``),
+  as the plain step does. ``policy="wrapper"``: also ``jdist.precision.mixed_precision``, the policy for
+  any model, which casts the whole parameter tree once before the forward pass.
+  """
   cfg = gpt.GPTConfig(vocab_size=shape["vocab_size"], seq_len=shape["seq_len"], d_model=shape["d_model"],
                       n_layers=shape["n_layers"], n_heads=shape["n_heads"], compute_dtype=jnp.bfloat16,
-                      remat=remat, attention_impl=impl)
+                      remat=remat, attention_impl=impl, scan_unroll=unroll)
   mesh = jdist.make_mesh(data=1, devices=jax.devices()[:1])
-  loss = mixed_precision(gpt.loss_fn(cfg), compute_dtype=jnp.bfloat16)
-  strategy = jdist.data_parallel(loss, optax.adamw(3e-4), mesh)
+  loss = gpt.loss_fn(cfg)
+  if policy == "wrapper":
+    loss = mixed_precision(loss, compute_dtype=jnp.bfloat16)
+  return jdist.data_parallel(loss, optax.adamw(3e-4), mesh), cfg
+
+
+def run_jdist(shape, impl, remat, n, *, unroll=1, policy="model", fit_steps=0):
+  """Times jdist's step; with ``fit_steps``, also the same compiled step driven by ``jdist.fit``.
+
+  Returns ``{"step_s", "fit_step_s" (or None), "flops" (model FLOPs per step)}``.
+  """
+  strategy, cfg = jdist_setup(shape, impl, remat, unroll, policy)
   state = strategy.init(gpt.init(jax.random.key(1), cfg))
-  batch = strategy.shard_batch(gpt.synthetic_tokens(jax.random.key(2), shape["batch"], cfg))
+  host_batch = jax.device_get(gpt.synthetic_tokens(jax.random.key(2), shape["batch"], cfg))
   step = lambda s, b: (lambda out: (out[0], out[1]["loss"]))(strategy.step(s, b))
-  dt, _ = timed(step, state, batch, n)
-  return dt, gpt.flops_per_token(cfg) * shape["batch"] * shape["seq_len"]
+  dt, state = timed(step, state, strategy.shard_batch(host_batch), n)
+  fit_dt = None
+  if fit_steps:  # host batches in, metrics out: the loop a user runs, on the step compiled above
+    start = int(state.step)
+    t = time.perf_counter()
+    result = jdist.fit(strategy, state, itertools.repeat(host_batch), steps=start + fit_steps, log_every=fit_steps)
+    jax.block_until_ready(result.state)
+    fit_dt = (time.perf_counter() - t) / fit_steps
+  return {"step_s": dt, "fit_step_s": fit_dt, "flops": gpt.flops_per_token(cfg) * shape["batch"] * shape["seq_len"]}
 
 
-def run_plain(shape, impl, n):
+def jdist_abstract(shape, impl, remat, unroll=1, policy="model"):
+  """jdist's jitted step and abstract (state, batch) for ``shape``, nothing allocated."""
+  strategy, cfg = jdist_setup(shape, impl, remat, unroll, policy)
+  params = jax.eval_shape(lambda: gpt.init(jax.random.key(1), cfg))
+  state = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
+                     opt_state=jax.eval_shape(optax.adamw(3e-4).init, params),
+                     key=jax.ShapeDtypeStruct((2,), jnp.uint32))
+  batch = {"tokens": jax.ShapeDtypeStruct((shape["batch"], shape["seq_len"] + 1), jnp.int32)}
+  return strategy.step.jitted, state, batch
+
+
+# --- the plain reference ---------------------------------------------------------------------------------
+
+def plain_setup(shape, impl):
+  """The reference's step (jitted, state donated) and a function making its initial state."""
   import _plain_gpt as plain
 
-  V, D, L, H, S, B = (shape[k] for k in ("vocab_size", "d_model", "n_layers", "n_heads", "seq_len", "batch"))
-  p = plain.init(jax.random.key(1), V, D, L, H, S)
+  V, D, L, H, S = (shape[k] for k in ("vocab_size", "d_model", "n_layers", "n_heads", "seq_len"))
   opt = optax.adamw(3e-4)
 
   def loss(p, tok):
@@ -82,52 +131,141 @@ def run_plain(shape, impl, n):
     u, st = opt.update(g, st, p)
     return (optax.apply_updates(p, u), st), l
 
-  step = jax.jit(step, donate_argnums=(0,))
-  tok = jax.random.randint(jax.random.key(2), (B, S + 1), 0, V)
-  dt, _ = timed(step, (p, opt.init(p)), tok, n)
+  def init():
+    p = plain.init(jax.random.key(1), V, D, L, H, S)
+    return p, opt.init(p)
+
+  return jax.jit(step, donate_argnums=(0,)), init
+
+
+def run_plain(shape, impl, n):
+  step, init = plain_setup(shape, impl)
+  tok = jax.random.randint(jax.random.key(2), (shape["batch"], shape["seq_len"] + 1), 0, shape["vocab_size"])
+  dt, _ = timed(step, init(), tok, n)
   return dt
+
+
+# --- static comparison -----------------------------------------------------------------------------------
+
+def _costs(compiled):
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  mem = compiled.memory_analysis()
+  return {"flops": float(cost.get("flops", 0.0)), "bytes_accessed": float(cost.get("bytes accessed", 0.0)),
+          "temp_bytes": getattr(mem, "temp_size_in_bytes", None),
+          "argument_bytes": getattr(mem, "argument_size_in_bytes", None),
+          "alias_bytes": getattr(mem, "alias_size_in_bytes", None)}
+
+
+def static_compare(name, impl, remat, policy="model"):
+  """Compiles jdist's and the plain step for CONFIGS[name] without running them; XLA's counts of each.
+
+  XLA's cost analysis counts a loop body once, whatever its trip count, so jdist's blocks are unrolled
+  here (``scan_unroll=True``: the same arithmetic as the scan, tested in tests/test_precision.py).
+  """
+  shape = CONFIGS[name]
+  step, state, batch = jdist_abstract(shape, impl, remat, unroll=True, policy=policy)
+  t = time.perf_counter()
+  ours = _costs(step.lower(state, batch).compile())
+  ours["compile_s"] = time.perf_counter() - t
+  plain_step, init = plain_setup(shape, impl)
+  tok = jax.ShapeDtypeStruct((shape["batch"], shape["seq_len"] + 1), jnp.int32)
+  t = time.perf_counter()
+  theirs = _costs(plain_step.lower(jax.eval_shape(init), tok).compile())
+  theirs["compile_s"] = time.perf_counter() - t
+  return ours, theirs
+
+
+def matmul_ceiling(n=8192, reps=20):
+  """Measured bf16 matmul FLOP/s (the reference script's ceiling)."""
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.bfloat16)
+  mm = jax.jit(lambda x, y: x @ y)
+  jax.block_until_ready(mm(a, a))
+  t = time.perf_counter()
+  for _ in range(reps):
+    out = mm(a, a)
+  jax.block_until_ready(out)
+  return 2 * n**3 * reps / (time.perf_counter() - t)
+
+
+def main_static(args) -> None:
+  names = [args.only] if args.only else ["124m", "1b"]
+  impl = "cudnn" if jax.devices()[0].platform == "gpu" else None
+  rows, results = [], {"device": jax.devices()[0].device_kind, "remat": args.remat, "policy": args.policy}
+  for name in names:
+    ours, theirs = static_compare(name, impl, args.remat, args.policy)
+    results[name] = {"jdist": ours, "plain": theirs}
+    gib = lambda b: b / 2**30 if b is not None else float("nan")
+    rows.append((name, ours["flops"] / 1e12, theirs["flops"] / 1e12, ours["flops"] / theirs["flops"],
+                 ours["bytes_accessed"] / theirs["bytes_accessed"], gib(ours["temp_bytes"]),
+                 gib(theirs["temp_bytes"]), ours["compile_s"], theirs["compile_s"]))
+  print_table(f"Compiled GPT steps on {results['device']} (not run): XLA's counts, remat={args.remat}, "
+              f"policy={args.policy}, jdist's blocks unrolled for the count",
+              ["config", "jdist TFLOP", "plain TFLOP", "FLOP ratio", "bytes ratio", "jdist temp GiB",
+               "plain temp GiB", "jdist compile s", "plain compile s"], rows)
+  write_json("gpu_gpt_static", results)
 
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--remat", default="none", choices=gpt.REMAT_POLICIES)
+  parser.add_argument("--policy", default="model", choices=POLICIES,
+                      help="bf16 casts: by the model where each weight is used, or by the mixed_precision wrapper")
+  parser.add_argument("--unroll", type=int, default=1, help="GPT blocks per scan iteration (1: a rolled loop)")
   parser.add_argument("--only", choices=["124m", "1b"], default=None)
   parser.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on the CPU, to check the code paths")
+  parser.add_argument("--static", action="store_true", help="compile only; compare XLA's counts (any backend)")
   parser.add_argument("--steps", type=int, default=10)
+  parser.add_argument("--quick", action="store_true", help="5 timed steps instead of --steps")
   args = parser.parse_args()
+  n = 5 if args.quick else args.steps
+  if args.static:
+    return main_static(args)
   device = jax.devices()[0]
   if args.cpu_smoke:
     names, impl = ["cpu-smoke"], None
   else:
     if device.platform != "gpu":
-      print(f"benchmarks/gpu_gpt.py needs a GPU; this host's JAX sees {device.platform} devices only. Skipping.")
+      print(f"benchmarks/gpu_gpt.py needs a GPU; this host's JAX sees {device.platform} devices only. Skipping. "
+            f"(--static compares the compiled steps on any backend; --cpu-smoke runs tiny shapes here.)")
       return
     names = [args.only] if args.only else ["124m", "1b"]
     impl = "cudnn"
   peak = peak_flops(device)
-  rows, results = [], {"device": getattr(device, "device_kind", device.platform), "peak_flops": peak}
+  results = {"device": getattr(device, "device_kind", device.platform), "jax": jax.__version__, "peak_flops": peak,
+             "remat": args.remat, "unroll": args.unroll, "policy": args.policy}
+  if device.platform == "gpu":
+    results["matmul_bf16_flops"] = matmul_ceiling()
+    print(f"{results['device']}: bf16 matmul {results['matmul_bf16_flops'] / 1e12:.0f} TFLOP/s", flush=True)
+  rows = []
   for name in names:
     shape = CONFIGS[name]
     tokens = shape["batch"] * shape["seq_len"]
+    used = impl
     try:
-      t_j, flops = run_jdist(shape, impl, args.remat, args.steps)
-      t_p = run_plain(shape, impl, args.steps)
-    except Exception as e:  # cuDNN attention unavailable: fall back to XLA's
+      ours = run_jdist(shape, impl, args.remat, n, unroll=args.unroll, policy=args.policy, fit_steps=n)
+      t_p = run_plain(shape, impl, n)
+    except Exception as e:  # cuDNN attention unavailable: fall back to XLA's, for both
       if impl is None:
         raise
-      print(f"{name}: cudnn attention failed ({str(e)[:200]}); using the XLA implementation")
-      t_j, flops = run_jdist(shape, None, args.remat, args.steps)
-      t_p = run_plain(shape, None, args.steps)
-    m_j, m_p = mfu(flops, t_j, peak), mfu(flops, t_p, peak)
-    ratio = t_p / t_j
-    rows.append((name, t_j * 1e3, t_p * 1e3, tokens / t_j, tokens / t_p, m_j if m_j is not None else float("nan"),
-                 m_p if m_p is not None else float("nan"), ratio))
-    results[name] = {"jdist_step_ms": t_j * 1e3, "plain_step_ms": t_p * 1e3, "jdist_tokens_per_s": tokens / t_j,
-                     "plain_tokens_per_s": tokens / t_p, "jdist_mfu": m_j, "plain_mfu": m_p,
-                     "ratio_tokens_per_s": ratio, "remat": args.remat}
-  print_table(f"GPT step on {results['device']} (peak {peak or 0:.3g} FLOP/s), remat={args.remat}",
-              ["config", "jdist ms", "plain ms", "jdist tok/s", "plain tok/s", "jdist MFU", "plain MFU",
-               "jdist/plain tok/s (goal >= 1)"], rows)
+      print(f"{name}: cudnn attention failed ({str(e)[:200]}); using the XLA implementation", flush=True)
+      used = None
+      ours = run_jdist(shape, None, args.remat, n, unroll=args.unroll, policy=args.policy, fit_steps=n)
+      t_p = run_plain(shape, None, n)
+    t_j, t_f, flops = ours["step_s"], ours["fit_step_s"], ours["flops"]
+    m = lambda t: mfu(flops, t, peak) if peak else float("nan")
+    rows.append((name, t_j * 1e3, t_f * 1e3, t_p * 1e3, tokens / t_j, tokens / t_p, m(t_j), m(t_f), m(t_p),
+                 t_p / t_j, t_p / t_f))
+    results[name] = {"attention": used or "xla", "jdist_step_ms": t_j * 1e3, "jdist_fit_step_ms": t_f * 1e3,
+                     "plain_step_ms": t_p * 1e3, "jdist_tokens_per_s": tokens / t_j,
+                     "jdist_fit_tokens_per_s": tokens / t_f, "plain_tokens_per_s": tokens / t_p,
+                     "jdist_mfu": m(t_j), "jdist_fit_mfu": m(t_f), "plain_mfu": m(t_p),
+                     "ratio_tokens_per_s": t_p / t_j, "ratio_fit_tokens_per_s": t_p / t_f}
+    print(name, results[name], flush=True)
+  print_table(f"GPT step on {results['device']} (peak {peak or 0:.3g} FLOP/s), remat={args.remat}, "
+              f"unroll={args.unroll}, policy={args.policy}, {n} steps",
+              ["config", "jdist ms", "jdist fit ms", "plain ms", "jdist tok/s", "plain tok/s", "jdist MFU",
+               "fit MFU", "plain MFU", "jdist/plain tok/s (goal >= 1)", "fit/plain"], rows)
   write_json("gpu_gpt", results)
 
 

@@ -64,19 +64,58 @@ def test_mfu_and_peaks():
   assert gpt.flops_per_token(cfg) == pytest.approx(6 * (nonemb + 32768 * 768) + 12 * 12 * 768 * 1024 / 2)
 
 
-def test_gpu_benchmark_code_paths_on_cpu():
+def _gpu_bench():
   import importlib.util
   import pathlib
   import sys
   root = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
-  sys.path.insert(0, str(root))
-  try:
-    spec = importlib.util.spec_from_file_location("gpu_gpt", root / "gpu_gpt.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    shape = bench.CONFIGS["cpu-smoke"]
-    t_jdist, flops = bench.run_jdist(shape, None, "dots_saveable", 2)
-    t_plain = bench.run_plain(shape, None, 2)
-    assert t_jdist > 0 and t_plain > 0 and flops > 0
-  finally:
-    sys.path.remove(str(root))
+  if str(root) not in sys.path:
+    sys.path.insert(0, str(root))
+  spec = importlib.util.spec_from_file_location("gpu_gpt", root / "gpu_gpt.py")
+  bench = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(bench)
+  return bench
+
+
+def test_gpu_benchmark_code_paths_on_cpu():
+  bench = _gpu_bench()
+  shape = bench.CONFIGS["cpu-smoke"]
+  for policy in bench.POLICIES:
+    ours = bench.run_jdist(shape, None, "dots_saveable", 2, policy=policy, fit_steps=2)
+    assert ours["step_s"] > 0 and ours["fit_step_s"] > 0
+  cfg = gpt.GPTConfig(vocab_size=256, seq_len=64, d_model=64, n_layers=2, n_heads=4)
+  assert ours["flops"] == gpt.flops_per_token(cfg) * 4 * 64
+  assert bench.run_plain(shape, None, 2) > 0
+
+
+def test_jdist_gpt_is_the_reference_gpt():
+  # the GPU benchmark compares the same model: the plain reference's forward on jdist's weights
+  import _plain_gpt as plain  # benchmarks/ is on the path after _gpu_bench()
+
+  bench = _gpu_bench()
+  shape = dict(bench.CONFIGS["cpu-smoke"], n_layers=3)
+  strategy, cfg = bench.jdist_setup(shape, None, "none")
+  params = gpt.init(jax.random.key(0), cfg)
+  as_plain = {"wte": params["wte"], "wpe": params["wpe"], "lnf": params["lnf"], "blocks": [
+      {"ln1": b["ln1"], "qkv": b["qkv"].reshape(cfg.d_model, 3 * cfg.d_model), "o": b["o"], "ln2": b["ln2"],
+       "fc": b["fc"], "proj": b["proj"]} for b in (jax.tree.map(lambda x: x[i], params["blocks"])
+                                                    for i in range(cfg.n_layers))]}
+  tokens = gpt.synthetic_tokens(jax.random.key(1), 4, cfg)["tokens"][:, :-1]
+  ours = jax.jit(lambda p, t: gpt.apply(p, t, cfg))(params, tokens)
+  theirs = jax.jit(lambda p, t: plain.fwd(p, t, cfg.n_heads, None))(as_plain, tokens)
+  assert ours.dtype == theirs.dtype == jnp.float32
+  # both compute in bf16 (rounding differs only in the order of a few casts)
+  np.testing.assert_allclose(np.asarray(ours), np.asarray(theirs), rtol=0, atol=0.05 * float(jnp.std(theirs)))
+
+
+@pytest.mark.parametrize("unroll", [2, True])
+def test_scan_unroll_does_not_change_the_mathematics(unroll):
+  cfg4 = gpt.GPTConfig(**{**CFG.__dict__, "n_layers": 4})
+  params = gpt.init(jax.random.key(0), cfg4)
+  ref = jax.jit(jax.value_and_grad(gpt.loss_fn(cfg4)))(params, BATCH)
+  ours = jax.jit(jax.value_and_grad(gpt.loss_fn(gpt.GPTConfig(**{**cfg4.__dict__, "scan_unroll": unroll}))))(
+      params, BATCH)
+  assert_trees_all_close(ours, ref, rtol=1e-5, atol=1e-7)
+  for bad in (0, False, 1.5):
+    with pytest.raises(ValueError, match="scan_unroll must be a positive int or True"):
+      gpt.GPTConfig(scan_unroll=bad)

@@ -1,7 +1,8 @@
 """A small GPT as pure functions: RMSNorm, causal attention, GELU MLP, tied embeddings.
 
 Block parameters are stacked on a leading layer axis and the blocks run under ``jax.lax.scan``, so
-compile time does not grow with depth and pipeline stages can slice the stack. Compute may run in
+compile time does not grow with depth and pipeline stages can slice the stack (``scan_unroll`` trades
+compile time back for a straight-line program, the same arithmetic). Compute may run in
 bf16 while parameters stay fp32 (``GPTConfig.compute_dtype``); ``remat`` picks a ``jax.checkpoint``
 policy for the blocks.
 
@@ -47,10 +48,14 @@ class GPTConfig:
   compute_dtype: Any = jnp.float32  # activations and matmuls; params stay fp32
   remat: str = "none"  # one of REMAT_POLICIES
   attention_impl: str | None = None  # passed to jax.nn.dot_product_attention ("cudnn", "xla" or None)
+  scan_unroll: int | bool = 1  # blocks per scan iteration (True: all, one straight-line program)
 
   def __post_init__(self):
     if self.d_model % self.n_heads:
       raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads}).")
+    if not (self.scan_unroll is True or (type(self.scan_unroll) is int and self.scan_unroll >= 1)):
+      raise ValueError(f"GPTConfig.scan_unroll must be a positive int or True (unroll every block), got "
+                       f"{self.scan_unroll!r}.")
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"Unknown remat policy: {self.remat!r}. It needs to be one of {list(REMAT_POLICIES)}.")
     for name in ("vocab_size", "seq_len", "d_model", "n_layers", "n_heads"):
@@ -125,7 +130,7 @@ def apply(params: Params, tokens: jax.Array, config: GPTConfig) -> jax.Array:
   """tokens: int[B, S] -> logits f32[B, S, V]."""
   x = embed(params, tokens, config)
   step = _remat(lambda x, p: (block(p, x, config), None), config.remat)
-  x, _ = jax.lax.scan(step, x, params["blocks"])
+  x, _ = jax.lax.scan(step, x, params["blocks"], unroll=config.scan_unroll)
   return head(params, x)
 
 
