@@ -37,6 +37,7 @@ def data_parallel(
     allreduce: str = "psum",
     bucket_bytes: int = collectives.DEFAULT_BUCKET_BYTES,
     compression: str | None = None,
+    powersgd_rank: int = 1,
 ) -> Strategy:
   """Synchronous data-parallel SGD (any optax optimizer) over ``axis`` of ``mesh``.
 
@@ -54,8 +55,13 @@ def data_parallel(
     allreduce: how gradients are averaged, a key of ``jdist.collectives.ALGORITHMS`` (``psum``, ``ring``,
       ``halving_doubling``, ``tree``, ``hierarchical`` with ``axis=(outer, inner)``).
     bucket_bytes: gradients are flattened into buckets of at most this many bytes per collective.
-    compression: ``None``; ``"bf16"`` (gradients sent and summed in bf16); or ``"int8"`` (int8 with error
-      feedback; the per-device residual is kept in ``state.extra["residual"]``, leading axis = devices).
+    compression: ``None``; ``"bf16"`` (gradients sent and summed in bf16); ``"int8"`` (int8 with error
+      feedback; the per-device residual is kept in ``state.extra["residual"]``, leading axis = devices); or
+      ``"powersgd"`` (each gradient matrix, seen as [shape[0], prod(rest)] = [m, n], replaced by a rank-r
+      approximation P Q^T, with error feedback in ``state.extra["residual"]`` and Q kept replicated in
+      ``state.extra["q"]`` as the next step's warm start; one device sends r(m + n) floats per matrix
+      instead of mn, in two all-reduces. Vectors and matrices with r(m + n) >= mn are all-reduced exactly).
+    powersgd_rank: the rank r of PowerSGD's approximation (with ``compression="powersgd"`` only).
 
   Returns:
     A ``Strategy``: ``init(params, *, key=None)``, ``shard_batch(host_batch)``,
@@ -63,7 +69,8 @@ def data_parallel(
     (of the averaged gradient) and ``step`` (updates applied, after this one).
 
   Raises:
-    ValueError / TypeError: an axis not in the mesh, an unknown backend, a bad ``accumulate_steps``.
+    ValueError / TypeError: an axis not in the mesh, an unknown backend, a bad ``accumulate_steps`` or
+    ``powersgd_rank``.
     At the first step: a global batch not divisible by (devices on ``axis``) x ``accumulate_steps``,
     batch leaves with different leading sizes, or a ``loss_fn`` that does not return a scalar.
 
@@ -81,8 +88,19 @@ def data_parallel(
   k = check_positive_int(accumulate_steps, "accumulate_steps")
   collectives.check_algorithm(allreduce, axes if len(axes) > 1 else axes[0])
   check_compression(compression)
+  rank = check_positive_int(powersgd_rank, "powersgd_rank")
+  if rank != 1 and compression != "powersgd":
+    raise ValueError(f"powersgd_rank={powersgd_rank!r} applies only with compression='powersgd', got "
+                     f"compression={compression!r}. Pass compression='powersgd' or drop powersgd_rank.")
+  with_residual = compression in ("int8", "powersgd")  # error feedback: a residual per device
   n = mesh_lib.axis_size(mesh, axes)
   if backend == "pmap":
+    if jax.process_count() > 1:
+      raise ValueError(
+          f"backend='pmap' cannot run across {jax.process_count()} processes: the pmap runs inside the jitted "
+          f"step, and jax.pmap traced inside jax.jit maps over this process's devices only. Use "
+          f"backend='shard_map' (the default), which computes the same numbers on a mesh over every process's "
+          f"devices.")
     if len(axes) != 1 or n != mesh.size:
       raise ValueError(
           f"backend='pmap' maps over one axis holding every device of the mesh, but axis {axis!r} has {n} "
@@ -93,50 +111,64 @@ def data_parallel(
 
   reduce_axis = axes if len(axes) > 1 else axes[0]
 
-  def reduce(tree, residual):
+  def reduce(tree, residual, q):
     # tree: this device's (loss, aux, grads); returns their mean over the data axis, identical everywhere
-    if compression == "int8":
+    if with_residual:
       (loss, aux), grads = jax.lax.pmean(tree[:2], reduce_axis), tree[2]
-      grads, residual = collectives.int8_allreduce(grads, residual, reduce_axis)
-      return (loss, aux, grads), residual
+      if compression == "int8":
+        grads, residual = collectives.int8_allreduce(grads, residual, reduce_axis)
+      else:
+        grads, residual, q = collectives.powersgd_allreduce(grads, residual, q, reduce_axis, algorithm=allreduce,
+                                                            bucket_bytes=bucket_bytes)
+      return (loss, aux, grads), residual, q
     if compression == "bf16":
-      return collectives.bf16_allreduce(tree, reduce_axis, algorithm=allreduce, bucket_bytes=bucket_bytes), residual
-    return collectives.allreduce(tree, reduce_axis, algorithm=allreduce, op="mean", bucket_bytes=bucket_bytes), residual
+      return collectives.bf16_allreduce(tree, reduce_axis, algorithm=allreduce, bucket_bytes=bucket_bytes), residual, q
+    return (collectives.allreduce(tree, reduce_axis, algorithm=allreduce, op="mean", bucket_bytes=bucket_bytes),
+            residual, q)
 
-  def local_grads(params, batch, residual):
-    # params: replicated; batch: [B/N, ...] on this device; residual: [1, ...] (int8 error feedback) or None.
+  def local_grads(params, batch, residual, q):
+    # params: replicated; batch: [B/N, ...] on this device; residual: [1, ...] (error feedback) or None;
+    # q: PowerSGD's replicated Q tree or None.
     # Mark params device-varying first: grad w.r.t. an invariant input comes back already psum'ed
     # over the axis (shared/DESIGN.md, pitfall 1), and the mean below would then be N times too big.
     params = jax.lax.pcast(params, axes, to="varying")
     loss, aux, grads = accumulate(vg, params, batch, k)
     residual = jax.tree.map(lambda r: r[0], residual)
-    out, residual = reduce((loss, aux, grads), residual)
-    return out, jax.tree.map(lambda r: r[None], residual)
+    out, residual, q = reduce((loss, aux, grads), residual, q)
+    return out, jax.tree.map(lambda r: r[None], residual), q
 
   # psum results are provably replicated; results assembled from ppermute / all-to-all are equal on every
   # device by construction but the type system cannot see it, so those run with check_vma=False
   check_vma = allreduce == "psum" and compression is None
-  if backend == "shard_map":
-    sharded_grads = jax.shard_map(local_grads, mesh=mesh, in_specs=(P(), P(axes), P(axes)),
-                                  out_specs=(P(), P(axes)), check_vma=check_vma)
+  if backend == "shard_map" and n == 1 and compression is None:
+    # one device on the data axis: nothing to average. Without a shard_map boundary XLA fuses the
+    # gradient's consumers (bf16 -> fp32 casts, the norm, the optimizer) as in a plain jitted step.
+    def sharded_grads(params, batch, residual, q):
+      return accumulate(vg, params, batch, k), residual, q
+  elif backend == "shard_map":
+    sharded_grads = jax.shard_map(local_grads, mesh=mesh, in_specs=(P(), P(axes), P(axes), P()),
+                                  out_specs=(P(), P(axes), P()), check_vma=check_vma)
   else:
-    pmapped = jax.pmap(local_grads, axis_name=axes[0], in_axes=(None, 0, 0), out_axes=(None, 0),
+    pmapped = jax.pmap(local_grads, axis_name=axes[0], in_axes=(None, 0, 0, None), out_axes=(None, 0, None),
                        devices=list(mesh.devices.flat))
 
-    def sharded_grads(params, batch, residual):
+    def sharded_grads(params, batch, residual, q):
       # batch: [B, ...] -> [N, B/N, ...], the leading axis mapped over devices; residual: [N, 1, ...]
       split = lambda x: x.reshape(n, x.shape[0] // n, *x.shape[1:])
-      out, residual = pmapped(params, jax.tree.map(split, batch), jax.tree.map(split, residual))
-      return out, jax.tree.map(lambda r: r.reshape(n, *r.shape[2:]), residual)
+      out, residual, q = pmapped(params, jax.tree.map(split, batch), jax.tree.map(split, residual), q)
+      return out, jax.tree.map(lambda r: r.reshape(n, *r.shape[2:]), residual), q
 
   def init(params: Params, *, key: PRNGKey | int | None = None) -> TrainState:
     params = mesh_lib.replicate(check_params(params), mesh)
     opt_state = jax.jit(optimizer.init, out_shardings=replicated)(params)
-    extra = None
-    if compression == "int8":  # one residual per device: leading axis of size N, split over the data axis
+    extra, key = None, raw_key(key)
+    if with_residual:  # one residual per device: leading axis of size N, split over the data axis
       zeros = lambda p: jnp.zeros((n,) + p.shape, p.dtype)
       extra = {"residual": jax.jit(lambda p: jax.tree.map(zeros, p), out_shardings=NamedSharding(mesh, P(axes)))(params)}
-    step, key = mesh_lib.replicate((jnp.zeros((), jnp.int32), raw_key(key)), mesh)
+    if compression == "powersgd":  # Q from a key of its own, the same on every device
+      key, q_key = jax.random.split(key)
+      extra["q"] = jax.jit(lambda k: collectives.powersgd_init(params, rank, key=k), out_shardings=replicated)(q_key)
+    step, key = mesh_lib.replicate((jnp.zeros((), jnp.int32), key), mesh)
     return TrainState(step=step, params=params, opt_state=opt_state, key=key, extra=extra)
 
   def shard_batch(batch: Batch) -> Batch:
@@ -145,20 +177,26 @@ def data_parallel(
 
   def step_fn(state: TrainState, batch: Batch):
     mesh_lib.batch_size(batch, multiple_of=n * k)  # runs at trace time only
-    residual = state.extra["residual"] if compression == "int8" else None
-    (loss, aux, grads), residual = sharded_grads(state.params, batch, residual)
+    residual = state.extra["residual"] if with_residual else None
+    q = state.extra["q"] if compression == "powersgd" else None
+    (loss, aux, grads), residual, q = sharded_grads(state.params, batch, residual, q)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    extra = {"residual": residual} if compression == "int8" else None
+    extra = None
+    if with_residual:
+      extra = {"residual": residual, "q": q} if compression == "powersgd" else {"residual": residual}
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, extra=extra)
     return new_state, metrics_from(loss, grads, aux, new_state.step)
 
   state_shardings = replicated
-  if compression == "int8":
+  if with_residual:
+    extra_shardings = {"residual": NamedSharding(mesh, P(axes))}
+    if compression == "powersgd":
+      extra_shardings["q"] = replicated
     state_shardings = TrainState(step=replicated, params=replicated, opt_state=replicated, key=replicated,
-                                 extra={"residual": NamedSharding(mesh, P(axes))})
+                                 extra=extra_shardings)
   step = StepFn(step_fn, mesh, donate_argnums=0, out_shardings=(state_shardings, replicated))
   tags = [t for t in (backend if backend != "shard_map" else None, allreduce if allreduce != "psum" else None,
-                      compression) if t]
+                      compression if compression != "powersgd" else f"powersgd-r{rank}") if t]
   name = "data_parallel" + (f"[{','.join(tags)}]" if tags else "")
   return Strategy(init=init, shard_batch=shard_batch, step=step, name=name, mesh=mesh)

@@ -35,6 +35,8 @@ ENTRIES: list[DemoEntry] = [
     DemoEntry("sync DP, hierarchical 2x4", "data_parallel", {"allreduce": "hierarchical", "axis": ("node", "device")},
               axes={"node": 2, "device": 4}, num_devices=8),
     DemoEntry("sync DP, int8 + error feedback", "data_parallel", {"compression": "int8"}, exact=False),
+    DemoEntry("sync DP, PowerSGD rank 4", "data_parallel", {"compression": "powersgd", "powersgd_rank": 4},
+              exact=False),
     DemoEntry("tensor parallel (model=8)", "sharded", {"rules": "tp"}, axes={"model": 8}, num_devices=8),
     DemoEntry("DP x TP (data=2, model=4)", "sharded", {"rules": "tp"}, axes={"data": 2, "model": 4}, num_devices=8),
     DemoEntry("FSDP / ZeRO-3 (GSPMD)", "sharded", {"fsdp_axis": "fsdp"}, axes={"fsdp": -1}),

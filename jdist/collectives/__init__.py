@@ -14,6 +14,9 @@ from jdist.collectives._algorithms import tree as tree
 from jdist.collectives._compression import COMPRESSIONS as COMPRESSIONS
 from jdist.collectives._compression import bf16_allreduce as bf16_allreduce
 from jdist.collectives._compression import int8_allreduce as int8_allreduce
+from jdist.collectives._compression import powersgd_allreduce as powersgd_allreduce
+from jdist.collectives._compression import powersgd_compressible as powersgd_compressible
+from jdist.collectives._compression import powersgd_init as powersgd_init
 from jdist.collectives._allreduce import DEFAULT_BUCKET_BYTES as DEFAULT_BUCKET_BYTES
 from jdist.collectives._allreduce import allreduce as allreduce
 from jdist.collectives._allreduce import check_algorithm as check_algorithm
@@ -25,7 +28,8 @@ from jdist.collectives._report import CollectiveStat as CollectiveStat
 from jdist.collectives._report import CommReport as CommReport
 from jdist.collectives._report import comm_report as comm_report
 
-__all__ = ["ALGORITHMS", "COLLECTIVES", "COMPRESSIONS", "bf16_allreduce", "int8_allreduce", "CollectiveStat", "CommReport", "DEFAULT_BUCKET_BYTES", "REFERENCES",
+__all__ = ["ALGORITHMS", "COLLECTIVES", "COMPRESSIONS", "bf16_allreduce", "int8_allreduce", "powersgd_allreduce",
+           "powersgd_compressible", "powersgd_init", "CollectiveStat", "CommReport", "DEFAULT_BUCKET_BYTES", "REFERENCES",
            "allreduce", "check_algorithm", "comm_report", "halving_doubling", "hierarchical",
            "hierarchical_reference", "psum", "ring", "ring_all_gather", "ring_reduce_scatter", "ring_reference",
            "tree"]
