@@ -56,7 +56,8 @@ def plot_runs(run_dirs: Sequence[str | pathlib.Path], out: str | pathlib.Path, *
     for i, (label, records) in enumerate(zip(labels, runs)):
       pts = [(r["step"], r[metric]) for r in records if isinstance(r.get(metric), (int, float))]
       if pts:  # varied dashes keep runs that coincide (as equivalent strategies do) visible
-        color = plt.cm.tab20(i % 20) if len(runs) > 10 else None  # the default cycle has 10 colours
+        # the default cycle has 10 colours; tab20 then tab20b give 40 distinct ones
+        color = (plt.cm.tab20 if i < 20 else plt.cm.tab20b)(i % 20) if len(runs) > 10 else None
         ax.plot(*zip(*pts), label=label, linestyle=_STYLES[i % len(_STYLES)], linewidth=2.2 - 0.3 * (i % 4),
                 marker="." if len(pts) < 30 else None, color=color)
     ax.set_xlabel("step")
