@@ -1,11 +1,15 @@
-"""Pipeline parallelism: step time against the sequential single-device step, and the bubble, as m grows.
+"""Pipeline parallelism: step time against the sequential single-device step, the bubble and the memory, as m grows.
 
-The GPT (one block per stage) on p=4 pipe devices with GPipe and circular (v=2, 8 layers) schedules,
-m in {1, 2, 4, 8, 16} micro-batches, the same global batch each time. Reported per m: the pipeline's
-step time, the sequential step on one device (same batch, same run), their ratio, the bubble measured
-from the schedule that ran and the textbook (p-1)/(m v+p-1). On emulated CPU devices the 4 stages share
-2 cores, so the ratio shows the schedule's overhead, not a speed-up. Writes bench_results/pipeline.json
-and bench_results/pipeline.png.
+The GPT (one block per stage) on p=4 pipe devices with the GPipe, circular (v=2, 8 layers) and 1F1B
+schedules, m in {1, 2, 4, 8, 16, 32} micro-batches, the same global batch each time. Reported per m: the
+pipeline's step time, the sequential step on one device (same batch, same run), their ratio, the bubble
+measured from the schedule that ran and the textbook (p-1)/(m v+p-1), and XLA's temporary memory per
+device for the compiled step (``memory_analysis().temp_size_in_bytes``: activations kept for the
+backward, stashes, gradient buffers). A second table holds the micro-batch fixed (4 sequences) and grows
+m, as a pipeline that feeds more micro-batches to shrink the bubble does: GPipe's memory grows with m,
+1F1B's does not. On emulated CPU devices the 4 stages share 2 cores, so the ratio shows the schedule's
+overhead, not a speed-up, and the memory figures are XLA:CPU's. Writes bench_results/pipeline.json and
+bench_results/pipeline.png.
 
 Run: python benchmarks/pipeline.py [--quick]
 """
@@ -27,28 +31,37 @@ import jdist  # noqa: E402
 from jdist.models import gpt  # noqa: E402
 from jdist.pipeline import pipeline  # noqa: E402
 
+SCHEDULES = (("gpipe", 4, None), ("circular", 8, 2), ("1f1b", 4, None))  # (schedule, GPT layers, repeats)
+MiB = 2**20
+
+
+def temp_bytes(strategy, state, batch) -> int:
+  """XLA's temporary buffers per device for one compiled step (params, optimizer state and batch excluded)."""
+  return strategy.step.lower(state, batch).compile().memory_analysis().temp_size_in_bytes
+
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true")
   args = parser.parse_args()
   p = 4
-  ms = [1, 4, 16] if args.quick else [1, 2, 4, 8, 16]
+  ms = [1, 4, 16] if args.quick else [1, 2, 4, 8, 16, 32]
   steps, rounds = (2, 2) if args.quick else (5, 3)
   rows, records = [], []
-  for schedule, layers, repeats in (("gpipe", 4, None), ("circular", 8, 2)):
+  opt = optax.adam(1e-3)
+  mesh = jdist.make_mesh(pipe=p, devices=jax.devices()[:p])
+  for schedule, layers, repeats in SCHEDULES:
     cfg = gpt.GPTConfig(vocab_size=256, seq_len=64, d_model=128, n_layers=layers, n_heads=4)
     stage_fn, loss_fn, input_fn, to_pipeline = gpt.pipeline_fns(cfg)
     params = gpt.init(jax.random.key(0), cfg)
     batch = jax.device_get(gpt.synthetic_tokens(jax.random.key(1), 32, cfg))
-    opt = optax.adam(1e-3)
     seq = jdist.data_parallel(gpt.loss_fn(cfg), opt, jdist.make_mesh(data=1, devices=jax.devices()[:1]))
-    mesh = jdist.make_mesh(pipe=p, devices=jax.devices()[:p])
     for m in ms:
       strategy = pipeline(stage_fn, loss_fn, opt, mesh, microbatches=m, schedule=schedule, repeats=repeats,
                           input_fn=input_fn)
       box = {"pipe": strategy.init(to_pipeline(params)), "seq": seq.init(params)}
       pb, sb = strategy.shard_batch(batch), seq.shard_batch(batch)
+      temp = temp_bytes(strategy, box["pipe"], pb)
       out = {}
 
       def run_pipe():
@@ -64,32 +77,61 @@ def main() -> None:
       bubble = float(out["pipe"]["bubble"])
       ratio = times["pipeline"] / times["sequential"]
       rows.append((schedule, m, times["pipeline"] * 1e3, times["sequential"] * 1e3, ratio, bubble,
-                   sched.expected_bubble()))
+                   sched.expected_bubble(), int(sched.peak_stash.max()), temp / MiB))
       records.append({"schedule": schedule, "microbatches": m, "pipeline_ms": times["pipeline"] * 1e3,
                       "sequential_ms": times["sequential"] * 1e3, "ratio": ratio, "bubble": bubble,
-                      "textbook_bubble": sched.expected_bubble(), "ticks": sched.ticks})
+                      "textbook_bubble": sched.expected_bubble(), "ticks": sched.ticks,
+                      "peak_stash": int(sched.peak_stash.max()), "temp_bytes": temp})
   print_table(f"GPT pipeline on {p} {jax.devices()[0].platform} devices vs sequential on 1, global batch 32",
-              ["schedule", "m", "pipeline ms", "sequential ms", "ratio", "bubble (ran)", "(p-1)/(mv+p-1)"], rows)
-  write_json("pipeline", {"pipe": p, "results": records})
-  _plot(records)
+              ["schedule", "m", "pipeline ms", "sequential ms", "ratio", "bubble (ran)", "(p-1)/(mv+p-1)",
+               "peak stash", "temp MiB/device"], rows)
+  fixed = fixed_microbatch_memory(p, mesh, opt, [4, 16] if args.quick else [4, 16, 32])
+  write_json("pipeline", {"pipe": p, "results": records, "fixed_microbatch_memory": fixed})
+  _plot(records, fixed)
 
 
-def _plot(records) -> None:
+def fixed_microbatch_memory(p, mesh, opt, ms, rows_per_micro: int = 4):
+  """Compiled temporary memory per device of GPipe and 1F1B with the micro-batch fixed and m growing."""
+  cfg = gpt.GPTConfig(vocab_size=256, seq_len=64, d_model=128, n_layers=p, n_heads=4)
+  stage_fn, loss_fn, input_fn, to_pipeline = gpt.pipeline_fns(cfg)
+  params = to_pipeline(gpt.init(jax.random.key(0), cfg))
+  rows, records = [], []
+  for m in ms:
+    batch = jax.device_get(gpt.synthetic_tokens(jax.random.key(1), rows_per_micro * m, cfg))
+    temp = {}
+    for schedule in ("gpipe", "1f1b"):
+      strategy = pipeline(stage_fn, loss_fn, opt, mesh, microbatches=m, schedule=schedule, input_fn=input_fn)
+      temp[schedule] = temp_bytes(strategy, strategy.init(params), strategy.shard_batch(batch))
+    rows.append((m, rows_per_micro * m, temp["gpipe"] / MiB, temp["1f1b"] / MiB, temp["gpipe"] / temp["1f1b"]))
+    records.append({"microbatches": m, "batch": rows_per_micro * m, "gpipe_temp_bytes": temp["gpipe"],
+                    "1f1b_temp_bytes": temp["1f1b"]})
+  print_table(f"Temporary memory per device of the compiled step ({jax.devices()[0].platform}), GPT on p={p}, "
+              f"micro-batch of {rows_per_micro} sequences", ["m", "global batch", "GPipe MiB", "1F1B MiB",
+                                                             "GPipe / 1F1B"], rows)
+  return records
+
+
+def _plot(records, fixed) -> None:
   import matplotlib
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-  for schedule in ("gpipe", "circular"):
+  fig, (a, b, c) = plt.subplots(1, 3, figsize=(15, 4))
+  for schedule, _, _ in SCHEDULES:
     rs = [r for r in records if r["schedule"] == schedule]
     ms = [r["microbatches"] for r in rs]
     a.plot(ms, [r["ratio"] for r in rs], marker="o", label=schedule)
     b.plot(ms, [r["bubble"] for r in rs], marker="o", label=f"{schedule} (measured)")
     b.plot(ms, [r["textbook_bubble"] for r in rs], linestyle=":", label=f"{schedule} (textbook)")
+    c.plot(ms, [r["temp_bytes"] / MiB for r in rs], marker="o", label=f"{schedule}, global batch 32")
+  for schedule in ("gpipe", "1f1b"):
+    c.plot([r["microbatches"] for r in fixed], [r[f"{schedule}_temp_bytes"] / MiB for r in fixed], marker="s",
+           linestyle="--", label=f"{schedule}, micro-batch 4")
   a.set_ylabel("pipeline step / sequential step")
   b.set_ylabel("bubble: idle stage-ticks / all")
-  for ax in (a, b):
+  c.set_ylabel("compiled temp memory per device (MiB)")
+  for ax in (a, b, c):
     ax.set_xscale("log", base=2)
     ax.set_xlabel("micro-batches m")
     ax.grid(alpha=0.3)

@@ -1,11 +1,11 @@
-"""Pipeline parallelism, drawn and run: the schedule table for p=4 stages and m=8 micro-batches, then the
+"""Pipeline parallelism, drawn and run: the schedule tables for p=4 stages and m=8 micro-batches, then the
 GPT trained as a 4-stage pipeline (one block per device) on "The Zen of Python".
 
 This is the seed article's model parallelism taken literally: different layers on different devices,
-activations passed along. Each row of the table is a tick; each column a device; the number is the
-micro-batch that device works on ('.' = idle, the bubble).
+activations passed along. Each row of a table is a tick; each column a device; the number is the
+micro-batch that device works on ('.' = idle, the bubble; in 1F1B 'F3' / 'B3' is its forward / backward).
 
-Run: python examples/pipeline.py [--steps 60]
+Run: python examples/pipeline.py [--steps 60] [--schedule gpipe|1f1b]
 """
 from __future__ import annotations
 
@@ -32,13 +32,18 @@ def show_schedules() -> None:
   print(pipeline_schedule(4, 8, "gpipe").format())
   print("\nCircular, p=4 devices x v=2 virtual stages each, m=8 ('i.l' = micro-batch i on lap l):")
   print(pipeline_schedule(4, 8, "circular", repeats=2).format())
+  print("\n1F1B, p=4, m=8 (forward and backward ticks; each backward frees its micro-batch's stash slot):")
+  print(pipeline_schedule(4, 8, "1f1b").format())
 
 
-def train(steps: int = 60, *, verbose: bool = True):
+def train(steps: int = 60, *, schedule: str = "gpipe", verbose: bool = True):
   """Returns (losses, max |pipeline - sequential| of the final params)."""
   stage_fn, loss_fn, input_fn, to_pipeline = gpt.pipeline_fns(CONFIG)
   mesh = jdist.make_mesh(pipe=4, devices=jax.devices()[:4])
-  strategy = pipeline(stage_fn, loss_fn, optax.adam(1e-3), mesh, microbatches=8, input_fn=input_fn)
+  strategy = pipeline(stage_fn, loss_fn, optax.adam(1e-3), mesh, microbatches=8, schedule=schedule,
+                      input_fn=input_fn)
+  if verbose:
+    print(f"training {strategy.name}")
   params = to_pipeline(gpt.init(jax.random.key(0), CONFIG))
   state = strategy.init(params)
   batches = [b for b, _ in zip(ArrayLoader(zen_of_python_tokens(CONFIG.seq_len), 32, seed=0), range(steps))]
@@ -72,7 +77,8 @@ def train(steps: int = 60, *, verbose: bool = True):
 if __name__ == "__main__":
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--steps", type=int, default=60)
+  parser.add_argument("--schedule", choices=["gpipe", "1f1b"], default="gpipe")
   args = parser.parse_args()
   show_schedules()
   print()
-  train(args.steps)
+  train(args.steps, schedule=args.schedule)

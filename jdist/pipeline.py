@@ -14,14 +14,24 @@ Schedules (p devices on the pipe axis, m micro-batches, S stacked layers):
 - ``circular`` (interleaved): the layers are cut into p v virtual stages of S/(p v) layers; virtual stage
   j lives on device j mod p, so a micro-batch goes round the ring of devices v times. Micro-batches enter
   in groups of p. m v + p - 1 ticks for m a multiple of p; bubble (p-1)/(m v + p - 1), about v times less.
+- ``1f1b`` (PipeDream-Flush, Megatron's non-interleaved one-forward-one-backward): one ``lax.scan`` over
+  2(m + p - 1) ticks runs forwards and backwards together. At each tick a device does at most one op from
+  a static table: the forward of micro-batch i, the backward of micro-batch j, or nothing; stage s runs
+  min(p - s, m) forwards, then a backward and a forward in turn, then the remaining backwards. The
+  backward is written by hand: a forward stashes its stage input (one of min(p, m) slots, i mod
+  min(p, m)), the backward recomputes the stage under ``jax.vjp`` and applies the cotangent received
+  from the next device; the last device starts each backward from ``jax.vjp`` of ``loss_fn`` (its
+  forward only stashes), the first ends it with ``jax.vjp`` of ``input_fn``. Activations go forward and
+  cotangents back with one ``ppermute`` each per tick, on every device; ``lax.switch`` on the table
+  entry picks the compute. Same bubble as GPipe, (p-1)/(m+p-1); device d holds min(p - d, m) stage
+  inputs instead of GPipe's m micro-batches of every layer's activations, so its memory does not grow
+  with m. The cost: each stage's forward runs twice (about 4 instead of 3 forward-equivalents of
+  compute per micro-batch), and on devices running in parallel a tick lasts as long as its slowest op,
+  a backward: in the steady state half the devices run a forward and then wait.
 
-1F1B is not offered: in SPMD JAX the backward pass is derived by ``jax.grad`` of the whole forward loop,
-so all forward ticks precede all backward ticks. Interleaving one forward and one backward per tick
-needs per-stage ``jax.vjp`` calls with hand-managed activation stashes inside the loop; its benefit is
-memory (p instead of m stashed micro-batches), not the bubble, which is the same as GPipe's.
-
-Every device computes every tick (SPMD); idle ticks compute on zeros and are masked out, so the bubble
-is wasted compute, exactly what the schedule table predicts. ``pipeline_schedule`` returns that table.
+In GPipe and circular every device computes every tick (SPMD); idle ticks compute on zeros and are masked
+out, so the bubble is wasted compute, exactly what the schedule table predicts. In 1F1B idle devices skip
+the compute and only take part in the ``ppermute``. ``pipeline_schedule`` returns the table.
 """
 from __future__ import annotations
 
@@ -42,7 +52,8 @@ from jdist.state import TrainState
 from jdist.strategy import (Strategy, StepFn, check_callable, check_optimizer, check_params, check_positive_int,
                             metrics_from, sharded_state)
 
-SCHEDULES = ("gpipe", "circular")
+SCHEDULES = ("gpipe", "circular", "1f1b")
+_IDLE, _FORWARD, _STASH, _BACKWARD = range(4)  # 1F1B ops; _STASH: a forward on the last device, which only stashes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,8 +62,12 @@ class Schedule:
 
   Attributes:
     table: int[T, p]: the micro-batch device d works on at tick t, or -1 when idle.
-    lap: int[T, p]: which of the device's v virtual stages it runs (0 for GPipe).
+    lap: int[T, p]: which of the device's v virtual stages it runs (0 for GPipe and 1F1B).
     num_stages: p, devices on the pipe axis; repeats: v; microbatches: m.
+    backward: bool[T, p] for "1f1b": the cell is the micro-batch's backward (else its forward). None for
+      "gpipe" and "circular", whose tables list the forward ticks only: ``jax.grad`` runs as many backward
+      ticks after them, in reverse.
+    name: the schedule, "gpipe", "circular" or "1f1b".
   """
 
   table: np.ndarray
@@ -60,9 +75,12 @@ class Schedule:
   num_stages: int
   repeats: int
   microbatches: int
+  backward: np.ndarray | None = None
+  name: str = "gpipe"
 
   @property
   def ticks(self) -> int:
+    """Rows of the table: forward ticks for "gpipe" and "circular", forward and backward ticks for "1f1b"."""
     return self.table.shape[0]
 
   @property
@@ -70,46 +88,72 @@ class Schedule:
     """Idle stage-ticks over all stage-ticks."""
     return float(np.mean(self.table < 0))
 
+  @property
+  def peak_stash(self) -> np.ndarray:
+    """int[p]: the most micro-batches whose activations device d holds at once for their backward.
+
+    GPipe and circular keep every forward's until the backward starts: m v per device. 1F1B stashes a
+    micro-batch's stage input from its forward to its backward: at most min(p - d, m) on device d.
+    """
+    if self.backward is None:
+      return (self.table >= 0).sum(axis=0)
+    change = np.where(self.table < 0, 0, np.where(self.backward, -1, 1))
+    # a micro-batch is held from its forward tick through its backward tick, both included
+    held = np.cumsum(change, axis=0) - np.minimum(change, 0)
+    return held.max(axis=0)
+
   def expected_bubble(self) -> float:
-    """The textbook figure (p-1)/(m v + p - 1); exact for GPipe, and for circular when p divides m."""
+    """The textbook figure (p-1)/(m v + p - 1); exact for GPipe and 1F1B, and for circular when p divides m."""
     p, v, m = self.num_stages, self.repeats, self.microbatches
     return (p - 1) / (m * v + p - 1)
 
   def format(self) -> str:
-    """The tick-by-device table as text: ``3.1`` is micro-batch 3 on its second lap, ``.`` is idle."""
-    width = max(4, len(str(self.microbatches)) + (2 if self.repeats > 1 else 0) + 1)
+    """The tick-by-device table as text: ``3.1`` is micro-batch 3 on its second lap, ``F3`` / ``B3`` its
+    forward / backward (1F1B), ``.`` is idle."""
+    width = max(4, len(str(self.microbatches)) + (2 if self.repeats > 1 else 0) + (self.backward is not None) + 1)
     head = "tick " + "".join(f"{'dev ' + str(d):>{width + 2}}" for d in range(self.num_stages))
     rows = [head]
     for t in range(self.ticks):
       cells = []
       for d in range(self.num_stages):
         i = self.table[t, d]
-        cell = "." if i < 0 else (f"{i}.{self.lap[t, d]}" if self.repeats > 1 else str(i))
+        if i < 0:
+          cell = "."
+        elif self.backward is not None:
+          cell = f"{'B' if self.backward[t, d] else 'F'}{i}"
+        else:
+          cell = f"{i}.{self.lap[t, d]}" if self.repeats > 1 else str(i)
         cells.append(f"{cell:>{width + 2}}")
       rows.append(f"{t:>4} " + "".join(cells))
     rows.append(f"bubble: {self.bubble:.3f} idle (textbook (p-1)/(m v+p-1) = {self.expected_bubble():.3f})")
+    rows.append("peak stash: " + " ".join(map(str, self.peak_stash)) + " stage inputs held per device for the backward")
     return "\n".join(rows)
 
 
 def pipeline_schedule(num_stages: int, microbatches: int, schedule: str = "gpipe", *, repeats: int | None = None) -> Schedule:
   """The schedule ``pipeline`` runs: for p = ``num_stages`` devices and m micro-batches.
 
-  Device d at tick t works on item k = t - d. Items come in groups of p v; within a group, position
-  u = k mod (p v) means lap u // p of micro-batch (group) p + u mod p. GPipe is v = 1.
+  GPipe and circular: device d at tick t works on item k = t - d. Items come in groups of p v; within a
+  group, position u = k mod (p v) means lap u // p of micro-batch (group) p + u mod p. GPipe is v = 1.
+  1F1B: forward of micro-batch i on device s at tick 2i + s, its backward at tick 2i + 2p - 1 - s (the
+  module docstring says why).
 
   Args:
     num_stages: p, the devices on the pipe axis.
     microbatches: m.
-    schedule: "gpipe" or "circular".
-    repeats: v, the virtual stages per device for "circular" (default 2); must be 1 for "gpipe".
+    schedule: "gpipe", "circular" or "1f1b".
+    repeats: v, the virtual stages per device for "circular" (default 2); must be 1 for "gpipe" and "1f1b".
   """
   p = check_positive_int(num_stages, "num_stages")
   m = check_positive_int(microbatches, "microbatches")
   if schedule not in SCHEDULES:
     raise ValueError(f"Unknown schedule: {schedule!r}. It needs to be one of {list(SCHEDULES)}.")
+  if schedule != "circular" and repeats not in (None, 1):
+    raise ValueError(f"schedule={schedule!r} runs one stage per device (repeats=1), got repeats={repeats}; "
+                     f"virtual stages need schedule='circular'.")
+  if schedule == "1f1b":
+    return _one_forward_one_backward(p, m)
   v = 1 if schedule == "gpipe" else check_positive_int(2 if repeats is None else repeats, "repeats")
-  if schedule == "gpipe" and repeats not in (None, 1):
-    raise ValueError(f"schedule='gpipe' runs one stage per device (repeats=1), got repeats={repeats}.")
   group = p * v
   items = math.ceil(m / p) * group
   ticks = items + p - 1
@@ -125,7 +169,57 @@ def pipeline_schedule(num_stages: int, microbatches: int, schedule: str = "gpipe
           table[t, d], lap[t, d] = i, u // p
   # trailing ticks where every device is idle (a last, partial group) are not run
   last = int(np.max(np.nonzero((table >= 0).any(axis=1)))) + 1
-  return Schedule(table[:last], lap[:last], p, v, m)
+  return Schedule(table[:last], lap[:last], p, v, m, name=schedule)
+
+
+def _one_forward_one_backward(p: int, m: int) -> Schedule:
+  """The 1F1B table (PipeDream-Flush, Megatron's non-interleaved schedule) for p stages, m micro-batches.
+
+  Every hand-off takes exactly one tick, so each device needs one receive register per direction and
+  nothing else in flight: the last stage alternates forward and backward from the tick micro-batch 0
+  reaches it (F(i, p-1) = p - 1 + 2i, B(i, p-1) = p + 2i); the forward chain fixes F(i, s) = 2i + s and
+  the backward chain B(i, s) = 2i + 2p - 1 - s. A forward and a backward on one device never collide (their
+  ticks differ in parity), and each stage runs the 1F1B order: min(p - s, m) forwards (Megatron's
+  min(p - s - 1, m) warm-up and the first steady one), then one backward, one forward, ..., then the
+  remaining backwards. 2(m + p - 1) ticks in all, 2m of them busy on every device: the bubble is GPipe's
+  (p-1)/(m+p-1). A greedy list schedule would run the warm-up forwards back to back instead, as soon as
+  their inputs exist; the receivers would then need a queue for activations that arrive early.
+
+  The replay below checks the dependencies: F(i, s) uses the activation F(i, s-1) sent the tick before,
+  B(i, s) the cotangent B(i, s+1) sent the tick before, B(i, p-1) comes after F(i, p-1), and micro-batch
+  i's stash slot (i mod min(p, m)) is free when its forward writes it.
+  """
+  ticks = 2 * (m + p - 1)
+  table = -np.ones((ticks, p), np.int32)
+  backward = np.zeros((ticks, p), bool)
+  for i in range(m):
+    for s in range(p):
+      for t, bwd in ((2 * i + s, False), (2 * i + 2 * p - 1 - s, True)):
+        if table[t, s] >= 0:
+          raise RuntimeError(f"1F1B table: two ops on device {s} at tick {t}")  # unreachable (parity)
+        table[t, s], backward[t, s] = i, bwd
+  slots = min(p, m)
+  stash = -np.ones((p, slots), np.int32)  # the micro-batch in each device's stash slot
+  sent_act, sent_cot = {}, {}  # (receiving device) -> micro-batch sent at the previous tick
+  for t in range(ticks):
+    got_act, got_cot, sent_act, sent_cot = sent_act, sent_cot, {}, {}
+    for s in range(p):
+      i = int(table[t, s])
+      if i < 0:
+        continue
+      if not backward[t, s]:
+        ok = (s == 0 or got_act.get(s) == i) and stash[s, i % slots] < 0
+        stash[s, i % slots] = i
+        if s < p - 1:
+          sent_act[s + 1] = i
+      else:
+        ok = stash[s, i % slots] == i and (s == p - 1 or got_cot.get(s) == i)
+        stash[s, i % slots] = -1
+        if s > 0:
+          sent_cot[s - 1] = i
+      if not ok:
+        raise RuntimeError(f"1F1B table breaks a dependency at tick {t}, device {s}, micro-batch {i}")
+  return Schedule(table, np.zeros_like(table), p, 1, m, backward=backward, name="1f1b")
 
 
 def pipeline(
@@ -153,17 +247,19 @@ def pipeline(
     optimizer: any optax optimizer.
     mesh: a mesh with ``axis`` (and ``data_axis`` if given).
     microbatches: m; each device's batch is split into m equal micro-batches.
-    schedule: "gpipe" or "circular"; ``repeats`` is v for "circular" (default 2).
+    schedule: "gpipe", "circular" or "1f1b"; ``repeats`` is v for "circular" (default 2).
     data_axis: also split the batch over this axis (data x pipe meshes). Without it the batch is
       replicated over the mesh (only the first and last pipe devices read it).
     input_fn: ``input_fn(params, batch) -> x`` before the first layer (default ``batch["x"]``).
 
   Returns:
     A ``Strategy``. Metrics: ``loss``, ``grad_norm``, ``bubble`` (idle stage-ticks / all, counted from
-    the schedule the step ran) and ``ticks``. ``shard_batch`` takes the global batch in one process and
-    this process's share in a multi-process run (as ``jdist.mesh.put_batch``); with ``data_axis``
-    outermost, e.g. ``make_mesh(data=2, pipe=4)`` on 2 processes, each process's devices need only its
-    share, otherwise the shares are first gathered on every host (see ``_put_batch``).
+    the schedule the step ran) and ``ticks`` (rows of the schedule's table: forward ticks for "gpipe" and
+    "circular", forward and backward ticks for "1f1b"); ``info["schedule"]`` is that ``Schedule``.
+    ``shard_batch`` takes the global batch in one process and this process's share in a multi-process run
+    (as ``jdist.mesh.put_batch``); with ``data_axis`` outermost, e.g. ``make_mesh(data=2, pipe=4)`` on 2
+    processes, each process's devices need only its share, otherwise the shares are first gathered on
+    every host (see ``_put_batch``).
   """
   check_callable(stage_fn, "stage_fn")
   check_callable(loss_fn, "loss_fn")
@@ -232,12 +328,91 @@ def pipeline(
     (_, loss, active), _ = jax.lax.scan(tick, init, jnp.arange(sched.ticks))
     return loss / m, active
 
+  if schedule == "1f1b":  # what each device does at each tick; micro-batch i's stage input waits in slot i % slots
+    ops = np.where(sched.table < 0, _IDLE, np.where(sched.backward, _BACKWARD, _FORWARD))
+    ops[:, p - 1] = np.where(ops[:, p - 1] == _FORWARD, _STASH, ops[:, p - 1])  # its output would go nowhere
+    ops, which = jnp.asarray(ops, jnp.int32), jnp.asarray(np.maximum(sched.table, 0))
+    slots = int(sched.peak_stash.max())  # min(p, m)
+
+  def one_forward_one_backward(params, batch):
+    """Loss (on the last device, / m), gradients (summed over micro-batches, this device's share) and busy
+    ticks, with a hand-written backward: each stage's forward is recomputed under ``jax.vjp`` at its B tick."""
+    # params: varying over every mesh axis; params["stages"]: [1, 1, c, ...] this device's layers
+    d = jax.lax.axis_index(axis)
+    all_axes = (axis,) + tuple(data_axes)
+
+    # a fresh constant typed like the values the pipeline computes (varying over every axis), for cond / scan
+    varying = lambda x: jax.lax.pcast(x, all_axes, to="varying")
+
+    micro = jax.tree.map(lambda x: x.reshape(m, x.shape[0] // m, *x.shape[1:]), batch)
+    pick = lambda i: jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, i, 0, keepdims=False), micro)
+    x_type = jax.eval_shape(lambda: input_fn(params, pick(0)))
+    zeros_x = varying(jnp.zeros(x_type.shape, x_type.dtype))  # x: [mb, ...]
+    zero_grads = jax.tree.map(lambda x: varying(jnp.zeros(x.shape, x.dtype)), params)
+    loss_type = jax.eval_shape(lambda: loss_fn(params, zeros_x, pick(0)))
+    zero_loss = varying(jnp.zeros((), jnp.float32))
+    add = lambda a, b: jax.tree.map(jnp.add, a, b)
+    run = lambda stages, x: run_stage(stages, 0, x)
+
+    def tick(carry, t):
+      act_in, cot_in, stash, grads, loss, active = carry  # stash: [slots, mb, ...]
+      op, i = ops[t, d], which[t, d]
+      slot = i % slots
+      stashed = jax.lax.dynamic_index_in_dim(stash, slot, 0, keepdims=False)
+      stage_input = lambda: jax.lax.cond(d == 0, lambda: input_fn(params, pick(i)), lambda: act_in)
+
+      # each branch: (activation to send on, cotangent to send back, the stash slot's new content,
+      # gradient and loss to add)
+      def idle():
+        return zeros_x, zeros_x, stashed, zero_grads, zero_loss
+
+      def forward():
+        x = stage_input()
+        return run(params["stages"], x), zeros_x, x, zero_grads, zero_loss
+
+      def stash_only():
+        return zeros_x, zeros_x, stage_input(), zero_grads, zero_loss
+
+      def backward():
+        y, stage_vjp = jax.vjp(run, params["stages"], stashed)
+
+        def from_loss():  # last device: d(loss_i / m) / dy, and the loss's own parameter gradients
+          loss_i, loss_vjp = jax.vjp(lambda prm, y: loss_fn(prm, y, pick(i)), params, y)
+          g_params, g_y = loss_vjp(varying(jnp.full(loss_type.shape, 1 / m, loss_type.dtype)))
+          return loss_i.astype(jnp.float32), g_y, g_params
+
+        loss_i, g_y, g_params = jax.lax.cond(d == p - 1, from_loss, lambda: (zero_loss, cot_in, zero_grads))
+        g_stages, g_x = stage_vjp(g_y)
+
+        def into_input():  # first device: the input function's parameter gradients (e.g. the embedding)
+          return jax.vjp(lambda prm: input_fn(prm, pick(i)), params)[1](g_x)[0]
+
+        g_params = add(g_params, jax.lax.cond(d == 0, into_input, lambda: zero_grads))
+        g_params = dict(g_params, stages=add(g_params["stages"], g_stages))
+        return zeros_x, g_x, stashed, g_params, loss_i
+
+      act_out, cot_out, slot_value, g, loss_i = jax.lax.switch(op, [idle, forward, stash_only, backward])
+      stash = jax.lax.dynamic_update_index_in_dim(stash, slot_value, slot, 0)
+      # every device sends every tick (zeros when it has nothing): collectives stay outside the branches
+      if p > 1:
+        act_in = jax.lax.ppermute(act_out, axis, [(j, j + 1) for j in range(p - 1)])
+        cot_in = jax.lax.ppermute(cot_out, axis, [(j + 1, j) for j in range(p - 1)])
+      return (act_in, cot_in, stash, add(grads, g), loss + loss_i, active + (op != _IDLE).astype(jnp.int32)), None
+
+    stash = varying(jnp.zeros((slots, *x_type.shape), x_type.dtype))
+    init = (zeros_x, zeros_x, stash, zero_grads, zero_loss, varying(jnp.zeros((), jnp.int32)))
+    (_, _, _, grads, loss, active), _ = jax.lax.scan(tick, init, jnp.arange(sched.ticks))
+    return loss / m, grads, active
+
   def local_grads(params, batch):
     vary = lambda x, axes: jax.lax.pcast(x, axes, to="varying") if axes else x
     pipe_and_data = (axis,) + tuple(data_axes)
     params = {k: (jax.tree.map(lambda x: vary(x, tuple(data_axes)), val) if k == "stages" else
                   jax.tree.map(lambda x: vary(x, pipe_and_data), val)) for k, val in params.items()}
-    (loss, active), grads = jax.value_and_grad(local_loss, has_aux=True)(params, batch)
+    if schedule == "1f1b":
+      loss, grads, active = one_forward_one_backward(params, batch)
+    else:
+      (loss, active), grads = jax.value_and_grad(local_loss, has_aux=True)(params, batch)
     # the loss lives on the last device only: sum over the pipe; average over data replicas
     loss = jax.lax.psum(loss, axis)
     grads = {k: (val if k == "stages" else jax.lax.psum(val, axis)) for k, val in grads.items()}

@@ -1,4 +1,5 @@
-"""Pipeline parallelism equals the same layers run in sequence on one device; the bubble is the textbook one."""
+"""Pipeline parallelism equals the same layers run in sequence on one device; the bubble is the textbook one;
+1F1B equals GPipe and holds at most p micro-batches per device."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -6,8 +7,9 @@ import optax
 import pytest
 
 import jdist
+from jdist.models import gpt
 from jdist.pipeline import pipeline, pipeline_schedule, unstack_params
-from tests.conftest import assert_trees_all_close
+from tests.conftest import assert_trees_all_close, single_device_reference
 
 W, D_IN, LAYERS = 8, 5, 8
 
@@ -31,12 +33,12 @@ def sequential_loss(params, batch):
   return loss_fn(params, x, batch)
 
 
-def make_params(layers=LAYERS, seed=0):
+def make_params(layers=LAYERS, seed=0, width=W):
   k = jax.random.split(jax.random.key(seed), 4)
-  return {"stages": {"w": 0.5 * jax.random.normal(k[0], (layers, W, W)) / np.sqrt(W),
-                     "b": 0.1 * jax.random.normal(k[1], (layers, W))},
-          "w_in": jax.random.normal(k[2], (D_IN, W)) / np.sqrt(D_IN),
-          "w_out": jax.random.normal(k[3], (W, 2)) / np.sqrt(W)}
+  return {"stages": {"w": 0.5 * jax.random.normal(k[0], (layers, width, width)) / np.sqrt(width),
+                     "b": 0.1 * jax.random.normal(k[1], (layers, width))},
+          "w_in": jax.random.normal(k[2], (D_IN, width)) / np.sqrt(D_IN),
+          "w_out": jax.random.normal(k[3], (width, 2)) / np.sqrt(width)}
 
 
 def make_batches(steps, batch, seed=0):
@@ -57,6 +59,8 @@ def reference(params, batches, optimizer):
 
 
 CASES = [(p, m, s) for p in (2, 4, 8) for s in ("gpipe", "circular") for m in (1, p, 4 * p)]
+# 1F1B: m < p, m = p, m > p
+CASES += [(p, m, "1f1b") for p, m in ((2, 1), (4, 2), (4, 4), (4, 16), (8, 8))]
 
 
 @pytest.mark.parametrize("p,m,schedule", CASES, ids=[f"p{p}-m{m}-{s}" for p, m, s in CASES])
@@ -82,7 +86,7 @@ def test_data_x_pipe_mesh():
   params = make_params()
   batches = make_batches(20, batch=32)
   mesh = jdist.make_mesh(data=2, pipe=4)
-  for schedule in ("gpipe", "circular"):
+  for schedule in ("gpipe", "circular", "1f1b"):
     strategy = pipeline(stage_fn, loss_fn, optax.adam(1e-2), mesh, microbatches=4, schedule=schedule,
                         data_axis="data", input_fn=input_fn)
     state = strategy.init(params)
@@ -112,6 +116,113 @@ def test_bubble_matches_the_formulas(p, m):
         np.testing.assert_array_equal(np.diff(ts[order]), 1)
 
 
+def with_grads(optimizer):
+  """``optimizer`` that also keeps each step's gradient, as the first entry of its state."""
+  keep = optax.GradientTransformation(lambda params: jax.tree.map(jnp.zeros_like, params),
+                                      lambda g, state, params=None: (g, g))
+  return optax.chain(keep, optimizer)
+
+
+def test_1f1b_gradients_equal_gpipe_and_sequential():
+  p, m = 4, 3  # fewer micro-batches than stages, and 3 stash slots, not p
+  params, batch = make_params(), make_batches(1, batch=24)[0]
+  mesh = jdist.make_mesh(pipe=p, devices=jax.devices()[:p])
+  grads, metrics = {}, {}
+  for schedule in ("gpipe", "1f1b"):
+    strategy = pipeline(stage_fn, loss_fn, with_grads(optax.sgd(0.1)), mesh, microbatches=m, schedule=schedule,
+                        input_fn=input_fn)
+    state, metrics[schedule] = strategy.step(strategy.init(params), strategy.shard_batch(batch))
+    grads[schedule] = unstack_params(jax.device_get(state.opt_state[0]))
+  loss, ref = jax.value_and_grad(sequential_loss)(params, batch)
+  assert_trees_all_close(grads["1f1b"], ref, rtol=1e-5, atol=1e-6)
+  assert_trees_all_close(grads["1f1b"], grads["gpipe"], rtol=1e-5, atol=1e-6)
+  for key in ("loss", "grad_norm", "bubble"):
+    np.testing.assert_allclose(float(metrics["1f1b"][key]), float(metrics["gpipe"][key]), rtol=1e-5)
+  np.testing.assert_allclose(float(metrics["1f1b"]["loss"]), float(loss), rtol=1e-5)
+  # the 1F1B table counts the backward ticks too: twice GPipe's forward ticks
+  assert float(metrics["1f1b"]["ticks"]) == 2 * float(metrics["gpipe"]["ticks"]) == 2 * (m + p - 1)
+
+
+def test_1f1b_gpt_equals_sequential():
+  # the embedding runs on the first device and the tied head on the last: wte's gradient is the sum of both
+  cfg = gpt.GPTConfig(vocab_size=64, seq_len=16, d_model=32, n_layers=4, n_heads=2)
+  stage, head_loss, embed, to_pipeline = gpt.pipeline_fns(cfg)
+  params = gpt.init(jax.random.key(0), cfg)
+  batches = [jax.device_get(gpt.synthetic_tokens(jax.random.key(i), 16, cfg)) for i in range(3)]
+  mesh = jdist.make_mesh(pipe=4, devices=jax.devices()[:4])
+  # SGD with momentum, not Adam: Adam divides by |g|, so rounding in near-zero gradient entries (~1e-9
+  # here, for GPipe too) would move those parameters by up to its learning rate
+  opt = with_grads(optax.sgd(0.5, momentum=0.9))
+  ref, ref_opt, ref_losses = single_device_reference(gpt.loss_fn(cfg), opt, params, batches)
+  for m in (2, 8):
+    strategy = pipeline(stage, head_loss, opt, mesh, microbatches=m, schedule="1f1b", input_fn=embed)
+    state = strategy.init(to_pipeline(params))
+    losses = []
+    for b in batches:
+      state, metrics = strategy.step(state, strategy.shard_batch(b))
+      losses.append(float(metrics["loss"]))
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5, err_msg=f"m={m}")
+    # the last step's gradient, and the parameters after 3 steps
+    assert_trees_all_close(unstack_params(jax.device_get(state.opt_state[0])), to_pipeline(ref_opt[0]),
+                           rtol=1e-5, atol=1e-7)
+    assert_trees_all_close(unstack_params(jax.device_get(state.params)), to_pipeline(ref), rtol=1e-5, atol=1e-6)
+
+
+def test_1f1b_memory_does_not_grow_with_microbatches():
+  # XLA's temporary buffers per device, micro-batches of 16 rows x 64 features (4 KiB each), p = 4
+  width, rows, p = 64, 16, 4
+  params, act_bytes = make_params(width=width), rows * width * 4
+  mesh = jdist.make_mesh(pipe=p, devices=jax.devices()[:p])
+  temp = {}
+  for schedule in ("gpipe", "1f1b"):
+    for m in (4, 32):
+      strategy = pipeline(stage_fn, loss_fn, optax.sgd(0.1), mesh, microbatches=m, schedule=schedule, input_fn=input_fn)
+      batch = strategy.shard_batch(make_batches(1, batch=rows * m)[0])
+      compiled = strategy.step.lower(strategy.init(params), batch).compile()
+      temp[schedule, m] = compiled.memory_analysis().temp_size_in_bytes
+  # GPipe keeps every micro-batch's activations for the backward; 1F1B at most p stage inputs
+  assert temp["gpipe", 32] - temp["gpipe", 4] >= (32 - 4) * act_bytes, temp
+  assert temp["1f1b", 32] - temp["1f1b", 4] < act_bytes, temp
+  assert temp["1f1b", 32] < temp["gpipe", 32] / 4, temp
+
+
+def megatron_order(p, s, m):
+  """Stage s's ops in Megatron's non-interleaved 1F1B: min(p - s - 1, m) warm-up forwards, then one forward
+  and one backward in turn, then the remaining backwards."""
+  warm = min(p - s - 1, m)
+  ops = [("F", i) for i in range(warm)]
+  for k in range(m - warm):
+    ops += [("F", warm + k), ("B", k)]
+  return ops + [("B", i) for i in range(m - warm, m)]
+
+
+@pytest.mark.parametrize("p", [1, 2, 3, 4, 8])
+def test_1f1b_table(p):
+  for m in range(1, 3 * p + 2):
+    sched = pipeline_schedule(p, m, "1f1b")
+    # 2m busy ticks per device plus the fill and the drain of p - 1 ticks each: GPipe's bubble, forward and back
+    assert sched.ticks == 2 * (m + p - 1)
+    assert sched.bubble == pytest.approx((p - 1) / (m + p - 1)) == pytest.approx(sched.expected_bubble())
+    assert (sched.table >= 0).sum() == 2 * m * p
+    # memory: device d holds at most min(p - d, m) stage inputs; GPipe holds all m
+    np.testing.assert_array_equal(sched.peak_stash, [min(p - d, m) for d in range(p)])
+    assert sched.peak_stash.max() <= p
+    np.testing.assert_array_equal(pipeline_schedule(p, m, "gpipe").peak_stash, [m] * p)
+    when = {}
+    for t, d in zip(*np.nonzero(sched.table >= 0)):
+      when["B" if sched.backward[t, d] else "F", int(sched.table[t, d]), int(d)] = int(t)
+    for s in range(p):
+      ops = sorted((t, k, i) for (k, i, d), t in when.items() if d == s)
+      assert [(k, i) for _, k, i in ops] == megatron_order(p, s, m), f"p={p} m={m} stage {s}"
+      for i in range(m):
+        # hand-offs take one tick: the activation / cotangent a device receives is used on arrival
+        if s > 0:
+          assert when["F", i, s] == when["F", i, s - 1] + 1
+        if s < p - 1:
+          assert when["B", i, s] == when["B", i, s + 1] + 1
+      assert all(when["B", i, p - 1] > when["F", i, p - 1] for i in range(m))
+
+
 def test_schedule_table_text():
   text = pipeline_schedule(4, 8, "gpipe").format()
   lines = text.splitlines()
@@ -119,6 +230,12 @@ def test_schedule_table_text():
   assert lines[1].split() == ["0", "0", ".", ".", "."]
   assert lines[4].split() == ["3", "3", "2", "1", "0"]
   assert "bubble: 0.273" in text
+  assert lines[-1].startswith("peak stash: 8 8 8 8 ")
+  text = pipeline_schedule(4, 8, "1f1b").format()
+  lines = text.splitlines()
+  assert lines[1].split() == ["0", "F0", ".", ".", "."]
+  assert lines[8].split() == ["7", "B0", "F3", "B1", "F2"]
+  assert len(lines) == 1 + 22 + 2 and "bubble: 0.273" in text and lines[-1].startswith("peak stash: 4 3 2 1 ")
 
 
 # ---- bad input -----------------------------------------------------------------------------------------
@@ -147,5 +264,17 @@ def test_stage_params_not_stacked():
     strategy.init(bad)
   with pytest.raises(ValueError, match=r"must be a dict with a 'stages' entry"):
     strategy.init({"layers": make_params()["stages"]})
-  with pytest.raises(ValueError, match="Unknown schedule: '1f1b'"):
-    pipeline(stage_fn, loss_fn, optax.sgd(0.1), jdist.make_mesh(pipe=2, devices=jax.devices()[:2]), schedule="1f1b")
+  with pytest.raises(ValueError, match=r"Unknown schedule: 'zero-bubble'. It needs to be one of "
+                                       r"\['gpipe', 'circular', '1f1b'\]"):
+    pipeline(stage_fn, loss_fn, optax.sgd(0.1), jdist.make_mesh(pipe=2, devices=jax.devices()[:2]),
+             schedule="zero-bubble")
+
+
+def test_1f1b_has_no_virtual_stages():
+  mesh = jdist.make_mesh(pipe=2, devices=jax.devices()[:2])
+  with pytest.raises(ValueError, match=r"schedule='1f1b' runs one stage per device \(repeats=1\), got repeats=2; "
+                                       r"virtual stages need schedule='circular'"):
+    pipeline(stage_fn, loss_fn, optax.sgd(0.1), mesh, schedule="1f1b", repeats=2)
+  with pytest.raises(ValueError, match=r"repeats=1\), got repeats=3"):
+    pipeline_schedule(4, 8, "1f1b", repeats=3)
+  assert pipeline_schedule(4, 8, "1f1b", repeats=1).ticks == 22
