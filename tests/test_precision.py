@@ -119,3 +119,20 @@ def test_scan_unroll_does_not_change_the_mathematics(unroll):
   for bad in (0, False, 1.5):
     with pytest.raises(ValueError, match="scan_unroll must be a positive int or True"):
       gpt.GPTConfig(scan_unroll=bad)
+
+
+def test_attention_auto_picks_cudnn_only_where_it_applies():
+  pick = gpt.attention_backend
+  assert pick("auto", jnp.bfloat16, 64, "gpu") == "cudnn"
+  assert pick("auto", jnp.float16, 128, "gpu") == "cudnn"
+  assert pick("auto", jnp.float32, 64, "gpu") == "xla"  # cuDNN's fused attention is half precision only
+  assert pick("auto", jnp.bfloat16, 160, "gpu") == "xla"  # head size above 128
+  assert pick("auto", jnp.bfloat16, 64, "cpu") == "xla"
+  assert pick("cudnn", jnp.float32, 64, "cpu") == "cudnn" and pick(None, jnp.bfloat16, 64, "gpu") == "xla"
+  # on this CPU host "auto" is XLA's attention: the same numbers as implementation="xla"
+  xla = gpt.GPTConfig(**{**CFG.__dict__, "attention_impl": "xla"})
+  assert CFG.attention_impl == "auto"
+  assert_trees_all_close(jax.jit(jax.grad(gpt.loss_fn(CFG)))(PARAMS, BATCH),
+                         jax.jit(jax.grad(gpt.loss_fn(xla)))(PARAMS, BATCH), rtol=0, atol=0)
+  with pytest.raises(ValueError, match="Unknown attention_impl: 'flash'"):
+    gpt.GPTConfig(attention_impl="flash")

@@ -26,6 +26,7 @@ import optax
 from jdist._types import Batch, Params
 
 REMAT_POLICIES = ("none", "dots_saveable", "full")
+ATTENTION_IMPLS = ("auto", "cudnn", "xla", None)
 
 # Megatron tensor parallelism over a "model" mesh axis: attention split by heads (qkv by output
 # columns, o by input rows), the MLP's first matrix by columns and its second by rows, so each block
@@ -47,7 +48,7 @@ class GPTConfig:
   n_heads: int = 4  # attention heads H
   compute_dtype: Any = jnp.float32  # activations and matmuls; params stay fp32
   remat: str = "none"  # one of REMAT_POLICIES
-  attention_impl: str | None = None  # passed to jax.nn.dot_product_attention ("cudnn", "xla" or None)
+  attention_impl: str | None = "auto"  # "auto" (cuDNN where it applies, else XLA), "cudnn", "xla" or None (XLA)
   scan_unroll: int | bool = 1  # blocks per scan iteration (True: all, one straight-line program)
 
   def __post_init__(self):
@@ -56,6 +57,9 @@ class GPTConfig:
     if not (self.scan_unroll is True or (type(self.scan_unroll) is int and self.scan_unroll >= 1)):
       raise ValueError(f"GPTConfig.scan_unroll must be a positive int or True (unroll every block), got "
                        f"{self.scan_unroll!r}.")
+    if self.attention_impl not in ATTENTION_IMPLS:
+      raise ValueError(f"Unknown attention_impl: {self.attention_impl!r}. It needs to be one of "
+                       f"{list(ATTENTION_IMPLS)}.")
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"Unknown remat policy: {self.remat!r}. It needs to be one of {list(REMAT_POLICIES)}.")
     for name in ("vocab_size", "seq_len", "d_model", "n_layers", "n_heads"):
@@ -100,10 +104,38 @@ def block(p: Params, x: jax.Array, config: GPTConfig) -> jax.Array:
   h = rms_norm(x, p["ln1"])
   qkv = jnp.einsum("bsd,dtk->bstk", h, p["qkv"].astype(cd)).reshape(B, S, 3, H, D // H)
   q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-  a = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=config.attention_impl)
+  a = attention(q, k, v, config.attention_impl)
   x = x + a.reshape(B, S, D) @ p["o"].astype(cd)
   h = rms_norm(x, p["ln2"])
   return x + jax.nn.gelu(h @ p["fc"].astype(cd)) @ p["proj"].astype(cd)
+
+
+def attention_backend(impl: str | None, dtype: Any, head_dim: int, platform: str | None = None) -> str:
+  """The ``jax.nn.dot_product_attention`` implementation ``impl`` stands for.
+
+  "auto" means cuDNN's fused attention where it applies (a GPU, bf16 or fp16, head size a multiple of 8
+  up to 128), else XLA's; "cudnn" and "xla" are themselves; None is XLA (JAX's own default).
+  """
+  if impl == "auto":
+    platform = platform if platform is not None else jax.default_backend()
+    fits = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) and head_dim % 8 == 0 and head_dim <= 128
+    return "cudnn" if platform == "gpu" and fits else "xla"
+  return impl or "xla"
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, impl: str | None) -> jax.Array:
+  """Causal attention, q, k, v: [B, S, H, D/H]; ``impl`` as in ``attention_backend``.
+
+  With "auto", a cuDNN that refuses the call (an old GPU or cuDNN version: JAX checks while tracing)
+  falls back to XLA's implementation.
+  """
+  backend = attention_backend(impl, q.dtype, q.shape[-1])
+  if impl == "auto" and backend == "cudnn":
+    try:
+      return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+    except (NotImplementedError, RuntimeError, ValueError, TypeError):
+      backend = "xla"
+  return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=backend)
 
 
 def _remat(fn, policy: str):
