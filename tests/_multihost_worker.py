@@ -1,7 +1,7 @@
 """One process of the multi-process tests (run by ``jdist launch`` or directly with ``JDIST_*`` set).
 
-``python tests/_multihost_worker.py train OUT_DIR``: every strategy of ``CASES`` (data_parallel, FSDP,
-pipeline on two meshes, local SGD, async SGD) for ``STEPS`` steps, the misuses of ``errors``, then ``fit``
+``python tests/_multihost_worker.py train OUT_DIR``: every strategy of ``CASES`` (data_parallel, FSDP by
+GSPMD and by shard_map, pipeline on two meshes, local SGD, async SGD) for ``STEPS`` steps, the misuses of ``errors``, then ``fit``
 with checkpoints into ``OUT_DIR/ckpt``; process 0 writes the final params, the losses and the error messages
 to ``OUT_DIR/result.npz``. ``python tests/_multihost_worker.py spin``: trains until killed, printing its pid
 and one line per step. The same setup functions build the single-process reference in the tests.
@@ -91,6 +91,7 @@ class Case(NamedTuple):
 CASES = {
     "data_parallel": Case(data_parallel_strategy),
     "fsdp": Case(fsdp_strategy),
+    "fsdp_shard_map": Case(lambda: jdist.model_parallel.fsdp(mlp.loss, optax.adam(1e-2), jdist.make_mesh(fsdp=-1), min_size=256)),
     "pipeline_data2_pipe4": Case(lambda: pipeline_strategy("data", data=2, pipe=4), pipeline_params),
     "pipeline_pipe8": Case(lambda: pipeline_strategy(pipe=8), pipeline_params),
     "local_sgd": Case(lambda: jdist.local_sgd(mlp.loss, optax.adam(1e-2), jdist.make_mesh(data=-1), sync_every=2)),
