@@ -21,9 +21,11 @@ Schedules (p devices on the pipe axis, m micro-batches, S stacked layers):
   backward is written by hand: a forward stashes its stage input (one of min(p, m) slots, i mod
   min(p, m)), the backward recomputes the stage under ``jax.vjp`` and applies the cotangent received
   from the next device; the last device starts each backward from ``jax.vjp`` of ``loss_fn`` (its
-  forward only stashes), the first ends it with ``jax.vjp`` of ``input_fn``. Activations go forward and
-  cotangents back with one ``ppermute`` each per tick, on every device; ``lax.switch`` on the table
-  entry picks the compute. Same bubble as GPipe, (p-1)/(m+p-1); device d holds min(p - d, m) stage
+  forward only stashes), the first ends it with ``jax.vjp`` of ``input_fn``. A device runs forwards on
+  ticks of its own parity and backwards on the others, so each tick it sends either an activation on or
+  a cotangent back: one ``ppermute`` per tick on every device (pairing neighbours one way on even ticks,
+  the other way on odd ones), as many bytes as GPipe's forward and backward sends; ``lax.switch`` on the
+  table entry picks the compute. Same bubble as GPipe, (p-1)/(m+p-1); device d holds min(p - d, m) stage
   inputs instead of GPipe's m micro-batches of every layer's activations, so its memory does not grow
   with m. The cost: each stage's forward runs twice (about 4 instead of 3 forward-equivalents of
   compute per micro-batch), and on devices running in parallel a tick lasts as long as its slowest op,
@@ -333,6 +335,16 @@ def pipeline(
     ops[:, p - 1] = np.where(ops[:, p - 1] == _FORWARD, _STASH, ops[:, p - 1])  # its output would go nowhere
     ops, which = jnp.asarray(ops, jnp.int32), jnp.asarray(np.maximum(sched.table, 0))
     slots = int(sched.peak_stash.max())  # min(p, m)
+    # At tick t device s runs forwards only if s = t (mod 2) and backwards only if not (forward of i at
+    # 2i + s, backward at 2i + 2p - 1 - s), so at each tick a device sends either an activation to s + 1
+    # or a cotangent to s - 1: one ppermute per tick, pairing the devices one way on even ticks and the
+    # other way on odd ones.
+    busy = sched.table >= 0
+    parity = (np.arange(sched.ticks)[:, None] - np.arange(p)[None, :]) % 2
+    if not np.all(parity[busy] == sched.backward[busy]):
+      raise RuntimeError("1F1B table: a forward or backward at a tick of the wrong parity")  # unreachable
+    sends = [[(s, s + 1) if s % 2 == t else (s, s - 1) for s in range(p) if (s + 1 < p if s % 2 == t else s > 0)]
+             for t in (0, 1)]
 
   def one_forward_one_backward(params, batch):
     """Loss (on the last device, / m), gradients (summed over micro-batches, this device's share) and busy
@@ -354,24 +366,25 @@ def pipeline(
     add = lambda a, b: jax.tree.map(jnp.add, a, b)
     run = lambda stages, x: run_stage(stages, 0, x)
 
-    def tick(carry, t):
-      act_in, cot_in, stash, grads, loss, active = carry  # stash: [slots, mb, ...]
+    def tick(carry, t, perm):
+      received, stash, grads, loss, active = carry  # stash: [slots, mb, ...]
       op, i = ops[t, d], which[t, d]
       slot = i % slots
       stashed = jax.lax.dynamic_index_in_dim(stash, slot, 0, keepdims=False)
-      stage_input = lambda: jax.lax.cond(d == 0, lambda: input_fn(params, pick(i)), lambda: act_in)
+      # what arrived last tick: an activation from d - 1 if this tick is a forward, else a cotangent from d + 1
+      stage_input = lambda: jax.lax.cond(d == 0, lambda: input_fn(params, pick(i)), lambda: received)
 
-      # each branch: (activation to send on, cotangent to send back, the stash slot's new content,
+      # each branch: (what to send: an activation on or a cotangent back, the stash slot's new content,
       # gradient and loss to add)
       def idle():
-        return zeros_x, zeros_x, stashed, zero_grads, zero_loss
+        return zeros_x, stashed, zero_grads, zero_loss
 
       def forward():
         x = stage_input()
-        return run(params["stages"], x), zeros_x, x, zero_grads, zero_loss
+        return run(params["stages"], x), x, zero_grads, zero_loss
 
       def stash_only():
-        return zeros_x, zeros_x, stage_input(), zero_grads, zero_loss
+        return zeros_x, stage_input(), zero_grads, zero_loss
 
       def backward():
         y, stage_vjp = jax.vjp(run, params["stages"], stashed)
@@ -381,7 +394,7 @@ def pipeline(
           g_params, g_y = loss_vjp(varying(jnp.full(loss_type.shape, 1 / m, loss_type.dtype)))
           return loss_i.astype(jnp.float32), g_y, g_params
 
-        loss_i, g_y, g_params = jax.lax.cond(d == p - 1, from_loss, lambda: (zero_loss, cot_in, zero_grads))
+        loss_i, g_y, g_params = jax.lax.cond(d == p - 1, from_loss, lambda: (zero_loss, received, zero_grads))
         g_stages, g_x = stage_vjp(g_y)
 
         def into_input():  # first device: the input function's parameter gradients (e.g. the embedding)
@@ -389,19 +402,22 @@ def pipeline(
 
         g_params = add(g_params, jax.lax.cond(d == 0, into_input, lambda: zero_grads))
         g_params = dict(g_params, stages=add(g_params["stages"], g_stages))
-        return zeros_x, g_x, stashed, g_params, loss_i
+        return g_x, stashed, g_params, loss_i
 
-      act_out, cot_out, slot_value, g, loss_i = jax.lax.switch(op, [idle, forward, stash_only, backward])
+      send, slot_value, g, loss_i = jax.lax.switch(op, [idle, forward, stash_only, backward])
       stash = jax.lax.dynamic_update_index_in_dim(stash, slot_value, slot, 0)
-      # every device sends every tick (zeros when it has nothing): collectives stay outside the branches
+      # one ppermute per tick on every device (zeros when it has nothing), outside the branches
       if p > 1:
-        act_in = jax.lax.ppermute(act_out, axis, [(j, j + 1) for j in range(p - 1)])
-        cot_in = jax.lax.ppermute(cot_out, axis, [(j + 1, j) for j in range(p - 1)])
-      return (act_in, cot_in, stash, add(grads, g), loss + loss_i, active + (op != _IDLE).astype(jnp.int32)), None
+        received = jax.lax.ppermute(send, axis, perm)
+      return received, stash, add(grads, g), loss + loss_i, active + (op != _IDLE).astype(jnp.int32)
+
+    def two_ticks(carry, j):  # the ticks alternate between the two send patterns
+      carry = tick(carry, 2 * j, sends[0])
+      return tick(carry, 2 * j + 1, sends[1]), None
 
     stash = varying(jnp.zeros((slots, *x_type.shape), x_type.dtype))
-    init = (zeros_x, zeros_x, stash, zero_grads, zero_loss, varying(jnp.zeros((), jnp.int32)))
-    (_, _, _, grads, loss, active), _ = jax.lax.scan(tick, init, jnp.arange(sched.ticks))
+    init = (zeros_x, stash, zero_grads, zero_loss, varying(jnp.zeros((), jnp.int32)))
+    (_, _, grads, loss, active), _ = jax.lax.scan(two_ticks, init, jnp.arange(sched.ticks // 2))
     return loss / m, grads, active
 
   def local_grads(params, batch):

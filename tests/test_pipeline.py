@@ -7,6 +7,7 @@ import optax
 import pytest
 
 import jdist
+from jdist.collectives import comm_report
 from jdist.models import gpt
 from jdist.pipeline import pipeline, pipeline_schedule, unstack_params
 from tests.conftest import assert_trees_all_close, single_device_reference
@@ -278,3 +279,20 @@ def test_1f1b_has_no_virtual_stages():
   with pytest.raises(ValueError, match=r"repeats=1\), got repeats=3"):
     pipeline_schedule(4, 8, "1f1b", repeats=3)
   assert pipeline_schedule(4, 8, "1f1b", repeats=1).ticks == 22
+
+
+def test_1f1b_sends_what_gpipe_sends():
+  # each tick a 1F1B device sends an activation on or a cotangent back, never both: one ppermute per tick
+  p, m = 4, 4
+  params, batch = make_params(), make_batches(1, batch=32)[0]
+  mesh = jdist.make_mesh(pipe=p, devices=jax.devices()[:p])
+  reports = {}
+  for schedule in ("gpipe", "1f1b"):
+    strategy = pipeline(stage_fn, loss_fn, optax.sgd(0.1), mesh, microbatches=m, schedule=schedule, input_fn=input_fn)
+    state = strategy.init(params)
+    reports[schedule] = comm_report(strategy.step.lower(state, strategy.shard_batch(batch)))
+  act_bytes = (32 // m) * W * 4  # one micro-batch's activations, f32
+  permute = reports["1f1b"]["collective-permute"]
+  assert permute.count == 2 * (m + p - 1)  # the loop's trip count times one
+  assert permute.sent_bytes == 2 * (m + p - 1) * act_bytes
+  assert reports["1f1b"].total_sent_bytes == pytest.approx(reports["gpipe"].total_sent_bytes, rel=1e-6)

@@ -48,6 +48,8 @@ ENTRIES: list[DemoEntry] = [
     DemoEntry("res-MLP, single device", "data_parallel", axes={"data": 1}, num_devices=1, model="resmlp"),
     DemoEntry("res-MLP, pipeline p=8, m=8 (GPipe)", "pipeline", {"microbatches": 8}, axes={"pipe": 8},
               num_devices=8, model="resmlp"),
+    DemoEntry("res-MLP, pipeline p=8, m=8 (1F1B)", "pipeline", {"microbatches": 8, "schedule": "1f1b"},
+              axes={"pipe": 8}, num_devices=8, model="resmlp"),
     DemoEntry("res-MLP, data=2 x pipe=4, circular", "pipeline",
               {"microbatches": 4, "schedule": "circular", "repeats": 2, "data_axis": "data"},
               axes={"data": 2, "pipe": 4}, num_devices=8, model="resmlp"),
