@@ -1,6 +1,7 @@
 """``jdist bench``: runs the scripts under benchmarks/ and streams their tables."""
 from __future__ import annotations
 
+import os
 import pathlib
 import subprocess
 import sys
@@ -26,5 +27,7 @@ def bench(names: Sequence[str], *, quick: bool = False) -> int:
   for name in names or available:
     print(f"== benchmarks/{name}.py", flush=True)
     cmd = [sys.executable, str(root / f"{name}.py")] + (["--quick"] if quick else [])
-    status = max(status, subprocess.call(cmd))
+    # the scripts import jdist: from this source tree, installed or not
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(root.parent), os.environ.get("PYTHONPATH")])))
+    status = max(status, subprocess.call(cmd, env=env))
   return status
