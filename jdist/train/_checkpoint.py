@@ -115,10 +115,19 @@ class Checkpointer:
     return self.directory / str(step)
 
   def due(self, step: int) -> bool:
+    """Whether to save at ``step``. Every process of a run must answer the same (a save is collective), so
+    with several processes the clock of process 0 decides a time-based save for all of them."""
     c = self.config
     if c.every_steps is not None and step % c.every_steps == 0:
       return True
-    return c.every_seconds is not None and time.monotonic() - self.last_save_time >= c.every_seconds
+    if c.every_seconds is None:
+      return False
+    by_time = time.monotonic() - self.last_save_time >= c.every_seconds
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+
+      by_time = bool(multihost_utils.broadcast_one_to_all(np.bool_(by_time)))
+    return by_time
 
   def save(self, step: int, state: PyTree, meta: dict[str, Any]) -> pathlib.Path:
     ocp = self._ocp
