@@ -189,3 +189,27 @@ def test_two_axis_data_parallel_equals_single_device():
   state, _ = _run(strategy, params, batches)
   ref, _, _ = single_device_reference(mlp.loss, optax.adam(1e-2), params, batches)
   assert_trees_all_close(state.params, ref, rtol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["accumulate", "has_aux", "ring", "data1_x_model8"])
+def test_one_device_data_axis_equals_single_device(case):
+  # a data axis of one device skips shard_map altogether: the same numbers in every configuration
+  params = mlp.init(jax.random.key(0), [6, 16, 3])
+  batches = _mlp_data(7, steps=10, batch=16)
+  loss_fn, kwargs = mlp.loss, {}
+  mesh = jdist.make_mesh(data=1, devices=jax.devices()[:1])
+  if case == "accumulate":
+    kwargs = {"accumulate_steps": 4}
+  elif case == "has_aux":
+    loss_fn, kwargs = (lambda p, b: (mlp.loss(p, b), {"acc": mlp.accuracy(p, b)})), {"has_aux": True}
+  elif case == "ring":
+    kwargs = {"allreduce": "ring"}
+  else:
+    mesh = jdist.make_mesh(data=1, model=8)
+  strategy = jdist.data_parallel(loss_fn, optax.adam(1e-2), mesh, **kwargs)
+  state, losses = _run(strategy, params, batches)
+  ref_params, ref_opt, ref_losses = single_device_reference(mlp.loss, optax.adam(1e-2), params, batches)
+  assert_trees_all_close(state.params, ref_params, rtol=1e-5)
+  np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+  leaf = jax.tree.leaves(state.params)[0]
+  assert leaf.sharding.is_fully_replicated and len(leaf.sharding.device_set) == mesh.size

@@ -104,8 +104,10 @@ def test_jdist_gpt_is_the_reference_gpt():
   ours = jax.jit(lambda p, t: gpt.apply(p, t, cfg))(params, tokens)
   theirs = jax.jit(lambda p, t: plain.fwd(p, t, cfg.n_heads, None))(as_plain, tokens)
   assert ours.dtype == theirs.dtype == jnp.float32
-  # both compute in bf16 (rounding differs only in the order of a few casts)
-  np.testing.assert_allclose(np.asarray(ours), np.asarray(theirs), rtol=0, atol=0.05 * float(jnp.std(theirs)))
+  # both compute in bf16 and differ only in the order of a few casts: measured up to 1.7 bf16 units
+  # (2^-8) of the largest logit over 4 seeds; a model missing a block or the attention output is 30x off
+  bf16_unit = 2.0**-8 * float(jnp.max(jnp.abs(theirs)))
+  np.testing.assert_allclose(np.asarray(ours), np.asarray(theirs), rtol=0, atol=4 * bf16_unit)
 
 
 @pytest.mark.parametrize("unroll", [2, True])

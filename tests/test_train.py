@@ -311,8 +311,25 @@ def test_model_flops_and_mfu_in_the_timing_log(tmp_path):
       run_dir=tmp_path / "cpu", tensorboard=False, flops_per_step=flops)
   (r,) = read_jsonl(tmp_path / "cpu" / "timing.jsonl")  # the CPU's peak is unknown: no MFU, FLOP/s still
   assert "mfu" not in r and r["model_tflops_per_s"] > 0
-  for bad in (0, -1.0, "6N"):
+  fit(strategy, strategy.init(mlp.init(jax.random.key(0), [6, 16, 3])), loader, steps=3, log_every=3,
+      run_dir=tmp_path / "np", tensorboard=False, flops_per_step=np.int64(flops), peak_flops=np.float32(1e9))
+  (r,) = read_jsonl(tmp_path / "np" / "timing.jsonl")  # numpy numbers (e.g. from np.prod) are numbers too
+  assert r["mfu"] == pytest.approx(flops * r["steps_per_s"] / 4e9, rel=1e-6)
+  for bad in (0, -1.0, "6N", True):
     with pytest.raises(ValueError, match="flops_per_step must be a positive number"):
       fit(strategy, state, loader, steps=1, flops_per_step=bad)
   with pytest.raises(ValueError, match="peak_flops must be a positive number"):
     fit(strategy, state, loader, steps=1, flops_per_step=1.0, peak_flops=0)
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_a_failing_step_keeps_the_record_of_the_steps_before(tmp_path, overlap):
+  strategy, state, _ = _setup(n_devices=1)
+  batches = [b for b, _ in zip(ArrayLoader(_data(), 32, seed=0), range(6))]
+  batches[4] = {"x": batches[4]["x"][:, :5], "y": batches[4]["y"]}  # step 5's batch has the wrong shape
+  rec = Recorder()
+  with pytest.raises(TypeError):
+    fit(strategy, state, batches, steps=6, callbacks=[rec], overlap=overlap, log_every=1, run_dir=tmp_path,
+        tensorboard=False)
+  assert [s for k, s in rec.events if k == "step"] == [1, 2, 3, 4]
+  assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [1, 2, 3, 4]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import numbers
 import os
 import pathlib
 import time
@@ -51,7 +52,8 @@ class LoopControl:
     self.last_checkpoint_step: int | None = None
 
   def request_stop(self, reason: str, *, failed: bool = False) -> None:
-    """Ends the loop after the current step; ``failed=True`` also skips checkpointing that step."""
+    """Ends the loop after the current step (with ``fit(overlap=True)``, after the step already running
+    behind it); ``failed=True`` also skips checkpointing those steps."""
     if self.stop_reason is None:
       self.stop_reason = reason
     self.failed = self.failed or failed
@@ -140,10 +142,13 @@ def fit(
     raise ValueError(f"log_every must be a positive int, got {log_every!r}.")
   if eval_every is not None and (not isinstance(eval_every, int) or eval_every < 1):
     raise ValueError(f"eval_every must be a positive int or None, got {eval_every!r}.")
-  if flops_per_step is not None and not (isinstance(flops_per_step, (int, float)) and flops_per_step > 0):
+  positive = lambda x: isinstance(x, numbers.Real) and not isinstance(x, bool) and x > 0
+  if flops_per_step is not None and not positive(flops_per_step):
     raise ValueError(f"flops_per_step must be a positive number (model FLOPs of one step), got {flops_per_step!r}.")
-  if peak_flops is not None and not (isinstance(peak_flops, (int, float)) and peak_flops > 0):
+  if peak_flops is not None and not positive(peak_flops):
     raise ValueError(f"peak_flops must be a positive number (FLOP/s of one device), got {peak_flops!r}.")
+  flops_per_step = float(flops_per_step) if flops_per_step is not None else None
+  peak_flops = float(peak_flops) if peak_flops is not None else None
   if (eval_fn is None) != (eval_data is None):
     raise ValueError("Pass eval_fn and eval_data together (eval_fn(params, batch) -> dict of metrics).")
   run_path = pathlib.Path(run_dir) if run_dir is not None else None
@@ -251,12 +256,16 @@ def fit(
         continue  # read the step still running first
       try:
         batch = next(batches)
+        # several processes: each passes its share (jdist.mesh.put_batch); count the global batch
+        n_examples = len(jax.tree.leaves(batch)[0]) * jax.process_count()
+        state, metrics = strategy.step(state, strategy.shard_batch(batch))
       except StopIteration:
         control.request_stop(f"the data ran out after step {step}")
         continue
-      # several processes: each passes its share (jdist.mesh.put_batch); count the global batch
-      n_examples = len(jax.tree.leaves(batch)[0]) * jax.process_count()
-      state, metrics = strategy.step(state, strategy.shard_batch(batch))
+      except BaseException:
+        if pending is not None:  # the step before the failing one still gets its record
+          finish(*pending)
+        raise
       step += 1
       if pending is not None:  # overlap: read the previous step while this one runs on the devices
         finish(*pending)
