@@ -90,9 +90,9 @@ def test_gpu_benchmark_code_paths_on_cpu():
 
 def test_jdist_gpt_is_the_reference_gpt():
   # the GPU benchmark compares the same model: the plain reference's forward on jdist's weights
+  bench = _gpu_bench()
   import _plain_gpt as plain  # benchmarks/ is on the path after _gpu_bench()
 
-  bench = _gpu_bench()
   shape = dict(bench.CONFIGS["cpu-smoke"], n_layers=3)
   strategy, cfg = bench.jdist_setup(shape, None, "none")
   params = gpt.init(jax.random.key(0), cfg)
