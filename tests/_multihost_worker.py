@@ -30,7 +30,7 @@ from jdist.data import ArrayLoader  # noqa: E402
 from jdist.models import mlp, resmlp  # noqa: E402
 
 STEPS = 20  # steps of the equivalence runs
-FIT_STEPS = 10  # steps fit runs on 2 processes before the 1-process resume
+FIT_STEPS = 12  # steps fit runs on 2 processes before the 1-process resume
 TOTAL_FIT_STEPS = 20
 BATCH = 64  # global batch
 SIZES = [16, 64, 64, 4]
@@ -167,7 +167,9 @@ def fit_run(directory: str, steps: int):
     import jdist.train._checkpoint as checkpoint_module
 
     checkpoint_module.time = _RacingClock
-  ckpt = jdist.CheckpointConfig(directory=os.path.join(directory, "ckpt"), every_steps=5, every_seconds=1800.0)
+  # by step at 3, 6, 9, 12; the time check falls on step 10 (jdist.train._checkpoint.TIME_CHECK_EVERY), where
+  # process 1's clock says "save" and process 0's does not: both must follow process 0
+  ckpt = jdist.CheckpointConfig(directory=os.path.join(directory, "ckpt"), every_steps=3, every_seconds=1800.0)
   result = jdist.fit(strategy, strategy.init(params()), loader(), steps=steps, checkpoint=ckpt, log_every=1,
                      run_dir=os.path.join(directory, "run"), tensorboard=False)
   return result

@@ -28,6 +28,9 @@ class CheckpointError(RuntimeError):
   """A checkpoint exists but cannot be used; nothing was overwritten."""
 
 
+TIME_CHECK_EVERY = 10  # multi-process runs: steps between checks of process 0's clock for a save by time
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class CheckpointConfig:
   """Where and when ``jdist.fit`` saves checkpoints, and how it resumes.
@@ -35,7 +38,10 @@ class CheckpointConfig:
   Attributes:
     directory: the checkpoint directory (created if missing); ``fit`` resumes from its latest step.
     every_steps: save after every this many steps (None: not by step count). Must be >= 1.
-    every_seconds: also save when this many seconds passed since the last save (None: not by time).
+    every_seconds: also save when this many seconds passed since the last save (None: not by time). In a
+      multi-process run the processes must agree (a save is collective): process 0's clock decides and is
+      broadcast, on every ``TIME_CHECK_EVERY``-th step only (a broadcast waits for the devices), so a
+      save by time comes up to ``TIME_CHECK_EVERY - 1`` steps late there.
     keep: how many of the newest checkpoints to keep on disk (>= 1).
     fallback: if the latest checkpoint cannot be read, resume from the newest readable one (moving the
       unreadable one into ``directory/unreadable/``) instead of stopping with an error.
@@ -116,18 +122,21 @@ class Checkpointer:
 
   def due(self, step: int) -> bool:
     """Whether to save at ``step``. Every process of a run must answer the same (a save is collective), so
-    with several processes the clock of process 0 decides a time-based save for all of them."""
+    with several processes the clock of process 0 decides a time-based save for all of them, checked on
+    every ``TIME_CHECK_EVERY``-th step (the broadcast waits for the devices to finish the step)."""
     c = self.config
     if c.every_steps is not None and step % c.every_steps == 0:
       return True
     if c.every_seconds is None:
       return False
-    by_time = time.monotonic() - self.last_save_time >= c.every_seconds
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils
+    if jax.process_count() == 1:
+      return time.monotonic() - self.last_save_time >= c.every_seconds
+    if step % TIME_CHECK_EVERY:
+      return False
+    from jax.experimental import multihost_utils
 
-      by_time = bool(multihost_utils.broadcast_one_to_all(np.bool_(by_time)))
-    return by_time
+    by_time = time.monotonic() - self.last_save_time >= c.every_seconds
+    return bool(multihost_utils.broadcast_one_to_all(np.bool_(by_time)))
 
   def save(self, step: int, state: PyTree, meta: dict[str, Any]) -> pathlib.Path:
     ocp = self._ocp
