@@ -6,7 +6,8 @@ this is exactly single-device training on the global batch (tested to 1e-5).
 """
 from __future__ import annotations
 
-from typing import Literal
+import re
+from typing import Literal, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +39,7 @@ def data_parallel(
     bucket_bytes: int = collectives.DEFAULT_BUCKET_BYTES,
     compression: str | None = None,
     powersgd_rank: int = 1,
+    powersgd_stacked: Sequence[str] = (),
 ) -> Strategy:
   """Synchronous data-parallel SGD (any optax optimizer) over ``axis`` of ``mesh``.
 
@@ -62,6 +64,10 @@ def data_parallel(
       ``state.extra["q"]`` as the next step's warm start; one device sends r(m + n) floats per matrix
       instead of mn, in two all-reduces. Vectors and matrices with r(m + n) >= mn are all-reduced exactly).
     powersgd_rank: the rank r of PowerSGD's approximation (with ``compression="powersgd"`` only).
+    powersgd_stacked: regular expressions over parameter paths (``"blocks/qkv"``) of leaves whose leading
+      axis stacks layers, as ``lax.scan`` models keep them (``jdist.models.gpt.STACKED``): each layer's
+      matrix is approximated on its own (r(m + n) per layer, not r(L + mn/L) for the whole stack) and
+      stacked vectors (per-layer norms) are sent exactly. Every expression must match a parameter.
 
   Returns:
     A ``Strategy``: ``init(params, *, key=None)``, ``shard_batch(host_batch)``,
@@ -92,6 +98,9 @@ def data_parallel(
   if rank != 1 and compression != "powersgd":
     raise ValueError(f"powersgd_rank={powersgd_rank!r} applies only with compression='powersgd', got "
                      f"compression={compression!r}. Pass compression='powersgd' or drop powersgd_rank.")
+  if powersgd_stacked and compression != "powersgd":
+    raise ValueError(f"powersgd_stacked applies only with compression='powersgd', got compression={compression!r}.")
+  stacked_patterns = _compile_patterns(powersgd_stacked, "powersgd_stacked")
   with_residual = compression in ("int8", "powersgd")  # error feedback: a residual per device
   n = mesh_lib.axis_size(mesh, axes)
   if backend == "pmap":
@@ -167,7 +176,9 @@ def data_parallel(
       extra = {"residual": jax.jit(lambda p: jax.tree.map(zeros, p), out_shardings=NamedSharding(mesh, P(axes)))(params)}
     if compression == "powersgd":  # Q from a key of its own, the same on every device
       key, q_key = jax.random.split(key)
-      extra["q"] = jax.jit(lambda k: collectives.powersgd_init(params, rank, key=k), out_shardings=replicated)(q_key)
+      stacked = _stacked_leaves(params, stacked_patterns)
+      extra["q"] = jax.jit(lambda k: collectives.powersgd_init(params, rank, key=k, stacked=stacked),
+                           out_shardings=replicated)(q_key)
     step, key = mesh_lib.replicate((jnp.zeros((), jnp.int32), key), mesh)
     return TrainState(step=step, params=params, opt_state=opt_state, key=key, extra=extra)
 
@@ -200,3 +211,29 @@ def data_parallel(
                       compression if compression != "powersgd" else f"powersgd-r{rank}") if t]
   name = "data_parallel" + (f"[{','.join(tags)}]" if tags else "")
   return Strategy(init=init, shard_batch=shard_batch, step=step, name=name, mesh=mesh)
+
+
+def _compile_patterns(patterns: Sequence[str], what: str) -> list[re.Pattern]:
+  if isinstance(patterns, str):
+    raise TypeError(f"{what} must be a sequence of regular expressions, got the string {patterns!r}; wrap it in "
+                    f"a list: [{patterns!r}].")
+  compiled = []
+  for pattern in patterns:
+    try:
+      compiled.append(re.compile(pattern))
+    except (re.error, TypeError) as e:
+      raise ValueError(f"{what}: {pattern!r} is not a regular expression ({e}).") from None
+  return compiled
+
+
+def _stacked_leaves(params: Params, patterns: list[re.Pattern]) -> Params:
+  """A tree of bools like ``params``: True where a pattern matches the leaf's path ("blocks/qkv")."""
+  from jdist.model_parallel import path_str
+
+  flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+  paths = [path_str(path) for path, _ in flat]
+  for pattern in patterns:
+    if not any(pattern.search(p) for p in paths):
+      raise ValueError(f"powersgd_stacked: {pattern.pattern!r} matches no parameter. The parameter paths are: "
+                       f"{', '.join(paths)}.")
+  return jax.tree.unflatten(treedef, [any(pt.search(p) for pt in patterns) for p in paths])

@@ -12,7 +12,7 @@ import jdist
 from jdist.collectives import powersgd_allreduce, powersgd_compressible, powersgd_init
 from jdist.datasets import digits
 from jdist.experiment import ConfigError, build_strategy
-from jdist.models import mlp
+from jdist.models import gpt, mlp
 from tests.conftest import assert_trees_all_close, single_device_reference
 from tests.test_allreduce_training import PARAMS, _batches, _train  # the MLP [6, 16, 3] and its random batches
 
@@ -258,3 +258,52 @@ def test_bad_input():
   v = {"b": np.ones((2, 5), np.float32)}
   with pytest.raises(ValueError, match=r"leaf 0 has shape \(5,\), but only matrices"):
     f(v, v, {"b": jnp.ones((5, 1))})
+
+
+def test_stacked_layers_are_approximated_layer_by_layer():
+  # a leaf [L, m, n] marked stacked is L separate m x n matrices: the same as passing them one by one
+  n_dev, rank, rng = 4, 2, np.random.default_rng(5)
+  mesh = _mesh(n_dev)
+  stack = rng.normal(size=(n_dev, 3, 9, 4, 2)).astype(np.float32)  # per device: 3 layers of 9 x 8
+  norms = rng.normal(size=(n_dev, 3, 9)).astype(np.float32)  # per-layer vectors: sent exactly
+  g = {"w": stack, "norm": norms}
+  qs = powersgd_init({"w": stack[0], "norm": norms[0]}, rank, key=jax.random.key(1),
+                     stacked={"w": True, "norm": True})
+  assert qs["w"].shape == (3, 8, rank) and qs["norm"] is None
+  zeros = jax.tree.map(np.zeros_like, g)
+  mean, res, new_qs = _collective(mesh)(g, zeros, qs)
+  layers = {f"w{b}": stack[:, b] for b in range(3)}
+  mean_l, res_l, qs_l = _collective(mesh)(layers, jax.tree.map(np.zeros_like, layers),
+                                           {f"w{b}": qs["w"][b] for b in range(3)})
+  for b in range(3):
+    np.testing.assert_allclose(mean["w"][:, b], mean_l[f"w{b}"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(res["w"][:, b], res_l[f"w{b}"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(new_qs["w"][b], qs_l[f"w{b}"], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(mean["norm"][0], norms.mean(0), rtol=1e-6)  # exact
+  assert powersgd_compressible((3, 9, 4, 2), rank, stacked=True) and not powersgd_compressible((3, 9), rank, stacked=True)
+
+
+def test_gpt_blocks_compressed_per_layer():
+  cfg = gpt.GPTConfig(vocab_size=64, seq_len=16, d_model=32, n_layers=2, n_heads=4)
+  params, batch = gpt.init(jax.random.key(0), cfg), jax.device_get(gpt.synthetic_tokens(jax.random.key(1), 8, cfg))
+  mesh, r, L, D = jdist.make_mesh(data=8), 2, 2, 32
+  reports = {}
+  for stacked in ((), gpt.STACKED):
+    strategy = jdist.data_parallel(gpt.loss_fn(cfg), optax.sgd(0.1), mesh, compression="powersgd",
+                                   powersgd_rank=r, powersgd_stacked=stacked)
+    reports[stacked] = jdist.comm_report(strategy.step.lower(strategy.init(params), strategy.shard_batch(batch)))
+  per_layer = [(D, 3 * D), (D, D), (D, 4 * D), (4 * D, D)]  # qkv, o, fc, proj of one block: [m, n]
+  floats = (r * (64 + D) + r * (16 + D)  # wte and wpe: one matrix each
+            + L * sum(r * (m + n) for m, n in per_layer)  # every block's matrices, layer by layer
+            + D + 2 * L * D  # lnf, and ln1 / ln2 of every layer, exactly
+            + 1)  # the loss
+  assert reports[gpt.STACKED]["all-reduce"].payload_bytes == 4 * floats
+  # without it each [L, ...] stack is one L x (everything else) matrix, and the stacked norms are compressed
+  assert reports[()]["all-reduce"].payload_bytes > 4 * floats
+  with pytest.raises(ValueError, match="powersgd_stacked: '\\^block/' matches no parameter"):
+    jdist.data_parallel(gpt.loss_fn(cfg), optax.sgd(0.1), mesh, compression="powersgd",
+                        powersgd_stacked=["^block/"]).init(params)
+  with pytest.raises(TypeError, match="wrap it in a list"):
+    jdist.data_parallel(gpt.loss_fn(cfg), optax.sgd(0.1), mesh, compression="powersgd", powersgd_stacked="^blocks/")
+  with pytest.raises(ValueError, match="powersgd_stacked applies only with compression='powersgd'"):
+    jdist.data_parallel(gpt.loss_fn(cfg), optax.sgd(0.1), mesh, powersgd_stacked=gpt.STACKED)

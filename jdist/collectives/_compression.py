@@ -87,38 +87,47 @@ def int8_allreduce(tree: PyTree, residual: PyTree, axis: Axis, *, op: str = "mea
   return jax.tree.unflatten(treedef, out), jax.tree.unflatten(treedef, new_res)
 
 
-def _as_matrix(shape: tuple[int, ...]) -> tuple[int, int]:
-  """A leaf of ``shape`` (ndim >= 2) seen as a matrix [shape[0], prod(shape[1:])]."""
-  return shape[0], math.prod(shape[1:])
+def _as_matrices(shape: tuple[int, ...], stacked: bool) -> tuple[int, int, int]:
+  """A leaf of ``shape`` seen as ``b`` matrices [m, n]: [shape[0], prod(shape[1:])] (b = 1), or with
+  ``stacked`` (a leading axis of stacked layers) one [shape[1], prod(shape[2:])] per layer (b = shape[0])."""
+  if stacked:
+    return shape[0], shape[1], math.prod(shape[2:])
+  return 1, shape[0], math.prod(shape[1:])
 
 
-def powersgd_compressible(shape: tuple[int, ...], rank: int) -> bool:
+def powersgd_compressible(shape: tuple[int, ...], rank: int, *, stacked: bool = False) -> bool:
   """Whether PowerSGD compresses a leaf of ``shape`` at ``rank``.
 
   True for a matrix (ndim >= 2, seen as [shape[0], prod(shape[1:])] = [m, n]) whose factors are fewer
   numbers than its entries, r(m + n) < mn (so r < min(m, n)); vectors and tiny matrices are all-reduced
-  exactly, as PyTorch does.
+  exactly, as PyTorch does. With ``stacked`` the leading axis stacks layers (``jax.lax.scan`` models such as
+  ``jdist.models.gpt``): each layer's slice is judged, and compressed, on its own.
   """
-  if len(shape) < 2:
+  if len(shape) < 2 + stacked:
     return False
-  m, n = _as_matrix(shape)
+  _, m, n = _as_matrices(shape, stacked)
   return rank * (m + n) < m * n
 
 
-def powersgd_init(params: PyTree, rank: int, *, key: jax.Array) -> PyTree:
+def powersgd_init(params: PyTree, rank: int, *, key: jax.Array, stacked: PyTree | None = None) -> PyTree:
   """The initial Q of every leaf PowerSGD compresses (``powersgd_compressible``), None for the others.
 
   Args:
     params: a pytree of arrays (or shapes) like the gradients.
     rank: the rank r of the approximation, a positive int.
     key: a JAX PRNG key; the same key gives the same Q on every device.
+    stacked: None, or a tree of bools like ``params``: True where the leading axis stacks layers.
 
   Returns:
-    A tree like ``params`` holding ``Q: f32[prod(shape[1:]), r]`` (standard normal) where the leaf is
-    compressed and ``None`` where it is all-reduced exactly.
+    A tree like ``params`` holding ``Q: f32[n, r]`` (standard normal; ``f32[L, n, r]``, one per layer,
+    where stacked) where the leaf is compressed and ``None`` where it is all-reduced exactly.
   """
   leaves, treedef = jax.tree.flatten(params)
-  shapes = [(_as_matrix(x.shape)[1], rank) if powersgd_compressible(x.shape, rank) else None for x in leaves]
+  flags = [False] * len(leaves) if stacked is None else treedef.flatten_up_to(stacked)
+  shapes = []
+  for x, st in zip(leaves, flags):
+    b, _, n = _as_matrices(x.shape, st) if powersgd_compressible(x.shape, rank, stacked=st) else (0, 0, 0)
+    shapes.append(None if not b else ((b, n, rank) if st else (n, rank)))
   flat = jax.random.normal(key, (sum(math.prod(s) for s in shapes if s),), jnp.float32)  # one draw: fast to compile
   qs, offset = [], 0
   for s in shapes:
@@ -131,13 +140,16 @@ def _check_qs(leaves: list, q_leaves: list) -> None:
   for i, (g, q) in enumerate(zip(leaves, q_leaves)):
     if q is None:
       continue
-    if g.ndim < 2:
-      raise ValueError(f"PowerSGD: leaf {i} has shape {g.shape}, but only matrices (ndim >= 2) are compressed; "
-                       f"give it Q = None (jdist.collectives.powersgd_init does).")
-    m, n = _as_matrix(g.shape)
-    if q.ndim != 2 or q.shape[0] != n or not 1 <= q.shape[1] <= min(m, n):
-      raise ValueError(f"PowerSGD: leaf {i} of shape {g.shape} (a {m} x {n} matrix) needs Q of shape ({n}, r) "
-                       f"with 1 <= r <= {min(m, n)}, got {tuple(q.shape)}.")
+    stacked = q.ndim == 3
+    if g.ndim < 2 + stacked:
+      raise ValueError(f"PowerSGD: leaf {i} has shape {g.shape}, but only matrices (ndim >= 2, >= 3 with a "
+                       f"stacked-layers axis) are compressed; give it Q = None (jdist.collectives.powersgd_init "
+                       f"does).")
+    b, m, n = _as_matrices(g.shape, stacked)
+    want = f"({b}, {n}, r)" if stacked else f"({n}, r)"
+    if q.ndim not in (2, 3) or q.shape[:-1] != ((b, n) if stacked else (n,)) or not 1 <= q.shape[-1] <= min(m, n):
+      raise ValueError(f"PowerSGD: leaf {i} of shape {g.shape} ({'%d x ' % b if stacked else ''}a {m} x {n} "
+                       f"matrix) needs Q of shape {want} with 1 <= r <= {min(m, n)}, got {tuple(q.shape)}.")
 
 
 def powersgd_allreduce(tree: PyTree, residual: PyTree, qs: PyTree, axis: Axis, *, algorithm: str = "psum",
@@ -157,7 +169,8 @@ def powersgd_allreduce(tree: PyTree, residual: PyTree, qs: PyTree, axis: Axis, *
     tree: this device's values (e.g. its gradient).
     residual: what earlier approximations lost on this device (zeros at the start), like ``tree``.
     qs: a tree like ``tree`` with ``Q: f32[prod(shape[1:]), r]`` (r <= min(m, n)) where the leaf is
-      compressed and None elsewhere, identical on every device: ``powersgd_init``, then the Q this
+      compressed, ``Q: f32[L, prod(shape[2:]), r]`` where its leading axis stacks L layers (each layer's
+      [shape[1], prod(shape[2:])] matrix approximated on its own), and None elsewhere, identical on every device: ``powersgd_init``, then the Q this
       function returned at the previous step (warm start).
     axis: the mesh axis (or axes) to reduce over; call inside ``jax.shard_map``.
     algorithm, bucket_bytes: how the all-reduces run (``jdist.collectives.allreduce``).
@@ -177,21 +190,24 @@ def powersgd_allreduce(tree: PyTree, residual: PyTree, qs: PyTree, axis: Axis, *
   comp = [i for i, q in enumerate(q_leaves) if q is not None]
   exact = [i for i, q in enumerate(q_leaves) if q is None]
   hi = jax.lax.Precision.HIGHEST
-  mats = [ms[i].reshape(ms[i].shape[0], -1).astype(jnp.float32) for i in comp]  # M: f32[m, n]
-  ps = [jnp.matmul(m, q_leaves[i], precision=hi) for m, i in zip(mats, comp)]  # P = M Q: f32[m, r]
+  # every compressed leaf as b matrices: M: f32[b, m, n], Q: f32[b, n, r] (b = 1 unless layers are stacked)
+  as_mats = lambda x, q: x.reshape(*_as_matrices(x.shape, q.ndim == 3)).astype(jnp.float32)
+  mats = [as_mats(ms[i], q_leaves[i]) for i in comp]
+  batched_qs = [q_leaves[i].reshape(m.shape[0], -1, q_leaves[i].shape[-1]) for m, i in zip(mats, comp)]
+  ps = [jnp.matmul(m, q, precision=hi) for m, q in zip(mats, batched_qs)]  # P = M Q: f32[b, m, r]
   exact_mean, ps = allreduce(([ms[i] for i in exact], ps), axis, algorithm=algorithm, op="mean",
                              bucket_bytes=bucket_bytes)
   # QR, not Gram-Schmidt: orthonormal columns even when P is rank-deficient (a zero gradient, say)
   ps = [jnp.linalg.qr(p)[0] for p in ps]
-  new_qs = allreduce([jnp.matmul(m.T, p, precision=hi) for m, p in zip(mats, ps)], axis,
-                     algorithm=algorithm, op="mean", bucket_bytes=bucket_bytes)  # Q' = M^T P: f32[n, r]
+  new_qs = allreduce([jnp.matmul(m.mT, p, precision=hi) for m, p in zip(mats, ps)], axis,
+                     algorithm=algorithm, op="mean", bucket_bytes=bucket_bytes)  # Q' = M^T P: f32[b, n, r]
   out, new_res, q_out = [None] * len(leaves), [None] * len(leaves), [None] * len(leaves)
   for i, g in zip(exact, exact_mean):
     out[i], new_res[i] = g, jnp.zeros_like(ms[i])
   for i, m, p, q in zip(comp, mats, ps, new_qs):
-    approx = jnp.matmul(p, q.T, precision=hi)  # f32[m, n], the same on every device
+    approx = jnp.matmul(p, q.mT, precision=hi)  # f32[b, m, n], the same on every device
     out[i] = approx.reshape(leaves[i].shape).astype(leaves[i].dtype)
     new_res[i] = (m - approx).reshape(leaves[i].shape).astype(ms[i].dtype)
-    q_out[i] = q
+    q_out[i] = q.reshape(q_leaves[i].shape)
   return (jax.tree.unflatten(treedef, out), jax.tree.unflatten(treedef, new_res),
           jax.tree.unflatten(treedef, q_out))

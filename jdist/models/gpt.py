@@ -26,6 +26,7 @@ import optax
 from jdist._types import Batch, Params
 
 REMAT_POLICIES = ("none", "dots_saveable", "full")
+STACKED = (r"^blocks/",)  # parameters whose leading axis stacks the layers (e.g. data_parallel's powersgd_stacked)
 ATTENTION_IMPLS = ("auto", "cudnn", "xla", None)
 
 # Megatron tensor parallelism over a "model" mesh axis: attention split by heads (qkv by output
