@@ -36,6 +36,38 @@ def time_interleaved(fns: dict[str, Callable[[], Any]], *, steps: int, rounds: i
   return {k: statistics.median(v) for k, v in samples.items()}
 
 
+def time_against_hand(strategy, state, hand: Callable, hand_state: tuple, batch, *, steps: int,
+                      rounds: int) -> tuple[dict[str, float], Any, tuple]:
+  """Median seconds per step of ``strategy.step`` and of a hand-written ``hand(*hand_state, batch) ->
+  (*hand_state, loss)`` on the same batch, timed in interleaved rounds (``time_interleaved``).
+
+  Returns ``({"jdist": s, "hand": s}, jdist's last state, the hand-written step's last state)``; both
+  steps donate their state, so use these, not the ones passed in.
+  """
+  box = {"jdist": state, "hand": hand_state}
+
+  def run_jdist():
+    box["jdist"], metrics = strategy.step(box["jdist"], batch)
+    return metrics["loss"]
+
+  def run_hand():
+    *box["hand"], loss = hand(*box["hand"], batch)
+    return loss
+
+  times = time_interleaved({"jdist": run_jdist, "hand": run_hand}, steps=steps, rounds=rounds)
+  return times, box["jdist"], tuple(box["hand"])
+
+
+def save_figure(fig, name: str) -> pathlib.Path:
+  """Saves ``fig`` as ``bench_results/NAME.png`` (or under $JDIST_BENCH_OUT, like ``write_json``)."""
+  out = pathlib.Path(os.environ.get("JDIST_BENCH_OUT", "bench_results"))
+  out.mkdir(parents=True, exist_ok=True)
+  path = out / f"{name}.png"
+  fig.savefig(path, dpi=110)
+  print(f"wrote {path}")
+  return path
+
+
 def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
   from rich.console import Console
   from rich.table import Table

@@ -15,7 +15,7 @@ import pathlib
 import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from _common import print_table, setup_devices, time_interleaved, write_json  # noqa: E402
+from _common import print_table, save_figure, setup_devices, time_interleaved, write_json  # noqa: E402
 
 setup_devices(8)
 
@@ -97,9 +97,7 @@ def _plot(records) -> None:
     ax.legend(fontsize=8)
   fig.suptitle("jdist AllReduce algorithms, 8 emulated CPU devices")
   fig.tight_layout()
-  out = pathlib.Path("bench_results") / "allreduce.png"
-  fig.savefig(out, dpi=110)
-  print(f"wrote {out}")
+  save_figure(fig, "allreduce")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import sys
 import pathlib
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from _common import print_table, setup_devices, time_interleaved, write_json  # noqa: E402
+from _common import print_table, setup_devices, time_against_hand, write_json  # noqa: E402
 
 setup_devices(8)
 
@@ -66,21 +66,11 @@ def main() -> None:
     hand = hand_written_step(loss_fn, optimizer, mesh)
     h_params = jdist.replicate(params, mesh)
     h_opt = jax.jit(optimizer.init, out_shardings=NamedSharding(mesh, P()))(h_params)
-    box = {"state": state, "hand": (h_params, h_opt)}
-
-    def run_jdist():
-      box["state"], metrics = strategy.step(box["state"], batch)
-      return metrics["loss"]
-
-    def run_hand():
-      p, o, loss = hand(*box["hand"], batch)
-      box["hand"] = (p, o)
-      return loss
-
-    times = time_interleaved({"jdist": run_jdist, "hand": run_hand}, steps=steps, rounds=rounds)
+    times, state, hand_state = time_against_hand(strategy, state, hand, (h_params, h_opt), batch, steps=steps,
+                                                 rounds=rounds)
     grad_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
-    ours = jdist.comm_report(strategy.step.lower(box["state"], batch)).total_sent_bytes
-    theirs = jdist.comm_report(hand.lower(*box["hand"], batch)).total_sent_bytes
+    ours = jdist.comm_report(strategy.step.lower(state, batch)).total_sent_bytes
+    theirs = jdist.comm_report(hand.lower(*hand_state, batch)).total_sent_bytes
     ideal = 2 * (n - 1) / n * grad_bytes
     ratio = times["jdist"] / times["hand"]
     n_params = sum(x.size for x in jax.tree.leaves(params))

@@ -18,7 +18,7 @@ import pathlib
 import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from _common import print_table, setup_devices, time_interleaved, write_json  # noqa: E402
+from _common import print_table, setup_devices, time_against_hand, write_json  # noqa: E402
 
 setup_devices(8)
 
@@ -85,22 +85,12 @@ def main() -> None:
     batch = strategy.shard_batch(host_batch)
     optimizer = optax.adam(1e-3)
     hand = hand_written(loss_fn, optimizer, state)
-    box = {"s": state, "h": jax.tree.map(lambda x: x.copy(), (state.params, state.opt_state))}
-
-    def run_jdist():
-      box["s"], m = strategy.step(box["s"], batch)
-      return m["loss"]
-
-    def run_hand():
-      p, o, loss = hand(*box["h"], batch)
-      box["h"] = (p, o)
-      return loss
-
-    times = time_interleaved({"jdist": run_jdist, "hand": run_hand}, steps=steps, rounds=rounds)
-    compiled = strategy.step.lower(box["s"], batch).compile()
+    hand_state = jax.tree.map(lambda x: x.copy(), (state.params, state.opt_state))
+    times, state, _ = time_against_hand(strategy, state, hand, hand_state, batch, steps=steps, rounds=rounds)
+    compiled = strategy.step.lower(state, batch).compile()
     state_bytes = sum(int(np.prod(x.sharding.shard_shape(x.shape))) * x.dtype.itemsize
-                      for x in jax.tree.leaves((box["s"].params, box["s"].opt_state)))
-    replicated = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves((box["s"].params, box["s"].opt_state)))
+                      for x in jax.tree.leaves((state.params, state.opt_state)))
+    replicated = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves((state.params, state.opt_state)))
     sharding_devices = int(np.prod([n for a, n in axes.items() if a in ("fsdp", "model")])) or 1
     ideal = replicated / sharding_devices
     args_bytes = compiled.memory_analysis().argument_size_in_bytes

@@ -20,7 +20,7 @@ import pathlib
 import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from _common import print_table, setup_devices, time_interleaved, write_json  # noqa: E402
+from _common import print_table, save_figure, setup_devices, time_interleaved, write_json  # noqa: E402
 
 setup_devices(8)
 
@@ -137,9 +137,7 @@ def _plot(records, fixed) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
   fig.tight_layout()
-  out = pathlib.Path("bench_results") / "pipeline.png"
-  fig.savefig(out, dpi=110)
-  print(f"wrote {out}")
+  save_figure(fig, "pipeline")
 
 
 if __name__ == "__main__":
