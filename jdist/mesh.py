@@ -168,7 +168,8 @@ def shard_batch(batch: Batch, mesh: Mesh, axis: str | Sequence[str] = "data") ->
   return put_batch(batch, NamedSharding(mesh, P(axes)), multiple_of=axis_size(mesh, axes))
 
 
-def put_batch(batch: Batch, sharding: NamedSharding, *, multiple_of: int = 1, what: str = "batch") -> Batch:
+def put_batch(batch: Batch, sharding: NamedSharding, *, multiple_of: int = 1, what: str = "batch",
+              gather: bool = False) -> Batch:
   """Places a batch on ``sharding``, its leading (example) axis split as the sharding says.
 
   The convention for multi-process runs: every process passes only its own share, the
@@ -186,6 +187,9 @@ def put_batch(batch: Batch, sharding: NamedSharding, *, multiple_of: int = 1, wh
     sharding: a ``NamedSharding`` whose first spec entry names the axes the examples are split over.
     multiple_of: the global batch size must be a multiple of this (devices x micro-batches).
     what: the name used in error messages.
+    gather: when this process's devices need rows of other processes' shares (a batch replicated over
+      an axis that spans processes, as a pipeline's is, or split over an axis inside each process),
+      gather the shares on every host first (``multihost_utils.process_allgather``) instead of raising.
 
   Returns:
     The batch as global ``jax.Array``s with ``sharding``.
@@ -200,7 +204,16 @@ def put_batch(batch: Batch, sharding: NamedSharding, *, multiple_of: int = 1, wh
     batch_size(batch, multiple_of=multiple_of, what=what)
     return jax.device_put(batch, sharding)
   local = batch_size(batch, what=f"process-local {what}")
-  global_size = process_batch_rows(sharding, local)[2]
+  try:
+    global_size = process_batch_rows(sharding, local)[2]
+  except ValueError:
+    if not gather:
+      raise
+    from jax.experimental import multihost_utils
+
+    full = multihost_utils.process_allgather(jax.tree.map(np.asarray, batch), tiled=True)
+    batch_size(full, multiple_of=multiple_of, what=what)
+    return jax.tree.map(lambda x: jax.make_array_from_callback(x.shape, sharding, lambda index: x[index]), full)
   if global_size % multiple_of:
     per = multiple_of // math.gcd(multiple_of, jax.process_count())
     raise ValueError(

@@ -261,7 +261,7 @@ def pipeline(
     ``shard_batch`` takes the global batch in one process and this process's share in a multi-process run
     (as ``jdist.mesh.put_batch``); with ``data_axis`` outermost, e.g. ``make_mesh(data=2, pipe=4)`` on 2
     processes, each process's devices need only its share, otherwise the shares are first gathered on
-    every host (see ``_put_batch``).
+    every host (``put_batch(..., gather=True)``).
   """
   check_callable(stage_fn, "stage_fn")
   check_callable(loss_fn, "loss_fn")
@@ -375,16 +375,16 @@ def pipeline(
       stage_input = lambda: jax.lax.cond(d == 0, lambda: input_fn(params, pick(i)), lambda: received)
 
       # each branch: (what to send: an activation on or a cotangent back, the stash slot's new content,
-      # gradient and loss to add)
+      # the gradient and loss sums); only a backward adds to the sums
       def idle():
-        return zeros_x, stashed, zero_grads, zero_loss
+        return zeros_x, stashed, grads, loss
 
       def forward():
         x = stage_input()
-        return run(params["stages"], x), x, zero_grads, zero_loss
+        return run(params["stages"], x), x, grads, loss
 
       def stash_only():
-        return zeros_x, stage_input(), zero_grads, zero_loss
+        return zeros_x, stage_input(), grads, loss
 
       def backward():
         y, stage_vjp = jax.vjp(run, params["stages"], stashed)
@@ -392,24 +392,24 @@ def pipeline(
         def from_loss():  # last device: d(loss_i / m) / dy, and the loss's own parameter gradients
           loss_i, loss_vjp = jax.vjp(lambda prm, y: loss_fn(prm, y, pick(i)), params, y)
           g_params, g_y = loss_vjp(varying(jnp.full(loss_type.shape, 1 / m, loss_type.dtype)))
-          return loss_i.astype(jnp.float32), g_y, g_params
+          return loss + loss_i.astype(jnp.float32), g_y, add(grads, g_params)
 
-        loss_i, g_y, g_params = jax.lax.cond(d == p - 1, from_loss, lambda: (zero_loss, received, zero_grads))
+        new_loss, g_y, new_grads = jax.lax.cond(d == p - 1, from_loss, lambda: (loss, received, grads))
         g_stages, g_x = stage_vjp(g_y)
 
-        def into_input():  # first device: the input function's parameter gradients (e.g. the embedding)
-          return jax.vjp(lambda prm: input_fn(prm, pick(i)), params)[1](g_x)[0]
+        def into_input(acc):  # first device: the input function's parameter gradients (e.g. the embedding)
+          return add(acc, jax.vjp(lambda prm: input_fn(prm, pick(i)), params)[1](g_x)[0])
 
-        g_params = add(g_params, jax.lax.cond(d == 0, into_input, lambda: zero_grads))
-        g_params = dict(g_params, stages=add(g_params["stages"], g_stages))
-        return g_x, stashed, g_params, loss_i
+        new_grads = jax.lax.cond(d == 0, into_input, lambda acc: acc, new_grads)
+        new_grads = dict(new_grads, stages=add(new_grads["stages"], g_stages))
+        return g_x, stashed, new_grads, new_loss
 
-      send, slot_value, g, loss_i = jax.lax.switch(op, [idle, forward, stash_only, backward])
+      send, slot_value, grads, loss = jax.lax.switch(op, [idle, forward, stash_only, backward])
       stash = jax.lax.dynamic_update_index_in_dim(stash, slot_value, slot, 0)
       # one ppermute per tick on every device (zeros when it has nothing), outside the branches
       if p > 1:
         received = jax.lax.ppermute(send, axis, perm)
-      return received, stash, add(grads, g), loss + loss_i, active + (op != _IDLE).astype(jnp.int32)
+      return received, stash, grads, loss, active + (op != _IDLE).astype(jnp.int32)
 
     def two_ticks(carry, j):  # the ticks alternate between the two send patterns
       carry = tick(carry, 2 * j, sends[0])
@@ -456,9 +456,10 @@ def pipeline(
     mesh_lib.batch_size(batch, multiple_of=n_data * m, what="batch")
 
   def shard_batch(batch: Batch) -> Batch:
-    # one process: the global batch; several: this process's share (see _put_batch)
+    # one process: the global batch; several: this process's share (gathered on every host first when the
+    # pipe axis spans the processes)
     try:
-      return _put_batch(batch, NamedSharding(mesh, batch_spec), multiple_of=n_data * m)
+      return mesh_lib.put_batch(batch, NamedSharding(mesh, batch_spec), multiple_of=n_data * m, gather=True)
     except ValueError as e:
       raise ValueError(f"{e} (the batch is split over {n_data} data replica(s), then into {m} micro-batches)") from None
 
@@ -478,33 +479,6 @@ def pipeline(
   strategy = Strategy(init=init, shard_batch=shard_batch, step=step, name=f"pipeline[{schedule}, p={p}, m={m}]",
                       mesh=mesh, info={"schedule": sched})
   return strategy
-
-
-def _put_batch(batch: Batch, sharding: NamedSharding, *, multiple_of: int) -> Batch:
-  """Places a batch on ``sharding`` (``P()`` or ``P(data_axes)``), the convention of ``jdist.mesh.put_batch``.
-
-  One process: ``batch`` is the global batch (``jax.device_put``). Several processes: ``batch`` is this
-  process's share, rows ``[p * B/P, (p + 1) * B/P)`` of the global batch. When the batch is split over data
-  axes that run across the processes in process order (e.g. ``make_mesh(data=2, pipe=4)`` on 2 processes),
-  each process's devices need only its own share: ``jdist.mesh.put_batch``, no communication. Otherwise
-  (no data axis, so the batch is replicated over the pipe axis, which runs across processes; or a data
-  axis inside each process) every process's devices need rows of other processes: the shares are
-  gathered on every host first (``multihost_utils.process_allgather``), then the devices take their rows.
-  """
-  leaves = jax.tree.leaves(batch)
-  if jax.process_count() == 1 or any(isinstance(x, jax.Array) and not x.is_fully_addressable for x in leaves):
-    return mesh_lib.put_batch(batch, sharding, multiple_of=multiple_of)
-  lead = tuple(sharding.spec)[0] if tuple(sharding.spec) else None
-  try:  # do this process's devices hold exactly the rows of its own share?
-    mesh_lib.process_batch_rows(sharding, mesh_lib.axis_size(sharding.mesh, lead) if lead is not None else 1)
-  except ValueError:
-    from jax.experimental import multihost_utils
-
-    mesh_lib.batch_size(batch, what="process-local batch")  # leaves agree on the size (gathered per leaf)
-    full = multihost_utils.process_allgather(jax.tree.map(np.asarray, batch), tiled=True)
-    mesh_lib.batch_size(full, multiple_of=multiple_of)
-    return jax.tree.map(lambda x: jax.make_array_from_callback(x.shape, sharding, lambda index: x[index]), full)
-  return mesh_lib.put_batch(batch, sharding, multiple_of=multiple_of)
 
 
 def unstack_params(params: Params) -> Params:
