@@ -303,6 +303,8 @@ def test_gpt_blocks_compressed_per_layer():
   with pytest.raises(ValueError, match="powersgd_stacked: '\\^block/' matches no parameter"):
     jdist.data_parallel(gpt.loss_fn(cfg), optax.sgd(0.1), mesh, compression="powersgd",
                         powersgd_stacked=["^block/"]).init(params)
+  with pytest.raises(ValueError, match="powersgd_stacked: '\\(blocks' is not a regular expression"):
+    jdist.data_parallel(gpt.loss_fn(cfg), optax.sgd(0.1), mesh, compression="powersgd", powersgd_stacked=["(blocks"])
   with pytest.raises(TypeError, match="wrap it in a list"):
     jdist.data_parallel(gpt.loss_fn(cfg), optax.sgd(0.1), mesh, compression="powersgd", powersgd_stacked="^blocks/")
   with pytest.raises(ValueError, match="powersgd_stacked applies only with compression='powersgd'"):
