@@ -57,26 +57,34 @@ def _emulate(n: int) -> None:
 
 def _quiet_closed_loops() -> None:
   """Drops the known harmless tracebacks of a failed checkpoint read: orbax leaves its reads' asyncio
-  tasks behind ("Task exception was never retrieved", logged by asyncio) and its reader threads post to
-  a loop that has already closed ("Event loop is closed"). The CLI has reported the failure in one line;
-  every other thread error is shown. (The process is the CLI's, so it may set these process-wide hooks;
-  the library itself does not.)"""
+  tasks behind ("Task exception was never retrieved", logged by asyncio), and the reads still in flight
+  when the loop closes post to it from tensorstore's threads ("Event loop is closed"): from Python
+  threads through ``threading.excepthook``, from tensorstore's own threads through
+  ``sys.unraisablehook``. The CLI has reported the failure in one line; every other error is shown.
+  (The process is the CLI's, so it may set these process-wide hooks; the library itself does not.)"""
   import logging
   import threading
 
   logging.getLogger("asyncio").setLevel(logging.CRITICAL)
 
-  default = threading.excepthook
-  if getattr(default, "jdist_quiet", False):
-    return
+  def closed_loop(exc) -> bool:
+    return isinstance(exc, RuntimeError) and "Event loop is closed" in str(exc)
 
-  def hook(args):
-    if isinstance(args.exc_value, RuntimeError) and "Event loop is closed" in str(args.exc_value):
-      return
-    default(args)
+  thread_hook, unraisable_hook = threading.excepthook, sys.unraisablehook
+  if not getattr(thread_hook, "jdist_quiet", False):
+    def quiet_thread(args):
+      if not closed_loop(args.exc_value):
+        thread_hook(args)
 
-  hook.jdist_quiet = True
-  threading.excepthook = hook
+    quiet_thread.jdist_quiet = True
+    threading.excepthook = quiet_thread
+  if not getattr(unraisable_hook, "jdist_quiet", False):
+    def quiet_unraisable(args):
+      if not closed_loop(args.exc_value):
+        unraisable_hook(args)
+
+    quiet_unraisable.jdist_quiet = True
+    sys.unraisablehook = quiet_unraisable
 
 
 def main(argv: Sequence[str] | None = None) -> int:
