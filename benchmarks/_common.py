@@ -16,15 +16,19 @@ def setup_devices(n: int = 8) -> None:
   jdist.emulate_devices(n)
 
 
-def time_interleaved(fns: dict[str, Callable[[], Any]], *, steps: int, rounds: int) -> dict[str, float]:
+def time_interleaved(fns: dict[str, Callable[[], Any]], *, steps: int, rounds: int,
+                     warmup: int = 1) -> dict[str, float]:
   """Median seconds per call of each fn, timed in alternating rounds so drift hits all alike.
 
-  Each fn runs one step and returns something to block on; each is warmed up (compiled) first.
+  Each fn runs one step and returns something to block on; each runs ``warmup`` times first (the first
+  call compiles).
   """
   import jax
 
   for fn in fns.values():
-    jax.block_until_ready(fn())
+    for _ in range(warmup):
+      out = fn()
+    jax.block_until_ready(out)
   samples: dict[str, list[float]] = {k: [] for k in fns}
   for _ in range(rounds):
     for name, fn in fns.items():

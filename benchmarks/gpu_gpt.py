@@ -7,12 +7,14 @@ state (`GPTConfig.compute_dtype`; `--policy wrapper` adds `jdist.precision.mixed
 policy for any model), cuDNN attention where
 available, blocks under `lax.scan`, the state donated; then the same compiled step once more through
 `jdist.fit` (host batches, metrics read one step late), to show what the training loop costs. The plain
-step is the reference's own code, copied into benchmarks/_plain_gpt.py. The table: step ms, tokens/s,
-MFU (of the chip's bf16 peak) and jdist / plain in tokens/s (goal >= 1). Writes
-bench_results/gpu_gpt.json; keep the figures in benchmarks/RESULTS.md.
+step is the reference's own code, copied into benchmarks/_plain_gpt.py; both run on the same tokens,
+timed in interleaved rounds (median round). The table: step ms, tokens/s, MFU (of the chip's bf16 peak)
+and jdist / plain in tokens/s (goal >= 1). Writes bench_results/gpu_gpt.json (under $JDIST_BENCH_OUT if
+set); keep the figures in benchmarks/RESULTS.md.
 
-Run on a GPU host: python benchmarks/gpu_gpt.py [--remat none|dots_saveable|full] [--unroll N]
+Run on a GPU host: python benchmarks/gpu_gpt.py [--remat none|dots_saveable|full] [--unroll N [N ...]]
     [--policy model|wrapper] [--only 124m|1b]
+(``--unroll 1 0``: the rolled scan and straight-line blocks, each against the plain step, in one run.)
 Without a GPU it prints a clear message and exits 0. `--cpu-smoke` runs a tiny configuration on the
 CPU to check the code paths. `--static` compiles both steps for the real shapes without running them
 and compares XLA's FLOP, byte and memory counts (works on any backend, CPU included).
@@ -26,7 +28,7 @@ import sys
 import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from _common import print_table, write_json  # noqa: E402
+from _common import print_table, time_interleaved, write_json  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -43,20 +45,6 @@ CONFIGS = {
     "1b": dict(vocab_size=32768, d_model=2048, n_layers=16, n_heads=16, seq_len=2048, batch=8),
     "cpu-smoke": dict(vocab_size=256, d_model=64, n_layers=2, n_heads=4, seq_len=64, batch=4),
 }
-
-
-def timed(step, state, batch, n):
-  """Seconds per step over ``n`` steps after a compile step and 3 warm-up steps; returns the last state too."""
-  state, out = step(state, batch)
-  jax.block_until_ready(out)
-  for _ in range(3):
-    state, out = step(state, batch)
-  jax.block_until_ready(out)
-  t = time.perf_counter()
-  for _ in range(n):
-    state, out = step(state, batch)
-  jax.block_until_ready(out)
-  return (time.perf_counter() - t) / n, state
 
 
 # --- jdist ---------------------------------------------------------------------------------------------
@@ -79,26 +67,6 @@ def jdist_setup(shape, impl, remat, unroll=1, policy="model"):
   if policy == "wrapper":
     loss = mixed_precision(loss, compute_dtype=jnp.bfloat16)
   return jdist.data_parallel(loss, optax.adamw(3e-4), mesh), cfg
-
-
-def run_jdist(shape, impl, remat, n, *, unroll=1, policy="model", fit_steps=0):
-  """Times jdist's step; with ``fit_steps``, also the same compiled step driven by ``jdist.fit``.
-
-  Returns ``{"step_s", "fit_step_s" (or None), "flops" (model FLOPs per step)}``.
-  """
-  strategy, cfg = jdist_setup(shape, impl, remat, unroll, policy)
-  state = strategy.init(gpt.init(jax.random.key(1), cfg))
-  host_batch = jax.device_get(gpt.synthetic_tokens(jax.random.key(2), shape["batch"], cfg))
-  step = lambda s, b: (lambda out: (out[0], out[1]["loss"]))(strategy.step(s, b))
-  dt, state = timed(step, state, strategy.shard_batch(host_batch), n)
-  fit_dt = None
-  if fit_steps:  # host batches in, metrics out: the loop a user runs, on the step compiled above
-    start = int(state.step)
-    t = time.perf_counter()
-    result = jdist.fit(strategy, state, itertools.repeat(host_batch), steps=start + fit_steps, log_every=fit_steps)
-    jax.block_until_ready(result.state)
-    fit_dt = (time.perf_counter() - t) / fit_steps
-  return {"step_s": dt, "fit_step_s": fit_dt, "flops": gpt.flops_per_token(cfg) * shape["batch"] * shape["seq_len"]}
 
 
 def jdist_abstract(shape, impl, remat, unroll=1, policy="model"):
@@ -138,11 +106,39 @@ def plain_setup(shape, impl):
   return jax.jit(step, donate_argnums=(0,)), init
 
 
-def run_plain(shape, impl, n):
-  step, init = plain_setup(shape, impl)
-  tok = jax.random.randint(jax.random.key(2), (shape["batch"], shape["seq_len"] + 1), 0, shape["vocab_size"])
-  dt, _ = timed(step, init(), tok, n)
-  return dt
+def compare(shape, impl, *, remat="none", unroll=1, policy="model", steps=10, rounds=3, fit_steps=0):
+  """jdist's step and the plain step on the same tokens, timed in interleaved rounds (``steps`` steps a
+  round, the median round counts), so drift on the card hits both alike; with ``fit_steps``, then the
+  same compiled jdist step driven by ``jdist.fit`` (host batches in, metrics out: the loop a user runs).
+
+  Returns ``{"step_s", "plain_step_s", "fit_step_s" (or None), "flops" (model FLOPs per step)}``.
+  """
+  strategy, cfg = jdist_setup(shape, impl, remat, unroll, policy)
+  host_batch = jax.device_get(gpt.synthetic_tokens(jax.random.key(2), shape["batch"], cfg))
+  plain_step, plain_init = plain_setup(shape, impl)
+  box = {"jdist": strategy.init(gpt.init(jax.random.key(1), cfg)), "plain": plain_init()}
+  batch, tokens = strategy.shard_batch(host_batch), jnp.asarray(host_batch["tokens"])
+
+  def run_jdist():
+    box["jdist"], metrics = strategy.step(box["jdist"], batch)
+    return metrics["loss"]
+
+  def run_plain():
+    box["plain"], loss = plain_step(box["plain"], tokens)
+    return loss
+
+  times = time_interleaved({"jdist": run_jdist, "plain": run_plain}, steps=steps, rounds=rounds, warmup=3)
+  del box["plain"]  # free the plain state before the loop runs
+  fit_dt = None
+  if fit_steps:
+    state = box.pop("jdist")
+    start = int(state.step)
+    t = time.perf_counter()
+    result = jdist.fit(strategy, state, itertools.repeat(host_batch), steps=start + fit_steps, log_every=fit_steps)
+    jax.block_until_ready(result.state)
+    fit_dt = (time.perf_counter() - t) / fit_steps
+  return {"step_s": times["jdist"], "plain_step_s": times["plain"], "fit_step_s": fit_dt,
+          "flops": gpt.flops_per_token(cfg) * shape["batch"] * shape["seq_len"]}
 
 
 # --- static comparison -----------------------------------------------------------------------------------
@@ -211,13 +207,18 @@ def main() -> None:
   parser.add_argument("--remat", default="none", choices=gpt.REMAT_POLICIES)
   parser.add_argument("--policy", default="model", choices=POLICIES,
                       help="bf16 casts: by the model where each weight is used, or by the mixed_precision wrapper")
-  parser.add_argument("--unroll", type=int, default=1, help="GPT blocks per scan iteration (1: a rolled loop)")
+  parser.add_argument("--unroll", type=int, nargs="+", default=[1],
+                      help="GPT blocks per scan iteration (1: a rolled loop; 0: every block, straight-line code); "
+                           "several values give one jdist row each, every one timed against the plain step")
   parser.add_argument("--only", choices=["124m", "1b"], default=None)
   parser.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on the CPU, to check the code paths")
   parser.add_argument("--static", action="store_true", help="compile only; compare XLA's counts (any backend)")
-  parser.add_argument("--steps", type=int, default=10)
-  parser.add_argument("--quick", action="store_true", help="5 timed steps instead of --steps")
+  parser.add_argument("--steps", type=int, default=10, help="timed steps per round")
+  parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (jdist, plain, jdist, ...)")
+  parser.add_argument("--quick", action="store_true", help="5 steps a round instead of --steps")
   args = parser.parse_args()
+  if any(u < 0 for u in args.unroll):
+    parser.error(f"--unroll takes block counts >= 0 (0: all blocks), got {args.unroll}")
   n = 5 if args.quick else args.steps
   if args.static:
     return main_static(args)
@@ -233,39 +234,41 @@ def main() -> None:
     impl = "cudnn"
   peak = peak_flops(device)
   results = {"device": getattr(device, "device_kind", device.platform), "jax": jax.__version__, "peak_flops": peak,
-             "remat": args.remat, "unroll": args.unroll, "policy": args.policy}
+             "remat": args.remat, "policy": args.policy, "steps": n, "rounds": args.rounds, "runs": []}
   if device.platform == "gpu":
     results["matmul_bf16_flops"] = matmul_ceiling()
     print(f"{results['device']}: bf16 matmul {results['matmul_bf16_flops'] / 1e12:.0f} TFLOP/s", flush=True)
   rows = []
-  for name in names:
+  for name, unroll in itertools.product(names, args.unroll):
     shape = CONFIGS[name]
     tokens = shape["batch"] * shape["seq_len"]
+    kw = dict(remat=args.remat, unroll=unroll or True, policy=args.policy, steps=n, rounds=args.rounds,
+              fit_steps=n)
     used = impl
     try:
-      ours = run_jdist(shape, impl, args.remat, n, unroll=args.unroll, policy=args.policy, fit_steps=n)
-      t_p = run_plain(shape, impl, n)
+      r = compare(shape, impl, **kw)
     except Exception as e:  # cuDNN attention unavailable: fall back to XLA's, for both
       if impl is None:
         raise
       print(f"{name}: cudnn attention failed ({str(e)[:200]}); using the XLA implementation", flush=True)
       used = None
-      ours = run_jdist(shape, None, args.remat, n, unroll=args.unroll, policy=args.policy, fit_steps=n)
-      t_p = run_plain(shape, None, n)
-    t_j, t_f, flops = ours["step_s"], ours["fit_step_s"], ours["flops"]
+      r = compare(shape, None, **kw)
+    t_j, t_f, t_p, flops = r["step_s"], r["fit_step_s"], r["plain_step_s"], r["flops"]
     m = lambda t: mfu(flops, t, peak) if peak else float("nan")
-    rows.append((name, t_j * 1e3, t_f * 1e3, t_p * 1e3, tokens / t_j, tokens / t_p, m(t_j), m(t_f), m(t_p),
+    blocks = "all" if not unroll else unroll
+    rows.append((name, blocks, t_j * 1e3, t_f * 1e3, t_p * 1e3, tokens / t_j, tokens / t_p, m(t_j), m(t_f), m(t_p),
                  t_p / t_j, t_p / t_f))
-    results[name] = {"attention": used or "xla", "jdist_step_ms": t_j * 1e3, "jdist_fit_step_ms": t_f * 1e3,
-                     "plain_step_ms": t_p * 1e3, "jdist_tokens_per_s": tokens / t_j,
-                     "jdist_fit_tokens_per_s": tokens / t_f, "plain_tokens_per_s": tokens / t_p,
-                     "jdist_mfu": m(t_j), "jdist_fit_mfu": m(t_f), "plain_mfu": m(t_p),
-                     "ratio_tokens_per_s": t_p / t_j, "ratio_fit_tokens_per_s": t_p / t_f}
-    print(name, results[name], flush=True)
+    results["runs"].append({
+        "config": name, "unroll": blocks, "attention": used or "xla", "jdist_step_ms": t_j * 1e3,
+        "jdist_fit_step_ms": t_f * 1e3, "plain_step_ms": t_p * 1e3, "jdist_tokens_per_s": tokens / t_j,
+        "jdist_fit_tokens_per_s": tokens / t_f, "plain_tokens_per_s": tokens / t_p, "jdist_mfu": m(t_j),
+        "jdist_fit_mfu": m(t_f), "plain_mfu": m(t_p), "ratio_tokens_per_s": t_p / t_j,
+        "ratio_fit_tokens_per_s": t_p / t_f})
+    print(results["runs"][-1], flush=True)
   print_table(f"GPT step on {results['device']} (peak {peak or 0:.3g} FLOP/s), remat={args.remat}, "
-              f"unroll={args.unroll}, policy={args.policy}, {n} steps",
-              ["config", "jdist ms", "jdist fit ms", "plain ms", "jdist tok/s", "plain tok/s", "jdist MFU",
-               "fit MFU", "plain MFU", "jdist/plain tok/s (goal >= 1)", "fit/plain"], rows)
+              f"policy={args.policy}, median of {args.rounds} interleaved rounds of {n} steps; goal jdist/plain >= 1",
+              ["config", "blocks", "jdist ms", "fit ms", "plain ms", "jdist tok/s", "plain tok/s", "jdist MFU",
+               "fit MFU", "plain MFU", "jdist/plain", "fit/plain"], rows)
   write_json("gpu_gpt", results)
 
 

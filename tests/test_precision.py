@@ -80,12 +80,12 @@ def _gpu_bench():
 def test_gpu_benchmark_code_paths_on_cpu():
   bench = _gpu_bench()
   shape = bench.CONFIGS["cpu-smoke"]
-  for policy in bench.POLICIES:
-    ours = bench.run_jdist(shape, None, "dots_saveable", 2, policy=policy, fit_steps=2)
-    assert ours["step_s"] > 0 and ours["fit_step_s"] > 0
+  for policy, unroll in zip(bench.POLICIES, (1, True)):
+    ours = bench.compare(shape, None, remat="dots_saveable", unroll=unroll, policy=policy, steps=2, rounds=2,
+                         fit_steps=2)
+    assert ours["step_s"] > 0 and ours["plain_step_s"] > 0 and ours["fit_step_s"] > 0
   cfg = gpt.GPTConfig(vocab_size=256, seq_len=64, d_model=64, n_layers=2, n_heads=4)
   assert ours["flops"] == gpt.flops_per_token(cfg) * 4 * 64
-  assert bench.run_plain(shape, None, 2) > 0
 
 
 def test_jdist_gpt_is_the_reference_gpt():
