@@ -64,21 +64,19 @@ def test_mfu_and_peaks():
   assert gpt.flops_per_token(cfg) == pytest.approx(6 * (nonemb + 32768 * 768) + 12 * 12 * 768 * 1024 / 2)
 
 
-def _gpu_bench():
+def _gpu_bench(monkeypatch):
   import importlib.util
   import pathlib
-  import sys
   root = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
-  if str(root) not in sys.path:
-    sys.path.insert(0, str(root))
+  monkeypatch.syspath_prepend(str(root))  # for this test only: benchmarks/ holds names like pipeline.py
   spec = importlib.util.spec_from_file_location("gpu_gpt", root / "gpu_gpt.py")
   bench = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(bench)
   return bench
 
 
-def test_gpu_benchmark_code_paths_on_cpu():
-  bench = _gpu_bench()
+def test_gpu_benchmark_code_paths_on_cpu(monkeypatch):
+  bench = _gpu_bench(monkeypatch)
   shape = bench.CONFIGS["cpu-smoke"]
   for policy, unroll in zip(bench.POLICIES, (1, True)):
     ours = bench.compare(shape, None, remat="dots_saveable", unroll=unroll, policy=policy, steps=2, rounds=2,
@@ -88,9 +86,9 @@ def test_gpu_benchmark_code_paths_on_cpu():
   assert ours["flops"] == gpt.flops_per_token(cfg) * 4 * 64
 
 
-def test_jdist_gpt_is_the_reference_gpt():
+def test_jdist_gpt_is_the_reference_gpt(monkeypatch):
   # the GPU benchmark compares the same model: the plain reference's forward on jdist's weights
-  bench = _gpu_bench()
+  bench = _gpu_bench(monkeypatch)
   import _plain_gpt as plain  # benchmarks/ is on the path after _gpu_bench()
 
   shape = dict(bench.CONFIGS["cpu-smoke"], n_layers=3)
