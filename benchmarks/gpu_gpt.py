@@ -145,7 +145,7 @@ def compare(shape, impl, *, remat="none", unroll=1, policy="model", steps=10, ro
 
 def _costs(compiled):
   cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}  # None where the backend gives none
   mem = compiled.memory_analysis()
   return {"flops": float(cost.get("flops", 0.0)), "bytes_accessed": float(cost.get("bytes accessed", 0.0)),
           "temp_bytes": getattr(mem, "temp_size_in_bytes", None),
