@@ -1,9 +1,9 @@
 """One process of the multi-process tests (run by ``jdist launch`` or directly with ``JDIST_*`` set).
 
 ``python tests/_multihost_worker.py train OUT_DIR``: every strategy of ``CASES`` (data_parallel, FSDP by
-GSPMD and by shard_map, pipeline on two meshes, local SGD, async SGD) for ``STEPS`` steps, the misuses of ``errors``, then ``fit``
-with checkpoints into ``OUT_DIR/ckpt``; process 0 writes the final params, the losses and the error messages
-to ``OUT_DIR/result.npz``. ``python tests/_multihost_worker.py spin``: trains until killed, printing its pid
+GSPMD and by shard_map, pipeline on two meshes and in its three schedules, local SGD, async SGD) for
+``STEPS`` steps, the misuses of ``errors``, then ``fit`` with checkpoints into ``OUT_DIR/ckpt``; process 0
+writes the final params, the losses and the error messages to ``OUT_DIR/result.npz``. ``python tests/_multihost_worker.py spin``: trains until killed, printing its pid
 and one line per step. The same setup functions build the single-process reference in the tests.
 """
 from __future__ import annotations
@@ -65,10 +65,10 @@ def pipeline_params():
   return resmlp.init(jax.random.key(0), SIZES[0], 32, 8, SIZES[-1])
 
 
-def pipeline_strategy(data_axis: str | None = None, **axes: int):
+def pipeline_strategy(data_axis: str | None = None, schedule: str = "gpipe", **axes: int):
   stage, head_loss, embed = resmlp.pipeline_fns()
   return jdist.pipeline(stage, head_loss, optax.adam(1e-2), jdist.make_mesh(**axes), microbatches=4,
-                        data_axis=data_axis, input_fn=embed)
+                        data_axis=data_axis, input_fn=embed, schedule=schedule)
 
 
 def async_strategy():
@@ -94,6 +94,9 @@ CASES = {
     "fsdp_shard_map": Case(lambda: jdist.model_parallel.fsdp(mlp.loss, optax.adam(1e-2), jdist.make_mesh(fsdp=-1), min_size=256)),
     "pipeline_data2_pipe4": Case(lambda: pipeline_strategy("data", data=2, pipe=4), pipeline_params),
     "pipeline_pipe8": Case(lambda: pipeline_strategy(pipe=8), pipeline_params),
+    "pipeline_1f1b_pipe8": Case(lambda: pipeline_strategy(schedule="1f1b", pipe=8), pipeline_params),
+    "pipeline_circular_data2_pipe4": Case(lambda: pipeline_strategy("data", "circular", data=2, pipe=4),
+                                          pipeline_params),
     "local_sgd": Case(lambda: jdist.local_sgd(mlp.loss, optax.adam(1e-2), jdist.make_mesh(data=-1), sync_every=2)),
     "async_sgd": Case(async_strategy, prepare=lambda batch: split_workers(batch, 8)),
     "async_sgd_run": Case(async_strategy, prepare=lambda batch: split_workers(batch, 8), scan=True),
