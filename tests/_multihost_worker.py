@@ -3,8 +3,9 @@
 ``python tests/_multihost_worker.py train OUT_DIR``: every strategy of ``CASES`` (data_parallel, FSDP by
 GSPMD and by shard_map, pipeline on two meshes and in its three schedules, local SGD, async SGD) for
 ``STEPS`` steps, the misuses of ``errors``, then ``fit`` with checkpoints into ``OUT_DIR/ckpt``; process 0
-writes the final params, the losses and the error messages to ``OUT_DIR/result.npz``. ``python tests/_multihost_worker.py spin``: trains until killed, printing its pid
-and one line per step. The same setup functions build the single-process reference in the tests.
+writes the final params, the losses and the error messages to ``OUT_DIR/result.npz``.
+``python tests/_multihost_worker.py spin``: trains until killed, printing its pid and one line per step.
+The same setup functions build the single-process reference in the tests.
 """
 from __future__ import annotations
 
