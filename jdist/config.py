@@ -30,6 +30,8 @@ class ModelConfig:
 
   def __post_init__(self):
     _one_of("model.name", self.name, ("mlp", "resmlp", "linear"))
+    if not isinstance(self.hidden, (list, tuple)):
+      raise ConfigError(f"model.hidden must be a list of positive ints, e.g. [128, 64], got {self.hidden!r}.")
     if self.name == "resmlp" and len(set(self.hidden)) != 1:
       raise ConfigError(f"model.hidden for 'resmlp' lists one equal width per residual layer, got {list(self.hidden)}.")
     object.__setattr__(self, "hidden", tuple(self.hidden))
@@ -46,6 +48,7 @@ class DataConfig:
   def __post_init__(self):
     _one_of("data.name", self.name, ("digits", "linear_regression"))
     _positive("data.batch_size", self.batch_size)
+    _non_negative("data.seed", self.seed)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -101,6 +104,7 @@ class TrainConfig:
     _positive("train.steps", self.steps)
     _positive("train.log_every", self.log_every)
     _positive("train.eval_every", self.eval_every)
+    _non_negative("train.seed", self.seed)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -114,6 +118,8 @@ class CheckpointSection:
   def __post_init__(self):
     _positive("checkpoint.every_steps", self.every_steps)
     _positive("checkpoint.keep", self.keep)
+    if not self.every_seconds >= 0:
+      raise ConfigError(f"checkpoint.every_seconds must be >= 0 (0: off), got {self.every_seconds!r}.")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -145,6 +151,11 @@ def _positive(name: str, value: Any) -> None:
     raise ConfigError(f"{name} must be a positive int, got {value!r}.")
 
 
+def _non_negative(name: str, value: Any) -> None:
+  if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+    raise ConfigError(f"{name} must be an int >= 0, got {value!r}.")
+
+
 def _unknown(where: str, key: str, valid: Sequence[str]) -> ConfigError:
   hint = difflib.get_close_matches(key, list(valid), n=1)
   return ConfigError(f"Unknown key {where}{key!r}. Valid keys: {', '.join(sorted(valid))}"
@@ -155,13 +166,33 @@ def _field_names(cls) -> list[str]:
   return [f.name for f in dataclasses.fields(cls)]
 
 
+_KINDS = {"bool": "true or false (lowercase, as TOML writes them)", "int": "an integer", "float": "a number",
+          "str": 'a string (quoted in a TOML file: "...")'}
+
+
+def _typed(where: str, value: Any, annotation: str) -> Any:
+  """``value`` checked against a field's annotation: a bool only for a bool field (``False``, which is
+  not TOML, arrives as a string and must not count as true), no bool for a number, an int accepted as
+  a float. Tuples and tables are checked by their dataclasses."""
+  if annotation not in _KINDS:
+    return value
+  if annotation == "bool":
+    ok = isinstance(value, bool)
+  else:
+    ok = isinstance(value, {"int": int, "float": (int, float), "str": str}[annotation]) and not isinstance(value, bool)
+  if not ok:
+    raise ConfigError(f"{where} must be {_KINDS[annotation]}, got {value!r}.")
+  return float(value) if annotation == "float" else value
+
+
 def _section(cls, name: str, raw: Any):
   if not isinstance(raw, dict):
     raise ConfigError(f"[{name}] must be a table of keys, got {raw!r}.")
-  valid = _field_names(cls)
+  types = {f.name: f.type for f in dataclasses.fields(cls)}
   for key in raw:
-    if key not in valid:
-      raise _unknown(f"in [{name}]: ", key, valid)
+    if key not in types:
+      raise _unknown(f"in [{name}]: ", key, list(types))
+  raw = {key: _typed(f"{name}.{key}", value, types[key]) for key, value in raw.items()}
   try:
     return cls(**raw)
   except TypeError as e:
@@ -177,9 +208,12 @@ def from_dict(raw: Mapping[str, Any]) -> Config:
       raise _unknown("", key, valid_top)
     if key in SECTIONS:
       kwargs[key] = _section(SECTIONS[key], key, value)
+    elif key in OPEN_SECTIONS and not isinstance(value, dict):
+      raise ConfigError(f"[{key}] must be a table of keys, got {value!r}; set one of its keys instead, e.g. "
+                        + ("strategy.name=data_parallel." if key == "strategy" else "mesh.data=8."))
     elif key == "strategy":
       value = dict(value)
-      name = value.pop("name", "data_parallel")
+      name = _typed("strategy.name", value.pop("name", "data_parallel"), "str")
       kwargs[key] = StrategyConfig(name=name, options=value)
     elif key == "mesh":
       value = dict(value)
@@ -187,7 +221,7 @@ def from_dict(raw: Mapping[str, Any]) -> Config:
       num = value.pop("num_devices", 0)
       kwargs[key] = MeshConfig(axes=value or {"data": -1}, cpu_devices=cpu, num_devices=num)
     else:
-      kwargs[key] = value
+      kwargs[key] = _typed(key, value, "str")  # run_dir
   return Config(**kwargs)
 
 

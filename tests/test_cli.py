@@ -198,6 +198,34 @@ def test_config_errors(bad, match):
   assert match in str(err.value)
 
 
+@pytest.mark.parametrize("override,match", [
+    # `False` is not TOML: it arrives as the string 'False', which must not switch fallback on
+    ("checkpoint.fallback=False", "checkpoint.fallback must be true or false (lowercase, as TOML writes them), "
+                                  "got 'False'"),
+    ("checkpoint.enabled=0", "checkpoint.enabled must be true or false"),
+    ("checkpoint.every_seconds=abc", "checkpoint.every_seconds must be a number, got 'abc'"),
+    ("checkpoint.every_seconds=-5", "checkpoint.every_seconds must be >= 0 (0: off), got -5.0"),
+    ("optimizer.lr=true", "optimizer.lr must be a number, got True"),
+    ("data.seed=-1", "data.seed must be an int >= 0, got -1"),
+    ("train.seed=1.5", "train.seed must be an integer, got 1.5"),
+    ("run_dir=5", "run_dir must be a string"),
+    ("strategy=foo", "[strategy] must be a table of keys, got 'foo'"),
+    ("strategy.name=5", "strategy.name must be a string"),
+    ("model.hidden=5", "model.hidden must be a list of positive ints"),
+])
+def test_config_values_of_the_wrong_type_are_errors(override, match):
+  with pytest.raises(config_lib.ConfigError) as err:
+    config_lib.load(None, [override])
+  assert match in str(err.value)
+
+
+def test_cli_wrong_type_override_is_exit_2(tmp_path, capsys):
+  assert main(["train", str(_write_config(tmp_path, "x")), "--set", "checkpoint.fallback=False"]) == 2
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1 and "checkpoint.fallback must be true or false" in err, err
+  assert not (tmp_path / "x").exists()  # nothing ran
+
+
 def test_config_overrides_parse_toml_values(tmp_path):
   cfg = config_lib.load(_write_config(tmp_path, "x"), ["optimizer.lr=0.1", "model.hidden=[8, 8]", "run_dir=elsewhere",
                                                        "strategy.accumulate_steps=2", "mesh.data=4", "mesh.model=2"])
