@@ -87,11 +87,18 @@ class ArrayLoader:
       self.index = 0
 
   def get_state(self) -> dict[str, int]:
-    """The position: enough to resume the same sequence of batches."""
-    return {"epoch": self.epoch, "index": self.index, "seed": self.seed}
+    """The position, and what it is a position in: enough to resume the same sequence of batches."""
+    return {"epoch": self.epoch, "index": self.index, "seed": self.seed, "batch_size": self.batch_size,
+            "num_examples": self.num_examples, "shuffle": int(self.shuffle)}
 
   def set_state(self, state: Mapping[str, int]) -> None:
-    if int(state["seed"]) != self.seed:
-      raise ValueError(f"Loader state was saved with seed {state['seed']} but this loader has seed {self.seed}; "
-                       f"resume with the same data seed.")
+    """Continues from a ``get_state`` position. The loader must draw the same batches: the same seed,
+    global batch size, number of examples and shuffling (a position counts batches of one sequence; in
+    another it would skip or repeat examples)."""
+    mine = self.get_state()
+    for key in ("seed", "batch_size", "num_examples", "shuffle"):
+      if key in state and int(state[key]) != mine[key]:  # positions saved before 2026-11-28 lack the last 3
+        raise ValueError(f"The data position was saved with {key}={int(state[key])}, but this loader has "
+                         f"{key}={mine[key]}: resuming would skip or repeat examples. Resume with the same data "
+                         f"settings, or start a new run (another run_dir / checkpoint directory).")
     self.epoch, self.index = int(state["epoch"]), int(state["index"])

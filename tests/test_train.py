@@ -333,3 +333,112 @@ def test_a_failing_step_keeps_the_record_of_the_steps_before(tmp_path, overlap):
         tensorboard=False)
   assert [s for k, s in rec.events if k == "step"] == [1, 2, 3, 4]
   assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [1, 2, 3, 4]
+
+
+def test_loader_refuses_a_position_of_another_sequence():
+  saved = ArrayLoader(_data(), batch_size=32, seed=5)
+  it = iter(saved)
+  [next(it) for _ in range(3)]
+  state = json.loads(json.dumps(saved.get_state()))
+  ArrayLoader(_data(), batch_size=32, seed=5).set_state(state)  # the same settings resume
+  for other, what in ((ArrayLoader(_data(), batch_size=16, seed=5), "batch_size=32, but this loader has batch_size=16"),
+                      (ArrayLoader(_data(200), batch_size=32, seed=5), "num_examples=256, but this loader has num_ex"),
+                      (ArrayLoader(_data(), batch_size=32, seed=5, shuffle=False), "shuffle=1, but this loader"),
+                      (ArrayLoader(_data(), batch_size=32, seed=6), "seed=5, but this loader has seed=6")):
+    with pytest.raises(ValueError, match="would skip or repeat examples") as err:
+      other.set_state(state)
+    assert what in str(err.value)
+
+
+def test_continuing_a_run_with_the_same_iterator_skips_nothing():
+  batches = [b for b, _ in zip(ArrayLoader(_data(), 32, seed=3), range(6))]
+  strategy, state, _ = _setup()
+  straight = fit(strategy, state, batches, steps=6)
+  strategy, state, _ = _setup()
+  it = iter(batches)
+  first = fit(strategy, state, it, steps=3)
+  second = fit(strategy, first.state, it, steps=6)  # no checkpoint: the state passed in goes on
+  assert second.stop_reason is None and int(second.state.step) == 6
+  _leaves_equal(second.state.params, straight.state.params)
+
+
+def test_parameters_that_overflow_are_never_checkpointed(tmp_path):
+  from jdist.models import linear
+
+  mesh = jdist.make_mesh(data=2, devices=jax.devices()[:2])
+  strategy = jdist.data_parallel(linear.loss, optax.sgd(1e38), mesh)
+  x = np.arange(64, dtype=np.float32).reshape(-1, 1) / 64
+  loader = ArrayLoader({"x": x, "y": 2 * x + 1}, batch_size=8, seed=0)
+  ckdir = tmp_path / "ckpt"
+  result = fit(strategy, strategy.init(linear.init()), loader, steps=8, callbacks=[NanGuard()],
+               checkpoint=CheckpointConfig(directory=ckdir, every_steps=1))
+  # step 1's loss and gradient are finite; the update with lr 1e38 is not
+  assert np.isfinite(result.history[0]["loss"]) and np.isfinite(result.history[0]["grad_norm"])
+  assert result.failed and "the parameters after step 1 are not finite" in result.stop_reason
+  assert not [p for p in ckdir.iterdir() if p.name.isdigit()]
+
+
+class _StopAt(Callback):
+  def __init__(self, step):
+    self.step = step
+
+  def on_step(self, loop, step, metrics):
+    if step == self.step:
+      loop.request_stop(f"asked at {step}")
+
+
+@pytest.mark.parametrize("overlap,stop_at", [(False, 4), (True, 3)])
+def test_a_stop_on_a_checkpoint_step_keeps_its_checkpoint(tmp_path, overlap, stop_at):
+  strategy, state, loader = _setup()
+  rec = Recorder()
+  result = fit(strategy, state, loader, steps=10, callbacks=[_StopAt(stop_at), rec], overlap=overlap,
+               checkpoint=CheckpointConfig(directory=tmp_path / "ckpt", every_steps=2, save_at_end=False))
+  assert int(result.state.step) == 4 and not result.failed
+  assert [s for e, s in rec.events if e == "checkpoint"] == [2, 4]
+
+
+def test_eval_fn_that_returns_no_dict_is_an_error_before_training(tmp_path):
+  strategy, state, loader = _setup()
+  aux_style = lambda p, b: (mlp.loss(p, b), {"acc": mlp.accuracy(p, b)})
+  with pytest.raises(ValueError, match="must return a dict of scalar metrics") as err:
+    fit(strategy, state, loader, steps=6, eval_fn=aux_style, eval_data=_data(40, 1), eval_every=3,
+        checkpoint=CheckpointConfig(directory=tmp_path / "ckpt", every_steps=3))
+  assert "returned tuple" in str(err.value)
+  assert not [p for p in (tmp_path / "ckpt").iterdir() if p.name.isdigit()]  # no step ran
+
+
+def test_a_run_that_ends_early_logs_and_evaluates_its_last_step(tmp_path):
+  strategy, state, loader = _setup()
+  batches = [b for b, _ in zip(loader, range(5))]
+  result = fit(strategy, state, batches, steps=10, log_every=4, eval_fn=_eval_fn, eval_data=_data(40, 1),
+               eval_every=100, run_dir=tmp_path, tensorboard=False)
+  assert result.stop_reason == "the data ran out after step 5"
+  assert [e["step"] for e in result.eval_history] == [5]
+  records = read_jsonl(tmp_path / "metrics.jsonl")
+  assert [(r["step"], "loss" in r, "eval_loss" in r) for r in records] == [(4, True, False), (5, True, False),
+                                                                           (5, False, True)]
+  assert records[1]["loss"] == result.history[-1]["loss"]
+
+
+def test_on_end_runs_when_fit_raises():
+  strategy, state, loader = _setup()
+  batches = [b for b, _ in zip(loader, range(3))]
+
+  def data():
+    yield from batches
+    raise KeyboardInterrupt
+
+  rec = Recorder()
+  ended = []
+  rec.on_end = lambda loop, result: ended.append((result.failed, result.stop_reason, len(result.history)))
+  with pytest.raises(KeyboardInterrupt):
+    fit(strategy, state, data(), steps=10, callbacks=[rec])
+  assert ended == [(True, "KeyboardInterrupt at step 3", 3)]
+
+
+def test_a_state_already_past_steps_runs_nothing():
+  strategy, state, loader = _setup()
+  done = fit(strategy, state, loader, steps=4)
+  again = fit(strategy, done.state, loader, steps=2)
+  assert again.stop_reason == "the state is already at step 4, past steps=2; nothing was run"
+  assert int(again.state.step) == 4 and again.history == [] and not again.failed

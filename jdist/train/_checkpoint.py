@@ -84,6 +84,18 @@ def tree_checksums(tree: PyTree) -> list[int]:
   return [int(c) for c in jax.device_get(_checksums(tree))]
 
 
+_finite = jax.jit(lambda leaves: [jnp.all(jnp.isfinite(x)) for x in leaves])
+
+
+def nonfinite_leaves(tree: PyTree) -> list[str]:
+  """The paths of the floating-point leaves of ``tree`` that hold an inf or a nan (works on sharded,
+  multi-process arrays)."""
+  leaves = [(jax.tree_util.keystr(path), x) for path, x in jax.tree_util.tree_leaves_with_path(tree)
+            if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+  finite = jax.device_get(_finite([x for _, x in leaves]))
+  return [name for (name, _), ok in zip(leaves, finite) if not ok]
+
+
 def abstract_like(tree: PyTree) -> PyTree:
   """Shape, dtype and sharding of every leaf: the template a checkpoint is restored into."""
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=getattr(x, "sharding", None)), tree)

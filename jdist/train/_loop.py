@@ -6,6 +6,7 @@ import itertools
 import numbers
 import os
 import pathlib
+import sys
 import time
 from typing import Any, Callable, Iterable, Sequence
 
@@ -15,7 +16,7 @@ import numpy as np
 from jdist.mesh import replicate
 from jdist.state import TrainState
 from jdist.strategy import Strategy
-from jdist.train._checkpoint import CheckpointConfig, Checkpointer, CheckpointError
+from jdist.train._checkpoint import CheckpointConfig, Checkpointer, CheckpointError, nonfinite_leaves
 from jdist.train._writers import METRICS_FILE, TIMING_FILE, JsonlWriter, TensorBoardWriter
 
 
@@ -154,25 +155,28 @@ def fit(
   run_path = pathlib.Path(run_dir) if run_dir is not None else None
   checkpointer = Checkpointer(checkpoint) if checkpoint is not None else None
   meta: dict[str, Any] = {}
-  if checkpointer is not None:
-    restored = checkpointer.restore_latest(state)
-    if restored is not None:
-      _, state, meta = restored
-      checkpointer.last_saved_step = int(state.step)
+  given_step = int(state.step)
+  restored = checkpointer.restore_latest(state) if checkpointer is not None else None
+  if restored is not None:
+    _, state, meta = restored
+    checkpointer.last_saved_step = int(state.step)
   start = int(state.step)
-  if start > 0 and "data" in meta:
+  if restored is not None and "data" in meta:
     if not hasattr(data, "set_state"):
       raise CheckpointError("The checkpoint holds a data position but the data has no set_state(); resume "
                             "with the same kind of data (e.g. jdist.data.ArrayLoader).")
     data.set_state(meta["data"])
     batches = iter(data)
-  elif start > 0 and not hasattr(data, "set_state"):
-    batches = itertools.islice(iter(data), start, None)  # replay position of a plain iterable
+  elif restored is not None and not hasattr(data, "set_state"):
+    # a plain iterable replays from where the state passed in was: skip the batches the checkpoint covers
+    batches = itertools.islice(iter(data), max(start - given_step, 0), None)
   else:
-    batches = iter(data)
+    batches = iter(data)  # the state passed in continues with the data as given
 
   control = LoopControl(strategy, steps, run_path)
   control.last_checkpoint_step = checkpointer.last_saved_step if checkpointer else None
+  if start > steps:
+    control.request_stop(f"the state is already at step {start}, past steps={steps}; nothing was run")
   writers = []
   log_here = run_path is not None and jax.process_index() == 0  # several processes: one writes the logs
   if log_here:
@@ -183,11 +187,26 @@ def fit(
   eval_step = jax.jit(eval_fn) if eval_fn is not None else None
   # eval data is small and of any size: replicate it rather than split it over the data axis
   eval_batch = replicate(eval_data, strategy.mesh) if eval_data is not None else None
+  if eval_step is not None:  # found now, not after the steps before the first evaluation
+    shape = jax.eval_shape(eval_fn, state.params, eval_batch)
+    if not isinstance(shape, dict):
+      raise ValueError(f"eval_fn(params, batch) must return a dict of scalar metrics, e.g. {{'loss': loss}}; it "
+                       f"returned {type(shape).__name__} {jax.tree.map(lambda x: x.shape, shape)}. A loss with "
+                       f"has_aux=True returns (loss, aux): wrap it, e.g. lambda p, b: {{'loss': loss_fn(p, b)[0]}}.")
 
   history: list[dict[str, float]] = []
   eval_history: list[dict[str, float]] = []
 
   def save(step, state):
+    bad = nonfinite_leaves(state.params)
+    if bad:  # a finite loss does not make the update after it finite: never keep such a checkpoint
+      good = control.last_checkpoint_step
+      control.request_stop(
+          f"the parameters after step {step} are not finite (inf or nan in {', '.join(bad[:3])}"
+          f"{', ...' if len(bad) > 3 else ''}); training stopped and step {step} was not checkpointed"
+          + (f", the last good checkpoint (step {good}) is kept" if good is not None else "")
+          + ". Lower the learning rate or check the data.", failed=True)
+      return
     position = {"data": data.get_state()} if hasattr(data, "get_state") else {}
     path = checkpointer.save(step, state, position)
     control.last_checkpoint_step = step
@@ -208,6 +227,7 @@ def fit(
   window_start, window_steps, examples = time.perf_counter(), 0, 0
   peak = _mesh_peak(strategy, peak_flops) if flops_per_step is not None else None
   result = None
+  logged_step = None  # the last step written to the logs
 
   def finish(k, metrics, n_examples):
     # step k's metrics to the host: history, callbacks, logs (a failed step is not logged)
@@ -220,7 +240,13 @@ def fit(
     _call(callbacks, "on_step", control, k, host)
     if control.failed:
       return
-    if log_here and (k % log_every == 0 or k == steps):
+    if k % log_every == 0 or k == steps:
+      log(k, host)
+
+  def log(k, host):
+    nonlocal window_start, window_steps, examples, logged_step
+    logged_step = k
+    if log_here:
       elapsed = time.perf_counter() - window_start
       metrics_log.write(host)
       if tb is not None:
@@ -246,10 +272,10 @@ def fit(
           finish(k, metrics, n_examples)
           if control.failed:
             break
-          if eval_due:
-            evaluate(k, state)
-          if save_due and control.stop_reason is None:
+          if save_due:  # first: a failing evaluation must not cost the checkpoint
             save(k, state)
+          if eval_due and not control.failed:
+            evaluate(k, state)
       if step >= steps or control.stop_reason is not None:
         if pending is None:
           break
@@ -270,6 +296,11 @@ def fit(
       if pending is not None:  # overlap: read the previous step while this one runs on the devices
         finish(*pending)
       pending = (step, metrics, n_examples)
+    if not control.failed and step > start:  # ended early (data, a callback): its last step is logged too
+      if logged_step != step:
+        log(step, history[-1])
+      if eval_step is not None and (not eval_history or eval_history[-1]["step"] != step):
+        evaluate(step, state)
     if (checkpointer is not None and not control.failed and checkpoint.save_at_end
         and checkpointer.last_saved_step != step):
       save(step, state)
@@ -280,6 +311,11 @@ def fit(
       w.close()
     if checkpointer is not None:
       checkpointer.close()
-    if result is not None:
-      _call(callbacks, "on_end", control, result)
+    if result is None:  # an exception (Ctrl-C, the data, a step): callbacks still end (a progress bar stops)
+      error = sys.exc_info()[1]
+      control.request_stop(f"{type(error).__name__} at step {step}" if error else f"stopped at step {step}",
+                           failed=True)
+      result = FitResult(state=state, history=history, eval_history=eval_history, start_step=start,
+                         stop_reason=control.stop_reason, failed=True)
+    _call(callbacks, "on_end", control, result)
   return result
