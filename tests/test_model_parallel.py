@@ -135,6 +135,23 @@ def test_explicit_fsdp_equals_single_device_and_moves_no_full_gradient():
   assert report["all-reduce"].payload_bytes < 0.02 * sharded_bytes  # only the small replicated leaves and the loss
 
 
+@pytest.mark.parametrize("regather", [True, False])
+def test_explicit_fsdp_with_sgd_equals_single_device(regather):
+  # plain SGD shows the scale of every gradient (Adam would hide a replicated leaf's gradient being N x too
+  # big); the norms and biases below min_size stay replicated
+  mesh = jdist.make_mesh(fsdp=8)
+  batches = _gpt_batches(5)
+  strategy = fsdp(gpt.loss_fn(CFG), optax.sgd(0.5), mesh, min_size=64, regather=regather)
+  state = strategy.init(GPT_PARAMS)
+  state, metrics = strategy.step(state, strategy.shard_batch(batches[0]))
+  grads = jax.grad(gpt.loss_fn(CFG))(GPT_PARAMS, batches[0])
+  np.testing.assert_allclose(float(metrics["grad_norm"]), float(optax.tree.norm(grads)), rtol=1e-5)
+  for batch in batches[1:]:
+    state, _ = strategy.step(state, strategy.shard_batch(batch))
+  ref, _, _ = single_device_reference(gpt.loss_fn(CFG), optax.sgd(0.5), GPT_PARAMS, batches)
+  assert_trees_all_close(state.params, ref, rtol=1e-5, atol=1e-6)
+
+
 def test_fsdp_memory_per_device_is_an_eighth():
   mesh = jdist.make_mesh(fsdp=8)
   for strategy in (jdist.sharded(gpt.loss_fn(CFG), optax.adam(1e-2), mesh, fsdp_axis="fsdp", fsdp_min_size=64),

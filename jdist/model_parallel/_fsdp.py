@@ -76,7 +76,7 @@ def fsdp(
     def gather(x, spec):
       d = sharded_dim(spec)
       if d is None:
-        return jax.lax.pcast(x, axis, to="varying")  # replicated: see pitfall 1; reduced below
+        return x  # replicated (made varying in ``body``, before the gradient is taken)
       return checkpoint_name(jax.lax.all_gather(x, axis, axis=d, tiled=True), GATHERED)
 
     def forward(pieces, batch):
@@ -89,6 +89,10 @@ def fsdp(
 
     def body(pieces, batch):
       # pieces: each leaf its 1/N piece (split on one dim) or whole (small, replicated); batch: [B/N, ...]
+      # Replicated leaves are marked varying *outside* the differentiated function: inside it, the
+      # transpose of the cast would already sum their gradient over the devices (DESIGN.md, pitfall 1).
+      pieces = jax.tree.map(lambda x, spec: x if sharded_dim(spec) is not None else jax.lax.pcast(x, axis, to="varying"),
+                            pieces, specs, is_leaf=is_spec)
       (loss, aux), grads = vg(pieces, batch)
       # sharded leaves: the gather's transpose already reduce-scattered (summed) the gradient;
       # replicated leaves: sum explicitly. Either way divide by N for the mean over devices.
