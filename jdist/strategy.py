@@ -58,15 +58,24 @@ class StepFn:
     return out
 
 
-def optimizer_shardings(optimizer: Any, opt_state: Any, param_shardings: Any, mesh: Mesh) -> Any:
-  """Shardings for an optimizer state (arrays, shapes or tracers): like the params where the state mirrors
-  them (moments, traces), replicated for everything else (step counts)."""
+def optimizer_shardings(optimizer: Any, opt_state: Any, params: Any, param_shardings: Any, mesh: Mesh) -> Any:
+  """Shardings for an optimizer state (arrays, shapes or tracers): like the param where a state leaf
+  mirrors it with the same shape (moments, traces), replicated for everything else (step counts, the
+  factored row / column moments of adafactor); the masked-out leaves of ``optax.masked`` /
+  ``multi_transform`` stay ``MaskedNode``."""
   import optax
   from jax.sharding import NamedSharding, PartitionSpec
 
   replicated = NamedSharding(mesh, PartitionSpec())
-  return optax.tree_map_params(optimizer, lambda _, s: s, opt_state, param_shardings,
-                               transform_non_params=lambda _: replicated)
+  masked = lambda x: isinstance(x, optax.MaskedNode)
+
+  def like_param(leaf, param, sharding):
+    if masked(leaf):
+      return leaf
+    return sharding if getattr(leaf, "shape", None) == getattr(param, "shape", ()) else replicated
+
+  return optax.tree_map_params(optimizer, like_param, opt_state, params, param_shardings,
+                               transform_non_params=lambda x: x if masked(x) else replicated, is_leaf=masked)
 
 
 def sharded_state(params: Params, param_shardings: Any, optimizer: Any, mesh: Mesh, key: Any) -> TrainState:
@@ -76,7 +85,8 @@ def sharded_state(params: Params, param_shardings: Any, optimizer: Any, mesh: Me
 
   replicated = NamedSharding(mesh, PartitionSpec())
   params = jax.device_put(jax.tree.map(lambda x: jnp.array(x, copy=True), params), param_shardings)
-  opt_shardings = optimizer_shardings(optimizer, jax.eval_shape(optimizer.init, params), param_shardings, mesh)
+  opt_shardings = optimizer_shardings(optimizer, jax.eval_shape(optimizer.init, params), params, param_shardings,
+                                      mesh)
   opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
   return TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), replicated), params=params, opt_state=opt_state,
                     key=jax.device_put(raw_key(key), replicated))

@@ -206,3 +206,22 @@ def test_gpt_tp_all_reduces_per_block_are_the_textbook_ones():
   step = jdist.comm_report(strategy.step.lower(state, tokens))
   assert set(step.stats) == {"all-reduce"}
   assert 4 * L * act <= step["all-reduce"].payload_bytes <= 4 * L * act + 64  # plus a few scalars (loss)
+
+
+def _partitioned_optimizer():
+  # adam on the matrices, sgd on the rest: its state holds optax.MaskedNode where a part does not apply
+  labels = lambda params: jax.tree.map(lambda x: "matrix" if x.ndim >= 2 else "vector", params)
+  return optax.multi_transform({"matrix": optax.adam(1e-2), "vector": optax.sgd(0.1)}, labels)
+
+
+@pytest.mark.parametrize("opt_name", ["multi_transform", "adafactor"])
+def test_optimizers_with_masked_or_factored_state_shard_and_equal_single_device(opt_name):
+  # adafactor's factored moments have other shapes than their parameters: they are replicated
+  make = {"multi_transform": _partitioned_optimizer, "adafactor": lambda: optax.adafactor(1e-2)}[opt_name]
+  batches = _mlp_batches(5)
+  ref, _, _ = single_device_reference(mlp.loss, make(), MLP_PARAMS, batches)
+  for strategy in (jdist.sharded(mlp.loss, make(), jdist.make_mesh(data=2, fsdp=4), fsdp_axis="fsdp", fsdp_min_size=64),
+                   jdist.sharded(mlp.loss, make(), jdist.make_mesh(data=4, model=2), rules=MLP_RULES),
+                   fsdp(mlp.loss, make(), jdist.make_mesh(fsdp=8), min_size=64)):
+    state = _train(strategy, MLP_PARAMS, batches)
+    assert_trees_all_close(state.params, ref, rtol=1e-5, atol=1e-6)

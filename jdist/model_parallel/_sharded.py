@@ -66,7 +66,7 @@ def sharded(
     specs, report = partition_specs(params, rules, mesh, fsdp_axis=fsdp_axis, fsdp_min_size=fsdp_min_size)
     info["param_specs"], info["report"] = specs, report
     param_shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
-    return param_shardings, optimizer_shardings(optimizer, opt_state, param_shardings, mesh)
+    return param_shardings, optimizer_shardings(optimizer, opt_state, params, param_shardings, mesh)
 
   def init(params: Params, *, key: PRNGKey | int | None = None) -> TrainState:
     params = check_params(params)
