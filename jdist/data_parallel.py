@@ -130,8 +130,10 @@ def data_parallel(
         grads, residual, q = collectives.powersgd_allreduce(grads, residual, q, reduce_axis, algorithm=allreduce,
                                                             bucket_bytes=bucket_bytes)
       return (loss, aux, grads), residual, q
-    if compression == "bf16":
-      return collectives.bf16_allreduce(tree, reduce_axis, algorithm=allreduce, bucket_bytes=bucket_bytes), residual, q
+    if compression == "bf16":  # the gradients only: the reported loss and aux stay exact
+      (loss, aux), grads = jax.lax.pmean(tree[:2], reduce_axis), tree[2]
+      grads = collectives.bf16_allreduce(grads, reduce_axis, algorithm=allreduce, bucket_bytes=bucket_bytes)
+      return (loss, aux, grads), residual, q
     return (collectives.allreduce(tree, reduce_axis, algorithm=allreduce, op="mean", bucket_bytes=bucket_bytes),
             residual, q)
 

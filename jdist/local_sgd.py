@@ -77,7 +77,8 @@ def local_sgd(
 
     def average(_):
       mean = collectives.allreduce(mine, axis, algorithm=allreduce, op="mean")
-      sq = sum(jnp.sum((a - b) ** 2) for a, b in zip(jax.tree.leaves(mine), jax.tree.leaves(mean)))
+      sq = sum(jnp.sum(jnp.square(a.astype(jnp.float32) - b.astype(jnp.float32)))  # f32 whatever the params
+               for a, b in zip(jax.tree.leaves(mine), jax.tree.leaves(mean)))
       new_spread = jnp.sqrt(jax.lax.pmean(sq, axis))
       if outer_optimizer is None:
         new_params, new_opt = mean, opt_state

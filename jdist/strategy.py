@@ -134,7 +134,11 @@ def raw_key(key: PRNGKey | int | None) -> jax.Array:
 
 
 def value_and_grad(loss_fn: LossFn, *, has_aux: bool) -> Callable[[Params, Batch], tuple[tuple[jax.Array, Any], Params]]:
-  """``jax.value_and_grad`` that always returns ``((loss, aux), grads)`` and checks the loss is a scalar."""
+  """``jax.value_and_grad`` that always returns ``((loss, aux), grads)`` and checks the loss is a scalar.
+
+  Integer and bool leaves of ``aux`` become float32: strategies report aux as a mean over devices and
+  micro-batches (e.g. a count of 14 on one device is 1.75 per device on 8), as ``lax.pmean`` would.
+  """
 
   def wrapped(params, batch):
     out = loss_fn(params, batch)
@@ -147,6 +151,8 @@ def value_and_grad(loss_fn: LossFn, *, has_aux: bool) -> Callable[[Params, Batch
       if isinstance(out, tuple):
         raise TypeError("loss_fn returned a tuple; if the second item is auxiliary output, pass has_aux=True.")
       loss, aux = out, None
+    aux = jax.tree.map(lambda a: a if jnp.issubdtype(jnp.result_type(a), jnp.inexact) else jnp.asarray(a, jnp.float32),
+                       aux)
     if jnp.shape(loss) != ():
       raise ValueError(
           f"loss_fn must return a scalar (the mean loss over the examples it is given), but it returned "

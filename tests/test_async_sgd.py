@@ -307,6 +307,18 @@ def test_aux_metrics_are_averaged_over_alive_workers():
   assert int(m["num_delivered"]) == 3 and int(m["sync_round"]) == 1
 
 
+def test_integer_aux_is_a_float_mean_over_alive_workers():
+  def loss_and_count(params, batch):
+    return mlp.loss(params, batch), {"positives": jax.numpy.sum(batch["y"] > 0)}
+
+  strategy = async_sgd(loss_and_count, optax.sgd(0.1), num_workers=4, has_aux=True, fail={0: 0},
+                       mesh=jdist.make_mesh(workers=2, devices=jax.devices()[:2]), key=0)
+  batch = _at(_mlp_batches(1, 4, 8), 0)
+  _, m = strategy.step(strategy.init(MLP), strategy.shard_batch(batch))
+  counts = [int(np.sum(_at(batch, w)["y"] > 0)) for w in range(1, 4)]  # worker 0 never ran
+  np.testing.assert_allclose(float(m["positives"]), np.mean(counts), rtol=1e-6)  # was cast to int: 0
+
+
 def test_delay_models():
   def masks(delay, n, ticks=1500):
     strategy = async_sgd(linear.loss, optax.sgd(1e-3), num_workers=n, delay=delay, key=1)

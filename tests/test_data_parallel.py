@@ -122,6 +122,27 @@ def test_has_aux_metrics_and_flax_nnx_params():
   np.testing.assert_allclose(float(metrics["accuracy"]), expected_acc, rtol=1e-6)
 
 
+def _loss_with_count(params, batch):
+  return mlp.loss(params, batch), {"positives": jnp.sum(batch["y"] > 0), "any": jnp.any(batch["y"] > 1)}
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"backend": "pmap"}, {"allreduce": "ring"}, {"compression": "bf16"},
+                                    {"compression": "int8"}, {"accumulate_steps": 2}],
+                         ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()) or "psum")
+def test_integer_aux_is_averaged_like_any_metric_and_the_loss_stays_exact(kwargs):
+  # integer and bool aux become float32 means over devices (and micro-batches); compressing the
+  # gradients does not round the reported loss or aux
+  params = mlp.init(jax.random.key(0), [6, 16, 3])
+  batch = _mlp_data(4, steps=1, batch=32)[0]
+  strategy = jdist.data_parallel(_loss_with_count, optax.sgd(0.1), jdist.make_mesh(data=8), has_aux=True, **kwargs)
+  _, metrics = strategy.step(strategy.init(params), strategy.shard_batch(batch))
+  parts = 8 * kwargs.get("accumulate_steps", 1)
+  shards = [jax.tree.map(lambda x: x.reshape(parts, -1, *x.shape[1:])[i], batch) for i in range(parts)]
+  np.testing.assert_allclose(float(metrics["positives"]), np.mean([np.sum(s["y"] > 0) for s in shards]), rtol=1e-6)
+  np.testing.assert_allclose(float(metrics["any"]), np.mean([np.any(s["y"] > 1) for s in shards]), rtol=1e-6)
+  np.testing.assert_allclose(float(metrics["loss"]), float(mlp.loss(params, batch)), rtol=1e-6)
+
+
 def test_init_does_not_consume_user_params():
   params = mlp.init(jax.random.key(0), [6, 16, 3])
   strategy = jdist.data_parallel(mlp.loss, optax.sgd(0.1), jdist.make_mesh(data=8))

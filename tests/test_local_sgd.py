@@ -87,3 +87,18 @@ def test_bad_arguments():
     jdist.local_sgd(mlp.loss, optax.sgd(0.1), mesh, allreduce="nope")
   with pytest.raises(TypeError, match="optax.GradientTransformation"):
     jdist.local_sgd(mlp.loss, optax.sgd(0.1), mesh, outer_optimizer="sgd")
+
+
+def test_bf16_parameters_train():
+  # the replica spread is summed in float32 whatever the parameter dtype (bf16 params used to fail to trace)
+  params = jax.tree.map(lambda x: x.astype(jax.numpy.bfloat16), mlp.init(jax.random.key(0), [6, 16, 3]))
+  strategy = jdist.local_sgd(mlp.loss, optax.sgd(0.1), jdist.make_mesh(data=8), sync_every=2)
+  state = strategy.init(params)
+  rng = np.random.default_rng(0)
+  losses = []
+  for _ in range(4):
+    batch = {"x": rng.normal(size=(32, 6)).astype(np.float32), "y": rng.integers(0, 3, 32).astype(np.int32)}
+    state, metrics = strategy.step(state, strategy.shard_batch(batch))
+    losses.append(float(metrics["loss"]))
+  assert all(x.dtype == jax.numpy.bfloat16 for x in jax.tree.leaves(state.params))
+  assert np.isfinite(losses).all() and np.isfinite(float(metrics["replica_spread"]))
