@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -52,7 +52,7 @@ from jdist import mesh as mesh_lib
 from jdist._types import Batch, Params, PRNGKey
 from jdist.state import TrainState
 from jdist.strategy import (Strategy, StepFn, check_callable, check_optimizer, check_params, check_positive_int,
-                            metrics_from, sharded_state)
+                            loss_and_aux, metrics_from, sharded_state)
 
 SCHEDULES = ("gpipe", "circular", "1f1b")
 _IDLE, _FORWARD, _STASH, _BACKWARD = range(4)  # 1F1B ops; _STASH: a forward on the last device, which only stashes
@@ -130,6 +130,11 @@ class Schedule:
     rows.append(f"bubble: {self.bubble:.3f} idle (textbook (p-1)/(m v+p-1) = {self.expected_bubble():.3f})")
     rows.append("peak stash: " + " ".join(map(str, self.peak_stash)) + " stage inputs held per device for the backward")
     return "\n".join(rows)
+
+
+def _zero_sums(tree_type: Any, vary: Callable) -> Any:
+  """Zeros to sum values typed like ``tree_type`` into (float32 or wider), marked varying by ``vary``."""
+  return jax.tree.map(lambda a: vary(jnp.zeros(a.shape, jnp.promote_types(a.dtype, jnp.float32))), tree_type)
 
 
 def pipeline_schedule(num_stages: int, microbatches: int, schedule: str = "gpipe", *, repeats: int | None = None) -> Schedule:
@@ -236,11 +241,15 @@ def pipeline(
     repeats: int | None = None,
     data_axis: str | None = None,
     input_fn: Callable[[Params, Batch], jax.Array] | None = None,
+    has_aux: bool = False,
 ) -> Strategy:
   """Pipeline-parallel training of a stack of identical stages.
 
   ``params`` (given to ``init``) must be a dict with key ``"stages"``: a pytree whose leaves all have the
-  same leading size S (one slice per layer). Other keys (embeddings, heads) are replicated.
+  same leading size S (one slice per layer). Other keys (embeddings, heads) are replicated. The state
+  holds the stages laid out for the devices, [v, p, c, ...] with v * p * c = S (``unstack_params``
+  gives back [S, ...]), and the optimizer sees that layout: an optimizer mask that looks at shapes
+  (``x.ndim``) sees two more dimensions than on one device; give such masks by name instead.
 
   Args:
     stage_fn: ``stage_fn(layer_params, x) -> x`` for ONE layer (x keeps its shape: [mb, ...]).
@@ -253,6 +262,8 @@ def pipeline(
     data_axis: also split the batch over this axis (data x pipe meshes). Without it the batch is
       replicated over the mesh (only the first and last pipe devices read it).
     input_fn: ``input_fn(params, batch) -> x`` before the first layer (default ``batch["x"]``).
+    has_aux: ``loss_fn`` returns ``(loss, aux)``; aux (a pytree of scalars) is averaged over the
+      micro-batches and data replicas, like the loss, and reported with the metrics.
 
   Returns:
     A ``Strategy``. Metrics: ``loss``, ``grad_norm``, ``bubble`` (idle stage-ticks / all, counted from
@@ -273,6 +284,7 @@ def pipeline(
   m, v = sched.microbatches, sched.repeats
   n_data = mesh_lib.axis_size(mesh, data_axes) if data_axes else 1
   input_fn = input_fn or (lambda params, batch: batch["x"])
+  head = lambda params, y, batch: loss_and_aux(loss_fn(params, y, batch), has_aux)  # (loss, aux or None)
   stage_spec = P(None, axis)  # stacked layers as [v, p, c, ...]: the p axis split over the pipe devices
   batch_spec = P(data_axes) if data_axes else P()
   table = jnp.asarray(sched.table)
@@ -312,23 +324,26 @@ def pipeline(
     x_shape = jax.eval_shape(lambda: input_fn(params, pick(0)))
 
     def tick(carry, t):
-      received, loss, active = carry
+      received, loss, aux, active = carry
       i, lap = table[t, d], laps[t, d]
       fresh = input_fn(params, pick(i))
       x = jnp.where((d == 0) & (lap == 0), fresh, received)
       y = run_stage(params["stages"], lap, x)
       working = i >= 0
       done = working & (d == p - 1) & (lap == v - 1)
-      loss = loss + jnp.where(done, loss_fn(params, y, pick(i)), 0.0)
+      loss_i, aux_i = head(params, y, pick(i))
+      loss = loss + jnp.where(done, loss_i, 0.0)
+      aux = jax.tree.map(lambda acc, a: acc + jnp.where(done, a, 0).astype(acc.dtype), aux, aux_i)
       sent = jax.lax.ppermute(jnp.where(working, y, 0.0), axis, [(j, (j + 1) % p) for j in range(p)])
-      return (sent, loss, active + working.astype(jnp.int32)), None
+      return (sent, loss, aux, active + working.astype(jnp.int32)), None
 
     all_axes = (axis,) + tuple(data_axes)
     varying = lambda x: jax.lax.pcast(x, all_axes, to="varying")
-    init = (varying(jnp.zeros(x_shape.shape, x_shape.dtype)), varying(jnp.zeros(())),
-            varying(jnp.zeros((), jnp.int32)))
-    (_, loss, active), _ = jax.lax.scan(tick, init, jnp.arange(sched.ticks))
-    return loss / m, active
+    zero_x = varying(jnp.zeros(x_shape.shape, x_shape.dtype))
+    zero_aux = _zero_sums(jax.eval_shape(lambda: head(params, zero_x, pick(0))[1]), varying)
+    init = (zero_x, varying(jnp.zeros(())), zero_aux, varying(jnp.zeros((), jnp.int32)))
+    (_, loss, aux, active), _ = jax.lax.scan(tick, init, jnp.arange(sched.ticks))
+    return loss / m, (active, jax.tree.map(lambda a: a / m, aux))
 
   if schedule == "1f1b":  # what each device does at each tick; micro-batch i's stage input waits in slot i % slots
     ops = np.where(sched.table < 0, _IDLE, np.where(sched.backward, _BACKWARD, _FORWARD))
@@ -361,13 +376,14 @@ def pipeline(
     x_type = jax.eval_shape(lambda: input_fn(params, pick(0)))
     zeros_x = varying(jnp.zeros(x_type.shape, x_type.dtype))  # x: [mb, ...]
     zero_grads = jax.tree.map(lambda x: varying(jnp.zeros(x.shape, x.dtype)), params)
-    loss_type = jax.eval_shape(lambda: loss_fn(params, zeros_x, pick(0)))
+    loss_type, aux_type = jax.eval_shape(lambda: head(params, zeros_x, pick(0)))
     zero_loss = varying(jnp.zeros((), jnp.float32))
+    zero_aux = _zero_sums(aux_type, varying)
     add = lambda a, b: jax.tree.map(jnp.add, a, b)
     run = lambda stages, x: run_stage(stages, 0, x)
 
     def tick(carry, t, perm):
-      received, stash, grads, loss, active = carry  # stash: [slots, mb, ...]
+      received, stash, grads, loss, aux, active = carry  # stash: [slots, mb, ...]
       op, i = ops[t, d], which[t, d]
       slot = i % slots
       stashed = jax.lax.dynamic_index_in_dim(stash, slot, 0, keepdims=False)
@@ -375,26 +391,28 @@ def pipeline(
       stage_input = lambda: jax.lax.cond(d == 0, lambda: input_fn(params, pick(i)), lambda: received)
 
       # each branch: (what to send: an activation on or a cotangent back, the stash slot's new content,
-      # the gradient and loss sums); only a backward adds to the sums
+      # the gradient, loss and aux sums); only a backward adds to the sums
       def idle():
-        return zeros_x, stashed, grads, loss
+        return zeros_x, stashed, grads, loss, aux
 
       def forward():
         x = stage_input()
-        return run(params["stages"], x), x, grads, loss
+        return run(params["stages"], x), x, grads, loss, aux
 
       def stash_only():
-        return zeros_x, stage_input(), grads, loss
+        return zeros_x, stage_input(), grads, loss, aux
 
       def backward():
         y, stage_vjp = jax.vjp(run, params["stages"], stashed)
 
         def from_loss():  # last device: d(loss_i / m) / dy, and the loss's own parameter gradients
-          loss_i, loss_vjp = jax.vjp(lambda prm, y: loss_fn(prm, y, pick(i)), params, y)
+          loss_i, loss_vjp, aux_i = jax.vjp(lambda prm, y: head(prm, y, pick(i)), params, y, has_aux=True)
           g_params, g_y = loss_vjp(varying(jnp.full(loss_type.shape, 1 / m, loss_type.dtype)))
-          return loss + loss_i.astype(jnp.float32), g_y, add(grads, g_params)
+          new_aux = jax.tree.map(lambda acc, a: acc + a.astype(acc.dtype), aux, aux_i)
+          return loss + loss_i.astype(jnp.float32), new_aux, g_y, add(grads, g_params)
 
-        new_loss, g_y, new_grads = jax.lax.cond(d == p - 1, from_loss, lambda: (loss, received, grads))
+        new_loss, new_aux, g_y, new_grads = jax.lax.cond(d == p - 1, from_loss,
+                                                         lambda: (loss, aux, received, grads))
         g_stages, g_x = stage_vjp(g_y)
 
         def into_input(acc):  # first device: the input function's parameter gradients (e.g. the embedding)
@@ -402,23 +420,23 @@ def pipeline(
 
         new_grads = jax.lax.cond(d == 0, into_input, lambda acc: acc, new_grads)
         new_grads = dict(new_grads, stages=add(new_grads["stages"], g_stages))
-        return g_x, stashed, new_grads, new_loss
+        return g_x, stashed, new_grads, new_loss, new_aux
 
-      send, slot_value, grads, loss = jax.lax.switch(op, [idle, forward, stash_only, backward])
+      send, slot_value, grads, loss, aux = jax.lax.switch(op, [idle, forward, stash_only, backward])
       stash = jax.lax.dynamic_update_index_in_dim(stash, slot_value, slot, 0)
       # one ppermute per tick on every device (zeros when it has nothing), outside the branches
       if p > 1:
         received = jax.lax.ppermute(send, axis, perm)
-      return received, stash, grads, loss, active + (op != _IDLE).astype(jnp.int32)
+      return received, stash, grads, loss, aux, active + (op != _IDLE).astype(jnp.int32)
 
     def two_ticks(carry, j):  # the ticks alternate between the two send patterns
       carry = tick(carry, 2 * j, sends[0])
       return tick(carry, 2 * j + 1, sends[1]), None
 
     stash = varying(jnp.zeros((slots, *x_type.shape), x_type.dtype))
-    init = (zeros_x, stash, zero_grads, zero_loss, varying(jnp.zeros((), jnp.int32)))
-    (_, _, grads, loss, active), _ = jax.lax.scan(two_ticks, init, jnp.arange(sched.ticks // 2))
-    return loss / m, grads, active
+    init = (zeros_x, stash, zero_grads, zero_loss, zero_aux, varying(jnp.zeros((), jnp.int32)))
+    (_, _, grads, loss, aux, active), _ = jax.lax.scan(two_ticks, init, jnp.arange(sched.ticks // 2))
+    return loss / m, jax.tree.map(lambda a: a / m, aux), grads, active
 
   def local_grads(params, batch):
     vary = lambda x, axes: jax.lax.pcast(x, axes, to="varying") if axes else x
@@ -426,18 +444,18 @@ def pipeline(
     params = {k: (jax.tree.map(lambda x: vary(x, tuple(data_axes)), val) if k == "stages" else
                   jax.tree.map(lambda x: vary(x, pipe_and_data), val)) for k, val in params.items()}
     if schedule == "1f1b":
-      loss, grads, active = one_forward_one_backward(params, batch)
+      loss, aux, grads, active = one_forward_one_backward(params, batch)
     else:
-      (loss, active), grads = jax.value_and_grad(local_loss, has_aux=True)(params, batch)
-    # the loss lives on the last device only: sum over the pipe; average over data replicas
-    loss = jax.lax.psum(loss, axis)
+      (loss, (active, aux)), grads = jax.value_and_grad(local_loss, has_aux=True)(params, batch)
+    # the loss and aux live on the last device only: sum over the pipe; average over data replicas
+    loss, aux = jax.lax.psum((loss, aux), axis)
     grads = {k: (val if k == "stages" else jax.lax.psum(val, axis)) for k, val in grads.items()}
     if data_axes:
-      loss, grads = jax.lax.pmean((loss, grads), data_axes)
+      loss, aux, grads = jax.lax.pmean((loss, aux, grads), data_axes)
     idle = p * sched.ticks - jax.lax.psum(active, axis)
     if data_axes:
       idle = jax.lax.pmean(idle, data_axes)
-    return loss, grads, idle
+    return loss, aux, grads, idle
 
   def specs_of(params):
     return {k: (jax.tree.map(lambda _: stage_spec, val) if k == "stages" else jax.tree.map(lambda _: P(), val))
@@ -466,12 +484,12 @@ def pipeline(
   def step_fn(state: TrainState, batch: Batch):
     check_batch(batch)
     specs = specs_of(state.params)
-    body = jax.shard_map(local_grads, mesh=mesh, in_specs=(specs, batch_spec), out_specs=(P(), specs, P()))
-    loss, grads, idle = body(state.params, batch)
+    body = jax.shard_map(local_grads, mesh=mesh, in_specs=(specs, batch_spec), out_specs=(P(), P(), specs, P()))
+    loss, aux, grads, idle = body(state.params, batch)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
-    metrics = metrics_from(loss, grads, None, new_state.step)
+    metrics = metrics_from(loss, grads, aux, new_state.step)
     metrics.update(bubble=idle / (p * sched.ticks), ticks=jnp.float32(sched.ticks))
     return new_state, metrics
 

@@ -140,26 +140,28 @@ def value_and_grad(loss_fn: LossFn, *, has_aux: bool) -> Callable[[Params, Batch
   micro-batches (e.g. a count of 14 on one device is 1.75 per device on 8), as ``lax.pmean`` would.
   """
 
-  def wrapped(params, batch):
-    out = loss_fn(params, batch)
-    if has_aux:
-      if not (isinstance(out, tuple) and len(out) == 2):
-        raise TypeError(f"With has_aux=True, loss_fn must return (loss, aux); it returned a "
-                        f"{type(out).__name__}.")
-      loss, aux = out
-    else:
-      if isinstance(out, tuple):
-        raise TypeError("loss_fn returned a tuple; if the second item is auxiliary output, pass has_aux=True.")
-      loss, aux = out, None
-    aux = jax.tree.map(lambda a: a if jnp.issubdtype(jnp.result_type(a), jnp.inexact) else jnp.asarray(a, jnp.float32),
-                       aux)
-    if jnp.shape(loss) != ():
-      raise ValueError(
-          f"loss_fn must return a scalar (the mean loss over the examples it is given), but it returned "
-          f"shape {jnp.shape(loss)}. Reduce it, e.g. with jnp.mean(...).")
-    return loss, aux
+  return jax.value_and_grad(lambda params, batch: loss_and_aux(loss_fn(params, batch), has_aux), has_aux=True)
 
-  return jax.value_and_grad(wrapped, has_aux=True)
+
+def loss_and_aux(out: Any, has_aux: bool) -> tuple[jax.Array, Any]:
+  """A loss function's output as ``(scalar loss, aux or None)``, checked; integer and bool aux leaves
+  as float32 (they are averaged like every metric)."""
+  if has_aux:
+    if not (isinstance(out, tuple) and len(out) == 2):
+      raise TypeError(f"With has_aux=True, loss_fn must return (loss, aux); it returned a "
+                      f"{type(out).__name__}.")
+    loss, aux = out
+  else:
+    if isinstance(out, tuple):
+      raise TypeError("loss_fn returned a tuple; if the second item is auxiliary output, pass has_aux=True.")
+    loss, aux = out, None
+  aux = jax.tree.map(lambda a: a if jnp.issubdtype(jnp.result_type(a), jnp.inexact) else jnp.asarray(a, jnp.float32),
+                     aux)
+  if jnp.shape(loss) != ():
+    raise ValueError(
+        f"loss_fn must return a scalar (the mean loss over the examples it is given), but it returned "
+        f"shape {jnp.shape(loss)}. Reduce it, e.g. with jnp.mean(...).")
+  return loss, aux
 
 
 def accumulate(vg: Callable, params: Params, batch: Batch, steps: int) -> tuple[jax.Array, Any, Params]:

@@ -296,3 +296,50 @@ def test_1f1b_sends_what_gpipe_sends():
   assert permute.count == 2 * (m + p - 1)  # the loop's trip count times one
   assert permute.sent_bytes == 2 * (m + p - 1) * act_bytes
   assert reports["1f1b"].total_sent_bytes == pytest.approx(reports["gpipe"].total_sent_bytes, rel=1e-6)
+
+
+def _loss_with_aux(params, y, batch):
+  out = y @ params["w_out"]
+  return loss_fn(params, y, batch), {"mean_output": jnp.mean(out), "positives": jnp.sum(out > 0)}
+
+
+@pytest.mark.parametrize("schedule,p,m,data", [("gpipe", 4, 4, 1), ("circular", 2, 4, 2), ("1f1b", 4, 8, 1),
+                                               ("1f1b", 2, 2, 2)])
+def test_aux_is_the_mean_over_micro_batches_and_training_is_unchanged(schedule, p, m, data):
+  params = make_params()
+  batches = make_batches(3, batch=4 * p * data * 2)
+  axes = dict(data=data, pipe=p) if data > 1 else dict(pipe=p)
+  mesh = jdist.make_mesh(**axes, devices=jax.devices()[:p * data])
+  kw = dict(microbatches=m, schedule=schedule, input_fn=input_fn, data_axis="data" if data > 1 else None)
+  with_aux = pipeline(stage_fn, _loss_with_aux, optax.adam(1e-2), mesh, has_aux=True, **kw)
+  plain = pipeline(stage_fn, loss_fn, optax.adam(1e-2), mesh, **kw)
+  state_a, state_p = with_aux.init(params), plain.init(params)
+  for b in batches:
+    params_before = unstack_params(jax.device_get(state_a.params))
+    state_a, metrics = with_aux.step(state_a, with_aux.shard_batch(b))
+    state_p, metrics_p = plain.step(state_p, plain.shard_batch(b))
+    np.testing.assert_allclose(float(metrics["loss"]), float(metrics_p["loss"]), rtol=1e-6)
+    # the reference: each of the data x m micro-batches run through the layers in sequence, averaged
+    parts = [jax.tree.map(lambda x: x.reshape(data * m, -1, *x.shape[1:])[i], b) for i in range(data * m)]
+
+    def aux_of(batch):
+      x = input_fn(params_before, batch)
+      y = jax.lax.scan(lambda h, layer: (stage_fn(layer, h), None), x, params_before["stages"])[0]
+      return _loss_with_aux(params_before, y, batch)[1]
+
+    expected = jax.tree.map(lambda *a: np.mean(np.asarray(a, np.float64)), *[aux_of(part) for part in parts])
+    np.testing.assert_allclose(float(metrics["mean_output"]), expected["mean_output"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(float(metrics["positives"]), expected["positives"], rtol=1e-6)
+  assert_trees_all_close(state_a.params, state_p.params, rtol=1e-6, atol=1e-7)
+
+
+def test_a_loss_that_is_not_a_scalar_is_a_clear_error():
+  mesh = jdist.make_mesh(pipe=2, devices=jax.devices()[:2])
+  batch = make_batches(1, batch=8)[0]
+  per_example = lambda params, y, batch: jnp.mean((y @ params["w_out"] - batch["y"]) ** 2, axis=-1)
+  strategy = pipeline(stage_fn, per_example, optax.sgd(0.1), mesh, microbatches=2, input_fn=input_fn)
+  with pytest.raises(ValueError, match=r"loss_fn must return a scalar .* returned shape \(4,\)"):
+    strategy.step(strategy.init(make_params()), strategy.shard_batch(batch))
+  strategy = pipeline(stage_fn, _loss_with_aux, optax.sgd(0.1), mesh, microbatches=2, input_fn=input_fn)
+  with pytest.raises(TypeError, match="pass has_aux=True"):
+    strategy.step(strategy.init(make_params()), strategy.shard_batch(batch))
