@@ -41,6 +41,11 @@ def mixed_precision(loss_fn: Callable[..., Any], *, compute_dtype=jnp.bfloat16, 
     if cast_batch:
       batch = _cast_floating(batch, compute_dtype)
     out = loss_fn(low, batch)
+    if has_aux != isinstance(out, tuple) or (has_aux and len(out) != 2):
+      raise TypeError(f"mixed_precision(loss_fn, has_aux={has_aux}): loss_fn returned a "
+                      f"{type(out).__name__}{f' of {len(out)}' if isinstance(out, tuple) else ''}. A loss with "
+                      f"auxiliary output returns (loss, aux): pass has_aux=True to mixed_precision and to the "
+                      f"strategy; otherwise return the scalar loss alone.")
     if has_aux:
       loss, aux = out
       return loss.astype(jnp.float32), aux

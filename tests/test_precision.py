@@ -41,6 +41,16 @@ def test_bf16_compute_keeps_fp32_master_weights_and_gradients():
              if jnp.issubdtype(p.dtype, jnp.floating))
 
 
+def test_mixed_precision_with_aux_and_a_mismatch_is_clear():
+  with_aux = lambda p, b: (gpt.loss_fn(CFG)(p, b), {"n": jnp.sum(b["tokens"] > 10)})
+  loss, aux = mixed_precision(with_aux, has_aux=True)(PARAMS, BATCH)
+  assert loss.dtype == jnp.float32 and int(aux["n"]) == int(jnp.sum(BATCH["tokens"] > 10))
+  with pytest.raises(TypeError, match=r"has_aux=False\): loss_fn returned a tuple of 2.*pass has_aux=True"):
+    mixed_precision(with_aux)(PARAMS, BATCH)
+  with pytest.raises(TypeError, match=r"has_aux=True\): loss_fn returned a "):
+    mixed_precision(gpt.loss_fn(CFG), has_aux=True)(PARAMS, BATCH)
+
+
 @pytest.mark.parametrize("remat", ["dots_saveable", "full"])
 def test_remat_policies_do_not_change_the_mathematics(remat):
   cfg = gpt.GPTConfig(**{**CFG.__dict__, "remat": remat})
