@@ -39,16 +39,20 @@ def plot_runs(run_dirs: Sequence[str | pathlib.Path], out: str | pathlib.Path, *
       raise FileNotFoundError(f"{d} has no {METRICS_FILE}; pass run directories written by jdist train / jdist.fit.")
     runs.append(read_jsonl(path))
   labels = list(labels) if labels is not None else [pathlib.Path(d).name for d in run_dirs]
-  if metrics is None:
-    found: list[str] = []
-    for records in runs:
-      for r in records:
-        for k, v in r.items():
-          if k != "step" and isinstance(v, (int, float)) and k not in found:
-            found.append(k)
-    metrics = sorted(found, key=lambda k: (k != "loss", k.startswith("eval_"), k))
-  if not metrics:
+  found: list[str] = []
+  for records in runs:
+    for r in records:
+      for k, v in r.items():
+        if k != "step" and isinstance(v, (int, float)) and k not in found:
+          found.append(k)
+  found.sort(key=lambda k: (k != "loss", k.startswith("eval_"), k))
+  if not found:
     raise ValueError(f"No numeric metrics found in {list(map(str, run_dirs))}.")
+  if metrics is None:
+    metrics = found
+  missing = [m for m in metrics if m not in found]
+  if missing:
+    raise ValueError(f"No run logged {missing}; the metrics in {list(map(str, run_dirs))} are {found}.")
   cols = min(3, len(metrics))
   rows = (len(metrics) + cols - 1) // cols
   fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 3.8 * rows), squeeze=False)

@@ -176,6 +176,19 @@ def test_cli_train_resumes_and_plot(tmp_path, capsys):
   assert "resumed from step 10" in out and "step 20" in out
   assert main(["plot", str(tmp_path / "run"), "--out", str(tmp_path / "m.png")]) == 0
   assert (tmp_path / "m.png").stat().st_size > 10_000
+  capsys.readouterr()
+  err = _cli_error(capsys, ["plot", str(tmp_path / "run"), "--metric", "los", "--out", str(tmp_path / "x.png")])
+  assert "No run logged ['los']; the metrics in" in err and "'loss'" in err
+  assert not (tmp_path / "x.png").exists()
+  # a line cut by a crash (or still being written) at the end of the log does not stop the plot
+  with open(tmp_path / "run" / "metrics.jsonl", "a") as f:
+    f.write('{"step": 21, "lo')
+  assert main(["plot", str(tmp_path / "run"), "--out", str(tmp_path / "m2.png")]) == 0
+
+
+def test_cli_demo_steps_must_be_positive(capsys):
+  err = _cli_error(capsys, ["demo", "--steps", "0"])
+  assert "--steps must be a positive int (steps per strategy), got 0" in err
 
 
 def test_cli_nan_exits_nonzero(tmp_path, capsys):

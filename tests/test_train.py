@@ -442,3 +442,12 @@ def test_a_state_already_past_steps_runs_nothing():
   again = fit(strategy, done.state, loader, steps=2)
   assert again.stop_reason == "the state is already at step 4, past steps=2; nothing was run"
   assert int(again.state.step) == 4 and again.history == [] and not again.failed
+
+
+def test_read_jsonl_skips_a_cut_last_line_and_names_a_damaged_one(tmp_path):
+  path = tmp_path / "metrics.jsonl"
+  path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
+  assert read_jsonl(path) == [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}]
+  path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo\n{"step": 3, "loss": 1.0}\n')
+  with pytest.raises(ValueError, match="metrics.jsonl, line 2: not a JSON record"):
+    read_jsonl(path)

@@ -90,22 +90,25 @@ def demo(*, quick: bool = False, steps: int | None = None, out: str = "runs/demo
   from jdist.plot import plot_runs
   from jdist.train import NanGuard, ProgressBar, fit
 
+  if steps is not None and (not isinstance(steps, int) or steps < 1):
+    raise ValueError(f"--steps must be a positive int (steps per strategy), got {steps!r}.")
   steps = steps or (QUICK_STEPS if quick else DEFAULT_STEPS)
   console = Console(width=None if Console().is_terminal else 170)
   devices = jax.devices()
+  used = min(1 << (len(devices).bit_length() - 1), 128)  # a power of two, so it divides the batch of 128
   console.print(f"[bold]jdist demo[/bold]: an MLP (64-128-10; the pipeline rows: a residual MLP with 8 layers of 128) "
-                f"on scikit-learn's 8x8 digits, {steps} Adam steps, "
-                f"global batch 128, on {len(devices)} {devices[0].platform} device(s).")
+                f"on scikit-learn's 8x8 digits, {steps} Adam steps, global batch 128, on {used} "
+                f"{devices[0].platform} device(s)" + (f" of {len(devices)}." if used != len(devices) else "."))
   out_dir = pathlib.Path(out)
   rows, run_dirs, labels = [], [], []
   for entry in ENTRIES:
-    if entry.num_devices > len(devices) or (entry.num_devices > 1 and entry.num_devices != len(devices)):
+    if entry.num_devices > 1 and entry.num_devices != used:
       continue  # layouts drawn for 8 devices
     hidden = (128,) * 8 if entry.model == "resmlp" else (128,)
     config = Config(run_dir=str(out_dir / _slug(entry.label)), data=DataConfig(batch_size=128),
                     model=ModelConfig(name=entry.model, hidden=hidden),
                     strategy=StrategyConfig(name=entry.strategy, options=entry.options),
-                    mesh=MeshConfig(axes=entry.axes, num_devices=entry.num_devices),
+                    mesh=MeshConfig(axes=entry.axes, num_devices=entry.num_devices or used),
                     train=TrainConfig(steps=steps, log_every=max(1, steps // 100), eval_every=max(10, steps // 8)))
     exp = build(config)
     for stale in ("metrics.jsonl", "timing.jsonl"):

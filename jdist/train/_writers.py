@@ -40,8 +40,20 @@ def truncate_jsonl(path: pathlib.Path, last_step: int) -> None:
 
 
 def read_jsonl(path: str | pathlib.Path) -> list[dict[str, Any]]:
-  """All records of a JSON-lines file."""
-  return [json.loads(line) for line in pathlib.Path(path).read_text().splitlines() if line.strip()]
+  """All records of a JSON-lines file. A last line without its newline (cut by a crash, or still being
+  written by a running job) is left out; a damaged line anywhere else is an error."""
+  text = pathlib.Path(path).read_text()
+  lines = text.splitlines()
+  if lines and not text.endswith("\n"):
+    lines = lines[:-1]
+  records = []
+  for number, line in enumerate(lines, 1):
+    if line.strip():
+      try:
+        records.append(json.loads(line))
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{path}, line {number}: not a JSON record ({e.msg}).") from None
+  return records
 
 
 class JsonlWriter:
