@@ -9,7 +9,9 @@ def allreduce_bytes(n_bytes: float, num_devices: int, algorithm: str = "ring", *
 
   ``ring`` and ``psum`` (bandwidth-optimal): 2(N-1)/N n, the lower bound. ``halving_doubling``: the same
   for a power of two N; otherwise 2(p-1)/p n plus the fold's n on the devices that fold (reported for
-  those, the busiest). ``tree``: 2 ceil(log2 N) n on the busiest device (the root). ``hierarchical``
+  those, the busiest). ``tree``: ceil(log2 N) n on the busiest device (the root sends the whole payload
+  in every broadcast round and nothing in the reduce; the others send once in the reduce and less in
+  the broadcast). ``hierarchical``
   with ``inner`` devices per group: 2(Ni-1)/Ni n + 2(No-1)/(No Ni) n.
   """
   n = num_devices
@@ -23,7 +25,7 @@ def allreduce_bytes(n_bytes: float, num_devices: int, algorithm: str = "ring", *
     p = 1 << (n.bit_length() - 1)
     return 2 * (p - 1) / p * n_bytes + (n_bytes if p != n else 0.0)
   if algorithm == "tree":
-    return 2 * math.ceil(math.log2(n)) * n_bytes
+    return math.ceil(math.log2(n)) * n_bytes
   if algorithm == "hierarchical":
     if inner is None or n % inner:
       raise ValueError(f"hierarchical needs inner, the devices per group, dividing {n}; got inner={inner}.")

@@ -54,3 +54,52 @@ def test_collectives_in_loop_bodies_count_once_per_iteration():
   report = comm_report(f.lower(np.ones((8, 16), np.float32)))
   assert report["all-reduce"].count == 5 and report["all-reduce"].payload_bytes == 5 * 16 * 4
   assert not report.unknown_trip_counts
+
+
+def test_async_collectives_count_their_results():
+  # GPU HLO: an all-reduce-start's shape is its result; all-gather-start and collective-permute-start
+  # hold (operand, result[, u32[] contexts])
+  hlo = "\n".join([
+      "HloModule m, num_partitions=8",
+      "  %ars = f32[1024]{0} all-reduce-start(f32[1024]{0} %p), channel_id=1, replica_groups=[1,8]<=[8], to_apply=%add",
+      "  %ard = f32[1024]{0} all-reduce-done(f32[1024]{0} %ars)",
+      "  %ags = (f32[8]{0}, f32[64]{0}) all-gather-start(f32[8]{0} %p), channel_id=2, replica_groups=[1,8]<=[8]",
+      "  %agd = f32[64]{0} all-gather-done((f32[8]{0}, f32[64]{0}) %ags)",
+      "  %cps = (f32[256]{0}, f32[256]{0}, u32[], u32[]) collective-permute-start(%w), source_target_pairs={{0,1},{1,2}}",
+  ])
+  r = comm_report(hlo)
+  assert r["all-reduce"].payload_bytes == 4096 and r["all-reduce"].sent_bytes == 2 * 7 / 8 * 4096
+  assert r["all-gather"].payload_bytes == 256 and r["all-gather"].sent_bytes == 7 / 8 * 256
+  assert r["collective-permute"].payload_bytes == 1024 and r["collective-permute"].sent_bytes == 1024
+
+
+def test_partial_permutes_count_the_busiest_device_and_match_the_theory():
+  from jax.sharding import PartitionSpec as P
+
+  from jdist import theory
+  from jdist.collectives import allreduce
+
+  for n, algorithm in ((8, "tree"), (6, "tree"), (6, "halving_doubling"), (8, "ring")):
+    mesh = jdist.make_mesh(data=n, devices=jax.devices()[:n])
+    f = jax.jit(jax.shard_map(lambda x: allreduce(x[0], "data", algorithm=algorithm)[None], mesh=mesh,
+                              in_specs=P("data"), out_specs=P("data"), check_vma=False))
+    size = 1024 * n
+    report = comm_report(f.lower(np.ones((n, size), np.float32)))
+    np.testing.assert_allclose(report.total_sent_bytes, theory.allreduce_bytes(4 * size, n, algorithm), rtol=1e-6,
+                               err_msg=f"{algorithm} on {n}")
+
+
+def test_every_branch_of_a_conditional_in_a_loop_counts():
+  from jax.sharding import PartitionSpec as P
+
+  mesh = jdist.make_mesh(data=8)
+
+  def body(x, steps):
+    def step(c, i):
+      branches = [lambda c, k=k: jax.lax.psum(c * k, "data") + k for k in (1.0, 2.0, 3.0)]
+      return jax.lax.switch(i % 3, branches, c) * jax.lax.axis_index("data").astype(c.dtype), None
+    return jax.lax.scan(step, x, steps)[0]
+
+  f = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P("data"), P()), out_specs=P("data")))
+  report = comm_report(f.lower(np.ones((8, 16), np.float32), np.arange(6)))
+  assert report["all-reduce"].count == 18  # 6 iterations x 3 branches: an upper bound, stated in the docs

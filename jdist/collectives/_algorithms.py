@@ -10,7 +10,7 @@ costs alpha + b * beta; n is the payload in bytes.
 | psum              | XLA's choice    | XLA's choice           | the default                |
 | ring              | 2(N-1)          | 2(N-1)/N n             | large payloads (bandwidth) |
 | halving_doubling  | 2 log2 N (+2)   | 2(N-1)/N n (+fold)     | large payloads, fewer hops |
-| tree              | 2 ceil(log2 N)  | up to 2 ceil(log2 N) n | small payloads (latency)   |
+| tree              | 2 ceil(log2 N)  | up to ceil(log2 N) n   | small payloads (latency)   |
 | hierarchical      | ring on each    | 2(Ni-1)/Ni n + 2(No-1)/(No Ni) n | 2-D meshes (torus) |
 """
 from __future__ import annotations
@@ -152,7 +152,8 @@ def tree(x: jax.Array, axis: Axis) -> jax.Array:
 
   Round k of the reduce: device i with i mod 2^(k+1) = 2^k sends its partial sum to i - 2^k. The
   broadcast runs the rounds backwards. Each round sends the whole payload, so it suits small payloads.
-  Cost: 2 ceil(log2 N) (alpha + n beta).
+  Cost: 2 ceil(log2 N) (alpha + n beta) in time; the root, the busiest sender, puts ceil(log2 N) n
+  bytes on the wire (all in the broadcast).
   """
   n = axis_size(axis)
   if n == 1:

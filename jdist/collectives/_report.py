@@ -21,8 +21,9 @@ _PAIRS = re.compile(r"source_target_pairs=\{([0-9,{}\s]*)\}")
 _COMPUTATION = re.compile(r"^(ENTRY\s+)?%([\w.\-]+)\s*\(")
 _WHILE_BODY = re.compile(r"\bwhile\(.*body=%([\w.\-]+)")
 _TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
-_CALLED = re.compile(r"(?:calls|to_apply|branch_computations|true_computation|false_computation)=\{?%([\w.\-]+)"
-                     r"(?:,\s*%([\w.\-]+))*")
+_CALLED = re.compile(r"(?:calls|to_apply|branch_computations|true_computation|false_computation)="
+                     r"(\{[^}]*\}|%[\w.\-]+)")
+_NAME = re.compile(r"%([\w.\-]+)")
 
 
 def _multipliers(text: str) -> tuple[dict[str, int], bool]:
@@ -48,10 +49,9 @@ def _multipliers(text: str) -> tuple[dict[str, int], bool]:
         unknown = unknown or trip is None
         edges[name].append((w.group(1), int(trip.group(1)) if trip else 1))
         continue
-      for m in _CALLED.finditer(line):
-        for callee in m.groups():
-          if callee:
-            edges[name].append((callee, 1))
+      for m in _CALLED.finditer(line):  # every branch of a conditional counts, as if each ran
+        for callee in _NAME.findall(m.group(1)):
+          edges[name].append((callee, 1))
   mult: dict[str, int] = {}
 
   def visit(name: str, factor: int, depth: int = 0) -> None:
@@ -66,12 +66,25 @@ def _multipliers(text: str) -> tuple[dict[str, int], bool]:
   return mult, unknown
 
 
+def _array_bytes(text: str) -> list[int]:
+  """Bytes of each array in a (possibly tuple) HLO shape, in order; ``u32[]`` scalars included."""
+  return [_DTYPE_BYTES[dtype] * int(np.prod([int(d) for d in dims.split(",") if d] or [1]))
+          for dtype, dims in _ARRAY.findall(text) if dtype in _DTYPE_BYTES]
+
+
 def _shape_bytes(text: str) -> int:
-  total = 0
-  for dtype, dims in _ARRAY.findall(text):
-    if dtype in _DTYPE_BYTES:
-      total += _DTYPE_BYTES[dtype] * int(np.prod([int(d) for d in dims.split(",") if d] or [1]))
-  return total
+  return sum(_array_bytes(text))
+
+
+def _start_result_bytes(kind: str, shape_text: str) -> int:
+  """The result bytes of an async ``<kind>-start``: an all-reduce-start's shape is its result; an
+  all-gather-start's or collective-permute-start's is (operands..., results..., [u32[] contexts])."""
+  if kind == "all-reduce" or not shape_text.lstrip().startswith("("):
+    return _shape_bytes(shape_text)
+  arrays = _array_bytes(shape_text)
+  scalars = len(re.findall(r"\bu32\[\]", shape_text)) if kind == "collective-permute" else 0
+  arrays = arrays[:len(arrays) - scalars]  # the permute's context scalars are not data
+  return sum(arrays[len(arrays) // 2:])
 
 
 def _group_size(line: str, default: int) -> int:
@@ -107,10 +120,12 @@ class CommReport:
   Collectives inside a loop body (``lax.scan`` over layers, say) are counted once per iteration, using
   the trip count XLA records; ``unknown_trip_counts`` is True if some loop had none (counted once).
 
-  ``sent_bytes`` counts what one device puts on the wire under bandwidth-optimal algorithms: a
-  collective-permute sends its operand; an all-gather (N-1)/N of its result; a reduce-scatter
-  (N-1)/N of its input; an all-to-all (N-1)/N of its operand; an all-reduce 2(N-1)/N of its payload
-  (reduce-scatter then all-gather), with N the size of the replica group.
+  ``sent_bytes`` counts what one device puts on the wire under bandwidth-optimal algorithms: an
+  all-gather (N-1)/N of its result; a reduce-scatter (N-1)/N of its input; an all-to-all (N-1)/N of its
+  operand; an all-reduce 2(N-1)/N of its payload (reduce-scatter then all-gather), with N the size of
+  the replica group. A collective-permute sends its operand from each source device only; its figure
+  is that of the device that sends the most over the whole program (the busiest, e.g. a tree's root).
+  The branches of a conditional are all counted, as if each ran (an upper bound).
   """
 
   stats: dict[str, CollectiveStat]
@@ -157,6 +172,8 @@ def comm_report(compiled: Any, *, num_devices: int | None = None) -> CommReport:
   default = num_devices or (int(partitions.group(1)) if partitions else 1)
   multipliers, unknown = _multipliers(text)
   acc: dict[str, list[float]] = {}
+  permute_sent: dict[int, float] = {}  # device -> bytes it sends in collective-permutes
+  permute_all = 0.0  # permutes whose pairs the text does not list: charged to every device
   current = None
   for line in text.splitlines():
     c = _COMPUTATION.match(line)
@@ -168,15 +185,15 @@ def comm_report(compiled: Any, *, num_devices: int | None = None) -> CommReport:
       continue
     times = multipliers.get(current, 1) if multipliers else 1
     shape_text, kind, started = m.group(1), m.group(2), m.group(3)
-    if started:
-      # async pairs: the "-start" result is a tuple (operands..., results...); count the results half
-      out_bytes = _shape_bytes(shape_text) / 2
-    else:
-      out_bytes = _shape_bytes(shape_text)
+    out_bytes = _start_result_bytes(kind, shape_text) if started else _shape_bytes(shape_text)
     n = _group_size(line, default)
     if kind == "collective-permute":
       pairs = _PAIRS.search(line)
-      sent = out_bytes if pairs is None or pairs.group(1).strip() else 0.0
+      if pairs is None:
+        permute_all += out_bytes * times
+      for source in {int(a) for a, _ in re.findall(r"\{(\d+),\s*(\d+)\}", pairs.group(1))} if pairs else ():
+        permute_sent[source] = permute_sent.get(source, 0.0) + out_bytes * times
+      sent = 0.0  # set below, from the busiest device
     elif kind == "all-reduce":
       sent = 2 * (n - 1) / n * out_bytes
     elif kind == "all-gather":
@@ -189,4 +206,6 @@ def comm_report(compiled: Any, *, num_devices: int | None = None) -> CommReport:
     c[0] += times
     c[1] += out_bytes * times
     c[2] += sent * times
+  if "collective-permute" in acc:
+    acc["collective-permute"][2] = permute_all + max(permute_sent.values(), default=0.0)
   return CommReport({k: CollectiveStat(k, int(v[0]), int(v[1]), float(v[2])) for k, v in acc.items()}, unknown)
