@@ -60,9 +60,15 @@ class DistributedError(RuntimeError):
   """The processes of a multi-process run could not be joined; the message names who is missing."""
 
 
+def _detect_cluster_requested() -> bool:
+  """``JDIST_DISTRIBUTED`` set to anything but an off value ("", "0", "false", "no", "off")."""
+  return os.environ.get(ENV_DISTRIBUTED, "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
 def requested() -> bool:
   """Whether the environment asks for a multi-process run (``jdist launch`` or ``JDIST_*`` set by hand)."""
-  return any(os.environ.get(v) for v in (ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID, ENV_DISTRIBUTED))
+  return any(os.environ.get(v) for v in (ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID)) or (
+      _detect_cluster_requested())
 
 
 def initialize(
@@ -147,7 +153,7 @@ def initialize(
     return
   explicit = None not in (coordinator_address, num_processes, process_id)
   if not explicit and coordinator_address is None and num_processes is None and process_id is None:
-    if not os.environ.get(ENV_DISTRIBUTED) and not _cluster_detected():
+    if not _detect_cluster_requested() and not _cluster_detected():
       return  # one process: nothing to join
   kwargs: dict[str, Any] = dict(heartbeat_timeout_seconds=max(1, heartbeat),
                                 shutdown_timeout_seconds=max(1, int(shutdown_timeout_s)))
@@ -245,7 +251,9 @@ def _cluster_detected() -> bool:
   try:
     from jax._src import clusters
 
-    return any(env.is_env_present() for env in clusters.ClusterEnv._cluster_types)
+    # opt-in methods (mpi4py: "present" wherever the package imports) only count when asked for
+    return any(env.is_env_present() for env in clusters.ClusterEnv._cluster_types
+               if not getattr(env, "opt_in_only_method", False))
   except (ImportError, AttributeError):  # pragma: no cover - private API moved: ask JAX directly
     return True
 

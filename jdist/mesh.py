@@ -33,8 +33,9 @@ def emulate_devices(n: int) -> list[jax.Device]:
     >>> import jdist
     >>> devices = jdist.emulate_devices(8)  # doctest: +SKIP
   """
-  if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+  if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
     raise ValueError(f"emulate_devices expects a positive int number of devices, got {n!r}.")
+  n = int(n)
   try:
     jax.config.update("jax_num_cpu_devices", n)
   except RuntimeError:

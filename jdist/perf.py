@@ -3,15 +3,22 @@ from __future__ import annotations
 
 import jax
 
-# Dense bf16 peak FLOP/s per chip (vendor figures, without sparsity).
+# Dense bf16 peak FLOP/s per chip (vendor figures, without sparsity), keyed by a part of JAX's
+# ``device_kind``; the longest key that matches wins ("L40S" before "L40" before "L4", "TPU v5 lite"
+# before "TPU v5").
 PEAK_BF16_FLOPS = {
     "H200": 989e12,
     "H100": 989e12,  # SXM; PCIe parts are lower (756e12)
     "A100": 312e12,
+    "L40S": 362e12,
+    "L40": 181e12,
     "L4": 121e12,
     "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,  # v5e
     "TPU v5e": 197e12,
     "TPU v5p": 459e12,
+    "TPU v5": 459e12,  # v5p reports "TPU v5"
+    "TPU v6 lite": 918e12,  # v6e (Trillium)
 }
 
 
@@ -21,9 +28,9 @@ def peak_flops(device: jax.Device | None = None) -> float | None:
   kind = getattr(device, "device_kind", "")
   if "PCIe" in kind and "H100" in kind:
     return 756e12
-  for name, flops in PEAK_BF16_FLOPS.items():
+  for name in sorted(PEAK_BF16_FLOPS, key=len, reverse=True):
     if name.lower() in kind.lower():
-      return flops
+      return PEAK_BF16_FLOPS[name]
   return None
 
 
@@ -33,6 +40,8 @@ def mfu(flops_per_step: float, step_time_s: float, peak: float | None = None) ->
   For the GPT use ``jdist.models.gpt.flops_per_token(cfg) * tokens_per_step`` (6 N per token for the
   weights plus the causal attention term), the convention of shared/reference/plain_jax_gpt.py.
   """
+  if peak is not None and not peak > 0:
+    raise ValueError(f"peak must be a positive FLOP/s figure (or None: the device's), got {peak!r}.")
   peak = peak if peak is not None else peak_flops()
   if peak is None or step_time_s <= 0:
     return None

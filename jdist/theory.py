@@ -27,7 +27,7 @@ def allreduce_bytes(n_bytes: float, num_devices: int, algorithm: str = "ring", *
   if algorithm == "tree":
     return math.ceil(math.log2(n)) * n_bytes
   if algorithm == "hierarchical":
-    if inner is None or n % inner:
+    if inner is None or inner < 1 or n % inner:
       raise ValueError(f"hierarchical needs inner, the devices per group, dividing {n}; got inner={inner}.")
     outer = n // inner
     return 2 * (inner - 1) / inner * n_bytes + 2 * (outer - 1) / (outer * inner) * n_bytes

@@ -289,3 +289,11 @@ def test_cli_corrupted_checkpoint_is_one_line_in_a_real_process(tmp_path):
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "checkpoints/10 cannot be read" in lines[0] and "fallback" in lines[0], done.stderr
   assert sorted(p.name for p in (tmp_path / "corrupt" / "checkpoints").iterdir()) == ["10", "5"]  # nothing lost
+
+
+def test_bench_reports_a_benchmark_killed_by_a_signal(monkeypatch, capsys):
+  from jdist.cli import _bench
+
+  codes = iter([0, -9])  # the second benchmark dies of SIGKILL: a shell would say 137
+  monkeypatch.setattr(_bench.subprocess, "call", lambda cmd, env: next(codes))
+  assert _bench.bench(["allreduce", "pipeline"], quick=True) == 137

@@ -145,6 +145,8 @@ def test_theory():
   assert theory.allreduce_bytes(800, 8, "halving_doubling") == 1400
   assert theory.allreduce_bytes(800, 6, "halving_doubling") == 2 * 3 / 4 * 800 + 800
   assert theory.allreduce_bytes(800, 8, "tree") == 3 * 800  # the root, in the broadcast
+  with pytest.raises(ValueError, match="hierarchical needs inner"):
+    theory.allreduce_bytes(800, 8, "hierarchical", inner=0)
   assert theory.allreduce_bytes(800, 8, "hierarchical", inner=4) == 2 * 3 / 4 * 800 + 2 * 1 / 8 * 800
   assert theory.allreduce_bytes(800, 1) == 0
   with pytest.raises(ValueError, match="Unknown all-reduce algorithm"):

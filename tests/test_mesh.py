@@ -1,4 +1,5 @@
 import jax
+import numpy as np
 import pytest
 
 import jdist
@@ -38,6 +39,7 @@ def test_emulate_devices_after_start():
     jdist.emulate_devices(64)
   with pytest.raises(ValueError):
     jdist.emulate_devices(0)
+  assert len(jdist.emulate_devices(np.int64(8))) >= 8  # numpy ints, as make_mesh takes them
 
 
 def test_replicate_makes_fresh_buffers():

@@ -297,6 +297,27 @@ def test_rendezvous_joins_and_rejects_a_wrong_process_count():
   assert all("process 1 was started for 3 processes but process 0 for 2" in str(e) for e in errors), errors
 
 
+def test_what_counts_as_a_multi_process_environment(monkeypatch):
+  for off in ("0", "false", "No", ""):
+    monkeypatch.setenv(distributed.ENV_DISTRIBUTED, off)
+    assert not distributed.requested(), off
+  monkeypatch.setenv(distributed.ENV_DISTRIBUTED, "1")
+  assert distributed.requested()
+  from jax._src import clusters
+
+  class OptIn(clusters.ClusterEnv):  # like mpi4py: "present" wherever the package imports
+    opt_in_only_method = True
+
+    @classmethod
+    def is_env_present(cls):
+      return True
+
+  try:  # defining the subclass registered it with JAX's cluster detection
+    assert not distributed._cluster_detected()
+  finally:
+    clusters.ClusterEnv._cluster_types.remove(OptIn)
+
+
 def test_single_process_helpers_and_errors():
   assert distributed.process_count() == 1 and distributed.process_index() == 0 and distributed.is_coordinator()
   distributed.barrier("noop")

@@ -65,6 +65,13 @@ def test_mfu_and_peaks():
   assert peak_flops(types.SimpleNamespace(device_kind="NVIDIA H200")) == 989e12
   assert peak_flops(types.SimpleNamespace(device_kind="NVIDIA H100 PCIe")) == 756e12
   assert peak_flops(types.SimpleNamespace(device_kind="cpu")) is None
+  # JAX's names: the longest matching key wins
+  kinds = {"NVIDIA L40S": 362e12, "NVIDIA L40": 181e12, "NVIDIA L4": 121e12, "TPU v5 lite": 197e12, "TPU v5": 459e12}
+  assert {k: peak_flops(types.SimpleNamespace(device_kind=k)) for k in kinds} == kinds
+  with pytest.raises(ValueError, match="peak must be a positive FLOP/s figure"):
+    mfu(1.0, 1.0, peak=0)
+  with pytest.raises(ValueError, match="GPTConfig.n_heads must be >= 1, got 0"):
+    gpt.GPTConfig(n_heads=0)
   assert mfu(989e12 * 0.5, 1.0, peak=989e12) == pytest.approx(0.5)
   assert mfu(1.0, 1.0, peak=None) is None or peak_flops() is not None
   # the reference script's count for its 124M configuration

@@ -29,5 +29,6 @@ def bench(names: Sequence[str], *, quick: bool = False) -> int:
     cmd = [sys.executable, str(root / f"{name}.py")] + (["--quick"] if quick else [])
     # the scripts import jdist: from this source tree, installed or not
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(root.parent), os.environ.get("PYTHONPATH")])))
-    status = max(status, subprocess.call(cmd, env=env))
+    rc = subprocess.call(cmd, env=env)
+    status = max(status, 128 - rc if rc < 0 else rc)  # killed by signal k: 128 + k, as a shell reports it
   return status

@@ -53,6 +53,9 @@ class GPTConfig:
   scan_unroll: int | bool = 1  # blocks per scan iteration (True: all, one straight-line program)
 
   def __post_init__(self):
+    for name in ("vocab_size", "seq_len", "d_model", "n_layers", "n_heads"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"GPTConfig.{name} must be >= 1, got {getattr(self, name)}.")
     if self.d_model % self.n_heads:
       raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads}).")
     if not (self.scan_unroll is True or (type(self.scan_unroll) is int and self.scan_unroll >= 1)):
@@ -63,9 +66,6 @@ class GPTConfig:
                        f"{list(ATTENTION_IMPLS)}.")
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"Unknown remat policy: {self.remat!r}. It needs to be one of {list(REMAT_POLICIES)}.")
-    for name in ("vocab_size", "seq_len", "d_model", "n_layers", "n_heads"):
-      if getattr(self, name) < 1:
-        raise ValueError(f"GPTConfig.{name} must be >= 1, got {getattr(self, name)}.")
 
   def num_params(self) -> int:
     D, L = self.d_model, self.n_layers
