@@ -347,6 +347,15 @@ def test_single_process_helpers_and_errors():
   assert (start, stop, size) == (0, 16, 16)
 
 
+def test_launcher_whose_output_is_closed_lets_the_processes_finish():
+  # `jdist launch ... | head -2`: the launcher keeps draining the processes' pipes instead of hanging
+  chatty = "for i in range(200000): print(i)"
+  cmd = " ".join(_launch_cmd(sys.executable, "-c", repr(chatty))) + " | head -2"
+  done = subprocess.run(["bash", "-c", cmd + "; exit ${PIPESTATUS[0]}"], capture_output=True, text=True, timeout=120)
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert done.stdout.splitlines()[1] in ("[p0] 0", "[p1] 0") and done.stderr == ""
+
+
 def test_launcher_propagates_a_failure_and_stops_the_others(tmp_path):
   # process 2 fails once the others have said they are up (each leaves a file), however slowly they start
   script = ("import os, pathlib, sys, time\ni = int(os.environ['JDIST_PROCESS_ID'])\nd = pathlib.Path(sys.argv[1])\n"

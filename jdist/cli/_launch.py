@@ -69,7 +69,8 @@ def _describe(code: int) -> str:
 
 def _death_signal():
   """Linux: a function for the child (between fork and exec) that makes it get SIGKILL if the launcher
-  itself dies (``PR_SET_PDEATHSIG``), so even a killed launcher leaves no orphans; None elsewhere."""
+  itself dies (``PR_SET_PDEATHSIG``), so even a killed launcher takes the processes it started with it
+  (not processes those start in turn); None elsewhere."""
   if not sys.platform.startswith("linux"):
     return None
   try:
@@ -89,11 +90,21 @@ class _Group:
     self.lock = threading.Lock()
     self.procs: list[subprocess.Popen] = []
     self.pumps: list[threading.Thread] = []
+    self.closed = False  # our reader went away (`jdist launch ... | head`)
 
   def say(self, text: str) -> None:
     with self.lock:
-      self.out.write(text if text.endswith("\n") else text + "\n")
-      self.out.flush()
+      if self.closed:
+        return
+      try:
+        self.out.write(text if text.endswith("\n") else text + "\n")
+        self.out.flush()
+      except (OSError, ValueError):
+        # keep draining the processes' pipes (a full pipe would block them) but print nothing more;
+        # on our own stdout, point it at /dev/null so that the flush at exit does not fail either
+        self.closed = True
+        if self.out is sys.stdout:
+          os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
   def start(self, command: list[str], env: dict[str, str]) -> None:
     proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -211,8 +222,8 @@ def launch(command: Sequence[str], *, num_processes: int, devices_per_process: i
         return 0
       time.sleep(POLL_S)
   except KeyboardInterrupt:
-    group.say("jdist launch: interrupted; stopping every process.")
-    group.stop(grace_s)
+    group.stop(grace_s)  # first: saying so may itself fail
+    group.say("jdist launch: interrupted; every process was stopped.")
     group.drain()
     return 130
   finally:
