@@ -122,20 +122,19 @@ def data_parallel(
 
   def reduce(tree, residual, q):
     # tree: this device's (loss, aux, grads); returns their mean over the data axis, identical everywhere
-    if with_residual:
-      (loss, aux), grads = jax.lax.pmean(tree[:2], reduce_axis), tree[2]
-      if compression == "int8":
-        grads, residual = collectives.int8_allreduce(grads, residual, reduce_axis)
-      else:
-        grads, residual, q = collectives.powersgd_allreduce(grads, residual, q, reduce_axis, algorithm=allreduce,
-                                                            bucket_bytes=bucket_bytes)
-      return (loss, aux, grads), residual, q
-    if compression == "bf16":  # the gradients only: the reported loss and aux stay exact
-      (loss, aux), grads = jax.lax.pmean(tree[:2], reduce_axis), tree[2]
+    if compression is None:  # one bucketed all-reduce for all three
+      return (collectives.allreduce(tree, reduce_axis, algorithm=allreduce, op="mean", bucket_bytes=bucket_bytes),
+              residual, q)
+    # compressed: the gradients only; the reported loss and aux stay exact
+    (loss, aux), grads = jax.lax.pmean(tree[:2], reduce_axis), tree[2]
+    if compression == "bf16":
       grads = collectives.bf16_allreduce(grads, reduce_axis, algorithm=allreduce, bucket_bytes=bucket_bytes)
-      return (loss, aux, grads), residual, q
-    return (collectives.allreduce(tree, reduce_axis, algorithm=allreduce, op="mean", bucket_bytes=bucket_bytes),
-            residual, q)
+    elif compression == "int8":
+      grads, residual = collectives.int8_allreduce(grads, residual, reduce_axis)
+    else:
+      grads, residual, q = collectives.powersgd_allreduce(grads, residual, q, reduce_axis, algorithm=allreduce,
+                                                          bucket_bytes=bucket_bytes)
+    return (loss, aux, grads), residual, q
 
   def local_grads(params, batch, residual, q):
     # params: replicated; batch: [B/N, ...] on this device; residual: [1, ...] (error feedback) or None;

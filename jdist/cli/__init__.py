@@ -67,24 +67,20 @@ def _quiet_closed_loops() -> None:
 
   logging.getLogger("asyncio").setLevel(logging.CRITICAL)
 
-  def closed_loop(exc) -> bool:
-    return isinstance(exc, RuntimeError) and "Event loop is closed" in str(exc)
+  def quiet(default):
+    """``default`` (a thread or unraisable hook) without the closed-loop reports; installed once."""
+    if getattr(default, "jdist_quiet", False):
+      return default
 
-  thread_hook, unraisable_hook = threading.excepthook, sys.unraisablehook
-  if not getattr(thread_hook, "jdist_quiet", False):
-    def quiet_thread(args):
-      if not closed_loop(args.exc_value):
-        thread_hook(args)
+    def hook(args):
+      if not (isinstance(args.exc_value, RuntimeError) and "Event loop is closed" in str(args.exc_value)):
+        default(args)
 
-    quiet_thread.jdist_quiet = True
-    threading.excepthook = quiet_thread
-  if not getattr(unraisable_hook, "jdist_quiet", False):
-    def quiet_unraisable(args):
-      if not closed_loop(args.exc_value):
-        unraisable_hook(args)
+    hook.jdist_quiet = True
+    return hook
 
-    quiet_unraisable.jdist_quiet = True
-    sys.unraisablehook = quiet_unraisable
+  threading.excepthook = quiet(threading.excepthook)
+  sys.unraisablehook = quiet(sys.unraisablehook)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

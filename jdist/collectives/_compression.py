@@ -170,8 +170,8 @@ def powersgd_allreduce(tree: PyTree, residual: PyTree, qs: PyTree, axis: Axis, *
     residual: what earlier approximations lost on this device (zeros at the start), like ``tree``.
     qs: a tree like ``tree`` with ``Q: f32[prod(shape[1:]), r]`` (r <= min(m, n)) where the leaf is
       compressed, ``Q: f32[L, prod(shape[2:]), r]`` where its leading axis stacks L layers (each layer's
-      [shape[1], prod(shape[2:])] matrix approximated on its own), and None elsewhere, identical on every device: ``powersgd_init``, then the Q this
-      function returned at the previous step (warm start).
+      [shape[1], prod(shape[2:])] matrix approximated on its own), and None elsewhere, identical on every
+      device: ``powersgd_init``, then the Q this function returned at the previous step (warm start).
     axis: the mesh axis (or axes) to reduce over; call inside ``jax.shard_map``.
     algorithm, bucket_bytes: how the all-reduces run (``jdist.collectives.allreduce``).
 

@@ -47,11 +47,7 @@ class NanGuard(Callback):
     for key in self.keys:
       value = metrics.get(key)
       if value is not None and not math.isfinite(value):
-        good = loop.last_checkpoint_step
-        loop.request_stop(
-            f"{key} is {value} at step {step}; training stopped"
-            + (f", the last good checkpoint (step {good}) is kept" if good is not None else "")
-            + ". Lower the learning rate or check the data.", failed=True)
+        loop.fail(f"{key} is {value} at step {step}; training stopped")
         return
 
 

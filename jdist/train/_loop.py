@@ -59,6 +59,12 @@ class LoopControl:
       self.stop_reason = reason
     self.failed = self.failed or failed
 
+  def fail(self, what: str) -> None:
+    """Stops the run as failed (no more checkpoints), saying ``what`` went wrong and which checkpoint is kept."""
+    good = self.last_checkpoint_step
+    self.request_stop(what + (f", the last good checkpoint (step {good}) is kept" if good is not None else "")
+                      + ". Lower the learning rate or check the data.", failed=True)
+
 
 def _call(callbacks, hook, *args):
   for cb in callbacks:
@@ -200,12 +206,8 @@ def fit(
   def save(step, state):
     bad = nonfinite_leaves(state.params)
     if bad:  # a finite loss does not make the update after it finite: never keep such a checkpoint
-      good = control.last_checkpoint_step
-      control.request_stop(
-          f"the parameters after step {step} are not finite (inf or nan in {', '.join(bad[:3])}"
-          f"{', ...' if len(bad) > 3 else ''}); training stopped and step {step} was not checkpointed"
-          + (f", the last good checkpoint (step {good}) is kept" if good is not None else "")
-          + ". Lower the learning rate or check the data.", failed=True)
+      control.fail(f"the parameters after step {step} are not finite (inf or nan in {', '.join(bad[:3])}"
+                   f"{', ...' if len(bad) > 3 else ''}); training stopped and step {step} was not checkpointed")
       return
     position = {"data": data.get_state()} if hasattr(data, "get_state") else {}
     path = checkpointer.save(step, state, position)
