@@ -4,11 +4,14 @@ The seed article averages four workers' parameters, theta = 1/4 (w1 + w2 + w3 + 
 in 2(N-1) = 6 steps, each device sending one quarter of its vector per step: 3 steps of
 reduce-scatter (partial sums travel round the ring) and 3 of all-gather (the finished quarters travel
 round). The table is the numpy reference; the JAX ring (ppermute) is run on the same input and checked
-equal, then the article's linear regression is trained with every algorithm.
+equal, then the article's linear regression is trained with every algorithm (exit status 1 unless every
+algorithm ends at psum's parameters).
 
 Run: python examples/allreduce_walkthrough.py
 """
 from __future__ import annotations
+
+import sys
 
 import jdist
 
@@ -67,4 +70,8 @@ def train_with_each_algorithm(epochs: int = 100) -> dict[str, np.ndarray]:
 
 if __name__ == "__main__":
   show_ring()
-  train_with_each_algorithm()
+  results = train_with_each_algorithm()
+  for algorithm, values in results.items():
+    if not np.allclose(values, results["psum"], rtol=1e-6, atol=0):
+      sys.exit(f"FAILED: {algorithm} trained to {values}, psum to {results['psum']} (rtol 1e-6).")
+  print("Every algorithm trained to the same parameters as psum.")

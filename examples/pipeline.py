@@ -5,11 +5,15 @@ This is the seed article's model parallelism taken literally: different layers o
 activations passed along. Each row of a table is a tick; each column a device; the number is the
 micro-batch that device works on ('.' = idle, the bubble; in 1F1B 'F3' / 'B3' is its forward / backward).
 
+The trained parameters are checked against the same blocks run in sequence on one device (exit status 1
+if any differs by more than 1e-4).
+
 Run: python examples/pipeline.py [--steps 60] [--schedule gpipe|1f1b]
 """
 from __future__ import annotations
 
 import argparse
+import sys
 
 import jdist
 
@@ -25,6 +29,7 @@ from jdist.models import gpt  # noqa: E402
 from jdist.pipeline import pipeline, pipeline_schedule, unstack_params  # noqa: E402
 
 CONFIG = gpt.GPTConfig(vocab_size=256, seq_len=64, d_model=64, n_layers=4, n_heads=4)
+TOLERANCE = 1e-4  # max |difference| of the final parameters; the script exits 1 above it
 
 
 def show_schedules() -> None:
@@ -74,11 +79,17 @@ def train(steps: int = 60, *, schedule: str = "gpipe", verbose: bool = True):
   return losses, diff
 
 
-if __name__ == "__main__":
+def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--steps", type=int, default=60)
   parser.add_argument("--schedule", choices=["gpipe", "1f1b"], default="gpipe")
-  args = parser.parse_args()
+  args = parser.parse_args(argv)
   show_schedules()
   print()
-  train(args.steps, schedule=args.schedule)
+  _, diff = train(args.steps, schedule=args.schedule)
+  if diff > TOLERANCE:
+    sys.exit(f"FAILED: the pipeline differs from the layers run in sequence by {diff:.2e} > {TOLERANCE:g}.")
+
+
+if __name__ == "__main__":
+  main()

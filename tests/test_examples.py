@@ -3,6 +3,7 @@ import importlib.util
 import pathlib
 
 import numpy as np
+import pytest
 
 from tests.conftest import assert_trees_all_close
 
@@ -70,3 +71,20 @@ def test_pipeline_example(capsys):
   assert "bubble: 0.273" in capsys.readouterr().out
   losses, diff = example.train(6, verbose=False)
   assert losses[-1] < losses[0] and diff < 1e-5
+
+
+@pytest.mark.parametrize("name", ["gpt_sharded", "pipeline"])
+def test_examples_exit_non_zero_when_the_equivalence_fails(name, monkeypatch, capsys):
+  example = load_example(name)
+  monkeypatch.setattr(example, "train", lambda *args, **kwargs: ([3.0, 2.0], 1e-3))
+  with pytest.raises(SystemExit, match=r"FAILED: .* 1\.00e-03 > 0\.0001"):
+    example.main(["--steps", "2"])
+  monkeypatch.setattr(example, "train", lambda *args, **kwargs: ([3.0, 2.0], 1e-6))
+  example.main(["--steps", "2"])  # within the tolerance: returns normally
+
+
+def test_linear_regression_example_exits_non_zero_when_the_equivalence_fails(monkeypatch, capsys):
+  example = load_example("linear_regression")
+  monkeypatch.setattr(example, "single_device", lambda epochs, **kwargs: {"w": np.zeros((1, 1)), "b": np.zeros(1)})
+  with pytest.raises(SystemExit, match="FAILED: data parallel differs from one device"):
+    example.main(["--epochs", "3"])
