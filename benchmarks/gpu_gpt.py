@@ -10,7 +10,10 @@ available, blocks under `lax.scan`, the state donated; then the same compiled st
 step is the reference's own code, copied into benchmarks/_plain_gpt.py; both run on the same tokens,
 timed in interleaved rounds (median round). The table: step ms, tokens/s, MFU (of the chip's bf16 peak)
 and jdist / plain in tokens/s (goal >= 1). Writes bench_results/gpu_gpt.json (under $JDIST_BENCH_OUT if
-set); keep the figures in benchmarks/RESULTS.md.
+set) after every row, so a run cut short keeps what it measured; a row that fails (out of memory, a
+compiler error) is recorded with its error, the run goes on, and the script exits 1 at the end. The
+plain step is compiled once per configuration; cuDNN attention is tried once, on a small input, and
+both steps use XLA's attention where it fails. Keep the figures in benchmarks/RESULTS.md.
 
 Run on a GPU host: python benchmarks/gpu_gpt.py [--remat none|dots_saveable|full] [--unroll N [N ...]]
     [--policy model|wrapper] [--only 124m|1b]
@@ -106,16 +109,17 @@ def plain_setup(shape, impl):
   return jax.jit(step, donate_argnums=(0,)), init
 
 
-def compare(shape, impl, *, remat="none", unroll=1, policy="model", steps=10, rounds=3, fit_steps=0):
+def compare(shape, impl, *, plain=None, remat="none", unroll=1, policy="model", steps=10, rounds=3, fit_steps=0):
   """jdist's step and the plain step on the same tokens, timed in interleaved rounds (``steps`` steps a
   round, the median round counts), so drift on the card hits both alike; with ``fit_steps``, then the
   same compiled jdist step driven by ``jdist.fit`` (host batches in, metrics out: the loop a user runs).
+  ``plain``: ``plain_setup(shape, impl)``, passed in to reuse its compiled step across calls.
 
   Returns ``{"step_s", "plain_step_s", "fit_step_s" (or None), "flops" (model FLOPs per step)}``.
   """
   strategy, cfg = jdist_setup(shape, impl, remat, unroll, policy)
   host_batch = jax.device_get(gpt.synthetic_tokens(jax.random.key(2), shape["batch"], cfg))
-  plain_step, plain_init = plain_setup(shape, impl)
+  plain_step, plain_init = plain or plain_setup(shape, impl)
   box = {"jdist": strategy.init(gpt.init(jax.random.key(1), cfg)), "plain": plain_init()}
   batch, tokens = strategy.shard_batch(host_batch), jnp.asarray(host_batch["tokens"])
 
@@ -172,6 +176,18 @@ def static_compare(name, impl, remat, policy="model"):
   return ours, theirs
 
 
+def cudnn_attention_works() -> bool:
+  """Whether cuDNN's fused attention runs here (a GPU, and a cuDNN that supports it); tried once, small."""
+  q = jnp.ones((1, 128, 2, 64), jnp.bfloat16)
+  try:
+    f = jax.jit(lambda q: jax.nn.dot_product_attention(q, q, q, is_causal=True, implementation="cudnn"))
+    jax.block_until_ready(f(q))
+    return True
+  except Exception as e:  # noqa: BLE001 (any failure means: not here)
+    print(f"cuDNN attention unavailable ({str(e)[:200]}); both steps use XLA's attention", flush=True)
+    return False
+
+
 def matmul_ceiling(n=8192, reps=20):
   """Measured bf16 matmul FLOP/s (the reference script's ceiling)."""
   a = jax.random.normal(jax.random.key(0), (n, n), jnp.bfloat16)
@@ -200,6 +216,30 @@ def main_static(args) -> None:
               ["config", "jdist TFLOP", "plain TFLOP", "FLOP ratio", "bytes ratio", "jdist temp GiB",
                "plain temp GiB", "jdist compile s", "plain compile s"], rows)
   write_json("gpu_gpt_static", results)
+
+
+TABLE_KEYS = ("jdist_step_ms", "jdist_fit_step_ms", "plain_step_ms", "jdist_tokens_per_s", "plain_tokens_per_s",
+              "jdist_mfu", "jdist_fit_mfu", "plain_mfu", "ratio_tokens_per_s", "ratio_fit_tokens_per_s")
+
+
+def run_row(name, shape, impl, unroll, plain, args, n, peak) -> dict:
+  """One jdist configuration timed against the plain step; a failure (out of memory, a compiler error) is
+  recorded in the row and the run goes on to the next."""
+  blocks = "all" if not unroll else unroll
+  try:
+    r = compare(shape, impl, plain=plain, remat=args.remat, unroll=unroll or True, policy=args.policy, steps=n,
+                rounds=args.rounds, fit_steps=n)
+  except Exception as e:  # noqa: BLE001
+    return {"config": name, "unroll": blocks, "error": f"{type(e).__name__}: {str(e)[:500]}"}
+  tokens = shape["batch"] * shape["seq_len"]
+  t_j, t_f, t_p, flops = r["step_s"], r["fit_step_s"], r["plain_step_s"], r["flops"]
+  m = lambda t: mfu(flops, t, peak) if peak else float("nan")
+  return {"config": name, "unroll": blocks, "attention": impl or "xla", "jdist_step_ms": t_j * 1e3,
+          "jdist_fit_step_ms": t_f * 1e3, "plain_step_ms": t_p * 1e3, "jdist_tokens_per_s": tokens / t_j,
+          "jdist_fit_tokens_per_s": tokens / t_f, "plain_tokens_per_s": tokens / t_p, "jdist_mfu": m(t_j),
+          "jdist_fit_mfu": m(t_f), "plain_mfu": m(t_p), "ratio_tokens_per_s": t_p / t_j,
+          "ratio_fit_tokens_per_s": t_p / t_f}
+
 
 
 def main() -> None:
@@ -231,7 +271,7 @@ def main() -> None:
             f"(--static compares the compiled steps on any backend; --cpu-smoke runs tiny shapes here.)")
       return
     names = [args.only] if args.only else ["124m", "1b"]
-    impl = "cudnn"
+    impl = "cudnn" if cudnn_attention_works() else None
   peak = peak_flops(device)
   results = {"device": getattr(device, "device_kind", device.platform), "jax": jax.__version__, "peak_flops": peak,
              "remat": args.remat, "policy": args.policy, "steps": n, "rounds": args.rounds, "runs": []}
@@ -239,38 +279,22 @@ def main() -> None:
     results["matmul_bf16_flops"] = matmul_ceiling()
     print(f"{results['device']}: bf16 matmul {results['matmul_bf16_flops'] / 1e12:.0f} TFLOP/s", flush=True)
   rows = []
-  for name, unroll in itertools.product(names, args.unroll):
+  for name in names:
     shape = CONFIGS[name]
-    tokens = shape["batch"] * shape["seq_len"]
-    kw = dict(remat=args.remat, unroll=unroll or True, policy=args.policy, steps=n, rounds=args.rounds,
-              fit_steps=n)
-    used = impl
-    try:
-      r = compare(shape, impl, **kw)
-    except Exception as e:  # cuDNN attention unavailable: fall back to XLA's, for both
-      if impl is None:
-        raise
-      print(f"{name}: cudnn attention failed ({str(e)[:200]}); using the XLA implementation", flush=True)
-      used = None
-      r = compare(shape, None, **kw)
-    t_j, t_f, t_p, flops = r["step_s"], r["fit_step_s"], r["plain_step_s"], r["flops"]
-    m = lambda t: mfu(flops, t, peak) if peak else float("nan")
-    blocks = "all" if not unroll else unroll
-    rows.append((name, blocks, t_j * 1e3, t_f * 1e3, t_p * 1e3, tokens / t_j, tokens / t_p, m(t_j), m(t_f), m(t_p),
-                 t_p / t_j, t_p / t_f))
-    results["runs"].append({
-        "config": name, "unroll": blocks, "attention": used or "xla", "jdist_step_ms": t_j * 1e3,
-        "jdist_fit_step_ms": t_f * 1e3, "plain_step_ms": t_p * 1e3, "jdist_tokens_per_s": tokens / t_j,
-        "jdist_fit_tokens_per_s": tokens / t_f, "plain_tokens_per_s": tokens / t_p, "jdist_mfu": m(t_j),
-        "jdist_fit_mfu": m(t_f), "plain_mfu": m(t_p), "ratio_tokens_per_s": t_p / t_j,
-        "ratio_fit_tokens_per_s": t_p / t_f})
-    print(results["runs"][-1], flush=True)
+    plain = plain_setup(shape, impl)  # compiled once per configuration, timed beside every jdist row
+    for unroll in args.unroll:
+      row = run_row(name, shape, impl, unroll, plain, args, n, peak)
+      results["runs"].append(row)
+      print(row, flush=True)
+      write_json("gpu_gpt", results)  # after every row: a run cut short keeps what it measured
+      if "error" not in row:
+        rows.append((name, row["unroll"], *(row[k] for k in TABLE_KEYS)))
   print_table(f"GPT step on {results['device']} (peak {peak or 0:.3g} FLOP/s), remat={args.remat}, "
               f"policy={args.policy}, median of {args.rounds} interleaved rounds of {n} steps; goal jdist/plain >= 1",
               ["config", "blocks", "jdist ms", "fit ms", "plain ms", "jdist tok/s", "plain tok/s", "jdist MFU",
                "fit MFU", "plain MFU", "jdist/plain", "fit/plain"], rows)
-  write_json("gpu_gpt", results)
-
+  if any("error" in row for row in results["runs"]):
+    sys.exit("some rows failed; their errors are in the JSON and above")
 
 if __name__ == "__main__":
   main()

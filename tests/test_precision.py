@@ -103,6 +103,27 @@ def test_gpu_benchmark_code_paths_on_cpu(monkeypatch):
   assert ours["flops"] == gpt.flops_per_token(cfg) * 4 * 64
 
 
+
+def test_gpu_benchmark_records_a_failed_row_and_goes_on(monkeypatch, tmp_path):
+  # a row that fails (out of memory, a compiler error) must not lose the rows measured before and after it
+  import json
+  bench = _gpu_bench(monkeypatch)
+
+  def fake_compare(shape, impl, *, unroll, **kwargs):
+    if unroll is True:
+      raise RuntimeError("RESOURCE_EXHAUSTED: out of memory")
+    return {"step_s": 0.02, "plain_step_s": 0.025, "fit_step_s": 0.021, "flops": 1e9}
+
+  monkeypatch.setattr(bench, "compare", fake_compare)
+  monkeypatch.setenv("JDIST_BENCH_OUT", str(tmp_path))
+  monkeypatch.setattr("sys.argv", ["gpu_gpt.py", "--cpu-smoke", "--unroll", "0", "1"])
+  with pytest.raises(SystemExit, match="some rows failed"):
+    bench.main()
+  runs = json.loads((tmp_path / "gpu_gpt.json").read_text())["runs"]
+  assert [r["unroll"] for r in runs] == ["all", 1]
+  assert "out of memory" in runs[0]["error"]
+  assert runs[1]["ratio_tokens_per_s"] == pytest.approx(1.25)
+
 def test_jdist_gpt_is_the_reference_gpt(monkeypatch):
   # the GPU benchmark compares the same model: the plain reference's forward on jdist's weights
   bench = _gpu_bench(monkeypatch)
