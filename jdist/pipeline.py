@@ -323,18 +323,21 @@ def pipeline(
     pick = lambda i: jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, jnp.maximum(i, 0), 0, keepdims=False), micro)
     x_shape = jax.eval_shape(lambda: input_fn(params, pick(0)))
 
+    def add_head(y, i, loss, aux):  # the last stage's output of micro-batch i: its loss and aux into the sums
+      loss_i, aux_i = head(params, y, pick(i))
+      return loss + loss_i.astype(loss.dtype), jax.tree.map(lambda acc, a: acc + a.astype(acc.dtype), aux, aux_i)
+
     def tick(carry, t):
       received, loss, aux, active = carry
       i, lap = table[t, d], laps[t, d]
-      fresh = input_fn(params, pick(i))
-      x = jnp.where((d == 0) & (lap == 0), fresh, received)
-      y = run_stage(params["stages"], lap, x)
       working = i >= 0
       done = working & (d == p - 1) & (lap == v - 1)
-      loss_i, aux_i = head(params, y, pick(i))
-      loss = loss + jnp.where(done, loss_i, 0.0)
-      aux = jax.tree.map(lambda acc, a: acc + jnp.where(done, a, 0).astype(acc.dtype), aux, aux_i)
-      sent = jax.lax.ppermute(jnp.where(working, y, 0.0), axis, [(j, (j + 1) % p) for j in range(p)])
+      # An idle tick computes nothing (lax.cond, not a jnp.where over computed values): a stage or loss
+      # evaluated on zeros may have an infinite derivative there, and its zero cotangent times that is NaN.
+      x = jax.lax.cond(working & (d == 0) & (lap == 0), lambda: input_fn(params, pick(i)), lambda: received)
+      y = jax.lax.cond(working, lambda: run_stage(params["stages"], lap, x), lambda: zero_x)
+      loss, aux = jax.lax.cond(done, add_head, lambda y, i, loss, aux: (loss, aux), y, i, loss, aux)
+      sent = jax.lax.ppermute(y, axis, [(j, (j + 1) % p) for j in range(p)])
       return (sent, loss, aux, active + working.astype(jnp.int32)), None
 
     all_axes = (axis,) + tuple(data_axes)

@@ -343,3 +343,28 @@ def test_a_loss_that_is_not_a_scalar_is_a_clear_error():
   strategy = pipeline(stage_fn, _loss_with_aux, optax.sgd(0.1), mesh, microbatches=2, input_fn=input_fn)
   with pytest.raises(TypeError, match="pass has_aux=True"):
     strategy.step(strategy.init(make_params()), strategy.shard_batch(batch))
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "circular", "1f1b"])
+def test_idle_ticks_do_not_poison_the_gradient(schedule):
+  # a stage that normalises without an epsilon is finite on real activations but has an infinite
+  # derivative at the zeros an idle tick would hold: idle ticks must compute nothing, not mask a result
+  def normalising_stage(layer, x):
+    h = x @ layer["w"]
+    return h / jnp.sqrt(jnp.sum(h * h, -1, keepdims=True))
+
+  def seq_loss(params, batch):
+    x = jax.lax.scan(lambda h, layer: (normalising_stage(layer, h), None), input_fn(params, batch),
+                     params["stages"])[0]
+    return loss_fn(params, x, batch)
+
+  params, batch = make_params(layers=4), make_batches(1, 8)[0]
+  loss, grads = jax.value_and_grad(seq_loss)(params, batch)
+  mesh = jdist.make_mesh(pipe=2, devices=jax.devices()[:2])
+  strategy = pipeline(normalising_stage, loss_fn, optax.sgd(0.1), mesh, microbatches=2, schedule=schedule,
+                      input_fn=input_fn)
+  state, metrics = strategy.step(strategy.init(params), strategy.shard_batch(batch))
+  np.testing.assert_allclose(float(metrics["loss"]), float(loss), rtol=1e-5)
+  np.testing.assert_allclose(float(metrics["grad_norm"]), float(optax.tree.norm(grads)), rtol=1e-5)
+  expected = jax.tree.map(lambda p, g: p - 0.1 * g, params, grads)
+  assert_trees_all_close(unstack_params(jax.device_get(state.params)), expected, rtol=1e-5, atol=1e-6)
