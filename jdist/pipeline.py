@@ -492,9 +492,8 @@ def pipeline(
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
-    metrics = metrics_from(loss, grads, aux, new_state.step)
-    metrics.update(bubble=idle / (p * sched.ticks), ticks=jnp.float32(sched.ticks))
-    return new_state, metrics
+    return new_state, metrics_from(loss, grads, aux, new_state.step, bubble=idle / (p * sched.ticks),
+                                   ticks=jnp.float32(sched.ticks))
 
   step = StepFn(step_fn, mesh, donate_argnums=0)
   strategy = Strategy(init=init, shard_batch=shard_batch, step=step, name=f"pipeline[{schedule}, p={p}, m={m}]",

@@ -155,8 +155,8 @@ def loss_and_aux(out: Any, has_aux: bool) -> tuple[jax.Array, Any]:
     if isinstance(out, tuple):
       raise TypeError("loss_fn returned a tuple; if the second item is auxiliary output, pass has_aux=True.")
     loss, aux = out, None
-  aux = jax.tree.map(lambda a: a if jnp.issubdtype(jnp.result_type(a), jnp.inexact) else jnp.asarray(a, jnp.float32),
-                     aux)
+  aux = jax.tree.map(lambda a: jnp.asarray(a) if jnp.issubdtype(jnp.result_type(a), jnp.inexact)
+                     else jnp.asarray(a, jnp.float32), aux)
   if jnp.shape(loss) != ():
     raise ValueError(
         f"loss_fn must return a scalar (the mean loss over the examples it is given), but it returned "
@@ -187,12 +187,18 @@ def accumulate(vg: Callable, params: Params, batch: Batch, steps: int) -> tuple[
   return loss / steps, aux, jax.tree.map(lambda g: g / steps, grads)
 
 
-def metrics_from(loss: jax.Array, grads: Params, aux: Any, step: jax.Array) -> Metrics:
-  """The metrics every gradient-based strategy reports."""
+def metrics_from(loss: jax.Array, grads: Params, aux: Any, step: jax.Array, **extra: Any) -> Metrics:
+  """The metrics every gradient-based strategy reports (``loss``, ``grad_norm``, ``step``), the strategy's
+  own ``extra`` ones (which may replace ``grad_norm``), and ``aux``: a dict merged in, anything else as
+  ``"aux"``. An aux key that names one of the strategy's metrics is an error, not a silent overwrite."""
   import optax
 
-  metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "step": step}
+  metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "step": step, **extra}
   if isinstance(aux, dict):
+    clash = sorted(set(map(str, aux)) & set(metrics))
+    if clash:
+      raise ValueError(f"loss_fn's aux has key(s) {clash}, which would overwrite the strategy's own metrics "
+                       f"{sorted(metrics)}. Rename them in the aux dict, e.g. {clash[0]!r} -> 'aux_{clash[0]}'.")
     metrics.update(aux)
   elif aux is not None:
     metrics["aux"] = aux

@@ -199,6 +199,10 @@ def test_bad_arguments():
   with pytest.raises(TypeError, match="has_aux=True"):
     s = jdist.data_parallel(lambda p, b: (mlp.loss(p, b), 1.0), optax.sgd(0.1), mesh)
     s.step(s.init(mlp.init(jax.random.key(0), [6, 3])), s.shard_batch(_mlp_data(0, 1, 8)[0]))
+  # an aux key named like a metric would silently replace the real loss in the logs
+  s = jdist.data_parallel(lambda p, b: (mlp.loss(p, b), {"loss": 0.0}), optax.sgd(0.1), mesh, has_aux=True)
+  with pytest.raises(ValueError, match=r"aux has key\(s\) \['loss'\], which would overwrite"):
+    s.step(s.init(mlp.init(jax.random.key(0), [6, 3])), s.shard_batch(_mlp_data(0, 1, 8)[0]))
 
 
 def test_two_axis_data_parallel_equals_single_device():

@@ -368,3 +368,11 @@ def test_idle_ticks_do_not_poison_the_gradient(schedule):
   np.testing.assert_allclose(float(metrics["grad_norm"]), float(optax.tree.norm(grads)), rtol=1e-5)
   expected = jax.tree.map(lambda p, g: p - 0.1 * g, params, grads)
   assert_trees_all_close(unstack_params(jax.device_get(state.params)), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_an_aux_key_named_like_a_pipeline_metric_is_an_error():
+  mesh = jdist.make_mesh(pipe=2, devices=jax.devices()[:2])
+  strategy = pipeline(stage_fn, lambda params, y, batch: (loss_fn(params, y, batch), {"bubble": 0.0}), optax.sgd(0.1),
+                      mesh, microbatches=2, input_fn=input_fn, has_aux=True)
+  with pytest.raises(ValueError, match=r"\['bubble'\], which would overwrite"):
+    strategy.step(strategy.init(make_params(layers=2)), strategy.shard_batch(make_batches(1, 8)[0]))
