@@ -64,8 +64,8 @@ def make_mesh(*, devices: Sequence[jax.Device] | None = None, **axes: int) -> Me
     A ``jax.sharding.Mesh``.
 
   Raises:
-    ValueError: no axes, a bad size, sizes that do not multiply to the device count, or a mesh larger
-      than the devices available.
+    ValueError: no axes, a bad size, sizes that do not multiply to the device count, a mesh larger
+      than the devices available, or a device given twice.
 
   Example:
     >>> mesh = make_mesh(data=-1)  # every device on one "data" axis
@@ -75,6 +75,10 @@ def make_mesh(*, devices: Sequence[jax.Device] | None = None, **axes: int) -> Me
   devices = list(jax.devices() if devices is None else devices)
   if not devices:
     raise ValueError("make_mesh got an empty device list.")
+  repeated = sorted({str(d) for d in devices if devices.count(d) > 1})
+  if repeated:
+    raise ValueError(f"make_mesh got the same device more than once ({', '.join(repeated)}); a mesh needs "
+                     f"{len(devices)} distinct devices. Pass each device once, e.g. devices=jax.devices()[:n].")
   names = tuple(axes)
   sizes = list(axes.values())
   for name, size in axes.items():
@@ -127,6 +131,14 @@ def check_axes(mesh: Mesh, axis: str | Sequence[str], *, what: str = "axis") -> 
         f"with sizes {dict(mesh.shape)}. Pass one of those names or build the mesh with "
         f"jdist.make_mesh({missing[0]}=...).")
   return axes
+
+
+def check_axis(mesh: Mesh, axis: str, *, what: str = "axis") -> str:
+  """Returns ``axis`` after checking it is one name (not a tuple) of an axis of ``mesh``."""
+  if not isinstance(axis, str):
+    raise TypeError(f"{what} must be one mesh axis name (a str), got {axis!r}: this strategy runs over a single "
+                    f"axis. Pass one of the mesh's axes {tuple(mesh.axis_names)}.")
+  return check_axes(mesh, axis, what=what)[0]
 
 
 def batch_size(batch: Batch, *, multiple_of: int = 1, what: str = "batch") -> int:

@@ -29,6 +29,9 @@ def test_sizes_must_multiply_to_device_count():
     jdist.make_mesh(data=-1, model=-1)
   with pytest.raises(ValueError, match="size 0"):
     jdist.make_mesh(data=0)
+  device = jax.devices()[0]
+  with pytest.raises(ValueError, match=r"got the same device more than once \(TFRT_CPU_0\)|got the same device more"):
+    jdist.make_mesh(data=2, devices=[device, device])
   with pytest.raises(ValueError, match="at least one axis"):
     jdist.make_mesh()
 

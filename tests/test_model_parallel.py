@@ -63,6 +63,16 @@ def test_conflicting_rules_name_the_parameter():
     partition_specs(GPT_PARAMS, rules, {"model": 2})
 
 
+def test_equivalent_rules_agree_and_a_rule_matching_nothing_is_an_error():
+  # P("model") and P("model", None) are the same layout
+  specs, _ = partition_specs({"w": np.zeros((8, 4))}, [("w", ("model",)), ("^w$", ("model", None))], {"model": 2})
+  assert specs["w"] == P("model")
+  # a typo would leave the weights it meant replicated, silently
+  with pytest.raises(ValueError, match=r"Sharding rule\(s\) \['\^block/qkv\$'\] match no parameter. The parameter "
+                                       r"paths are: blocks/fc, blocks/ln1"):
+    partition_specs(GPT_PARAMS, [("^block/qkv$", (None, None, None, "model")), *gpt.TP_RULES[1:]], {"model": 2})
+
+
 def test_spec_longer_than_the_parameter():
   with pytest.raises(ValueError, match=r"gives \(None, None, 'model'\) \(3 entries\) for parameter lnf of shape \(32,\)"):
     partition_specs(GPT_PARAMS, [("^lnf$", (None, None, "model"))], {"model": 2})
@@ -225,3 +235,24 @@ def test_optimizers_with_masked_or_factored_state_shard_and_equal_single_device(
                    fsdp(mlp.loss, make(), jdist.make_mesh(fsdp=8), min_size=64)):
     state = _train(strategy, MLP_PARAMS, batches)
     assert_trees_all_close(state.params, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_sharded_splits_the_batch_over_a_tuple_of_data_axes_and_equals_single_device():
+  mesh = jdist.make_mesh(replica=2, data=4)
+  batches = _mlp_batches(5)
+  for kw in ({"data_axis": ("replica", "data")}, {"data_axis": "data", "fsdp_axis": "data", "fsdp_min_size": 64}):
+    strategy = jdist.sharded(mlp.loss, optax.sgd(0.1), mesh, **kw)
+    batch = strategy.shard_batch(batches[0])
+    rows = 16 // (8 if "fsdp_axis" not in kw else 4)
+    assert batch["x"].sharding.shard_shape(batch["x"].shape)[0] == rows, kw  # split, not replicated
+    state = _train(strategy, MLP_PARAMS, batches)
+    ref, _, _ = single_device_reference(mlp.loss, optax.sgd(0.1), MLP_PARAMS, batches)
+    assert_trees_all_close(state.params, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_strategies_over_one_axis_reject_a_tuple():
+  mesh = jdist.make_mesh(data=2, fsdp=4)
+  with pytest.raises(TypeError, match=r"fsdp axis must be one mesh axis name \(a str\), got \('data', 'fsdp'\)"):
+    fsdp(mlp.loss, optax.sgd(0.1), mesh, axis=("data", "fsdp"))
+  with pytest.raises(TypeError, match=r"pipe axis must be one mesh axis name"):
+    jdist.pipeline(lambda layer, x: x, lambda p, y, b: 0.0, optax.sgd(0.1), mesh, microbatches=2, axis=("data", "fsdp"))

@@ -6,8 +6,8 @@ mesh's axis sizes to a pytree of ``PartitionSpec``s. It needs no devices: pass t
 
 A parameter's path is its keys joined by "/" (``blocks/qkv``, ``layers/0/w``); a rule's pattern is a
 regular expression searched in it. Every rule that matches a parameter must give the same spec (two
-that disagree are an error naming both); a parameter no rule matches is replicated and listed in the
-report. FSDP then adds its axis to the largest free dimension of every parameter big enough.
+that disagree are an error naming both), and every rule must match some parameter; a parameter no rule
+matches is replicated and listed in the report. FSDP then adds its axis to the largest free dimension of every parameter big enough.
 """
 from __future__ import annotations
 
@@ -94,6 +94,14 @@ def _normalise(spec: Any, rule: str) -> P:
   raise TypeError(f"Rule {rule!r} has spec {spec!r}; expected a PartitionSpec or a tuple of mesh axis names / None.")
 
 
+def _canonical(spec: P) -> tuple:
+  """A spec as a tuple of axis-name tuples, trailing replicated dims dropped: P("model") == P(("model",), None)."""
+  entries = [_entry_axes(e) for e in spec]
+  while entries and not entries[-1]:
+    entries.pop()
+  return tuple(entries)
+
+
 def partition_specs(params: Params, rules: Sequence[Rule], mesh: Any, *, fsdp_axis: str | None = None,
                     fsdp_min_size: int = DEFAULT_FSDP_MIN_SIZE) -> tuple[PyTree, ShardingReport]:
   """The ``PartitionSpec`` of every parameter under ``rules`` (and FSDP), checked against ``mesh``.
@@ -110,13 +118,13 @@ def partition_specs(params: Params, rules: Sequence[Rule], mesh: Any, *, fsdp_ax
 
   Raises:
     ValueError: a rule names an axis not in the mesh, has more entries than the parameter has
-      dimensions, or shards a dimension that is not divisible; two matching rules disagree; the FSDP
-      axis is not in the mesh.
+      dimensions, shards a dimension that is not divisible, or matches no parameter; two matching rules
+      disagree; the FSDP axis is not in the mesh.
 
   Example:
     >>> specs, report = partition_specs({"w": np.zeros((8, 4))}, [("w", (None, "model"))], {"model": 4})
     >>> specs["w"]
-    PartitionSpec(None, 'model')
+    P(None, 'model')
   """
   sizes = _axis_sizes(mesh)
   compiled = []
@@ -136,6 +144,7 @@ def partition_specs(params: Params, rules: Sequence[Rule], mesh: Any, *, fsdp_ax
 
   leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
   specs, shapes, itemsizes, matched_by, unmatched, fsdp_added = {}, {}, {}, {}, [], []
+  matched_rules: set[str] = set()
   out = []
   for path, leaf in leaves:
     name = path_str(path)
@@ -143,7 +152,8 @@ def partition_specs(params: Params, rules: Sequence[Rule], mesh: Any, *, fsdp_ax
     shapes[name] = shape
     itemsizes[name] = np.dtype(leaf.dtype).itemsize
     hits = [(pattern, spec) for pattern, regex, spec in compiled if regex.search(name)]
-    distinct = {tuple(s) for _, s in hits}
+    matched_rules.update(pattern for pattern, _ in hits)
+    distinct = {_canonical(s) for _, s in hits}
     if len(distinct) > 1:
       listing = "; ".join(f"{p!r} -> {tuple(s)}" for p, s in hits)
       raise ValueError(f"Parameter {name} {shape} is matched by rules with different specs: {listing}. Make the "
@@ -175,6 +185,11 @@ def partition_specs(params: Params, rules: Sequence[Rule], mesh: Any, *, fsdp_ax
     spec = P(*entries)
     specs[name] = spec
     out.append(spec)
+  unused = [pattern for pattern, _, _ in compiled if pattern not in matched_rules]
+  if unused:  # a typo or a rule for another model: the weights it meant would silently stay replicated
+    raise ValueError(f"Sharding rule(s) {unused} match no parameter. The parameter paths are: "
+                     f"{', '.join(shapes)}. Fix the pattern (a regular expression searched in the path) or drop "
+                     f"the rule.")
   report = ShardingReport(specs, shapes, itemsizes, matched_by, unmatched, fsdp_added, sizes)
   return jax.tree.unflatten(treedef, out), report
 

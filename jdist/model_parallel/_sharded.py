@@ -28,7 +28,7 @@ def sharded(
     mesh: Mesh,
     *,
     rules: Sequence[Rule] = (),
-    data_axis: str | None = "data",
+    data_axis: str | Sequence[str] | None = "data",
     fsdp_axis: str | None = None,
     fsdp_min_size: int = DEFAULT_FSDP_MIN_SIZE,
     has_aux: bool = False,
@@ -41,7 +41,8 @@ def sharded(
     optimizer: any optax optimizer; its state is sharded like the parameters it mirrors.
     mesh: the device mesh, e.g. ``make_mesh(data=2, fsdp=2, model=2)``.
     rules: ``(pattern, spec)`` pairs for ``jdist.partition_specs`` (e.g. ``jdist.models.gpt.TP_RULES``).
-    data_axis: the mesh axis the batch is split over; ignored when the mesh has no such axis.
+    data_axis: the mesh axis (or tuple of axes) the batch is split over; the default "data" is ignored
+      when the mesh has no such axis.
     fsdp_axis: shard every parameter of at least ``fsdp_min_size`` elements (and its optimizer state) over
       this axis as well; the batch is split over it too (ZeRO-3).
 
@@ -53,9 +54,11 @@ def sharded(
   check_optimizer(optimizer)
   if fsdp_axis is not None:
     mesh_lib.check_axes(mesh, fsdp_axis, what="fsdp_axis")
-  if data_axis is not None and data_axis != "data":
-    mesh_lib.check_axes(mesh, data_axis, what="data_axis")
-  batch_axes = tuple(a for a in (data_axis, fsdp_axis) if a is not None and a in mesh.shape)
+  data_axes = () if data_axis is None else mesh_lib.as_axes(data_axis)
+  if data_axes != ("data",):
+    data_axes = mesh_lib.check_axes(mesh, data_axis, what="data_axis") if data_axes else ()
+  # the batch is split over the data axes and the FSDP axis (ZeRO-3), each once, those the mesh has
+  batch_axes = tuple(dict.fromkeys(a for a in (*data_axes, fsdp_axis) if a is not None and a in mesh.shape))
   n_batch = mesh_lib.axis_size(mesh, batch_axes) if batch_axes else 1
   batch_sharding = NamedSharding(mesh, P(batch_axes if batch_axes else None))
   vg = value_and_grad(loss_fn, has_aux=has_aux)
