@@ -216,6 +216,30 @@ def test_two_of_four_workers_failed_still_solve_the_article_regression():
   np.testing.assert_allclose(np.asarray(state.params["b"])[0], 1.0, atol=1e-2)
 
 
+@pytest.mark.parametrize("delay,on_mesh", [(None, False), (None, True), ("fixed_speeds", True)])
+def test_a_dead_workers_nan_data_is_discarded_not_multiplied_by_zero(delay, on_mesh):
+  """Worker 0 fails at tick 0 and its slices are NaN: the run equals a numpy server of workers 1..3
+  (its gradient and loss were weighted by 0 before, and 0 * nan made the server parameters NaN)."""
+  n, ticks = 4, 6
+  batches = _lin_batches(ticks, n, 2, seed=4)
+  dirty = jax.tree.map(lambda x: x.copy(), batches)
+  dirty["x"][:, 0] = np.nan
+  dirty["y"][:, 0] = np.nan
+  mesh = jdist.make_mesh(workers=2, devices=jax.devices()[:2]) if on_mesh else None  # 2 workers per device
+  kw = {"delay": fixed_speeds([1, 1, 2, 1])} if delay else {}  # worker 2 every other tick: async updates
+  strategy = async_sgd(linear.loss, optax.sgd(0.05), num_workers=n, mesh=mesh, fail={0: 0}, key=0, **kw)
+  state, m = strategy.run(strategy.init(linear.init()), dirty, ticks)
+  live = jax.tree.map(lambda x: x[:, 1:], batches)
+  masks = np.asarray(m["delivered"]).astype(bool)
+  assert not masks[:, 0].any() and masks[:, 1:].all() == (delay is None)
+  ref, _ = _numpy_parameter_server(live, masks[:, 1:], lr=0.05, momentum=0.0, lam=0.0, inverse=False)
+  np.testing.assert_allclose([float(state.params["w"][0, 0]), float(state.params["b"][0])], ref[-1], rtol=1e-5)
+  # the loss of the first tick: the mean over the 3 live workers, on the initial (zero) parameters
+  x, y = live["x"][0], live["y"][0]
+  np.testing.assert_allclose(m["loss"][0], np.mean((0 * x - y) ** 2), rtol=1e-5)
+  assert np.isfinite(np.asarray(m["grad_norm"])).all() and np.isfinite(np.asarray(m["loss"])).all()
+
+
 # (6) bad input
 
 
