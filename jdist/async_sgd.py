@@ -268,19 +268,21 @@ def _process_local(batch: Batch) -> bool:
 
 def _check_worker_axis(batch: Batch, n: int, *, dim: int, what: str, process_local: bool = False) -> None:
   """Checks axis ``dim`` of every leaf is the workers: all ``n`` of them, or with ``process_local`` the
-  ``n / P`` workers of this process (a multi-process run, where each process passes its own workers)."""
+  ``n / P`` workers of this process (a multi-process run, where each process passes its own workers);
+  and that every leaf has the same per-worker batch size ``b`` at axis ``dim + 1``."""
   leaves = jax.tree_util.tree_flatten_with_path(batch)[0]
   if not leaves:
     raise ValueError(f"The {what} is empty; expected a pytree of arrays.")
   count = jax.process_count() if process_local else 1
   local = n // count
+  workers = "num_workers" if count == 1 else "num_workers / processes"
+  layout = f"[{workers}, b, ...]" if dim == 0 else f"[T, {workers}, b, ...]"
+  sizes = {}
   for path, leaf in leaves:
     shape = np.shape(leaf)
     name = jax.tree_util.keystr(path) or "<root>"
     if len(shape) <= dim or shape[dim] != local:
       got = f"shape {shape}" if len(shape) <= dim else f"axis {dim} of size {shape[dim]} (shape {shape})"
-      workers = "num_workers" if count == 1 else "num_workers / processes"
-      layout = f"[{workers}, b, ...]" if dim == 0 else f"[T, {workers}, b, ...]"
       if count == 1:
         raise ValueError(
             f"async_sgd: {what} leaf {name} has {got}, but num_workers is {n}: each leaf must be {layout}, "
@@ -291,6 +293,19 @@ def _check_worker_axis(batch: Batch, n: int, *, dim: int, what: str, process_loc
           f"processes each passes only the slices of its own {local} of the {n} workers: each leaf must be "
           f"{layout}, {local} at axis {dim}. Split this process's share of the global batch with "
           f"jdist.async_sgd.split_workers(batch, {n}).")
+    if len(shape) == dim + 1:
+      raise ValueError(
+          f"async_sgd: {what} leaf {name} has shape {shape}, with no example axis after the workers: each leaf "
+          f"must be {layout}, b examples per worker. Give each worker's values an example axis (e.g. "
+          f"x[..., None] for one value per worker), or split a global batch with "
+          f"jdist.async_sgd.split_workers(batch, {n}).")
+    sizes[name] = shape[dim + 1]
+  if len(set(sizes.values())) > 1:
+    listing = ", ".join(f"{k}: {v}" for k, v in sizes.items())
+    raise ValueError(
+        f"async_sgd: {what} leaves have different per-worker batch sizes b at axis {dim + 1} ({listing}); every "
+        f"leaf must be {layout} with the same b, worker w's b examples at index w. Split a global batch whose "
+        f"leaves all hold the same number of examples with jdist.async_sgd.split_workers(batch, {n}).")
 
 
 def async_sgd(
@@ -368,7 +383,8 @@ def async_sgd(
     unknown staleness_lr, a negative delay_compensation, ``fail`` naming a worker outside
     [0, num_workers) or a negative tick, num_workers not divisible by the mesh axis, a delay model for
     another number of workers; at ``shard_batch`` / ``step`` / ``run``, batch leaves whose worker axis
-    is not num_workers.
+    is not num_workers, that have no per-worker example axis, or that disagree on the per-worker batch
+    size b.
 
   Example:
     >>> strategy = async_sgd(linear.loss, optax.sgd(0.01), num_workers=4, pause_prob=0.05, key=0)  # doctest: +SKIP

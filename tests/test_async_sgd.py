@@ -279,6 +279,23 @@ def test_bad_input_is_a_clear_error():
     strategy.run(state, _article_batches(4), 0)
 
 
+def test_batch_leaves_that_disagree_on_the_per_worker_batch_size_are_an_error():
+  # x has 3 examples per worker, y 1: y used to broadcast against x silently
+  strategy = async_sgd(linear.loss, optax.sgd(0.1), num_workers=4, key=0)
+  state = strategy.init(linear.init())
+  rng = np.random.default_rng(0)
+  batch = {"x": rng.normal(size=(4, 3, 1)).astype(np.float32), "y": rng.normal(size=(4, 1, 1)).astype(np.float32)}
+  different = r"batch leaves have different per-worker batch sizes b at axis 1 \(\['x'\]: 3, \['y'\]: 1\)"
+  with pytest.raises(ValueError, match=different):
+    strategy.shard_batch(batch)
+  with pytest.raises(ValueError, match=different):
+    strategy.step(state, batch)
+  with pytest.raises(ValueError, match=r"batches leaves have different per-worker batch sizes b at axis 2"):
+    strategy.run(state, jax.tree.map(lambda x: x[None], batch), 2)
+  with pytest.raises(ValueError, match=r"leaf \['y'\] has shape \(4,\), with no example axis after the workers"):
+    strategy.shard_batch({"x": batch["x"], "y": batch["y"][:, 0, 0]})
+
+
 # (7) run() scans ticks and equals stepping, placement included
 
 
