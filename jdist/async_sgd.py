@@ -57,6 +57,7 @@ place. ``run`` scans ticks inside one jitted call.
 """
 from __future__ import annotations
 
+import numbers
 from typing import Any, Callable, Literal, NamedTuple, Sequence
 
 import jax
@@ -74,6 +75,20 @@ from jdist.strategy import (Strategy, StepFn, check_callable, check_optimizer, c
 
 STALENESS_LR = ("inverse",)
 _NEVER = np.iinfo(np.int32).max  # the failure tick of a worker that never fails
+
+
+def _real(value: Any, what: str) -> float:
+  """``value`` as a float: a Python or numpy real number, or a 0-d integer or floating array (not a bool).
+
+  Raises:
+    TypeError: ``value`` is a bool or not a real number.
+  """
+  scalar_array = (isinstance(value, (np.ndarray, jax.Array)) and np.ndim(value) == 0
+                  and (jnp.issubdtype(value.dtype, jnp.integer) or jnp.issubdtype(value.dtype, jnp.floating)))
+  if isinstance(value, (bool, np.bool_)) or not (isinstance(value, numbers.Real) or scalar_array):
+    raise TypeError(f"{what} must be a real number, got {value!r} ({type(value).__name__}). Pass a float or an "
+                    f"int (a numpy or 0-d JAX number works too).")
+  return float(value)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -132,10 +147,15 @@ def geometric(p: float) -> DelayModel:
   with mean ``1 / p`` ticks (memoryless, the classic model of asynchronous SGD analyses).
 
   Args:
-    p: the per-tick probability, in (0, 1].
+    p: the per-tick probability, in (0, 1]: a real number (Python, numpy or a 0-d array).
+
+  Raises:
+    TypeError: ``p`` is not a real number. ValueError: ``p`` outside (0, 1].
   """
-  if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0 < p <= 1:
-    raise ValueError(f"geometric(p) needs a probability in (0, 1], got {p!r}.")
+  p = _real(p, "geometric(p)")
+  if not 0 < p <= 1:
+    raise ValueError(f"geometric(p) needs a probability in (0, 1], got {p!r}. Use 1 for a worker that finishes "
+                     f"every tick.")
 
   def finish(state, key, tick, n):
     return jax.random.uniform(key, (n,)) < p, state
@@ -379,6 +399,8 @@ def async_sgd(
     was a synchronous round).
 
   Raises:
+    TypeError: pause_prob or delay_compensation not a real number (Python, numpy or 0-d array; not a
+    bool).
     ValueError / TypeError: num_workers < 1, pause_prob outside [0, 1), a negative max_staleness, an
     unknown staleness_lr, a negative delay_compensation, ``fail`` naming a worker outside
     [0, num_workers) or a negative tick, num_workers not divisible by the mesh axis, a delay model for
@@ -396,10 +418,10 @@ def async_sgd(
   if not isinstance(num_workers, (int, np.integer)) or isinstance(num_workers, bool) or num_workers < 1:
     raise ValueError(f"num_workers must be a positive int (the number of emulated workers), got {num_workers!r}.")
   n = int(num_workers)
-  if not isinstance(pause_prob, (int, float, np.floating)) or isinstance(pause_prob, bool) or not 0 <= pause_prob < 1:
+  pause_prob = _real(pause_prob, "pause_prob")
+  if not 0 <= pause_prob < 1:
     raise ValueError(f"pause_prob must be a probability in [0, 1), got {pause_prob!r}. Use 0 for no pauses; "
                      f"1 would stop every worker forever.")
-  pause_prob = float(pause_prob)
   if max_staleness is not None:
     if not isinstance(max_staleness, (int, np.integer)) or isinstance(max_staleness, bool) or max_staleness < 0:
       raise ValueError(f"max_staleness must be None (no bound) or an int >= 0 (0 is synchronous), got "
@@ -407,11 +429,9 @@ def async_sgd(
     max_staleness = int(max_staleness)
   if staleness_lr is not None and staleness_lr not in STALENESS_LR:
     raise ValueError(f"Unknown staleness_lr: {staleness_lr!r}. It needs to be None or one of {list(STALENESS_LR)}.")
-  if (not isinstance(delay_compensation, (int, float, np.floating)) or isinstance(delay_compensation, bool)
-      or not delay_compensation >= 0):
-    raise ValueError(f"delay_compensation must be a number >= 0 (DC-ASGD's lambda; 0 is off), got "
-                     f"{delay_compensation!r}.")
-  lam = float(delay_compensation)
+  lam = _real(delay_compensation, "delay_compensation")
+  if not lam >= 0:
+    raise ValueError(f"delay_compensation must be a number >= 0 (DC-ASGD's lambda; 0 is off), got {lam!r}.")
   fail_ticks = np.full((n,), _NEVER, np.int32)
   for w, t in (fail or {}).items():
     if not isinstance(w, (int, np.integer)) or isinstance(w, bool) or not 0 <= w < n:

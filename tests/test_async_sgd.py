@@ -279,6 +279,33 @@ def test_bad_input_is_a_clear_error():
     strategy.run(state, _article_batches(4), 0)
 
 
+def test_numpy_and_jax_scalars_are_numbers_bools_and_strings_are_not():
+  # np.float32 / jnp.float32 / np.int64 used to be rejected as "needs a probability in (0, 1], got 0.5"
+  mk = lambda **kw: async_sgd(linear.loss, optax.sgd(0.1), **{"num_workers": 4, "key": 0, **kw})
+  runs = []
+  for p, lam in ((0.25, 1.0), (np.float32(0.25), np.int64(1)), (jax.numpy.float32(0.25), jax.numpy.int32(1))):
+    strategy = mk(pause_prob=p, delay_compensation=lam, delay=geometric(p))
+    assert strategy.info["pause_prob"] == 0.25 and strategy.info["delay_compensation"] == 1.0
+    assert strategy.info["delay"] == "geometric(0.25)" and type(strategy.info["pause_prob"]) is float
+    _, m = strategy.run(strategy.init(linear.init()), _article_batches(4), 40)
+    runs.append(np.asarray(m["delivered"]))
+  # pauses then delays, each 1/4 of the time: a worker delivers 0.75 * 0.25 of the ticks
+  assert 0.1 < runs[0].mean() < 0.3
+  np.testing.assert_array_equal(runs[1], runs[0])
+  np.testing.assert_array_equal(runs[2], runs[0])
+  for bad in (True, "0.1", None, np.array([0.1]), jax.numpy.bool_(False)):
+    with pytest.raises(TypeError, match=r"pause_prob must be a real number, got .*Pass a float or an int"):
+      mk(pause_prob=bad)
+    with pytest.raises(TypeError, match=r"delay_compensation must be a real number, got"):
+      mk(delay_compensation=bad)
+    with pytest.raises(TypeError, match=r"geometric\(p\) must be a real number, got"):
+      geometric(bad)
+  with pytest.raises(ValueError, match=r"geometric\(p\) needs a probability in \(0, 1\], got 0.0"):
+    geometric(np.float32(0))
+  with pytest.raises(ValueError, match="delay_compensation must be a number >= 0.*got nan"):
+    mk(delay_compensation=np.float32("nan"))
+
+
 def test_batch_leaves_that_disagree_on_the_per_worker_batch_size_are_an_error():
   # x has 3 examples per worker, y 1: y used to broadcast against x silently
   strategy = async_sgd(linear.loss, optax.sgd(0.1), num_workers=4, key=0)
