@@ -280,6 +280,25 @@ def split_workers(batch: Batch, num_workers: int, *, process_count: int | None =
   return jax.tree.map(lambda x: np.asarray(x).reshape(local, x.shape[0] // local, *x.shape[1:]), batch)
 
 
+def _one_axis(axis: Any) -> str:
+  """``axis`` as one mesh axis name: a str, or a tuple or list of exactly one str.
+
+  Raises:
+    ValueError: several (or no) names. TypeError: not a name.
+  """
+  if isinstance(axis, str):
+    return axis
+  if isinstance(axis, (tuple, list)) and all(isinstance(a, str) for a in axis):
+    if len(axis) == 1:
+      return axis[0]
+    first = axis[0] if axis else "workers"
+    raise ValueError(
+        f"async_sgd's workers take exactly one mesh axis name, got axis={axis!r} ({len(axis)} names). "
+        f"Pass one name, e.g. axis={first!r}; to use the devices of several axes, build a mesh with one axis "
+        f"over them, e.g. jdist.make_mesh(workers=-1, devices=mesh.devices.ravel()).")
+  raise TypeError(f"axis must be a mesh axis name (a str), got {axis!r} ({type(axis).__name__}).")
+
+
 def _process_local(batch: Batch) -> bool:
   """Whether ``batch`` is this process's part (host data in a multi-process run), not global arrays."""
   return jax.process_count() > 1 and not any(isinstance(x, jax.Array) and not x.is_fully_addressable
@@ -369,7 +388,7 @@ def async_sgd(
     delay_compensation: lam >= 0 for DC-ASGD's ``g + lam * g * g * (w_server - w_pulled)``; 0 is off.
     fail: ``{worker: tick}``: the worker delivers nothing from that tick on (0: never runs).
     has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
-    axis: the mesh axis the workers are split over.
+    axis: the mesh axis the workers are split over: one name (several axes are a ``ValueError``).
     key: the seed of the schedule (pauses, delays): a JAX key or an int. ``init(params, key=...)``
       overrides it.
 
@@ -418,6 +437,7 @@ def async_sgd(
   if not isinstance(num_workers, (int, np.integer)) or isinstance(num_workers, bool) or num_workers < 1:
     raise ValueError(f"num_workers must be a positive int (the number of emulated workers), got {num_workers!r}.")
   n = int(num_workers)
+  axis = _one_axis(axis)
   pause_prob = _real(pause_prob, "pause_prob")
   if not 0 <= pause_prob < 1:
     raise ValueError(f"pause_prob must be a probability in [0, 1), got {pause_prob!r}. Use 0 for no pauses; "

@@ -306,6 +306,18 @@ def test_numpy_and_jax_scalars_are_numbers_bools_and_strings_are_not():
     mk(delay_compensation=np.float32("nan"))
 
 
+def test_the_workers_axis_is_one_mesh_axis_name():
+  mk = lambda **kw: async_sgd(linear.loss, optax.sgd(0.1), **{"num_workers": 4, "key": 0, **kw})
+  mesh = jdist.make_mesh(node=2, device=2, devices=jax.devices()[:4])
+  for m in (mesh, None):  # was "too many values to unpack", or make_mesh's "keywords must be strings"
+    with pytest.raises(ValueError, match=r"async_sgd's workers take exactly one mesh axis name, got "
+                                         r"axis=\('node', 'device'\) \(2 names\)\. Pass one name, e.g. axis='node'"):
+      mk(mesh=m, axis=("node", "device"))
+  with pytest.raises(TypeError, match=r"axis must be a mesh axis name \(a str\), got 1 \(int\)"):
+    mk(axis=1)
+  assert mk(mesh=mesh, axis=("device",)).mesh.shape["device"] == 2  # a single name in a tuple is fine
+
+
 def test_batch_leaves_that_disagree_on_the_per_worker_batch_size_are_an_error():
   # x has 3 examples per worker, y 1: y used to broadcast against x silently
   strategy = async_sgd(linear.loss, optax.sgd(0.1), num_workers=4, key=0)
