@@ -198,9 +198,38 @@ def _as_delay_model(delay: Any) -> DelayModel:
     return delay
   if callable(delay):  # a stateless ``delay(key, tick, num_workers) -> bool mask``
     name = getattr(delay, "__name__", type(delay).__name__)
-    return DelayModel(lambda key, n: (), lambda s, key, tick, n: (jnp.asarray(delay(key, tick, n), bool), s), name)
+    return DelayModel(lambda key, n: (), lambda s, key, tick, n: (jnp.asarray(delay(key, tick, n)), s), name)
   raise TypeError(f"delay must be None, a DelayModel (fixed_speeds, geometric, uniform) or a function "
                   f"delay(key, tick, num_workers) -> bool mask, got {type(delay).__name__}.")
+
+
+def _check_delay_model(model: DelayModel, n: int, key_data: jax.Array) -> None:
+  """Traces ``model`` once for ``n`` workers (``jax.eval_shape``: nothing runs).
+
+  Raises:
+    ValueError: ``init`` does not fit ``n`` workers (the model's own error), ``finish`` returns a mask
+      that is not ``[n]``, or a delay state unlike the one ``init`` gives.
+    TypeError: ``finish`` does not return ``(mask, state)``, or the mask is not bool (or integer).
+  """
+  key = jax.random.wrap_key_data(key_data)
+  state = jax.eval_shape(lambda k: model.init(k, n), key)
+  out = jax.eval_shape(lambda s, k, t: model.finish(s, k, t, n), state, key, jax.ShapeDtypeStruct((), jnp.int32))
+  if not (isinstance(out, tuple) and len(out) == 2):
+    raise TypeError(f"The delay model {model.name}'s finish must return (mask, delay_state), got "
+                    f"{type(out).__name__}.")
+  mask, new_state = out
+  if not hasattr(mask, "shape") or mask.shape != (n,):
+    raise ValueError(f"The delay {model.name} gave a mask of shape {getattr(mask, 'shape', type(mask).__name__)} "
+                     f"for num_workers={n}; it must be bool[{n}], one entry per worker (True: the worker "
+                     f"finishes a gradient this tick). Build it from num_workers, e.g. "
+                     f"jnp.arange(num_workers) == tick % num_workers.")
+  if not (jnp.issubdtype(mask.dtype, jnp.bool_) or jnp.issubdtype(mask.dtype, jnp.integer)):
+    raise TypeError(f"The delay {model.name} gave a mask of dtype {mask.dtype}; it must be bool[{n}] (an integer "
+                    f"mask counts nonzero as True). Return a comparison, e.g. jax.random.uniform(key, (n,)) < p.")
+  spec = lambda tree: (jax.tree.structure(tree), [(x.shape, x.dtype) for x in jax.tree.leaves(tree)])
+  if spec(new_state) != spec(state):
+    raise ValueError(f"The delay model {model.name}'s finish returned the delay state {new_state}, but init gave "
+                     f"{state}; finish must return a state of the same structure, shapes and dtypes.")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -383,7 +412,8 @@ def async_sgd(
       of the alive workers never exceeds s; s = 0 is synchronous SGD.
     pause_prob: each tick each worker pauses (finishes nothing) with this probability, in [0, 1).
     delay: None (every worker finishes every tick), a ``DelayModel`` (``fixed_speeds``, ``geometric``,
-      ``uniform``) or a pure function ``delay(key, tick, num_workers) -> bool[num_workers]``.
+      ``uniform``) or a pure function ``delay(key, tick, num_workers) -> bool[num_workers]`` (an integer
+      mask counts nonzero as True). Traced once here to check the mask's shape and dtype.
     staleness_lr: None, or ``"inverse"``: each update scaled by ``1 / max(1, staleness)``.
     delay_compensation: lam >= 0 for DC-ASGD's ``g + lam * g * g * (w_server - w_pulled)``; 0 is off.
     fail: ``{worker: tick}``: the worker delivers nothing from that tick on (0: never runs).
@@ -423,7 +453,7 @@ def async_sgd(
     ValueError / TypeError: num_workers < 1, pause_prob outside [0, 1), a negative max_staleness, an
     unknown staleness_lr, a negative delay_compensation, ``fail`` naming a worker outside
     [0, num_workers) or a negative tick, num_workers not divisible by the mesh axis, a delay model for
-    another number of workers; at ``shard_batch`` / ``step`` / ``run``, batch leaves whose worker axis
+    another number of workers or a delay whose mask is not bool[num_workers]; at ``shard_batch`` / ``step`` / ``run``, batch leaves whose worker axis
     is not num_workers, that have no per-worker example axis, or that disagree on the per-worker batch
     size b.
 
@@ -461,7 +491,7 @@ def async_sgd(
     fail_ticks[w] = min(int(t), _NEVER)
   delay_model = _as_delay_model(delay)
   base_key = raw_key(key)
-  jax.eval_shape(lambda k: delay_model.init(k, n), jax.random.wrap_key_data(base_key))  # fits n workers?
+  _check_delay_model(delay_model, n, base_key)  # fits n workers?
 
   if mesh is None:
     if jax.process_count() > 1:
@@ -565,6 +595,7 @@ def async_sgd(
     key, k_pause, k_delay = jax.random.split(jax.random.wrap_key_data(state.key), 3)
     alive = ex["alive"] & (t < fail_arr)
     finished, delay_state = delay_model.finish(ex["delay"], k_delay, t, n)
+    finished = finished.astype(bool)
     if pause_prob > 0:
       finished = finished & (jax.random.uniform(k_pause, (n,)) >= pause_prob)
     ready = (ex["pending"] | finished) & alive

@@ -6,7 +6,7 @@ import optax
 import pytest
 
 import jdist
-from jdist.async_sgd import async_sgd, fixed_speeds, geometric, split_workers, uniform
+from jdist.async_sgd import DelayModel, async_sgd, fixed_speeds, geometric, split_workers, uniform
 from jdist.datasets import linear_regression
 from jdist.models import linear, mlp
 from tests.conftest import assert_trees_all_close
@@ -410,6 +410,27 @@ def test_delay_models():
   assert abs(masks(geometric(0.25), 2).mean() - 0.25) < 0.04
   custom = lambda key, tick, n: jax.numpy.arange(n) == tick % n  # a plain function works too: round robin
   np.testing.assert_array_equal(masks(custom, 2, 6), [[1, 0], [0, 1]] * 3)
+
+
+def test_a_delay_mask_that_is_not_bool_num_workers_is_an_error_when_built():
+  mk = lambda delay: async_sgd(linear.loss, optax.sgd(0.1), num_workers=4, delay=delay, key=0)
+  jnp = jax.numpy
+  # (3,) used to fail at the first step with a broadcasting error; (1,) and () broadcast silently
+  for shape in ((3,), (1,), (), (4, 1)):
+    with pytest.raises(ValueError, match=rf"The delay <lambda> gave a mask of shape \({shape[0] if shape else ''}.*"
+                                         r"for num_workers=4; it must be bool\[4\], one entry per worker"):
+      mk(lambda key, tick, n, shape=shape: jnp.ones(shape, bool))
+  with pytest.raises(TypeError, match=r"gave a mask of dtype float32; it must be bool\[4\]"):
+    mk(lambda key, tick, n: jax.random.uniform(key, (n,)))
+  growing = DelayModel(lambda key, n: jnp.zeros((n,), jnp.int32),
+                       lambda s, key, tick, n: (s >= 0, s[:1]), "growing")
+  with pytest.raises(ValueError, match="The delay model growing's finish returned the delay state"):
+    mk(growing)
+  # an integer mask counts nonzero as True: the same round robin as the bool one
+  ints = lambda key, tick, n: (jnp.arange(n) == tick % n).astype(jnp.int32) * 3
+  strategy = async_sgd(linear.loss, optax.sgd(1e-3), num_workers=2, delay=ints, key=1)
+  _, m = strategy.run(strategy.init(linear.init()), _article_batches(2), 6)
+  np.testing.assert_array_equal(np.asarray(m["delivered"]), [[1, 0], [0, 1]] * 3)
 
 
 def test_fit_runs_the_async_strategy():
