@@ -305,7 +305,15 @@ def split_workers(batch: Batch, num_workers: int, *, process_count: int | None =
     raise ValueError(f"num_workers ({n}) is not divisible by the {count} processes; each process runs the same "
                      f"number of workers. Use a multiple of {count} workers.")
   local = n // count
-  mesh_lib.batch_size(batch, multiple_of=local, what="batch" if count == 1 else "process-local batch")
+  what = "batch" if count == 1 else "process-local batch"
+  size = mesh_lib.batch_size(batch, what=what)
+  if size % local:
+    workers = (f"num_workers={n}" if count == 1
+               else f"this process's {local} workers (num_workers={n} / {count} processes)")
+    raise ValueError(
+        f"split_workers: the {what} has {size} examples, which do not split evenly over {workers}: every worker "
+        f"gets the same number b of examples. Use a {what} of a multiple of {local} examples, e.g. "
+        f"{max(local, size - size % local)}, or a number of workers that divides it.")
   return jax.tree.map(lambda x: np.asarray(x).reshape(local, x.shape[0] // local, *x.shape[1:]), batch)
 
 
@@ -449,13 +457,13 @@ def async_sgd(
 
   Raises:
     TypeError: pause_prob or delay_compensation not a real number (Python, numpy or 0-d array; not a
-    bool).
-    ValueError / TypeError: num_workers < 1, pause_prob outside [0, 1), a negative max_staleness, an
-    unknown staleness_lr, a negative delay_compensation, ``fail`` naming a worker outside
-    [0, num_workers) or a negative tick, num_workers not divisible by the mesh axis, a delay model for
-    another number of workers or a delay whose mask is not bool[num_workers]; at ``shard_batch`` / ``step`` / ``run``, batch leaves whose worker axis
-    is not num_workers, that have no per-worker example axis, or that disagree on the per-worker batch
-    size b.
+      bool), axis not a mesh axis name, a delay mask that is not bool (or integer).
+    ValueError: num_workers < 1, pause_prob outside [0, 1), a negative max_staleness, an unknown
+      staleness_lr, a negative delay_compensation, ``fail`` naming a worker outside [0, num_workers) or
+      a negative tick, axis naming several mesh axes, num_workers not divisible by the mesh axis, a
+      delay model for another number of workers or a delay mask that is not [num_workers]; at
+      ``shard_batch`` / ``step`` / ``run``, batch leaves whose worker axis is not num_workers, that have
+      no per-worker example axis, or that disagree on the per-worker batch size b.
 
   Example:
     >>> strategy = async_sgd(linear.loss, optax.sgd(0.01), num_workers=4, pause_prob=0.05, key=0)  # doctest: +SKIP

@@ -318,6 +318,19 @@ def test_the_workers_axis_is_one_mesh_axis_name():
   assert mk(mesh=mesh, axis=("device",)).mesh.shape["device"] == 2  # a single name in a tuple is fine
 
 
+def test_split_workers_errors_speak_of_workers():
+  # used to blame "devices on the data axis x micro-batches" (jdist.mesh.batch_size's wording)
+  with pytest.raises(ValueError, match=r"split_workers: the batch has 8 examples, which do not split evenly over "
+                                       r"num_workers=3.*a multiple of 3 examples, e.g. 6"):
+    split_workers(linear_regression(), 3)
+  with pytest.raises(ValueError, match=r"the process-local batch has 5 examples, which do not split evenly over "
+                                       r"this process's 2 workers \(num_workers=4 / 2 processes\)"):
+    split_workers({"x": np.zeros((5, 1))}, 4, process_count=2)
+  with pytest.raises(ValueError, match="batch leaves have different leading sizes"):
+    split_workers({"x": np.zeros((8, 1)), "y": np.zeros((4, 1))}, 4)
+  np.testing.assert_array_equal(split_workers({"x": np.arange(6)}, 3)["x"], [[0, 1], [2, 3], [4, 5]])
+
+
 def test_batch_leaves_that_disagree_on_the_per_worker_batch_size_are_an_error():
   # x has 3 examples per worker, y 1: y used to broadcast against x silently
   strategy = async_sgd(linear.loss, optax.sgd(0.1), num_workers=4, key=0)
