@@ -336,6 +336,36 @@ def _one_axis(axis: Any) -> str:
   raise TypeError(f"axis must be a mesh axis name (a str), got {axis!r} ({type(axis).__name__}).")
 
 
+def _key_data(key: Any, what: str = "key") -> jax.Array:
+  """``key`` as raw uint32 key data (``raw_key``), after checking it is a key or a seed.
+
+  Accepted: None (seed 0), an int seed (a Python or numpy int, or a 0-d integer array), a single typed
+  JAX key (``jax.random.key``) or raw key data (``jax.random.key_data``) of the default implementation.
+
+  Raises:
+    TypeError: anything else (a str, a float, a bool, an array of another shape or dtype).
+    ValueError: a typed key of another implementation than the default one.
+  """
+  data = jax.random.key_data(jax.random.key(0))  # the default implementation's raw key data
+  if key is None or (isinstance(key, (int, np.integer)) and not isinstance(key, bool)):
+    return raw_key(key)
+  if isinstance(key, (jax.Array, np.ndarray)):
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) and key.shape == ():
+      got = jax.random.key_data(key)
+      if got.shape != data.shape:
+        raise ValueError(f"{what} is a key of implementation {jax.random.key_impl(key)}, whose raw data has shape "
+                         f"{got.shape}, but async_sgd wraps key data with the default implementation (shape "
+                         f"{data.shape}). Pass jax.random.key(seed) or an int seed.")
+      return got
+    if key.ndim == 0 and jnp.issubdtype(key.dtype, jnp.integer):
+      return raw_key(int(key))
+    if key.shape == data.shape and key.dtype == data.dtype:
+      return jnp.asarray(key)
+  got = f"{type(key).__name__} of shape {key.shape} and dtype {key.dtype}" if hasattr(key, "dtype") else repr(key)
+  raise TypeError(f"{what} must be a JAX PRNG key (jax.random.key(0)), raw uint32 key data "
+                  f"(jax.random.key_data(key), {data.dtype}{list(data.shape)}) or an int seed, got {got}.")
+
+
 def _process_local(batch: Batch) -> bool:
   """Whether ``batch`` is this process's part (host data in a multi-process run), not global arrays."""
   return jax.process_count() > 1 and not any(isinstance(x, jax.Array) and not x.is_fully_addressable
@@ -427,8 +457,8 @@ def async_sgd(
     fail: ``{worker: tick}``: the worker delivers nothing from that tick on (0: never runs).
     has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
     axis: the mesh axis the workers are split over: one name (several axes are a ``ValueError``).
-    key: the seed of the schedule (pauses, delays): a JAX key or an int. ``init(params, key=...)``
-      overrides it.
+    key: the seed of the schedule (pauses, delays): a JAX key, its raw uint32 key data or an int.
+      ``init(params, key=...)`` overrides it.
 
   Returns:
     An ``AsyncStrategy``: ``init(params, *, key=None)``, ``shard_batch(batch)``, ``step(state, batch)``
@@ -457,7 +487,8 @@ def async_sgd(
 
   Raises:
     TypeError: pause_prob or delay_compensation not a real number (Python, numpy or 0-d array; not a
-      bool), axis not a mesh axis name, a delay mask that is not bool (or integer).
+      bool), axis not a mesh axis name, key not a JAX key, raw uint32 key data or an int seed, a delay
+      mask that is not bool (or integer).
     ValueError: num_workers < 1, pause_prob outside [0, 1), a negative max_staleness, an unknown
       staleness_lr, a negative delay_compensation, ``fail`` naming a worker outside [0, num_workers) or
       a negative tick, axis naming several mesh axes, num_workers not divisible by the mesh axis, a
@@ -498,7 +529,7 @@ def async_sgd(
       raise ValueError(f"fail[{w}] must be the tick (an int >= 0) from which worker {w} stops, got {t!r}.")
     fail_ticks[w] = min(int(t), _NEVER)
   delay_model = _as_delay_model(delay)
-  base_key = raw_key(key)
+  base_key = _key_data(key)
   _check_delay_model(delay_model, n, base_key)  # fits n workers?
 
   if mesh is None:
@@ -679,7 +710,8 @@ def async_sgd(
 
   def init(params: Params, *, key: PRNGKey | int | None = None) -> TrainState:
     # replicate copies the params first, so donating the state never deletes the caller's arrays
-    return build(mesh_lib.replicate(check_params(params), mesh), raw_key(key) if key is not None else base_key)
+    return build(mesh_lib.replicate(check_params(params), mesh),
+                 _key_data(key, "init's key") if key is not None else base_key)
 
   def shard_batch(batch: Batch) -> Batch:
     # one process: [N, b, ...]; several: this process's workers [N/P, b, ...] (jdist.mesh.put_batch)

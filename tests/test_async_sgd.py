@@ -331,6 +331,24 @@ def test_split_workers_errors_speak_of_workers():
   np.testing.assert_array_equal(split_workers({"x": np.arange(6)}, 3)["x"], [[0, 1], [2, 3], [4, 5]])
 
 
+def test_a_key_is_a_jax_key_its_raw_data_or_an_int_seed():
+  mk = lambda key: async_sgd(linear.loss, optax.sgd(0.1), num_workers=2, key=key)
+  expected = np.asarray(jax.random.key_data(jax.random.split(jax.random.key(3))[0]))  # init splits the key
+  strategy = mk(3)
+  assert_trees_all_close(strategy.init(linear.init()).key, expected, rtol=0, atol=0)
+  for key in (jax.random.key(3), jax.random.key_data(jax.random.key(3)), jax.random.PRNGKey(3), np.int64(3),
+              jax.numpy.int32(3)):
+    np.testing.assert_array_equal(strategy.init(linear.init(), key=key).key, expected)
+    np.testing.assert_array_equal(mk(key).init(linear.init()).key, expected)
+  # a str used to fail with "AttributeError: 'str' object has no attribute 'dtype'"
+  message = r"key must be a JAX PRNG key \(jax.random.key\(0\)\), raw uint32 key data .* or an int seed, got "
+  for bad in ("a", 1.5, True, np.zeros(3, np.uint32), jax.random.split(jax.random.key(0))):
+    with pytest.raises(TypeError, match=message):
+      mk(bad)
+  with pytest.raises(TypeError, match="init's " + message + "'a'"):
+    strategy.init(linear.init(), key="a")
+
+
 def test_batch_leaves_that_disagree_on_the_per_worker_batch_size_are_an_error():
   # x has 3 examples per worker, y 1: y used to broadcast against x silently
   strategy = async_sgd(linear.loss, optax.sgd(0.1), num_workers=4, key=0)
