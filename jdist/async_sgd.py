@@ -57,6 +57,7 @@ place. ``run`` scans ticks inside one jitted call.
 """
 from __future__ import annotations
 
+import numbers
 from typing import Any, Callable, Literal, NamedTuple, Sequence
 
 import jax
@@ -74,6 +75,20 @@ from jdist.strategy import (Strategy, StepFn, check_callable, check_optimizer, c
 
 STALENESS_LR = ("inverse",)
 _NEVER = np.iinfo(np.int32).max  # the failure tick of a worker that never fails
+
+
+def _real(value: Any, what: str) -> float:
+  """``value`` as a float: a Python or numpy real number, or a 0-d integer or floating array (not a bool).
+
+  Raises:
+    TypeError: ``value`` is a bool or not a real number.
+  """
+  scalar_array = (isinstance(value, (np.ndarray, jax.Array)) and np.ndim(value) == 0
+                  and (jnp.issubdtype(value.dtype, jnp.integer) or jnp.issubdtype(value.dtype, jnp.floating)))
+  if isinstance(value, (bool, np.bool_)) or not (isinstance(value, numbers.Real) or scalar_array):
+    raise TypeError(f"{what} must be a real number, got {value!r} ({type(value).__name__}). Pass a float or an "
+                    f"int (a numpy or 0-d JAX number works too).")
+  return float(value)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -132,10 +147,15 @@ def geometric(p: float) -> DelayModel:
   with mean ``1 / p`` ticks (memoryless, the classic model of asynchronous SGD analyses).
 
   Args:
-    p: the per-tick probability, in (0, 1].
+    p: the per-tick probability, in (0, 1]: a real number (Python, numpy or a 0-d array).
+
+  Raises:
+    TypeError: ``p`` is not a real number. ValueError: ``p`` outside (0, 1].
   """
-  if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0 < p <= 1:
-    raise ValueError(f"geometric(p) needs a probability in (0, 1], got {p!r}.")
+  p = _real(p, "geometric(p)")
+  if not 0 < p <= 1:
+    raise ValueError(f"geometric(p) needs a probability in (0, 1], got {p!r}. Use 1 for a worker that finishes "
+                     f"every tick.")
 
   def finish(state, key, tick, n):
     return jax.random.uniform(key, (n,)) < p, state
@@ -178,27 +198,61 @@ def _as_delay_model(delay: Any) -> DelayModel:
     return delay
   if callable(delay):  # a stateless ``delay(key, tick, num_workers) -> bool mask``
     name = getattr(delay, "__name__", type(delay).__name__)
-    return DelayModel(lambda key, n: (), lambda s, key, tick, n: (jnp.asarray(delay(key, tick, n), bool), s), name)
+    return DelayModel(lambda key, n: (), lambda s, key, tick, n: (jnp.asarray(delay(key, tick, n)), s), name)
   raise TypeError(f"delay must be None, a DelayModel (fixed_speeds, geometric, uniform) or a function "
                   f"delay(key, tick, num_workers) -> bool mask, got {type(delay).__name__}.")
+
+
+def _check_delay_model(model: DelayModel, n: int, key_data: jax.Array) -> None:
+  """Traces ``model`` once for ``n`` workers (``jax.eval_shape``: nothing runs).
+
+  Raises:
+    ValueError: ``init`` does not fit ``n`` workers (the model's own error), ``finish`` returns a mask
+      that is not ``[n]``, or a delay state unlike the one ``init`` gives.
+    TypeError: ``finish`` does not return ``(mask, state)``, or the mask is not bool (or integer).
+  """
+  key = jax.random.wrap_key_data(key_data)
+  state = jax.eval_shape(lambda k: model.init(k, n), key)
+  out = jax.eval_shape(lambda s, k, t: model.finish(s, k, t, n), state, key, jax.ShapeDtypeStruct((), jnp.int32))
+  if not (isinstance(out, tuple) and len(out) == 2):
+    raise TypeError(f"The delay model {model.name}'s finish must return (mask, delay_state), got "
+                    f"{type(out).__name__}.")
+  mask, new_state = out
+  if not hasattr(mask, "shape") or mask.shape != (n,):
+    raise ValueError(f"The delay {model.name} gave a mask of shape {getattr(mask, 'shape', type(mask).__name__)} "
+                     f"for num_workers={n}; it must be bool[{n}], one entry per worker (True: the worker "
+                     f"finishes a gradient this tick). Build it from num_workers, e.g. "
+                     f"jnp.arange(num_workers) == tick % num_workers.")
+  if not (jnp.issubdtype(mask.dtype, jnp.bool_) or jnp.issubdtype(mask.dtype, jnp.integer)):
+    raise TypeError(f"The delay {model.name} gave a mask of dtype {mask.dtype}; it must be bool[{n}] (an integer "
+                    f"mask counts nonzero as True). Return a comparison, e.g. jax.random.uniform(key, (n,)) < p.")
+  spec = lambda tree: (jax.tree.structure(tree), [(x.shape, x.dtype) for x in jax.tree.leaves(tree)])
+  if spec(new_state) != spec(state):
+    raise ValueError(f"The delay model {model.name}'s finish returned the delay state {new_state}, but init gave "
+                     f"{state}; finish must return a state of the same structure, shapes and dtypes.")
 
 
 # ----------------------------------------------------------------------------------------------------
 # The strategy
 
 
-def _weighted_sum(w: jax.Array, x: jax.Array) -> jax.Array:
-  """``sum_i w[i] * x[i]`` over the leading axis of ``x``.
+def _masked_sum(mask: jax.Array, x: jax.Array) -> jax.Array:
+  """``sum_i x[i]`` over the ``i`` with ``mask[i]`` (bool), along the leading axis of ``x``.
+
+  The other slices are selected away, not multiplied by 0: a NaN or inf in the gradient or loss of a
+  worker that does not count (failed, or not delivering) must not reach the sum (``0 * nan`` is nan).
 
   Written as an unrolled sum of slices (one elementwise fusion) for the few workers a device holds:
   XLA:CPU reduces a leading axis of 8 x 0.9M floats ~20x slower (measured), and a contraction picks
   transposed layouts that slow the optimizer update that follows.
   """
+  zero = jnp.zeros((), x.dtype)
   if x.shape[0] > 32:
-    return jnp.tensordot(w, x, axes=1)
-  total = w[0] * x[0]
+    kept = jnp.where(mask.reshape((-1,) + (1,) * (x.ndim - 1)), x, zero)
+    return jnp.tensordot(jnp.ones(mask.shape, x.dtype), kept, axes=1)
+  total = jnp.where(mask[0], x[0], zero)
   for i in range(1, x.shape[0]):
-    total = total + w[i] * x[i]
+    total = total + jnp.where(mask[i], x[i], zero)
   return total
 
 
@@ -251,8 +305,65 @@ def split_workers(batch: Batch, num_workers: int, *, process_count: int | None =
     raise ValueError(f"num_workers ({n}) is not divisible by the {count} processes; each process runs the same "
                      f"number of workers. Use a multiple of {count} workers.")
   local = n // count
-  mesh_lib.batch_size(batch, multiple_of=local, what="batch" if count == 1 else "process-local batch")
+  what = "batch" if count == 1 else "process-local batch"
+  size = mesh_lib.batch_size(batch, what=what)
+  if size % local:
+    workers = (f"num_workers={n}" if count == 1
+               else f"this process's {local} workers (num_workers={n} / {count} processes)")
+    raise ValueError(
+        f"split_workers: the {what} has {size} examples, which do not split evenly over {workers}: every worker "
+        f"gets the same number b of examples. Use a {what} of a multiple of {local} examples, e.g. "
+        f"{max(local, size - size % local)}, or a number of workers that divides it.")
   return jax.tree.map(lambda x: np.asarray(x).reshape(local, x.shape[0] // local, *x.shape[1:]), batch)
+
+
+def _one_axis(axis: Any) -> str:
+  """``axis`` as one mesh axis name: a str, or a tuple or list of exactly one str.
+
+  Raises:
+    ValueError: several (or no) names. TypeError: not a name.
+  """
+  if isinstance(axis, str):
+    return axis
+  if isinstance(axis, (tuple, list)) and all(isinstance(a, str) for a in axis):
+    if len(axis) == 1:
+      return axis[0]
+    first = axis[0] if axis else "workers"
+    raise ValueError(
+        f"async_sgd's workers take exactly one mesh axis name, got axis={axis!r} ({len(axis)} names). "
+        f"Pass one name, e.g. axis={first!r}; to use the devices of several axes, build a mesh with one axis "
+        f"over them, e.g. jdist.make_mesh(workers=-1, devices=mesh.devices.ravel()).")
+  raise TypeError(f"axis must be a mesh axis name (a str), got {axis!r} ({type(axis).__name__}).")
+
+
+def _key_data(key: Any, what: str = "key") -> jax.Array:
+  """``key`` as raw uint32 key data (``raw_key``), after checking it is a key or a seed.
+
+  Accepted: None (seed 0), an int seed (a Python or numpy int, or a 0-d integer array), a single typed
+  JAX key (``jax.random.key``) or raw key data (``jax.random.key_data``) of the default implementation.
+
+  Raises:
+    TypeError: anything else (a str, a float, a bool, an array of another shape or dtype).
+    ValueError: a typed key of another implementation than the default one.
+  """
+  data = jax.random.key_data(jax.random.key(0))  # the default implementation's raw key data
+  if key is None or (isinstance(key, (int, np.integer)) and not isinstance(key, bool)):
+    return raw_key(key)
+  if isinstance(key, (jax.Array, np.ndarray)):
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) and key.shape == ():
+      got = jax.random.key_data(key)
+      if got.shape != data.shape:
+        raise ValueError(f"{what} is a key of implementation {jax.random.key_impl(key)}, whose raw data has shape "
+                         f"{got.shape}, but async_sgd wraps key data with the default implementation (shape "
+                         f"{data.shape}). Pass jax.random.key(seed) or an int seed.")
+      return got
+    if key.ndim == 0 and jnp.issubdtype(key.dtype, jnp.integer):
+      return raw_key(int(key))
+    if key.shape == data.shape and key.dtype == data.dtype:
+      return jnp.asarray(key)
+  got = f"{type(key).__name__} of shape {key.shape} and dtype {key.dtype}" if hasattr(key, "dtype") else repr(key)
+  raise TypeError(f"{what} must be a JAX PRNG key (jax.random.key(0)), raw uint32 key data "
+                  f"(jax.random.key_data(key), {data.dtype}{list(data.shape)}) or an int seed, got {got}.")
 
 
 def _process_local(batch: Batch) -> bool:
@@ -263,19 +374,21 @@ def _process_local(batch: Batch) -> bool:
 
 def _check_worker_axis(batch: Batch, n: int, *, dim: int, what: str, process_local: bool = False) -> None:
   """Checks axis ``dim`` of every leaf is the workers: all ``n`` of them, or with ``process_local`` the
-  ``n / P`` workers of this process (a multi-process run, where each process passes its own workers)."""
+  ``n / P`` workers of this process (a multi-process run, where each process passes its own workers);
+  and that every leaf has the same per-worker batch size ``b`` at axis ``dim + 1``."""
   leaves = jax.tree_util.tree_flatten_with_path(batch)[0]
   if not leaves:
     raise ValueError(f"The {what} is empty; expected a pytree of arrays.")
   count = jax.process_count() if process_local else 1
   local = n // count
+  workers = "num_workers" if count == 1 else "num_workers / processes"
+  layout = f"[{workers}, b, ...]" if dim == 0 else f"[T, {workers}, b, ...]"
+  sizes = {}
   for path, leaf in leaves:
     shape = np.shape(leaf)
     name = jax.tree_util.keystr(path) or "<root>"
     if len(shape) <= dim or shape[dim] != local:
       got = f"shape {shape}" if len(shape) <= dim else f"axis {dim} of size {shape[dim]} (shape {shape})"
-      workers = "num_workers" if count == 1 else "num_workers / processes"
-      layout = f"[{workers}, b, ...]" if dim == 0 else f"[T, {workers}, b, ...]"
       if count == 1:
         raise ValueError(
             f"async_sgd: {what} leaf {name} has {got}, but num_workers is {n}: each leaf must be {layout}, "
@@ -286,6 +399,19 @@ def _check_worker_axis(batch: Batch, n: int, *, dim: int, what: str, process_loc
           f"processes each passes only the slices of its own {local} of the {n} workers: each leaf must be "
           f"{layout}, {local} at axis {dim}. Split this process's share of the global batch with "
           f"jdist.async_sgd.split_workers(batch, {n}).")
+    if len(shape) == dim + 1:
+      raise ValueError(
+          f"async_sgd: {what} leaf {name} has shape {shape}, with no example axis after the workers: each leaf "
+          f"must be {layout}, b examples per worker. Give each worker's values an example axis (e.g. "
+          f"x[..., None] for one value per worker), or split a global batch with "
+          f"jdist.async_sgd.split_workers(batch, {n}).")
+    sizes[name] = shape[dim + 1]
+  if len(set(sizes.values())) > 1:
+    listing = ", ".join(f"{k}: {v}" for k, v in sizes.items())
+    raise ValueError(
+        f"async_sgd: {what} leaves have different per-worker batch sizes b at axis {dim + 1} ({listing}); every "
+        f"leaf must be {layout} with the same b, worker w's b examples at index w. Split a global batch whose "
+        f"leaves all hold the same number of examples with jdist.async_sgd.split_workers(batch, {n}).")
 
 
 def async_sgd(
@@ -324,14 +450,15 @@ def async_sgd(
       of the alive workers never exceeds s; s = 0 is synchronous SGD.
     pause_prob: each tick each worker pauses (finishes nothing) with this probability, in [0, 1).
     delay: None (every worker finishes every tick), a ``DelayModel`` (``fixed_speeds``, ``geometric``,
-      ``uniform``) or a pure function ``delay(key, tick, num_workers) -> bool[num_workers]``.
+      ``uniform``) or a pure function ``delay(key, tick, num_workers) -> bool[num_workers]`` (an integer
+      mask counts nonzero as True). Traced once here to check the mask's shape and dtype.
     staleness_lr: None, or ``"inverse"``: each update scaled by ``1 / max(1, staleness)``.
     delay_compensation: lam >= 0 for DC-ASGD's ``g + lam * g * g * (w_server - w_pulled)``; 0 is off.
     fail: ``{worker: tick}``: the worker delivers nothing from that tick on (0: never runs).
     has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
-    axis: the mesh axis the workers are split over.
-    key: the seed of the schedule (pauses, delays): a JAX key or an int. ``init(params, key=...)``
-      overrides it.
+    axis: the mesh axis the workers are split over: one name (several axes are a ``ValueError``).
+    key: the seed of the schedule (pauses, delays): a JAX key, its raw uint32 key data or an int.
+      ``init(params, key=...)`` overrides it.
 
   Returns:
     An ``AsyncStrategy``: ``init(params, *, key=None)``, ``shard_batch(batch)``, ``step(state, batch)``
@@ -359,11 +486,15 @@ def async_sgd(
     was a synchronous round).
 
   Raises:
-    ValueError / TypeError: num_workers < 1, pause_prob outside [0, 1), a negative max_staleness, an
-    unknown staleness_lr, a negative delay_compensation, ``fail`` naming a worker outside
-    [0, num_workers) or a negative tick, num_workers not divisible by the mesh axis, a delay model for
-    another number of workers; at ``shard_batch`` / ``step`` / ``run``, batch leaves whose worker axis
-    is not num_workers.
+    TypeError: pause_prob or delay_compensation not a real number (Python, numpy or 0-d array; not a
+      bool), axis not a mesh axis name, key not a JAX key, raw uint32 key data or an int seed, a delay
+      mask that is not bool (or integer).
+    ValueError: num_workers < 1, pause_prob outside [0, 1), a negative max_staleness, an unknown
+      staleness_lr, a negative delay_compensation, ``fail`` naming a worker outside [0, num_workers) or
+      a negative tick, axis naming several mesh axes, num_workers not divisible by the mesh axis, a
+      delay model for another number of workers or a delay mask that is not [num_workers]; at
+      ``shard_batch`` / ``step`` / ``run``, batch leaves whose worker axis is not num_workers, that have
+      no per-worker example axis, or that disagree on the per-worker batch size b.
 
   Example:
     >>> strategy = async_sgd(linear.loss, optax.sgd(0.01), num_workers=4, pause_prob=0.05, key=0)  # doctest: +SKIP
@@ -375,10 +506,11 @@ def async_sgd(
   if not isinstance(num_workers, (int, np.integer)) or isinstance(num_workers, bool) or num_workers < 1:
     raise ValueError(f"num_workers must be a positive int (the number of emulated workers), got {num_workers!r}.")
   n = int(num_workers)
-  if not isinstance(pause_prob, (int, float, np.floating)) or isinstance(pause_prob, bool) or not 0 <= pause_prob < 1:
+  axis = _one_axis(axis)
+  pause_prob = _real(pause_prob, "pause_prob")
+  if not 0 <= pause_prob < 1:
     raise ValueError(f"pause_prob must be a probability in [0, 1), got {pause_prob!r}. Use 0 for no pauses; "
                      f"1 would stop every worker forever.")
-  pause_prob = float(pause_prob)
   if max_staleness is not None:
     if not isinstance(max_staleness, (int, np.integer)) or isinstance(max_staleness, bool) or max_staleness < 0:
       raise ValueError(f"max_staleness must be None (no bound) or an int >= 0 (0 is synchronous), got "
@@ -386,11 +518,9 @@ def async_sgd(
     max_staleness = int(max_staleness)
   if staleness_lr is not None and staleness_lr not in STALENESS_LR:
     raise ValueError(f"Unknown staleness_lr: {staleness_lr!r}. It needs to be None or one of {list(STALENESS_LR)}.")
-  if (not isinstance(delay_compensation, (int, float, np.floating)) or isinstance(delay_compensation, bool)
-      or not delay_compensation >= 0):
-    raise ValueError(f"delay_compensation must be a number >= 0 (DC-ASGD's lambda; 0 is off), got "
-                     f"{delay_compensation!r}.")
-  lam = float(delay_compensation)
+  lam = _real(delay_compensation, "delay_compensation")
+  if not lam >= 0:
+    raise ValueError(f"delay_compensation must be a number >= 0 (DC-ASGD's lambda; 0 is off), got {lam!r}.")
   fail_ticks = np.full((n,), _NEVER, np.int32)
   for w, t in (fail or {}).items():
     if not isinstance(w, (int, np.integer)) or isinstance(w, bool) or not 0 <= w < n:
@@ -399,8 +529,8 @@ def async_sgd(
       raise ValueError(f"fail[{w}] must be the tick (an int >= 0) from which worker {w} stops, got {t!r}.")
     fail_ticks[w] = min(int(t), _NEVER)
   delay_model = _as_delay_model(delay)
-  base_key = raw_key(key)
-  jax.eval_shape(lambda k: delay_model.init(k, n), jax.random.wrap_key_data(base_key))  # fits n workers?
+  base_key = _key_data(key)
+  _check_delay_model(delay_model, n, base_key)  # fits n workers?
 
   if mesh is None:
     if jax.process_count() > 1:
@@ -437,7 +567,7 @@ def async_sgd(
     mine = jax.lax.dynamic_slice_in_dim(deliver, jax.lax.axis_index(axis) * k, k)  # bool[k]
     count = jnp.maximum(jnp.sum(deliver.astype(jnp.int32)), 1)
     # the mean delivered gradient, summed like data_parallel's: the update of a synchronous round
-    mean = jax.tree.map(lambda g: psum(_weighted_sum(mine.astype(g.dtype), g)) / count.astype(g.dtype), grads)
+    mean = jax.tree.map(lambda g: psum(_masked_sum(mine, g)) / count.astype(g.dtype), grads)
 
     def fetch(tree, w):
       """Worker w's slice of ``tree`` (leaves [k, ...] per device), on every device."""
@@ -494,9 +624,9 @@ def async_sgd(
     m_next = m + (jnp.all(~slowest | ready) & jnp.any(alive)).astype(jnp.int32)
     return ready & (clock + 1 - m_next <= max_staleness)
 
-  def wmean(x, weights):
-    # x: [N, ...], weights: f32[N] (0/1); the weighted mean over workers, 0 if no weight
-    return _weighted_sum((weights / jnp.maximum(jnp.sum(weights), 1)).astype(x.dtype), x)
+  def masked_mean(x, mask):
+    # x: [N, ...], mask: bool[N]; the mean over the workers in mask (the others discarded, NaN or not)
+    return _masked_sum(mask, x) / jnp.maximum(jnp.sum(mask.astype(jnp.int32)), 1).astype(x.dtype)
 
   def tick(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
     ex = state.extra
@@ -504,6 +634,7 @@ def async_sgd(
     key, k_pause, k_delay = jax.random.split(jax.random.wrap_key_data(state.key), 3)
     alive = ex["alive"] & (t < fail_arr)
     finished, delay_state = delay_model.finish(ex["delay"], k_delay, t, n)
+    finished = finished.astype(bool)
     if pause_prob > 0:
       finished = finished & (jax.random.uniform(k_pause, (n,)) >= pause_prob)
     ready = (ex["pending"] | finished) & alive
@@ -532,11 +663,10 @@ def async_sgd(
     new_state = state.replace(step=t + 1, params=params, opt_state=opt_state, key=jax.random.key_data(key),
                               extra=extra)
 
-    weights = alive.astype(jnp.float32)
-    weights = jnp.where(jnp.any(alive), weights, jnp.ones_like(weights))
-    loss = wmean(losses, weights)
+    counted = alive | ~jnp.any(alive)  # the alive workers; every worker if none is alive
+    loss = masked_mean(losses, counted)
     if aux is not None:
-      aux = jax.tree.map(lambda a: wmean(a, weights), aux)
+      aux = jax.tree.map(lambda a: masked_mean(a, counted), aux)
     metrics = metrics_from(loss, mean_grad, aux, new_state.step)
     num = jnp.sum(deliver.astype(jnp.int32))
     metrics.update(
@@ -580,7 +710,8 @@ def async_sgd(
 
   def init(params: Params, *, key: PRNGKey | int | None = None) -> TrainState:
     # replicate copies the params first, so donating the state never deletes the caller's arrays
-    return build(mesh_lib.replicate(check_params(params), mesh), raw_key(key) if key is not None else base_key)
+    return build(mesh_lib.replicate(check_params(params), mesh),
+                 _key_data(key, "init's key") if key is not None else base_key)
 
   def shard_batch(batch: Batch) -> Batch:
     # one process: [N, b, ...]; several: this process's workers [N/P, b, ...] (jdist.mesh.put_batch)

@@ -6,7 +6,7 @@ import optax
 import pytest
 
 import jdist
-from jdist.async_sgd import async_sgd, fixed_speeds, geometric, split_workers, uniform
+from jdist.async_sgd import DelayModel, async_sgd, fixed_speeds, geometric, split_workers, uniform
 from jdist.datasets import linear_regression
 from jdist.models import linear, mlp
 from tests.conftest import assert_trees_all_close
@@ -216,6 +216,30 @@ def test_two_of_four_workers_failed_still_solve_the_article_regression():
   np.testing.assert_allclose(np.asarray(state.params["b"])[0], 1.0, atol=1e-2)
 
 
+@pytest.mark.parametrize("delay,on_mesh", [(None, False), (None, True), ("fixed_speeds", True)])
+def test_a_dead_workers_nan_data_is_discarded_not_multiplied_by_zero(delay, on_mesh):
+  """Worker 0 fails at tick 0 and its slices are NaN: the run equals a numpy server of workers 1..3
+  (its gradient and loss were weighted by 0 before, and 0 * nan made the server parameters NaN)."""
+  n, ticks = 4, 6
+  batches = _lin_batches(ticks, n, 2, seed=4)
+  dirty = jax.tree.map(lambda x: x.copy(), batches)
+  dirty["x"][:, 0] = np.nan
+  dirty["y"][:, 0] = np.nan
+  mesh = jdist.make_mesh(workers=2, devices=jax.devices()[:2]) if on_mesh else None  # 2 workers per device
+  kw = {"delay": fixed_speeds([1, 1, 2, 1])} if delay else {}  # worker 2 every other tick: async updates
+  strategy = async_sgd(linear.loss, optax.sgd(0.05), num_workers=n, mesh=mesh, fail={0: 0}, key=0, **kw)
+  state, m = strategy.run(strategy.init(linear.init()), dirty, ticks)
+  live = jax.tree.map(lambda x: x[:, 1:], batches)
+  masks = np.asarray(m["delivered"]).astype(bool)
+  assert not masks[:, 0].any() and masks[:, 1:].all() == (delay is None)
+  ref, _ = _numpy_parameter_server(live, masks[:, 1:], lr=0.05, momentum=0.0, lam=0.0, inverse=False)
+  np.testing.assert_allclose([float(state.params["w"][0, 0]), float(state.params["b"][0])], ref[-1], rtol=1e-5)
+  # the loss of the first tick: the mean over the 3 live workers, on the initial (zero) parameters
+  x, y = live["x"][0], live["y"][0]
+  np.testing.assert_allclose(m["loss"][0], np.mean((0 * x - y) ** 2), rtol=1e-5)
+  assert np.isfinite(np.asarray(m["grad_norm"])).all() and np.isfinite(np.asarray(m["loss"])).all()
+
+
 # (6) bad input
 
 
@@ -253,6 +277,93 @@ def test_bad_input_is_a_clear_error():
     strategy.run(state, jax.tree.map(lambda x: x[None], flat), 3)
   with pytest.raises(ValueError, match="ticks must be a positive int"):
     strategy.run(state, _article_batches(4), 0)
+
+
+def test_numpy_and_jax_scalars_are_numbers_bools_and_strings_are_not():
+  # np.float32 / jnp.float32 / np.int64 used to be rejected as "needs a probability in (0, 1], got 0.5"
+  mk = lambda **kw: async_sgd(linear.loss, optax.sgd(0.1), **{"num_workers": 4, "key": 0, **kw})
+  runs = []
+  for p, lam in ((0.25, 1.0), (np.float32(0.25), np.int64(1)), (jax.numpy.float32(0.25), jax.numpy.int32(1))):
+    strategy = mk(pause_prob=p, delay_compensation=lam, delay=geometric(p))
+    assert strategy.info["pause_prob"] == 0.25 and strategy.info["delay_compensation"] == 1.0
+    assert strategy.info["delay"] == "geometric(0.25)" and type(strategy.info["pause_prob"]) is float
+    _, m = strategy.run(strategy.init(linear.init()), _article_batches(4), 40)
+    runs.append(np.asarray(m["delivered"]))
+  # pauses then delays, each 1/4 of the time: a worker delivers 0.75 * 0.25 of the ticks
+  assert 0.1 < runs[0].mean() < 0.3
+  np.testing.assert_array_equal(runs[1], runs[0])
+  np.testing.assert_array_equal(runs[2], runs[0])
+  for bad in (True, "0.1", None, np.array([0.1]), jax.numpy.bool_(False)):
+    with pytest.raises(TypeError, match=r"pause_prob must be a real number, got .*Pass a float or an int"):
+      mk(pause_prob=bad)
+    with pytest.raises(TypeError, match=r"delay_compensation must be a real number, got"):
+      mk(delay_compensation=bad)
+    with pytest.raises(TypeError, match=r"geometric\(p\) must be a real number, got"):
+      geometric(bad)
+  with pytest.raises(ValueError, match=r"geometric\(p\) needs a probability in \(0, 1\], got 0.0"):
+    geometric(np.float32(0))
+  with pytest.raises(ValueError, match="delay_compensation must be a number >= 0.*got nan"):
+    mk(delay_compensation=np.float32("nan"))
+
+
+def test_the_workers_axis_is_one_mesh_axis_name():
+  mk = lambda **kw: async_sgd(linear.loss, optax.sgd(0.1), **{"num_workers": 4, "key": 0, **kw})
+  mesh = jdist.make_mesh(node=2, device=2, devices=jax.devices()[:4])
+  for m in (mesh, None):  # was "too many values to unpack", or make_mesh's "keywords must be strings"
+    with pytest.raises(ValueError, match=r"async_sgd's workers take exactly one mesh axis name, got "
+                                         r"axis=\('node', 'device'\) \(2 names\)\. Pass one name, e.g. axis='node'"):
+      mk(mesh=m, axis=("node", "device"))
+  with pytest.raises(TypeError, match=r"axis must be a mesh axis name \(a str\), got 1 \(int\)"):
+    mk(axis=1)
+  assert mk(mesh=mesh, axis=("device",)).mesh.shape["device"] == 2  # a single name in a tuple is fine
+
+
+def test_split_workers_errors_speak_of_workers():
+  # used to blame "devices on the data axis x micro-batches" (jdist.mesh.batch_size's wording)
+  with pytest.raises(ValueError, match=r"split_workers: the batch has 8 examples, which do not split evenly over "
+                                       r"num_workers=3.*a multiple of 3 examples, e.g. 6"):
+    split_workers(linear_regression(), 3)
+  with pytest.raises(ValueError, match=r"the process-local batch has 5 examples, which do not split evenly over "
+                                       r"this process's 2 workers \(num_workers=4 / 2 processes\)"):
+    split_workers({"x": np.zeros((5, 1))}, 4, process_count=2)
+  with pytest.raises(ValueError, match="batch leaves have different leading sizes"):
+    split_workers({"x": np.zeros((8, 1)), "y": np.zeros((4, 1))}, 4)
+  np.testing.assert_array_equal(split_workers({"x": np.arange(6)}, 3)["x"], [[0, 1], [2, 3], [4, 5]])
+
+
+def test_a_key_is_a_jax_key_its_raw_data_or_an_int_seed():
+  mk = lambda key: async_sgd(linear.loss, optax.sgd(0.1), num_workers=2, key=key)
+  expected = np.asarray(jax.random.key_data(jax.random.split(jax.random.key(3))[0]))  # init splits the key
+  strategy = mk(3)
+  assert_trees_all_close(strategy.init(linear.init()).key, expected, rtol=0, atol=0)
+  for key in (jax.random.key(3), jax.random.key_data(jax.random.key(3)), jax.random.PRNGKey(3), np.int64(3),
+              jax.numpy.int32(3)):
+    np.testing.assert_array_equal(strategy.init(linear.init(), key=key).key, expected)
+    np.testing.assert_array_equal(mk(key).init(linear.init()).key, expected)
+  # a str used to fail with "AttributeError: 'str' object has no attribute 'dtype'"
+  message = r"key must be a JAX PRNG key \(jax.random.key\(0\)\), raw uint32 key data .* or an int seed, got "
+  for bad in ("a", 1.5, True, np.zeros(3, np.uint32), jax.random.split(jax.random.key(0))):
+    with pytest.raises(TypeError, match=message):
+      mk(bad)
+  with pytest.raises(TypeError, match="init's " + message + "'a'"):
+    strategy.init(linear.init(), key="a")
+
+
+def test_batch_leaves_that_disagree_on_the_per_worker_batch_size_are_an_error():
+  # x has 3 examples per worker, y 1: y used to broadcast against x silently
+  strategy = async_sgd(linear.loss, optax.sgd(0.1), num_workers=4, key=0)
+  state = strategy.init(linear.init())
+  rng = np.random.default_rng(0)
+  batch = {"x": rng.normal(size=(4, 3, 1)).astype(np.float32), "y": rng.normal(size=(4, 1, 1)).astype(np.float32)}
+  different = r"batch leaves have different per-worker batch sizes b at axis 1 \(\['x'\]: 3, \['y'\]: 1\)"
+  with pytest.raises(ValueError, match=different):
+    strategy.shard_batch(batch)
+  with pytest.raises(ValueError, match=different):
+    strategy.step(state, batch)
+  with pytest.raises(ValueError, match=r"batches leaves have different per-worker batch sizes b at axis 2"):
+    strategy.run(state, jax.tree.map(lambda x: x[None], batch), 2)
+  with pytest.raises(ValueError, match=r"leaf \['y'\] has shape \(4,\), with no example axis after the workers"):
+    strategy.shard_batch({"x": batch["x"], "y": batch["y"][:, 0, 0]})
 
 
 # (7) run() scans ticks and equals stepping, placement included
@@ -330,6 +441,27 @@ def test_delay_models():
   assert abs(masks(geometric(0.25), 2).mean() - 0.25) < 0.04
   custom = lambda key, tick, n: jax.numpy.arange(n) == tick % n  # a plain function works too: round robin
   np.testing.assert_array_equal(masks(custom, 2, 6), [[1, 0], [0, 1]] * 3)
+
+
+def test_a_delay_mask_that_is_not_bool_num_workers_is_an_error_when_built():
+  mk = lambda delay: async_sgd(linear.loss, optax.sgd(0.1), num_workers=4, delay=delay, key=0)
+  jnp = jax.numpy
+  # (3,) used to fail at the first step with a broadcasting error; (1,) and () broadcast silently
+  for shape in ((3,), (1,), (), (4, 1)):
+    with pytest.raises(ValueError, match=rf"The delay <lambda> gave a mask of shape \({shape[0] if shape else ''}.*"
+                                         r"for num_workers=4; it must be bool\[4\], one entry per worker"):
+      mk(lambda key, tick, n, shape=shape: jnp.ones(shape, bool))
+  with pytest.raises(TypeError, match=r"gave a mask of dtype float32; it must be bool\[4\]"):
+    mk(lambda key, tick, n: jax.random.uniform(key, (n,)))
+  growing = DelayModel(lambda key, n: jnp.zeros((n,), jnp.int32),
+                       lambda s, key, tick, n: (s >= 0, s[:1]), "growing")
+  with pytest.raises(ValueError, match="The delay model growing's finish returned the delay state"):
+    mk(growing)
+  # an integer mask counts nonzero as True: the same round robin as the bool one
+  ints = lambda key, tick, n: (jnp.arange(n) == tick % n).astype(jnp.int32) * 3
+  strategy = async_sgd(linear.loss, optax.sgd(1e-3), num_workers=2, delay=ints, key=1)
+  _, m = strategy.run(strategy.init(linear.init()), _article_batches(2), 6)
+  np.testing.assert_array_equal(np.asarray(m["delivered"]), [[1, 0], [0, 1]] * 3)
 
 
 def test_fit_runs_the_async_strategy():

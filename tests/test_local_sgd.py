@@ -87,6 +87,13 @@ def test_bad_arguments():
     jdist.local_sgd(mlp.loss, optax.sgd(0.1), mesh, allreduce="nope")
   with pytest.raises(TypeError, match="optax.GradientTransformation"):
     jdist.local_sgd(mlp.loss, optax.sgd(0.1), mesh, outer_optimizer="sgd")
+  mesh2 = jdist.make_mesh(node=2, device=4)
+  with pytest.raises(ValueError, match=r"take exactly one mesh axis name, got axis=\('node', 'device'\) \(2 names\)"
+                                       r"\. Pass one name, e.g. axis='node'.*jdist.make_mesh\(data=-1"):
+    jdist.local_sgd(mlp.loss, optax.sgd(0.1), mesh2, axis=("node", "device"))  # was "too many values to unpack"
+  with pytest.raises(TypeError, match="axis must be a mesh axis name"):
+    jdist.local_sgd(mlp.loss, optax.sgd(0.1), mesh, axis=0)
+  assert jdist.local_sgd(mlp.loss, optax.sgd(0.1), mesh2, axis=["device"]).info == {"sync_every": 1}  # one name
 
 
 def test_bf16_parameters_train():
