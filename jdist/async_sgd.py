@@ -317,55 +317,6 @@ def split_workers(batch: Batch, num_workers: int, *, process_count: int | None =
   return jax.tree.map(lambda x: np.asarray(x).reshape(local, x.shape[0] // local, *x.shape[1:]), batch)
 
 
-def _one_axis(axis: Any) -> str:
-  """``axis`` as one mesh axis name: a str, or a tuple or list of exactly one str.
-
-  Raises:
-    ValueError: several (or no) names. TypeError: not a name.
-  """
-  if isinstance(axis, str):
-    return axis
-  if isinstance(axis, (tuple, list)) and all(isinstance(a, str) for a in axis):
-    if len(axis) == 1:
-      return axis[0]
-    first = axis[0] if axis else "workers"
-    raise ValueError(
-        f"async_sgd's workers take exactly one mesh axis name, got axis={axis!r} ({len(axis)} names). "
-        f"Pass one name, e.g. axis={first!r}; to use the devices of several axes, build a mesh with one axis "
-        f"over them, e.g. jdist.make_mesh(workers=-1, devices=mesh.devices.ravel()).")
-  raise TypeError(f"axis must be a mesh axis name (a str), got {axis!r} ({type(axis).__name__}).")
-
-
-def _key_data(key: Any, what: str = "key") -> jax.Array:
-  """``key`` as raw uint32 key data (``raw_key``), after checking it is a key or a seed.
-
-  Accepted: None (seed 0), an int seed (a Python or numpy int, or a 0-d integer array), a single typed
-  JAX key (``jax.random.key``) or raw key data (``jax.random.key_data``) of the default implementation.
-
-  Raises:
-    TypeError: anything else (a str, a float, a bool, an array of another shape or dtype).
-    ValueError: a typed key of another implementation than the default one.
-  """
-  data = jax.random.key_data(jax.random.key(0))  # the default implementation's raw key data
-  if key is None or (isinstance(key, (int, np.integer)) and not isinstance(key, bool)):
-    return raw_key(key)
-  if isinstance(key, (jax.Array, np.ndarray)):
-    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) and key.shape == ():
-      got = jax.random.key_data(key)
-      if got.shape != data.shape:
-        raise ValueError(f"{what} is a key of implementation {jax.random.key_impl(key)}, whose raw data has shape "
-                         f"{got.shape}, but async_sgd wraps key data with the default implementation (shape "
-                         f"{data.shape}). Pass jax.random.key(seed) or an int seed.")
-      return got
-    if key.ndim == 0 and jnp.issubdtype(key.dtype, jnp.integer):
-      return raw_key(int(key))
-    if key.shape == data.shape and key.dtype == data.dtype:
-      return jnp.asarray(key)
-  got = f"{type(key).__name__} of shape {key.shape} and dtype {key.dtype}" if hasattr(key, "dtype") else repr(key)
-  raise TypeError(f"{what} must be a JAX PRNG key (jax.random.key(0)), raw uint32 key data "
-                  f"(jax.random.key_data(key), {data.dtype}{list(data.shape)}) or an int seed, got {got}.")
-
-
 def _process_local(batch: Batch) -> bool:
   """Whether ``batch`` is this process's part (host data in a multi-process run), not global arrays."""
   return jax.process_count() > 1 and not any(isinstance(x, jax.Array) and not x.is_fully_addressable
@@ -506,7 +457,7 @@ def async_sgd(
   if not isinstance(num_workers, (int, np.integer)) or isinstance(num_workers, bool) or num_workers < 1:
     raise ValueError(f"num_workers must be a positive int (the number of emulated workers), got {num_workers!r}.")
   n = int(num_workers)
-  axis = _one_axis(axis)
+  axis = mesh_lib.one_axis(axis, who="async_sgd's workers axis", example="workers")
   pause_prob = _real(pause_prob, "pause_prob")
   if not 0 <= pause_prob < 1:
     raise ValueError(f"pause_prob must be a probability in [0, 1), got {pause_prob!r}. Use 0 for no pauses; "
@@ -529,7 +480,7 @@ def async_sgd(
       raise ValueError(f"fail[{w}] must be the tick (an int >= 0) from which worker {w} stops, got {t!r}.")
     fail_ticks[w] = min(int(t), _NEVER)
   delay_model = _as_delay_model(delay)
-  base_key = _key_data(key)
+  base_key = raw_key(key)
   _check_delay_model(delay_model, n, base_key)  # fits n workers?
 
   if mesh is None:
@@ -711,7 +662,7 @@ def async_sgd(
   def init(params: Params, *, key: PRNGKey | int | None = None) -> TrainState:
     # replicate copies the params first, so donating the state never deletes the caller's arrays
     return build(mesh_lib.replicate(check_params(params), mesh),
-                 _key_data(key, "init's key") if key is not None else base_key)
+                 raw_key(key, "init's key") if key is not None else base_key)
 
   def shard_batch(batch: Batch) -> Batch:
     # one process: [N, b, ...]; several: this process's workers [N/P, b, ...] (jdist.mesh.put_batch)

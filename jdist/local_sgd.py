@@ -11,8 +11,6 @@ averaging; with H = 1 and plain SGD inside, local SGD is synchronous data parall
 """
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 import optax
@@ -25,26 +23,6 @@ from jdist._types import Batch, LossFn, Params, PRNGKey
 from jdist.state import TrainState
 from jdist.strategy import (Strategy, StepFn, check_callable, check_optimizer, check_params, check_positive_int,
                             metrics_from, raw_key, value_and_grad)
-
-
-def _one_axis(axis: Any) -> str:
-  """``axis`` as one mesh axis name: a str, or a tuple or list of exactly one str.
-
-  Raises:
-    ValueError: several (or no) names. TypeError: not a name.
-  """
-  if isinstance(axis, str):
-    return axis
-  if isinstance(axis, (tuple, list)) and all(isinstance(a, str) for a in axis):
-    if len(axis) == 1:
-      return axis[0]
-    first = axis[0] if axis else "data"
-    raise ValueError(
-        f"local_sgd's replicas (one per device) take exactly one mesh axis name, got axis={axis!r} "
-        f"({len(axis)} names). "
-        f"Pass one name, e.g. axis={first!r}; to use the devices of several axes, build a mesh with one axis "
-        f"over them, e.g. jdist.make_mesh(data=-1, devices=mesh.devices.ravel()).")
-  raise TypeError(f"axis must be a mesh axis name (a str), got {axis!r} ({type(axis).__name__}).")
 
 
 def local_sgd(
@@ -81,7 +59,7 @@ def local_sgd(
   check_optimizer(optimizer)
   if outer_optimizer is not None:
     check_optimizer(outer_optimizer)
-  (axis,) = mesh_lib.check_axes(mesh, _one_axis(axis), what="data axis")
+  axis = mesh_lib.check_axis(mesh, axis, who="local_sgd", what="data axis")
   h = check_positive_int(sync_every, "sync_every")
   collectives.check_algorithm(allreduce, axis)
   n = mesh.shape[axis]

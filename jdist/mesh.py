@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -133,12 +133,28 @@ def check_axes(mesh: Mesh, axis: str | Sequence[str], *, what: str = "axis") -> 
   return axes
 
 
-def check_axis(mesh: Mesh, axis: str, *, what: str = "axis") -> str:
-  """Returns ``axis`` after checking it is one name (not a tuple) of an axis of ``mesh``."""
-  if not isinstance(axis, str):
-    raise TypeError(f"{what} must be one mesh axis name (a str), got {axis!r}: this strategy runs over a single "
-                    f"axis. Pass one of the mesh's axes {tuple(mesh.axis_names)}.")
-  return check_axes(mesh, axis, what=what)[0]
+def one_axis(axis: Any, *, who: str, example: str = "data") -> str:
+  """``axis`` as one mesh axis name (a str, or a tuple or list of one str), for ``who``, a strategy that
+  runs over a single axis.
+
+  Raises:
+    ValueError: several (or no) names. TypeError: not a name.
+  """
+  if isinstance(axis, str):
+    return axis
+  if isinstance(axis, (tuple, list)) and all(isinstance(a, str) for a in axis):
+    if len(axis) == 1:
+      return axis[0]
+    raise ValueError(
+        f"{who} runs over one mesh axis, got axis={axis!r} ({len(axis)} names). Pass one name, e.g. "
+        f"axis={axis[0] if axis else example!r}; to use the devices of several axes, build a mesh with one axis "
+        f"over them, e.g. jdist.make_mesh({example}=-1, devices=mesh.devices.ravel()).")
+  raise TypeError(f"axis must be a mesh axis name (a str), got {axis!r} ({type(axis).__name__}).")
+
+
+def check_axis(mesh: Mesh, axis: Any, *, who: str, what: str = "axis", example: str = "data") -> str:
+  """``one_axis``, then checks the name is an axis of ``mesh``."""
+  return check_axes(mesh, one_axis(axis, who=who, example=example), what=what)[0]
 
 
 def batch_size(batch: Batch, *, multiple_of: int = 1, what: str = "batch") -> int:

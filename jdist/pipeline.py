@@ -277,7 +277,7 @@ def pipeline(
   check_callable(stage_fn, "stage_fn")
   check_callable(loss_fn, "loss_fn")
   check_optimizer(optimizer)
-  axis = mesh_lib.check_axis(mesh, axis, what="pipe axis")
+  axis = mesh_lib.check_axis(mesh, axis, who="pipeline", what="pipe axis", example="pipe")
   data_axes = mesh_lib.check_axes(mesh, data_axis, what="data axis") if data_axis is not None else ()
   p = mesh.shape[axis]
   sched = pipeline_schedule(p, microbatches, schedule, repeats=repeats)

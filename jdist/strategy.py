@@ -122,15 +122,36 @@ def check_params(params: Params) -> Params:
   return jax.tree.map(jnp.asarray, params)
 
 
-def raw_key(key: PRNGKey | int | None) -> jax.Array:
-  """Returns ``key`` as raw uint32 key data (checkpointable); an int is used as a seed."""
+def raw_key(key: PRNGKey | int | None, what: str = "key") -> jax.Array:
+  """``key`` as raw uint32 key data (checkpointable), after checking it is a key or a seed.
+
+  Accepted: None (seed 0), an int seed (a Python or numpy int, or a 0-d integer array), a single typed
+  JAX key (``jax.random.key``) or raw key data (``jax.random.key_data``) of the default implementation.
+
+  Raises:
+    TypeError: anything else (a str, a float, a bool, an array of another shape or dtype).
+    ValueError: a typed key of another implementation than the default one.
+  """
+  data = jax.random.key_data(jax.random.key(0))  # the default implementation's raw key data
   if key is None:
     key = 0
-  if isinstance(key, (int, np.integer)):
+  if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
     return jax.random.key_data(jax.random.key(int(key)))
-  if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-    return jax.random.key_data(key)
-  return jnp.asarray(key)
+  if isinstance(key, (jax.Array, np.ndarray)):
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) and key.shape == ():
+      got = jax.random.key_data(key)
+      if got.shape != data.shape:
+        raise ValueError(f"{what} is a key of implementation {jax.random.key_impl(key)}, whose raw data has shape "
+                         f"{got.shape}, but jdist keeps key data of the default implementation (shape "
+                         f"{data.shape}). Pass jax.random.key(seed) or an int seed.")
+      return got
+    if key.ndim == 0 and jnp.issubdtype(key.dtype, jnp.integer):
+      return jax.random.key_data(jax.random.key(int(key)))
+    if key.shape == data.shape and key.dtype == data.dtype:
+      return jnp.asarray(key)
+  got = f"{type(key).__name__} of shape {key.shape} and dtype {key.dtype}" if hasattr(key, "dtype") else repr(key)
+  raise TypeError(f"{what} must be a JAX PRNG key (jax.random.key(0)), raw uint32 key data "
+                  f"(jax.random.key_data(key), {data.dtype}{list(data.shape)}) or an int seed, got {got}.")
 
 
 def value_and_grad(loss_fn: LossFn, *, has_aux: bool) -> Callable[[Params, Batch], tuple[tuple[jax.Array, Any], Params]]:

@@ -310,7 +310,7 @@ def test_the_workers_axis_is_one_mesh_axis_name():
   mk = lambda **kw: async_sgd(linear.loss, optax.sgd(0.1), **{"num_workers": 4, "key": 0, **kw})
   mesh = jdist.make_mesh(node=2, device=2, devices=jax.devices()[:4])
   for m in (mesh, None):  # was "too many values to unpack", or make_mesh's "keywords must be strings"
-    with pytest.raises(ValueError, match=r"async_sgd's workers take exactly one mesh axis name, got "
+    with pytest.raises(ValueError, match=r"async_sgd's workers axis runs over one mesh axis, got "
                                          r"axis=\('node', 'device'\) \(2 names\)\. Pass one name, e.g. axis='node'"):
       mk(mesh=m, axis=("node", "device"))
   with pytest.raises(TypeError, match=r"axis must be a mesh axis name \(a str\), got 1 \(int\)"):

@@ -199,6 +199,8 @@ def test_bad_arguments():
   with pytest.raises(TypeError, match="has_aux=True"):
     s = jdist.data_parallel(lambda p, b: (mlp.loss(p, b), 1.0), optax.sgd(0.1), mesh)
     s.step(s.init(mlp.init(jax.random.key(0), [6, 3])), s.shard_batch(_mlp_data(0, 1, 8)[0]))
+  with pytest.raises(TypeError, match=r"key must be a JAX PRNG key \(jax.random.key\(0\)\), raw uint32 key data"):
+    jdist.data_parallel(mlp.loss, optax.sgd(0.1), mesh).init(mlp.init(jax.random.key(0), [6, 3]), key="a")
   # an aux key named like a metric would silently replace the real loss in the logs
   s = jdist.data_parallel(lambda p, b: (mlp.loss(p, b), {"loss": 0.0}), optax.sgd(0.1), mesh, has_aux=True)
   with pytest.raises(ValueError, match=r"aux has key\(s\) \['loss'\], which would overwrite"):

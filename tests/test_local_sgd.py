@@ -88,7 +88,7 @@ def test_bad_arguments():
   with pytest.raises(TypeError, match="optax.GradientTransformation"):
     jdist.local_sgd(mlp.loss, optax.sgd(0.1), mesh, outer_optimizer="sgd")
   mesh2 = jdist.make_mesh(node=2, device=4)
-  with pytest.raises(ValueError, match=r"take exactly one mesh axis name, got axis=\('node', 'device'\) \(2 names\)"
+  with pytest.raises(ValueError, match=r"local_sgd runs over one mesh axis, got axis=\('node', 'device'\) \(2 names\)"
                                        r"\. Pass one name, e.g. axis='node'.*jdist.make_mesh\(data=-1"):
     jdist.local_sgd(mlp.loss, optax.sgd(0.1), mesh2, axis=("node", "device"))  # was "too many values to unpack"
   with pytest.raises(TypeError, match="axis must be a mesh axis name"):

@@ -58,7 +58,7 @@ def fsdp(
   """
   check_callable(loss_fn, "loss_fn")
   check_optimizer(optimizer)
-  axis = mesh_lib.check_axis(mesh, axis, what="fsdp axis")
+  axis = mesh_lib.check_axis(mesh, axis, who="fsdp", what="fsdp axis", example="fsdp")
   n = mesh.shape[axis]
   batch_sharding = NamedSharding(mesh, P(axis))
 
