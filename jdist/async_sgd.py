@@ -618,9 +618,9 @@ def async_sgd(
     loss = masked_mean(losses, counted)
     if aux is not None:
       aux = jax.tree.map(lambda a: masked_mean(a, counted), aux)
-    metrics = metrics_from(loss, mean_grad, aux, new_state.step)
     num = jnp.sum(deliver.astype(jnp.int32))
-    metrics.update(
+    metrics = metrics_from(
+        loss, mean_grad, aux, new_state.step,
         delivered=delivered,
         num_delivered=num,
         staleness=staleness,

@@ -123,9 +123,8 @@ def local_sgd(
         state.step, state.params, state.opt_state, ex["replicas"], ex["inner_opt_state"], ex["spread"], batch)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                               extra={"replicas": replicas, "inner_opt_state": inner, "spread": spread})
-    metrics = metrics_from(loss, {}, aux, new_state.step)
-    metrics.update(grad_norm=grad_norm, synced=synced, replica_spread=spread)
-    return new_state, metrics
+    return new_state, metrics_from(loss, {}, aux, new_state.step, grad_norm=grad_norm, synced=synced,
+                                   replica_spread=spread)
 
   shardings = TrainState(step=replicated, params=replicated, opt_state=replicated, key=replicated,
                          extra={"replicas": per_device, "inner_opt_state": per_device, "spread": replicated})

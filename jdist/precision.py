@@ -1,8 +1,8 @@
 """Mixed precision as a loss-function wrapper, so every strategy accepts it unchanged.
 
 ``mixed_precision(loss_fn, compute_dtype=jnp.bfloat16)`` returns a loss function that casts the
-floating-point parameters (and, optionally, batch leaves) to ``compute_dtype`` before calling
-``loss_fn`` and returns the loss in fp32. The parameters and the optimizer state stay in their own
+floating-point parameters and batch leaves to ``compute_dtype`` before calling ``loss_fn`` and returns
+the loss in fp32. The parameters and the optimizer state stay in their own
 dtype (fp32 master weights): the gradient flows back through the cast and arrives in fp32. With
 ``compute_dtype=jnp.float32`` it is the identity, so fp32 equivalence tests are untouched.
 """
@@ -20,19 +20,26 @@ def _cast_floating(tree: Any, dtype) -> Any:
   return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(jnp.result_type(x), jnp.floating) else x, tree)
 
 
-def mixed_precision(loss_fn: Callable[..., Any], *, compute_dtype=jnp.bfloat16, cast_batch: bool = False,
+def mixed_precision(loss_fn: Callable[..., Any], *, compute_dtype=jnp.bfloat16, cast_batch: bool = True,
                     has_aux: bool = False) -> Callable[[Params, Batch], Any]:
   """Wraps ``loss_fn(params, batch)`` to compute in ``compute_dtype`` with fp32 master parameters.
 
   Args:
     loss_fn: the loss to wrap (returns a scalar, or ``(scalar, aux)`` with ``has_aux``).
     compute_dtype: the dtype the forward and backward passes run in (bf16 on accelerators).
-    cast_batch: also cast floating batch leaves (integer tokens and labels are never cast).
+    cast_batch: also cast floating batch leaves (integer tokens and labels are never cast). On by
+      default: an fp32 input would promote the low-precision weights back to fp32 at the first matmul.
+      Pass False to keep, e.g., regression targets in fp32.
+    has_aux: ``loss_fn`` returns ``(loss, aux)``.
 
   Returns:
     ``loss(params, batch)``, its loss in fp32.
 
+  A model that casts inside, as the GPT does (``GPTConfig.compute_dtype``), follows its own setting: with
+  the default fp32 there it computes in fp32 on bf16-rounded weights. Set both.
+
   Example:
+    >>> cfg = gpt.GPTConfig(compute_dtype=jnp.bfloat16)  # doctest: +SKIP
     >>> strategy = jdist.data_parallel(mixed_precision(gpt.loss_fn(cfg)), optax.adamw(3e-4), mesh)  # doctest: +SKIP
   """
 

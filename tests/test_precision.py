@@ -2,13 +2,14 @@
 import types
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
 import jdist
-from jdist.models import gpt
+from jdist.models import gpt, mlp
 from jdist.perf import mfu, peak_flops
 from jdist.precision import mixed_precision
 from tests.conftest import assert_trees_all_close
@@ -174,3 +175,28 @@ def test_attention_auto_picks_cudnn_only_where_it_applies():
                          jax.jit(jax.grad(gpt.loss_fn(xla)))(PARAMS, BATCH), rtol=0, atol=0)
   with pytest.raises(ValueError, match="Unknown attention_impl: 'flash'"):
     gpt.GPTConfig(attention_impl="flash")
+
+
+def _matmul_dtypes(fn, *args):
+  """The operand dtypes of every dot_general in ``fn``'s jaxpr (nested jaxprs included)."""
+  found = []
+
+  def visit(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "dot_general":
+        found.append(tuple(str(v.aval.dtype) for v in eqn.invars))
+      for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+        visit(sub)
+
+  visit(jax.make_jaxpr(fn)(*args).jaxpr)
+  return found
+
+
+def test_mixed_precision_computes_in_bf16_on_fp32_inputs():
+  # an fp32 input would promote the bf16 weights back to fp32 at the first matmul: the batch is cast too
+  params = mlp.init(jax.random.key(0), [8, 16, 4])
+  batch = {"x": np.ones((4, 8), np.float32), "y": np.zeros((4,), np.int32)}
+  ours = _matmul_dtypes(jax.grad(mixed_precision(mlp.loss)), params, batch)
+  assert ours and set(ours) == {("bfloat16", "bfloat16")}, ours
+  kept = _matmul_dtypes(mixed_precision(mlp.loss, cast_batch=False), params, batch)
+  assert ("float32", "bfloat16") in kept  # what the old default did
