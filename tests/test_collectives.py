@@ -101,6 +101,22 @@ def test_hierarchical_on_2x4_mesh():
   np.testing.assert_array_equal(got, np.stack(hierarchical_reference(list(ints), 2, 4)))
 
 
+@pytest.mark.parametrize("algorithm", ["ring", "halving_doubling", "tree", "hierarchical"])
+def test_tuple_axis_in_another_order_than_the_mesh_equals_psum(algorithm):
+  # axis_index numbers devices in the tuple's order, ppermute in the mesh's: the algorithms must not mix them
+  mesh = jdist.make_mesh(node=2, device=3, devices=jax.devices()[:6])
+  axis = ("device", "node")
+  tree = _per_device_tree(6, np.float32, seed=4)
+  ours = _run(tree, mesh, axis, algorithm=algorithm)
+  ref = _run(tree, mesh, axis, algorithm="psum")
+  for k in tree:
+    for d in range(6):
+      np.testing.assert_allclose(ours[k][d], ref[k][d], rtol=1e-6, atol=1e-5)
+      np.testing.assert_allclose(ours[k][d], np.sum(tree[k], axis=0), rtol=1e-6, atol=1e-5)
+  ints = {"x": np.random.default_rng(0).integers(-99, 99, size=(6, 10)).astype(np.int32)}
+  np.testing.assert_array_equal(_run(ints, mesh, axis, algorithm=algorithm)["x"], np.tile(ints["x"].sum(0), (6, 1)))
+
+
 def test_mean_op():
   tree = _per_device_tree(4, np.float32, seed=0)
   out = _run(tree, _mesh(4), "data", algorithm="ring", op="mean")

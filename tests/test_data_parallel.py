@@ -212,6 +212,22 @@ def test_two_axis_data_parallel_equals_single_device():
   assert_trees_all_close(state.params, ref, rtol=1e-5)
 
 
+@pytest.mark.parametrize("allreduce", ["ring", "halving_doubling", "tree"])
+def test_tuple_axis_in_another_order_than_the_mesh_equals_single_device(allreduce):
+  # ("device", "node") on a (node, device) mesh: the ppermute algorithms must still sum each gradient once
+  params = mlp.init(jax.random.key(0), [6, 16, 3])
+  batches = _mlp_data(3, steps=3, batch=12)
+  mesh = jdist.make_mesh(node=2, device=3, devices=jax.devices()[:6])
+  axis = ("device", "node")
+  state, losses = _run(jdist.data_parallel(mlp.loss, optax.sgd(0.1), mesh, axis=axis, allreduce=allreduce), params,
+                       batches)
+  ref, _ = _run(jdist.data_parallel(mlp.loss, optax.sgd(0.1), mesh, axis=axis), params, batches)
+  assert_trees_all_close(state.params, ref.params, rtol=1e-5)
+  single, _, single_losses = single_device_reference(mlp.loss, optax.sgd(0.1), params, batches)
+  assert_trees_all_close(state.params, single, rtol=1e-5)
+  np.testing.assert_allclose(losses, single_losses, rtol=1e-5)
+
+
 @pytest.mark.parametrize("case", ["accumulate", "has_aux", "ring", "data1_x_model8"])
 def test_one_device_data_axis_equals_single_device(case):
   # a data axis of one device skips shard_map altogether: the same numbers in every configuration
