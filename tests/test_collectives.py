@@ -117,6 +117,19 @@ def test_tuple_axis_in_another_order_than_the_mesh_equals_psum(algorithm):
   np.testing.assert_array_equal(_run(ints, mesh, axis, algorithm=algorithm)["x"], np.tile(ints["x"].sum(0), (6, 1)))
 
 
+@pytest.mark.parametrize("algorithm", ["ring", "halving_doubling", "tree", "hierarchical"])
+def test_bool_leaves_are_counted_like_psum(algorithm):
+  mesh = jdist.make_mesh(node=2, device=2, devices=jax.devices()[:4])
+  axis = ("node", "device")
+  tree = {"mask": np.array([[True, False], [True, False], [False, False], [True, True]]),
+          "x": np.arange(4, dtype=np.int32)[:, None]}
+  ours = _run(tree, mesh, axis, algorithm=algorithm, bucket_bytes=1)
+  ref = _run(tree, mesh, axis, algorithm="psum")
+  assert ours["mask"].dtype == ref["mask"].dtype == np.int32
+  np.testing.assert_array_equal(ours["mask"], np.tile([3, 1], (4, 1)))
+  np.testing.assert_array_equal(ours["mask"], ref["mask"])
+
+
 def test_mean_op():
   tree = _per_device_tree(4, np.float32, seed=0)
   out = _run(tree, _mesh(4), "data", algorithm="ring", op="mean")

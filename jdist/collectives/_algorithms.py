@@ -49,6 +49,11 @@ def mesh_order(axis: Axis) -> Axis:
   return tuple(a for a in names if a in axes)
 
 
+def _summable(x: jax.Array) -> jax.Array:
+  """Bools as int32, as ``psum`` takes them: it counts the True values where adding bools would OR them."""
+  return x.astype(jnp.int32) if x.dtype == jnp.bool_ else x
+
+
 def _shift(x: jax.Array, axis: Axis, n: int, by: int = 1) -> jax.Array:
   """Device i sends x to device (i + by) mod n; returns what this device received."""
   return jax.lax.ppermute(x, axis, [(j, (j + by) % n) for j in range(n)])
@@ -73,7 +78,7 @@ def ring_reduce_scatter(x: jax.Array, axis: Axis) -> jax.Array:
   N-1 steps; at step s device i passes its running sum of chunk (i - s - 1) mod N to device i+1, which
   adds its own copy of that chunk. Cost: (N-1) alpha + (N-1)/N n beta.
   """
-  axis = mesh_order(axis)
+  x, axis = _summable(x), mesh_order(axis)
   n = axis_size(axis)
   chunks = x.reshape(n, -1)  # T[N, n/N]
   if n == 1:
@@ -134,7 +139,7 @@ def halving_doubling(x: jax.Array, axis: Axis) -> jax.Array:
   the standard fold first adds the vectors of r = N - p device pairs (one extra round of n bytes before
   and after). Cost: 2 log2 p alpha + 2(p-1)/p n beta (+ 2 alpha + 2 n beta for the fold).
   """
-  axis = mesh_order(axis)
+  x, axis = _summable(x), mesh_order(axis)
   n = axis_size(axis)
   if n == 1:
     return x
@@ -177,7 +182,7 @@ def tree(x: jax.Array, axis: Axis) -> jax.Array:
   Cost: 2 ceil(log2 N) (alpha + n beta) in time; the root, the busiest sender, puts ceil(log2 N) n
   bytes on the wire (all in the broadcast).
   """
-  axis = mesh_order(axis)
+  x, axis = _summable(x), mesh_order(axis)
   n = axis_size(axis)
   if n == 1:
     return x
