@@ -6,7 +6,8 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import jdist
-from jdist.collectives import REFERENCES, allreduce, hierarchical_reference, ring_reference
+from jdist.collectives import (REFERENCES, allreduce, bf16_allreduce, hierarchical_reference, int8_allreduce,
+                               ring_reference)
 from jdist import theory
 
 SIZES = [(1,), (7,), (13, 3), (2, 5, 11), (64,)]  # 1 element, primes, not divisible by N
@@ -146,6 +147,41 @@ def test_ring_trace_shows_the_article_figure():
     assert chunks[i][i][0] == 10.0
   for r in results:
     np.testing.assert_array_equal(r, np.full(4, 10.0))
+
+
+def _run_fn(fn, trees, mesh, axis="data"):
+  """Runs ``fn(*trees)`` inside shard_map on stacked per-device values [N, ...]; returns its outputs, stacked."""
+
+  def body(*ts):
+    out = fn(*jax.tree.map(lambda x: x[0], ts))
+    return jax.tree.map(lambda x: x[None], out)
+
+  f = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=P(axis), out_specs=P(axis), check_vma=False))
+  return jax.device_get(f(*trees))
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_int8_a_non_finite_gradient_gives_nan_not_a_finite_sum(bad):
+  # pmax may drop a NaN and NaN cast to int8 is 0: the sum must still come out non-finite, like psum's,
+  # and no later step may come out finite with the bad device's coordinate silently lost
+  n = 4
+  g = np.ones((n, 6), np.float32)
+  g[1, 2] = bad
+  int8 = lambda t, r: int8_allreduce(t, r, "data", op="mean")
+  out, res = _run_fn(int8, ({"g": g}, {"g": np.zeros_like(g)}), _mesh(n))
+  assert not np.isfinite(_run({"g": g}, _mesh(n), "data", op="mean")["g"][:, 2]).any()  # psum's answer
+  assert np.isnan(out["g"]).all() and np.isnan(res["g"]).all()
+  out, res = _run_fn(int8, ({"g": np.ones_like(g)}, res), _mesh(n))  # clean gradients, the residual kept
+  assert np.isnan(out["g"]).all()
+
+
+def test_bf16_a_nan_gradient_gives_nan():
+  n = 4
+  g = np.ones((n, 6), np.float32)
+  g[1, 2] = np.nan
+  for algorithm in ["psum", "ring"]:
+    out = _run_fn(lambda t, a=algorithm: bf16_allreduce(t, "data", algorithm=a), ({"g": g},), _mesh(n))["g"]
+    assert np.isnan(out[:, 2]).all() and (out[:, [0, 1, 3, 4, 5]] == 1.0).all(), algorithm
 
 
 # ---- bad input and theory -----------------------------------------------------------------------------

@@ -201,6 +201,18 @@ def test_bad_arguments():
     s.step(s.init(mlp.init(jax.random.key(0), [6, 3])), s.shard_batch(_mlp_data(0, 1, 8)[0]))
 
 
+def test_int8_a_nan_gradient_on_one_device_reaches_grad_norm():
+  # what NanGuard watches: int8's shared-scale max must not drop the NaN of one device's gradient
+  params = mlp.init(jax.random.key(0), [6, 3])
+  batch = _mlp_data(0, steps=1, batch=8)[0]
+  batch["x"][5, 2] = np.nan  # device 2 of 4
+  strategy = jdist.data_parallel(mlp.loss, optax.sgd(0.1), jdist.make_mesh(data=4, devices=jax.devices()[:4]),
+                                 compression="int8")
+  state, metrics = strategy.step(strategy.init(params), strategy.shard_batch(batch))
+  assert np.isnan(float(metrics["grad_norm"]))
+  assert all(np.isnan(np.asarray(p)).all() for p in jax.tree.leaves(state.params))
+
+
 def test_two_axis_data_parallel_equals_single_device():
   """The batch may be split over several mesh axes at once."""
   params = mlp.init(jax.random.key(0), [6, 16, 3])
