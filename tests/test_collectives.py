@@ -184,6 +184,25 @@ def test_bf16_a_nan_gradient_gives_nan():
     assert np.isnan(out[:, 2]).all() and (out[:, [0, 1, 3, 4, 5]] == 1.0).all(), algorithm
 
 
+def test_int8_reversed_tuple_axis_and_empty_trees():
+  mesh = jdist.make_mesh(node=2, device=3, devices=jax.devices()[:6])
+  g = np.random.default_rng(0).normal(size=(6, 11)).astype(np.float32)
+  outs = []
+  for axis in [("node", "device"), ("device", "node")]:
+    int8 = lambda t, r, a=axis: int8_allreduce(t, r, a, op="sum")
+    out, res = _run_fn(int8, ({"g": g}, {"g": np.zeros_like(g)}), mesh, axis)
+    np.testing.assert_allclose(out["g"][0], g.sum(0), atol=6 * np.abs(g).max() / 127)
+    outs.append(out["g"])
+  np.testing.assert_array_equal(outs[0], outs[1])
+  # a tree with no elements reduces to itself (there is no max to take a scale from)
+  empty = {"e": np.zeros((2, 0, 3), np.float32)}
+  out, res = _run_fn(lambda t, r: int8_allreduce(t, r, "data"), (empty, empty), _mesh(2))
+  assert out["e"].shape == res["e"].shape == (2, 0, 3)
+  mixed = (empty | {"g": g[:2]}, empty | {"g": 0 * g[:2]})
+  out, res = _run_fn(lambda t, r: int8_allreduce(t, r, "data", op="sum"), mixed, _mesh(2))
+  np.testing.assert_allclose(out["g"][1], g[:2].sum(0), atol=2 * np.abs(g[:2]).max() / 127)
+
+
 # ---- bad input and theory -----------------------------------------------------------------------------
 
 
@@ -203,6 +222,13 @@ def test_mean_of_integers_and_bad_bucket():
     _run({"x": np.ones((2, 3), np.int32)}, _mesh(2), "data", algorithm="ring", op="mean")
   with pytest.raises(ValueError, match="bucket_bytes must be a positive int"):
     _run({"x": np.ones((2, 3), np.float32)}, _mesh(2), "data", algorithm="ring", bucket_bytes=0)
+
+
+def test_int8_unknown_op():
+  g = {"g": np.ones((2, 3), np.float32)}
+  for op in ["max", "avg"]:
+    with pytest.raises(ValueError, match=rf"Unknown op: '{op}'. It needs to be one of \['sum', 'mean'\]"):
+      _run_fn(lambda t, r, o=op: int8_allreduce(t, r, "data", op=o), (g, g), _mesh(2))
 
 
 def test_theory():

@@ -72,12 +72,19 @@ def int8_allreduce(tree: PyTree, residual: PyTree, axis: Axis, *, op: str = "mea
 
   Returns:
     ``(reduced, new_residual)``; ``sent + new_residual == tree + residual`` where ``sent`` is this
-    device's dequantised contribution. A NaN or infinity in any device's
-    ``tree + residual`` makes ``reduced`` and every device's ``new_residual`` all NaN.
+    device's dequantised contribution. A tree without elements reduces to itself. A NaN or infinity in
+    any device's ``tree + residual`` makes ``reduced`` and every device's ``new_residual`` all NaN.
+
+  Raises:
+    ValueError: an unknown ``op``.
   """
+  if op not in ("sum", "mean"):
+    raise ValueError(f"Unknown op: {op!r}. It needs to be one of ['sum', 'mean'].")
   n = axis_size(axis)
   leaves, treedef = jax.tree.flatten(tree)
   res_leaves = jax.tree.leaves(residual)
+  if sum(leaf.size for leaf in leaves) == 0:  # nothing to send (and no max to take)
+    return tree, residual
   flat = jnp.concatenate([jnp.ravel(g + r).astype(jnp.float32) for g, r in zip(leaves, res_leaves)])
   size = flat.shape[0]
   padded = -(-size // n) * n
