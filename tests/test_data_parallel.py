@@ -201,6 +201,16 @@ def test_bad_arguments():
     s.step(s.init(mlp.init(jax.random.key(0), [6, 3])), s.shard_batch(_mlp_data(0, 1, 8)[0]))
 
 
+def test_int8_takes_no_allreduce_algorithm_or_bucket_bytes():
+  # int8 sums through its own all-to-all: an algorithm or bucket size would be silently ignored
+  mesh = jdist.make_mesh(data=8)
+  with pytest.raises(ValueError, match=r"compression='int8' .* got allreduce='ring'. Drop allreduce="):
+    jdist.data_parallel(mlp.loss, optax.sgd(0.1), mesh, compression="int8", allreduce="ring")
+  with pytest.raises(ValueError, match=r"compression='int8' .* got bucket_bytes=64. Drop bucket_bytes="):
+    jdist.data_parallel(mlp.loss, optax.sgd(0.1), mesh, compression="int8", bucket_bytes=64)
+  assert jdist.data_parallel(mlp.loss, optax.sgd(0.1), mesh, compression="int8").name == "data_parallel[int8]"
+
+
 def test_int8_a_nan_gradient_on_one_device_reaches_grad_norm():
   # what NanGuard watches: int8's shared-scale max must not drop the NaN of one device's gradient
   params = mlp.init(jax.random.key(0), [6, 3])
