@@ -58,7 +58,9 @@ def data_parallel(
       ``halving_doubling``, ``tree``, ``hierarchical`` with ``axis=(outer, inner)``).
     bucket_bytes: gradients are flattened into buckets of at most this many bytes per collective.
     compression: ``None``; ``"bf16"`` (gradients sent and summed in bf16); ``"int8"`` (int8 with error
-      feedback; the per-device residual is kept in ``state.extra["residual"]``, leading axis = devices); or
+      feedback; the per-device residual is kept in ``state.extra["residual"]``, leading axis = devices; the
+      int8 sum is an all-to-all and an all-gather of its own, so neither ``allreduce`` nor ``bucket_bytes``
+      applies); or
       ``"powersgd"`` (each gradient matrix, seen as [shape[0], prod(rest)] = [m, n], replaced by a rank-r
       approximation P Q^T, with error feedback in ``state.extra["residual"]`` and Q kept replicated in
       ``state.extra["q"]`` as the next step's warm start; one device sends r(m + n) floats per matrix
@@ -76,7 +78,8 @@ def data_parallel(
 
   Raises:
     ValueError / TypeError: an axis not in the mesh, an unknown backend, a bad ``accumulate_steps`` or
-    ``powersgd_rank``.
+    ``powersgd_rank``, ``compression="int8"`` with an ``allreduce`` other than ``"psum"`` or a
+    ``bucket_bytes`` other than the default.
     At the first step: a global batch not divisible by (devices on ``axis``) x ``accumulate_steps``,
     batch leaves with different leading sizes, or a ``loss_fn`` that does not return a scalar.
 
@@ -94,6 +97,13 @@ def data_parallel(
   k = check_positive_int(accumulate_steps, "accumulate_steps")
   collectives.check_algorithm(allreduce, axes if len(axes) > 1 else axes[0])
   check_compression(compression)
+  if compression == "int8" and allreduce != "psum":
+    raise ValueError(f"compression='int8' sums its int8 payload with its own all-to-all and all-gather, so it "
+                     f"takes no all-reduce algorithm, got allreduce={allreduce!r}. Drop allreduce=, or use "
+                     f"compression='bf16' or 'powersgd', which run through it.")
+  if compression == "int8" and bucket_bytes != collectives.DEFAULT_BUCKET_BYTES:
+    raise ValueError(f"compression='int8' sends every gradient in one payload with one shared scale, so it takes "
+                     f"no bucket_bytes, got bucket_bytes={bucket_bytes!r}. Drop bucket_bytes=.")
   rank = check_positive_int(powersgd_rank, "powersgd_rank")
   if rank != 1 and compression != "powersgd":
     raise ValueError(f"powersgd_rank={powersgd_rank!r} applies only with compression='powersgd', got "

@@ -6,7 +6,8 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import jdist
-from jdist.collectives import REFERENCES, allreduce, hierarchical_reference, ring_reference
+from jdist.collectives import (REFERENCES, allreduce, bf16_allreduce, hierarchical_reference, int8_allreduce,
+                               ring_reference)
 from jdist import theory
 
 SIZES = [(1,), (7,), (13, 3), (2, 5, 11), (64,)]  # 1 element, primes, not divisible by N
@@ -101,6 +102,35 @@ def test_hierarchical_on_2x4_mesh():
   np.testing.assert_array_equal(got, np.stack(hierarchical_reference(list(ints), 2, 4)))
 
 
+@pytest.mark.parametrize("algorithm", ["ring", "halving_doubling", "tree", "hierarchical"])
+def test_tuple_axis_in_another_order_than_the_mesh_equals_psum(algorithm):
+  # axis_index numbers devices in the tuple's order, ppermute in the mesh's: the algorithms must not mix them
+  mesh = jdist.make_mesh(node=2, device=3, devices=jax.devices()[:6])
+  axis = ("device", "node")
+  tree = _per_device_tree(6, np.float32, seed=4)
+  ours = _run(tree, mesh, axis, algorithm=algorithm)
+  ref = _run(tree, mesh, axis, algorithm="psum")
+  for k in tree:
+    for d in range(6):
+      np.testing.assert_allclose(ours[k][d], ref[k][d], rtol=1e-6, atol=1e-5)
+      np.testing.assert_allclose(ours[k][d], np.sum(tree[k], axis=0), rtol=1e-6, atol=1e-5)
+  ints = {"x": np.random.default_rng(0).integers(-99, 99, size=(6, 10)).astype(np.int32)}
+  np.testing.assert_array_equal(_run(ints, mesh, axis, algorithm=algorithm)["x"], np.tile(ints["x"].sum(0), (6, 1)))
+
+
+@pytest.mark.parametrize("algorithm", ["ring", "halving_doubling", "tree", "hierarchical"])
+def test_bool_leaves_are_counted_like_psum(algorithm):
+  mesh = jdist.make_mesh(node=2, device=2, devices=jax.devices()[:4])
+  axis = ("node", "device")
+  tree = {"mask": np.array([[True, False], [True, False], [False, False], [True, True]]),
+          "x": np.arange(4, dtype=np.int32)[:, None]}
+  ours = _run(tree, mesh, axis, algorithm=algorithm, bucket_bytes=1)
+  ref = _run(tree, mesh, axis, algorithm="psum")
+  assert ours["mask"].dtype == ref["mask"].dtype == np.int32
+  np.testing.assert_array_equal(ours["mask"], np.tile([3, 1], (4, 1)))
+  np.testing.assert_array_equal(ours["mask"], ref["mask"])
+
+
 def test_mean_op():
   tree = _per_device_tree(4, np.float32, seed=0)
   out = _run(tree, _mesh(4), "data", algorithm="ring", op="mean")
@@ -117,6 +147,60 @@ def test_ring_trace_shows_the_article_figure():
     assert chunks[i][i][0] == 10.0
   for r in results:
     np.testing.assert_array_equal(r, np.full(4, 10.0))
+
+
+def _run_fn(fn, trees, mesh, axis="data"):
+  """Runs ``fn(*trees)`` inside shard_map on stacked per-device values [N, ...]; returns its outputs, stacked."""
+
+  def body(*ts):
+    out = fn(*jax.tree.map(lambda x: x[0], ts))
+    return jax.tree.map(lambda x: x[None], out)
+
+  f = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=P(axis), out_specs=P(axis), check_vma=False))
+  return jax.device_get(f(*trees))
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_int8_a_non_finite_gradient_gives_nan_not_a_finite_sum(bad):
+  # pmax may drop a NaN and NaN cast to int8 is 0: the sum must still come out non-finite, like psum's,
+  # and no later step may come out finite with the bad device's coordinate silently lost
+  n = 4
+  g = np.ones((n, 6), np.float32)
+  g[1, 2] = bad
+  int8 = lambda t, r: int8_allreduce(t, r, "data", op="mean")
+  out, res = _run_fn(int8, ({"g": g}, {"g": np.zeros_like(g)}), _mesh(n))
+  assert not np.isfinite(_run({"g": g}, _mesh(n), "data", op="mean")["g"][:, 2]).any()  # psum's answer
+  assert np.isnan(out["g"]).all() and np.isnan(res["g"]).all()
+  out, res = _run_fn(int8, ({"g": np.ones_like(g)}, res), _mesh(n))  # clean gradients, the residual kept
+  assert np.isnan(out["g"]).all()
+
+
+def test_bf16_a_nan_gradient_gives_nan():
+  n = 4
+  g = np.ones((n, 6), np.float32)
+  g[1, 2] = np.nan
+  for algorithm in ["psum", "ring"]:
+    out = _run_fn(lambda t, a=algorithm: bf16_allreduce(t, "data", algorithm=a), ({"g": g},), _mesh(n))["g"]
+    assert np.isnan(out[:, 2]).all() and (out[:, [0, 1, 3, 4, 5]] == 1.0).all(), algorithm
+
+
+def test_int8_reversed_tuple_axis_and_empty_trees():
+  mesh = jdist.make_mesh(node=2, device=3, devices=jax.devices()[:6])
+  g = np.random.default_rng(0).normal(size=(6, 11)).astype(np.float32)
+  outs = []
+  for axis in [("node", "device"), ("device", "node")]:
+    int8 = lambda t, r, a=axis: int8_allreduce(t, r, a, op="sum")
+    out, res = _run_fn(int8, ({"g": g}, {"g": np.zeros_like(g)}), mesh, axis)
+    np.testing.assert_allclose(out["g"][0], g.sum(0), atol=6 * np.abs(g).max() / 127)
+    outs.append(out["g"])
+  np.testing.assert_array_equal(outs[0], outs[1])
+  # a tree with no elements reduces to itself (there is no max to take a scale from)
+  empty = {"e": np.zeros((2, 0, 3), np.float32)}
+  out, res = _run_fn(lambda t, r: int8_allreduce(t, r, "data"), (empty, empty), _mesh(2))
+  assert out["e"].shape == res["e"].shape == (2, 0, 3)
+  mixed = (empty | {"g": g[:2]}, empty | {"g": 0 * g[:2]})
+  out, res = _run_fn(lambda t, r: int8_allreduce(t, r, "data", op="sum"), mixed, _mesh(2))
+  np.testing.assert_allclose(out["g"][1], g[:2].sum(0), atol=2 * np.abs(g[:2]).max() / 127)
 
 
 # ---- bad input and theory -----------------------------------------------------------------------------
@@ -138,6 +222,13 @@ def test_mean_of_integers_and_bad_bucket():
     _run({"x": np.ones((2, 3), np.int32)}, _mesh(2), "data", algorithm="ring", op="mean")
   with pytest.raises(ValueError, match="bucket_bytes must be a positive int"):
     _run({"x": np.ones((2, 3), np.float32)}, _mesh(2), "data", algorithm="ring", bucket_bytes=0)
+
+
+def test_int8_unknown_op():
+  g = {"g": np.ones((2, 3), np.float32)}
+  for op in ["max", "avg"]:
+    with pytest.raises(ValueError, match=rf"Unknown op: '{op}'. It needs to be one of \['sum', 'mean'\]"):
+      _run_fn(lambda t, r, o=op: int8_allreduce(t, r, "data", op=o), (g, g), _mesh(2))
 
 
 def test_theory():

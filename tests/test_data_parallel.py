@@ -207,6 +207,28 @@ def test_bad_arguments():
     s.step(s.init(mlp.init(jax.random.key(0), [6, 3])), s.shard_batch(_mlp_data(0, 1, 8)[0]))
 
 
+def test_int8_takes_no_allreduce_algorithm_or_bucket_bytes():
+  # int8 sums through its own all-to-all: an algorithm or bucket size would be silently ignored
+  mesh = jdist.make_mesh(data=8)
+  with pytest.raises(ValueError, match=r"compression='int8' .* got allreduce='ring'. Drop allreduce="):
+    jdist.data_parallel(mlp.loss, optax.sgd(0.1), mesh, compression="int8", allreduce="ring")
+  with pytest.raises(ValueError, match=r"compression='int8' .* got bucket_bytes=64. Drop bucket_bytes="):
+    jdist.data_parallel(mlp.loss, optax.sgd(0.1), mesh, compression="int8", bucket_bytes=64)
+  assert jdist.data_parallel(mlp.loss, optax.sgd(0.1), mesh, compression="int8").name == "data_parallel[int8]"
+
+
+def test_int8_a_nan_gradient_on_one_device_reaches_grad_norm():
+  # what NanGuard watches: int8's shared-scale max must not drop the NaN of one device's gradient
+  params = mlp.init(jax.random.key(0), [6, 3])
+  batch = _mlp_data(0, steps=1, batch=8)[0]
+  batch["x"][5, 2] = np.nan  # device 2 of 4
+  strategy = jdist.data_parallel(mlp.loss, optax.sgd(0.1), jdist.make_mesh(data=4, devices=jax.devices()[:4]),
+                                 compression="int8")
+  state, metrics = strategy.step(strategy.init(params), strategy.shard_batch(batch))
+  assert np.isnan(float(metrics["grad_norm"]))
+  assert all(np.isnan(np.asarray(p)).all() for p in jax.tree.leaves(state.params))
+
+
 def test_two_axis_data_parallel_equals_single_device():
   """The batch may be split over several mesh axes at once."""
   params = mlp.init(jax.random.key(0), [6, 16, 3])
@@ -216,6 +238,22 @@ def test_two_axis_data_parallel_equals_single_device():
   state, _ = _run(strategy, params, batches)
   ref, _, _ = single_device_reference(mlp.loss, optax.adam(1e-2), params, batches)
   assert_trees_all_close(state.params, ref, rtol=1e-5)
+
+
+@pytest.mark.parametrize("allreduce", ["ring", "halving_doubling", "tree"])
+def test_tuple_axis_in_another_order_than_the_mesh_equals_single_device(allreduce):
+  # ("device", "node") on a (node, device) mesh: the ppermute algorithms must still sum each gradient once
+  params = mlp.init(jax.random.key(0), [6, 16, 3])
+  batches = _mlp_data(3, steps=3, batch=12)
+  mesh = jdist.make_mesh(node=2, device=3, devices=jax.devices()[:6])
+  axis = ("device", "node")
+  state, losses = _run(jdist.data_parallel(mlp.loss, optax.sgd(0.1), mesh, axis=axis, allreduce=allreduce), params,
+                       batches)
+  ref, _ = _run(jdist.data_parallel(mlp.loss, optax.sgd(0.1), mesh, axis=axis), params, batches)
+  assert_trees_all_close(state.params, ref.params, rtol=1e-5)
+  single, _, single_losses = single_device_reference(mlp.loss, optax.sgd(0.1), params, batches)
+  assert_trees_all_close(state.params, single, rtol=1e-5)
+  np.testing.assert_allclose(losses, single_losses, rtol=1e-5)
 
 
 @pytest.mark.parametrize("case", ["accumulate", "has_aux", "ring", "data1_x_model8"])

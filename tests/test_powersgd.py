@@ -149,6 +149,27 @@ def test_error_feedback_identity_and_nothing_is_lost_over_steps():
   assert np.linalg.matrix_rank(mean["b"][0].reshape(4, 30), tol=1e-4) == 1
 
 
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_a_non_finite_gradient_is_not_lost(bad):
+  # like psum: the mean of a leaf holding a NaN or infinity on any device is not finite. A compressed leaf
+  # turns all NaN (through P and the QR), and so do its residual and Q, so no later step is silently finite;
+  # an exact leaf is non-finite where psum's is, and keeps nothing for later steps.
+  n, rng = 4, np.random.default_rng(3)
+  f = _collective(_mesh(n))
+  qs = powersgd_init({k: np.zeros(s, np.float32) for k, s in SHAPES.items()}, 1, key=jax.random.key(0))
+  g = _grads(n, rng)
+  g["a"][1, 2, 3] = bad
+  g["bias"][2, 4] = bad
+  zeros = {k: np.zeros((n,) + s, np.float32) for k, s in SHAPES.items()}
+  mean, res, qs = jax.device_get(f(g, zeros, qs))
+  assert np.isnan(mean["a"]).all() and np.isnan(res["a"]).all() and np.isnan(qs["a"]).all()
+  assert not np.isfinite(mean["bias"][:, 4]).any() and np.isfinite(np.delete(mean["bias"], 4, axis=1)).all()
+  np.testing.assert_array_equal(res["bias"], 0)
+  assert all(np.isfinite(mean[k]).all() for k in ["b", "tiny"])
+  mean, _, _ = jax.device_get(f(_grads(n, rng), res, qs))  # clean gradients: the compressed leaf stays NaN
+  assert np.isnan(mean["a"]).all() and np.isfinite(mean["bias"]).all()
+
 def test_full_rank_training_equals_single_device():
   """Every matrix at rank min(m, n) (forced through the collective): 10 SGD steps equal plain optax."""
   n = 8

@@ -2,8 +2,9 @@
 
 Every function here runs inside ``jax.shard_map`` on one device's flat payload ``x: T[n]`` and returns
 the sum over ``axis`` of every device's ``x``. ``n`` must be a multiple of the axis size N for the
-chunked algorithms (``allreduce`` pads for you). Costs use the alpha-beta model: a message of b bytes
-costs alpha + b * beta; n is the payload in bytes.
+chunked algorithms (``allreduce`` pads for you). A tuple of axes is taken in the mesh's order, whatever
+its own (``mesh_order``); device i is the i-th in that order. Costs use the alpha-beta model: a message
+of b bytes costs alpha + b * beta; n is the payload in bytes.
 
 | algorithm         | rounds          | bytes sent per device  | good for                   |
 |-------------------|-----------------|------------------------|----------------------------|
@@ -30,6 +31,29 @@ def axis_size(axis: Axis) -> int:
   return math.prod(jax.lax.axis_size(a) for a in names)
 
 
+def mesh_order(axis: Axis) -> Axis:
+  """``axis`` with a tuple of axes put in the order of the mesh's axes (inside ``shard_map`` or ``pmap``).
+
+  ``jax.lax.axis_index(("device", "node"))`` numbers the devices in the tuple's order but
+  ``jax.lax.ppermute`` numbers them in the mesh's order, so an algorithm mixing the two over a tuple in
+  another order than the mesh's would send chunks to the wrong devices. A sum over devices does not
+  depend on their order: every algorithm here indexes and permutes over the axes in the mesh's order.
+  A single axis, or a tuple the current mesh does not hold (``vmap``'s axes), is returned as given.
+  """
+  if isinstance(axis, str):
+    return axis
+  axes = tuple(axis)
+  names = jax.sharding.get_abstract_mesh().axis_names
+  if len(set(axes)) != len(axes) or not set(axes) <= set(names):
+    return axes
+  return tuple(a for a in names if a in axes)
+
+
+def _summable(x: jax.Array) -> jax.Array:
+  """Bools as int32, as ``psum`` takes them: it counts the True values where adding bools would OR them."""
+  return x.astype(jnp.int32) if x.dtype == jnp.bool_ else x
+
+
 def _shift(x: jax.Array, axis: Axis, n: int, by: int = 1) -> jax.Array:
   """Device i sends x to device (i + by) mod n; returns what this device received."""
   return jax.lax.ppermute(x, axis, [(j, (j + by) % n) for j in range(n)])
@@ -54,6 +78,7 @@ def ring_reduce_scatter(x: jax.Array, axis: Axis) -> jax.Array:
   N-1 steps; at step s device i passes its running sum of chunk (i - s - 1) mod N to device i+1, which
   adds its own copy of that chunk. Cost: (N-1) alpha + (N-1)/N n beta.
   """
+  x, axis = _summable(x), mesh_order(axis)
   n = axis_size(axis)
   chunks = x.reshape(n, -1)  # T[N, n/N]
   if n == 1:
@@ -72,6 +97,7 @@ def ring_all_gather(chunk: jax.Array, axis: Axis) -> jax.Array:
 
   N-1 steps, each passing the newest chunk to the right. Cost: (N-1) alpha + (N-1)/N n beta.
   """
+  axis = mesh_order(axis)
   n = axis_size(axis)
   if n == 1:
     return chunk
@@ -113,6 +139,7 @@ def halving_doubling(x: jax.Array, axis: Axis) -> jax.Array:
   the standard fold first adds the vectors of r = N - p device pairs (one extra round of n bytes before
   and after). Cost: 2 log2 p alpha + 2(p-1)/p n beta (+ 2 alpha + 2 n beta for the fold).
   """
+  x, axis = _summable(x), mesh_order(axis)
   n = axis_size(axis)
   if n == 1:
     return x
@@ -155,6 +182,7 @@ def tree(x: jax.Array, axis: Axis) -> jax.Array:
   Cost: 2 ceil(log2 N) (alpha + n beta) in time; the root, the busiest sender, puts ceil(log2 N) n
   bytes on the wire (all in the broadcast).
   """
+  x, axis = _summable(x), mesh_order(axis)
   n = axis_size(axis)
   if n == 1:
     return x

@@ -60,7 +60,8 @@ def allreduce(tree: PyTree, axis_name: Axis, *, algorithm: str = "psum",
     bucket_bytes: the largest bucket, in bytes (> 0).
 
   Returns:
-    A tree like ``tree`` holding the reduction, identical on every device.
+    A tree like ``tree`` holding the reduction, identical on every device; bool leaves come back as int32
+    counts, as from ``psum``.
 
   Example:
     >>> f = jax.shard_map(lambda x: allreduce(x, "data", algorithm="ring"), mesh=mesh,

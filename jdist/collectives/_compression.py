@@ -38,10 +38,17 @@ def bf16_allreduce(tree: PyTree, axis: Axis, *, algorithm: str = "psum", op: str
 
 
 def int8_quantize(x: jax.Array, axis: Axis) -> tuple[jax.Array, jax.Array]:
-  """(q: int8[n], scale) with one scale for all devices: max |x| over the axis maps to 127."""
-  scale = jax.lax.pmax(jnp.max(jnp.abs(x)), axis) / 127.0
+  """(q: int8[n], scale) with one scale for all devices: max |x| over the axis maps to 127.
+
+  A NaN or infinity in any device's ``x`` makes the shared scale infinite (and every q 0): a max
+  all-reduce may drop a NaN, and a NaN cast to int8 is 0, so without this flag a non-finite value would
+  vanish from the sum. The flag rides on the max all-reduce the scale needs anyway.
+  """
+  amax = jnp.where(jnp.all(jnp.isfinite(x)), jnp.max(jnp.abs(x)), jnp.inf)
+  scale = jax.lax.pmax(amax, axis) / 127.0
   scale = jnp.where(scale > 0, scale, 1.0)
-  return jnp.clip(jnp.round(x / scale), -127, 127).astype(jnp.int8), scale
+  q = jnp.where(jnp.isfinite(scale), jnp.round(x / scale), 0.0)
+  return jnp.clip(q, -127, 127).astype(jnp.int8), scale
 
 
 def int8_sum(q: jax.Array, axis: Axis) -> jax.Array:
@@ -60,15 +67,24 @@ def int8_allreduce(tree: PyTree, residual: PyTree, axis: Axis, *, op: str = "mea
   Args:
     tree: this device's values (e.g. its gradient).
     residual: what earlier quantisations lost on this device (zeros at the start), like ``tree``.
+    axis: the mesh axis (or axes) to reduce over; call inside ``jax.shard_map``.
     op: "sum" or "mean".
 
   Returns:
     ``(reduced, new_residual)``; ``sent + new_residual == tree + residual`` where ``sent`` is this
-    device's dequantised contribution.
+    device's dequantised contribution. A tree without elements reduces to itself. A NaN or infinity in
+    any device's ``tree + residual`` makes ``reduced`` and every device's ``new_residual`` all NaN.
+
+  Raises:
+    ValueError: an unknown ``op``.
   """
+  if op not in ("sum", "mean"):
+    raise ValueError(f"Unknown op: {op!r}. It needs to be one of ['sum', 'mean'].")
   n = axis_size(axis)
   leaves, treedef = jax.tree.flatten(tree)
   res_leaves = jax.tree.leaves(residual)
+  if sum(leaf.size for leaf in leaves) == 0:  # nothing to send (and no max to take)
+    return tree, residual
   flat = jnp.concatenate([jnp.ravel(g + r).astype(jnp.float32) for g, r in zip(leaves, res_leaves)])
   size = flat.shape[0]
   padded = -(-size // n) * n
@@ -78,6 +94,13 @@ def int8_allreduce(tree: PyTree, residual: PyTree, axis: Axis, *, op: str = "mea
   total = int8_sum(q, axis).astype(jnp.float32) * scale
   if op == "mean":
     total = total / n
+  # A NaN or infinity on some device made the scale infinite: the result is NaN everywhere (psum's is NaN or
+  # infinite where the bad value was), never a finite sum that silently lost it, so NanGuard stops training.
+  # The residual turns NaN too, so later steps stay NaN rather than finite without that device's value (a
+  # reset would hide the failure; the parameters are NaN after this update anyway).
+  finite = jnp.isfinite(scale)
+  total = jnp.where(finite, total, jnp.nan)
+  sent = jnp.where(finite, sent, jnp.nan)
   out, new_res, offset = [], [], 0
   for leaf in leaves:
     k = leaf.size
