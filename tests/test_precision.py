@@ -200,3 +200,25 @@ def test_mixed_precision_computes_in_bf16_on_fp32_inputs():
   assert ours and set(ours) == {("bfloat16", "bfloat16")}, ours
   kept = _matmul_dtypes(mixed_precision(mlp.loss, cast_batch=False), params, batch)
   assert ("float32", "bfloat16") in kept  # what the old default did
+
+
+def test_gpt_rejects_long_sequences_and_makes_bad_token_ids_nan():
+  stage_fn, pipe_loss, input_fn, to_pipeline = gpt.pipeline_fns(CFG)
+  good = float(gpt.loss(PARAMS, BATCH, CFG))
+  assert np.isfinite(good)
+  for position, bad in ((3, CFG.vocab_size), (3, -1), (-1, 10_000), (-1, -1)):  # inputs and targets
+    tokens = BATCH["tokens"].at[0, position].set(bad)
+    assert np.isnan(float(gpt.loss(PARAMS, {"tokens": tokens}, CFG))), (position, bad)  # not clamped or wrapped
+    pipe = to_pipeline(PARAMS)
+    y = jax.lax.scan(lambda h, layer: (stage_fn(layer, h), None), input_fn(pipe, {"tokens": tokens}), pipe["stages"])[0]
+    assert np.isnan(float(pipe_loss(pipe, y, {"tokens": tokens}))), (position, bad)
+  with pytest.raises(ValueError, match=r"tokens have shape \(8, 40\); expected int\[batch, S\] with S <= 17 "
+                                       r"\(GPTConfig.seq_len = 16"):
+    gpt.loss(PARAMS, {"tokens": jnp.zeros((8, 40), jnp.int32)}, CFG)
+
+
+def test_gpt_pipeline_stage_follows_the_remat_policy():
+  names = lambda cfg: {e.primitive.name for e in jax.make_jaxpr(gpt.pipeline_fns(cfg)[0])(
+      jax.tree.map(lambda x: x[0], PARAMS["blocks"]), jnp.zeros((2, CFG.seq_len, CFG.d_model))).jaxpr.eqns}
+  assert not any("remat" in n or "checkpoint" in n for n in names(CFG))
+  assert any("remat" in n or "checkpoint" in n for n in names(gpt.GPTConfig(**{**CFG.__dict__, "remat": "full"})))
