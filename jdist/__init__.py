@@ -1,7 +1,7 @@
 """jdist: distributed training in JAX where every strategy computes the same mathematics.
 
 A strategy is a factory returning pure functions (``init``, ``shard_batch``, ``step``), like an optax
-``GradientTransformation``. See README.md and shared/DESIGN.md.
+``GradientTransformation``. See README.md and docs/pitfalls.md.
 """
 from jdist import collectives as collectives
 from jdist import data as data

@@ -344,25 +344,25 @@ def _check_worker_axis(batch: Batch, n: int, *, dim: int, what: str, process_loc
         raise ValueError(
             f"async_sgd: {what} leaf {name} has {got}, but num_workers is {n}: each leaf must be {layout}, "
             f"worker w's examples at index w. Split a global batch of {n}*b examples with "
-            f"jdist.async_sgd.split_workers(batch, {n}).")
+            f"jdist.split_workers(batch, {n}).")
       raise ValueError(
           f"async_sgd: process {jax.process_index()}'s {what} leaf {name} has {got}, but in a run of {count} "
           f"processes each passes only the slices of its own {local} of the {n} workers: each leaf must be "
           f"{layout}, {local} at axis {dim}. Split this process's share of the global batch with "
-          f"jdist.async_sgd.split_workers(batch, {n}).")
+          f"jdist.split_workers(batch, {n}).")
     if len(shape) == dim + 1:
       raise ValueError(
           f"async_sgd: {what} leaf {name} has shape {shape}, with no example axis after the workers: each leaf "
           f"must be {layout}, b examples per worker. Give each worker's values an example axis (e.g. "
           f"x[..., None] for one value per worker), or split a global batch with "
-          f"jdist.async_sgd.split_workers(batch, {n}).")
+          f"jdist.split_workers(batch, {n}).")
     sizes[name] = shape[dim + 1]
   if len(set(sizes.values())) > 1:
     listing = ", ".join(f"{k}: {v}" for k, v in sizes.items())
     raise ValueError(
         f"async_sgd: {what} leaves have different per-worker batch sizes b at axis {dim + 1} ({listing}); every "
         f"leaf must be {layout} with the same b, worker w's b examples at index w. Split a global batch whose "
-        f"leaves all hold the same number of examples with jdist.async_sgd.split_workers(batch, {n}).")
+        f"leaves all hold the same number of examples with jdist.split_workers(batch, {n}).")
 
 
 def async_sgd(

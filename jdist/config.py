@@ -156,8 +156,13 @@ def _non_negative(name: str, value: Any) -> None:
     raise ConfigError(f"{name} must be an int >= 0, got {value!r}.")
 
 
+_ALIASES = {"learning_rate": "lr", "num_steps": "steps"}  # names from other libraries
+
+
 def _unknown(where: str, key: str, valid: Sequence[str]) -> ConfigError:
-  hint = difflib.get_close_matches(key, list(valid), n=1)
+  hint = [_ALIASES[key]] if _ALIASES.get(key) in valid else difflib.get_close_matches(key, list(valid), n=1)
+  if not where and not hint:  # a section's key given at the top level: steps=5 for train.steps=5
+    hint = [f"{name}.{key}" for name, cls in SECTIONS.items() if key in _field_names(cls)][:1]
   return ConfigError(f"Unknown key {where}{key!r}. Valid keys: {', '.join(sorted(valid))}"
                      + (f". Did you mean {hint[0]!r}?" if hint else "."))
 

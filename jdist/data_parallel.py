@@ -150,7 +150,7 @@ def data_parallel(
     # params: replicated; batch: [B/N, ...] on this device; residual: [1, ...] (error feedback) or None;
     # q: PowerSGD's replicated Q tree or None.
     # Mark params device-varying first: grad w.r.t. an invariant input comes back already psum'ed
-    # over the axis (shared/DESIGN.md, pitfall 1), and the mean below would then be N times too big.
+    # over the axis (docs/pitfalls.md, pitfall 1), and the mean below would then be N times too big.
     params = jax.lax.pcast(params, axes, to="varying")
     loss, aux, grads = accumulate(vg, params, batch, k)
     residual = jax.tree.map(lambda r: r[0], residual)

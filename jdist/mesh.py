@@ -54,7 +54,7 @@ def make_mesh(*, devices: Sequence[jax.Device] | None = None, **axes: int) -> Me
 
   Axes are laid out in the order given. Their sizes must multiply to the number of devices; one size
   may be -1, meaning "whatever is left". Every axis is ``AxisType.Auto`` so that both ``jax.shard_map``
-  and GSPMD-sharded ``jax.jit`` accept arrays placed on it (see shared/DESIGN.md, pitfall 2).
+  and GSPMD-sharded ``jax.jit`` accept arrays placed on it (see docs/pitfalls.md, pitfall 2).
 
   Args:
     devices: the devices to use, by default ``jax.devices()``.

@@ -131,6 +131,9 @@ class Schedule:
     rows.append("peak stash: " + " ".join(map(str, self.peak_stash)) + " stage inputs held per device for the backward")
     return "\n".join(rows)
 
+  def __str__(self) -> str:  # print(schedule) shows the table
+    return self.format()
+
 
 def _zero_sums(tree_type: Any, vary: Callable) -> Any:
   """Zeros to sum values typed like ``tree_type`` into (float32 or wider), marked varying by ``vary``."""

@@ -204,6 +204,9 @@ def test_cli_nan_exits_nonzero(tmp_path, capsys):
     ({"optimiser": {}}, "Unknown key 'optimiser'"),
     ({"optimizer": {"name": "adamm"}}, "did you mean 'adam'?"),
     ({"train": {"steps": 0}}, "train.steps must be a positive int, got 0"),
+    ({"steps": 5}, "Unknown key 'steps'. Valid keys: checkpoint, data, mesh, model, optimizer, run_dir, strategy, "
+                   "train. Did you mean 'train.steps'?"),  # a section's key at the top level
+    ({"optimizer": {"learning_rate": 0.1}}, "Did you mean 'lr'?"),
 ])
 def test_config_errors(bad, match):
   with pytest.raises(config_lib.ConfigError) as err:

@@ -237,6 +237,7 @@ def test_schedule_table_text():
   assert lines[1].split() == ["0", "F0", ".", ".", "."]
   assert lines[8].split() == ["7", "B0", "F3", "B1", "F2"]
   assert len(lines) == 1 + 22 + 2 and "bubble: 0.273" in text and lines[-1].startswith("peak stash: 4 3 2 1 ")
+  assert str(pipeline_schedule(2, 2)) == pipeline_schedule(2, 2).format()  # print(schedule) shows the table
 
 
 # ---- bad input -----------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ def _parser() -> argparse.ArgumentParser:
   sub = parser.add_subparsers(dest="command", required=True)
 
   demo = sub.add_parser("demo", help="train the digits MLP with every strategy and compare them")
-  demo.add_argument("--quick", action="store_true", help="fewer steps: finishes in under a minute on a laptop")
+  demo.add_argument("--quick", action="store_true", help="fewer steps: about a minute on a laptop")
   demo.add_argument("--steps", type=int, default=None, help="steps per strategy (default 400, --quick 150)")
   demo.add_argument("--out", default="runs/demo", help="directory for run logs and the loss-curve PNG")
   demo.add_argument("--devices", type=int, default=8, help="CPU devices to emulate on a CPU-only host")

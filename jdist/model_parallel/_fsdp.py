@@ -90,7 +90,7 @@ def fsdp(
     def body(pieces, batch):
       # pieces: each leaf its 1/N piece (split on one dim) or whole (small, replicated); batch: [B/N, ...]
       # Replicated leaves are marked varying *outside* the differentiated function: inside it, the
-      # transpose of the cast would already sum their gradient over the devices (DESIGN.md, pitfall 1).
+      # transpose of the cast would already sum their gradient over the devices (docs/pitfalls.md, pitfall 1).
       pieces = jax.tree.map(lambda x, spec: x if sharded_dim(spec) is not None else jax.lax.pcast(x, axis, to="varying"),
                             pieces, specs, is_leaf=is_spec)
       (loss, aux), grads = vg(pieces, batch)

@@ -198,9 +198,9 @@ def loss_fn(config: GPTConfig):
 
 
 def flops_per_token(config: GPTConfig) -> float:
-  """Training FLOPs per token, the convention of shared/reference/plain_jax_gpt.py: 6 x (parameters
-  without the position table; the tied embedding counts once, as the head's matmul) plus the causal
-  attention term 12 L D S / 2."""
+  """Training FLOPs per token, the convention of the plain reference step (benchmarks/_plain_gpt.py): 6 x
+  (parameters without the position table; the tied embedding counts once, as the head's matmul) plus the
+  causal attention term 12 L D S / 2."""
   D, L, S = config.d_model, config.n_layers, config.seq_len
   return 6 * (config.num_params() - S * D) + 12 * L * D * S / 2
 
