@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import pathlib
+import re
 import shutil
 import time
 from typing import Any
@@ -185,7 +186,9 @@ class Checkpointer:
         state, meta = self._restore(step, template)
         return step, state, meta
       except Exception as e:  # orbax, tensorstore and our own checks raise many types
-        reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:400]
+        first = str(e).splitlines()[0] if str(e) else ""
+        first = re.split(r" \[tensorstore_spec| See full TensorStore details", first)[0]  # then: specs, reprs
+        reason = f"{type(e).__name__}: {first}"[:400]
         if not self.config.fallback:
           raise CheckpointError(
               f"Checkpoint {self.step_path(step)} cannot be read ({reason}). Nothing was overwritten. Move it "
