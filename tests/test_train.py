@@ -153,7 +153,6 @@ def test_corrupted_latest_checkpoint_is_reported_and_fallback_only_when_allowed(
     fit(strategy, state, loader, steps=15, checkpoint=CheckpointConfig(directory=ckdir, every_steps=5))
   if damage is _swap_state_from_another_run:
     assert "do not match the checksums" in str(err.value)
-  # the reason is orbax's first line, without tensorstore's spec dump and bound-method reprs after it
   assert "[tens" not in str(err.value) and "TensorStore details" not in str(err.value)
   assert sorted(p.name for p in ckdir.iterdir()) == ["10", "5"]  # untouched
   strategy, state, loader = _setup()
@@ -460,3 +459,12 @@ def test_read_jsonl_skips_a_cut_last_line_and_names_a_damaged_one(tmp_path):
   path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo\n{"step": 3, "loss": 1.0}\n')
   with pytest.raises(ValueError, match="metrics.jsonl, line 2: not a JSON record"):
     read_jsonl(path)
+
+
+def test_an_unreadable_checkpoint_is_named_by_its_first_line_only():
+  from jdist.train._checkpoint import _reason
+  error = ValueError('DATA_LOSS: Error reading "step/.zarray": Expected to start with hex bytes 0cdb20de; at byte 4 '
+                     '[tensorstore_spec=\'{"driver":"zarr"}\'] See full TensorStore details: <bound method '
+                     'pybind11_detail_function_record.spec of TensorStore({...})>\nsecond line')
+  assert _reason(error) == 'ValueError: DATA_LOSS: Error reading "step/.zarray": Expected to start with hex bytes ' \
+                           '0cdb20de; at byte 4'

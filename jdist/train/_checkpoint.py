@@ -25,6 +25,14 @@ from jdist._types import PyTree
 FORMAT_VERSION = 1
 
 
+def _reason(error: BaseException) -> str:
+  """An exception's type and first line for a one-line message, without the tensorstore spec dump and
+  bound-method repr that tensorstore's errors carry after it."""
+  first = str(error).splitlines()[0] if str(error) else ""
+  first = re.split(r" \[tensorstore_spec| See full TensorStore details", first)[0]
+  return f"{type(error).__name__}: {first}"[:400]
+
+
 class CheckpointError(RuntimeError):
   """A checkpoint exists but cannot be used; nothing was overwritten."""
 
@@ -186,9 +194,7 @@ class Checkpointer:
         state, meta = self._restore(step, template)
         return step, state, meta
       except Exception as e:  # orbax, tensorstore and our own checks raise many types
-        first = str(e).splitlines()[0] if str(e) else ""
-        first = re.split(r" \[tensorstore_spec| See full TensorStore details", first)[0]  # then: specs, reprs
-        reason = f"{type(e).__name__}: {first}"[:400]
+        reason = _reason(e)
         if not self.config.fallback:
           raise CheckpointError(
               f"Checkpoint {self.step_path(step)} cannot be read ({reason}). Nothing was overwritten. Move it "
