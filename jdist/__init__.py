@@ -8,6 +8,7 @@ from jdist import data as data
 from jdist import distributed as distributed
 from jdist import model_parallel as model_parallel
 from jdist import models as models
+from jdist import precision as precision
 from jdist import theory as theory
 from jdist import train as train
 from jdist.async_sgd import async_sgd as async_sgd
@@ -54,6 +55,7 @@ __all__ = [
     "partition_specs",
     "pipeline",
     "pipeline_schedule",
+    "precision",
     "put_batch",
     "replicate",
     "shard_batch",
