@@ -26,7 +26,8 @@ def check_algorithm(algorithm: str, axis: Axis | None = None) -> None:
   axes = (axis,) if isinstance(axis, str) else tuple(axis)
   if algorithm == "hierarchical" and len(axes) != 2:
     raise ValueError(f"algorithm='hierarchical' reduces over two mesh axes (outer, inner), got {axis!r}. Use a "
-                     f"2-D mesh, e.g. jdist.make_mesh(node=2, device=4), with axis=('node', 'device').")
+                     f"2-D mesh, e.g. jdist.make_mesh(node=2, device=4), with axis=('node', 'device') (in a config: "
+                     f"mesh.node=2, mesh.device=4, strategy.axis=[\"node\", \"device\"]).")
 
 
 def _buckets(leaves: list[jax.Array], bucket_bytes: int) -> list[list[int]]:
