@@ -68,10 +68,14 @@ def train_with_each_algorithm(epochs: int = 100) -> dict[str, np.ndarray]:
   return results
 
 
-if __name__ == "__main__":
+def main() -> None:
   show_ring()
   results = train_with_each_algorithm()
   for algorithm, values in results.items():
     if not np.allclose(values, results["psum"], rtol=1e-6, atol=0):
       sys.exit(f"FAILED: {algorithm} trained to {values}, psum to {results['psum']} (rtol 1e-6).")
   print("Every algorithm trained to the same parameters as psum.")
+
+
+if __name__ == "__main__":
+  main()

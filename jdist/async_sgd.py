@@ -326,7 +326,7 @@ def _process_local(batch: Batch) -> bool:
 def _check_worker_axis(batch: Batch, n: int, *, dim: int, what: str, process_local: bool = False) -> None:
   """Checks axis ``dim`` of every leaf is the workers: all ``n`` of them, or with ``process_local`` the
   ``n / P`` workers of this process (a multi-process run, where each process passes its own workers);
-  and that every leaf has the same per-worker batch size ``b`` at axis ``dim + 1``."""
+  and that the leaves with examples agree on the per-worker batch size ``b`` at axis ``dim + 1``."""
   leaves = jax.tree_util.tree_flatten_with_path(batch)[0]
   if not leaves:
     raise ValueError(f"The {what} is empty; expected a pytree of arrays.")
@@ -350,13 +350,8 @@ def _check_worker_axis(batch: Batch, n: int, *, dim: int, what: str, process_loc
           f"processes each passes only the slices of its own {local} of the {n} workers: each leaf must be "
           f"{layout}, {local} at axis {dim}. Split this process's share of the global batch with "
           f"jdist.split_workers(batch, {n}).")
-    if len(shape) == dim + 1:
-      raise ValueError(
-          f"async_sgd: {what} leaf {name} has shape {shape}, with no example axis after the workers: each leaf "
-          f"must be {layout}, b examples per worker. Give each worker's values an example axis (e.g. "
-          f"x[..., None] for one value per worker), or split a global batch with "
-          f"jdist.split_workers(batch, {n}).")
-    sizes[name] = shape[dim + 1]
+    if len(shape) > dim + 1:  # a leaf of the workers alone is one value per worker, with no examples
+      sizes[name] = shape[dim + 1]
   if len(set(sizes.values())) > 1:
     listing = ", ".join(f"{k}: {v}" for k, v in sizes.items())
     raise ValueError(
@@ -444,8 +439,8 @@ def async_sgd(
       staleness_lr, a negative delay_compensation, ``fail`` naming a worker outside [0, num_workers) or
       a negative tick, axis naming several mesh axes, num_workers not divisible by the mesh axis, a
       delay model for another number of workers or a delay mask that is not [num_workers]; at
-      ``shard_batch`` / ``step`` / ``run``, batch leaves whose worker axis is not num_workers, that have
-      no per-worker example axis, or that disagree on the per-worker batch size b.
+      ``shard_batch`` / ``step`` / ``run``, batch leaves whose worker axis is not num_workers or that
+      disagree on the per-worker batch size b (a leaf of the workers alone, one value each, has no b).
 
   Example:
     >>> strategy = async_sgd(linear.loss, optax.sgd(0.01), num_workers=4, pause_prob=0.05, key=0)  # doctest: +SKIP
@@ -490,7 +485,7 @@ def async_sgd(
           f"{jax.process_count()} processes and every process's devices must take part. Pass a mesh over all "
           f"devices, e.g. mesh=jdist.make_mesh({axis}=-1) (num_workers a multiple of its size).")
     mesh = mesh_lib.make_mesh(**{axis: 1}, devices=jax.devices()[:1])
-  (axis,) = mesh_lib.check_axes(mesh, axis, what="workers axis")
+  axis = mesh_lib.check_axis(mesh, axis, who="async_sgd's workers axis", what="workers axis", example="workers")
   d = mesh.shape[axis]
   if n % d:
     raise ValueError(f"num_workers ({n}) is not divisible by the {d} devices on mesh axis {axis!r}. Use a "

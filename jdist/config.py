@@ -160,11 +160,12 @@ _ALIASES = {"learning_rate": "lr", "num_steps": "steps"}  # names from other lib
 
 
 def _unknown(where: str, key: str, valid: Sequence[str]) -> ConfigError:
-  hint = [_ALIASES[key]] if _ALIASES.get(key) in valid else difflib.get_close_matches(key, list(valid), n=1)
+  name = _ALIASES.get(key, key)
+  hint = [name] if name in valid and name != key else difflib.get_close_matches(key, list(valid), n=1)
   if not where and not hint:  # a section's key given at the top level: steps=5 for train.steps=5
-    hint = [f"{name}.{key}" for name, cls in SECTIONS.items() if key in _field_names(cls)][:1]
+    hint = [f"{section}.{name}" for section, cls in SECTIONS.items() if name in _field_names(cls)]
   return ConfigError(f"Unknown key {where}{key!r}. Valid keys: {', '.join(sorted(valid))}"
-                     + (f". Did you mean {hint[0]!r}?" if hint else "."))
+                     + (f". Did you mean {' or '.join(map(repr, hint))}?" if hint else "."))
 
 
 def _field_names(cls) -> list[str]:

@@ -75,8 +75,9 @@ def make_mesh(*, devices: Sequence[jax.Device] | None = None, **axes: int) -> Me
   devices = list(jax.devices() if devices is None else devices)
   if not devices:
     raise ValueError("make_mesh got an empty device list.")
-  repeated = sorted({str(d) for d in devices if devices.count(d) > 1})
-  if repeated:
+  if len(set(devices)) != len(devices):
+    seen: set = set()
+    repeated = sorted({str(d) for d in devices if d in seen or seen.add(d)})
     raise ValueError(f"make_mesh got the same device more than once ({', '.join(repeated)}); a mesh needs "
                      f"{len(devices)} distinct devices. Pass each device once, e.g. devices=jax.devices()[:n].")
   names = tuple(axes)

@@ -37,9 +37,9 @@ def peak_flops(device: jax.Device | None = None) -> float | None:
 def mfu(flops_per_step: float, step_time_s: float, peak: float | None = None) -> float | None:
   """Model FLOPs utilisation: ``flops_per_step / step_time_s / peak`` (None if the peak is unknown).
 
-  For the GPT use ``jdist.models.gpt.flops_per_token(cfg) * tokens_per_step`` (6 N per token for the
-  weights plus the causal attention term), the convention of the plain reference step
-  (benchmarks/_plain_gpt.py).
+  For the GPT use ``jdist.models.gpt.flops_per_token(cfg) * tokens_per_step``: 6 N per token for the N
+  weights (forward 2 N, backward 4 N) plus the causal attention term 12 L D S / 2, the count the team's
+  plain-JAX reference benchmark uses.
   """
   if peak is not None and not peak > 0:
     raise ValueError(f"peak must be a positive FLOP/s figure (or None: the device's), got {peak!r}.")

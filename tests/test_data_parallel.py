@@ -47,7 +47,7 @@ def test_equals_single_device(n, opt, backend):
 
 
 def test_gradient_is_not_n_times_too_large():
-  """Regression for shared/DESIGN.md pitfall 1: grads of replicated params come back psum'ed."""
+  """Regression for docs/pitfalls.md pitfall 1: grads of replicated params come back psum'ed."""
   params = linear.init(in_features=3)
   rng = np.random.default_rng(0)
   batch = {"x": rng.normal(size=(16, 3)).astype(np.float32), "y": rng.normal(size=(16, 1)).astype(np.float32)}

@@ -88,3 +88,11 @@ def test_linear_regression_example_exits_non_zero_when_the_equivalence_fails(mon
   monkeypatch.setattr(example, "single_device", lambda epochs, **kwargs: {"w": np.zeros((1, 1)), "b": np.zeros(1)})
   with pytest.raises(SystemExit, match="FAILED: data parallel differs from one device"):
     example.main(["--epochs", "3"])
+
+
+def test_allreduce_walkthrough_exits_non_zero_when_an_algorithm_differs(monkeypatch, capsys):
+  example = load_example("allreduce_walkthrough")
+  monkeypatch.setattr(example, "show_ring", lambda: None)
+  monkeypatch.setattr(example, "train_with_each_algorithm", lambda: {"psum": np.ones(2), "ring": np.ones(2) * 1.01})
+  with pytest.raises(SystemExit, match="FAILED: ring trained to"):
+    example.main()

@@ -187,9 +187,10 @@ def apply(params: Params, tokens: jax.Array, config: GPTConfig) -> jax.Array:
 def loss(params: Params, batch: Batch, config: GPTConfig) -> jax.Array:
   """Mean next-token cross-entropy; ``batch = {"tokens": int[B, S + 1]}`` (an id outside the vocabulary
   makes it NaN)."""
-  tokens = valid_tokens(batch["tokens"], config, max_len=config.seq_len + 1)
+  tokens = batch["tokens"]
+  targets = valid_tokens(tokens, config, max_len=config.seq_len + 1)[:, 1:]  # embed checks the inputs
   logits = apply(params, tokens[:, :-1], config)
-  return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+  return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
 
 
 def loss_fn(config: GPTConfig):
@@ -198,9 +199,9 @@ def loss_fn(config: GPTConfig):
 
 
 def flops_per_token(config: GPTConfig) -> float:
-  """Training FLOPs per token, the convention of the plain reference step (benchmarks/_plain_gpt.py): 6 x
-  (parameters without the position table; the tied embedding counts once, as the head's matmul) plus the
-  causal attention term 12 L D S / 2."""
+  """Training FLOPs per token: 6 x (parameters without the position table; the tied embedding counts once,
+  as the head's matmul) plus the causal attention term 12 L D S / 2 (the score and value matmuls, forward
+  and backward, halved by the causal mask), the count the team's plain-JAX reference benchmark uses."""
   D, L, S = config.d_model, config.n_layers, config.seq_len
   return 6 * (config.num_params() - S * D) + 12 * L * D * S / 2
 
