@@ -207,6 +207,8 @@ def test_cli_nan_exits_nonzero(tmp_path, capsys):
     ({"steps": 5}, "Unknown key 'steps'. Valid keys: checkpoint, data, mesh, model, optimizer, run_dir, strategy, "
                    "train. Did you mean 'train.steps'?"),  # a section's key at the top level
     ({"optimizer": {"learning_rate": 0.1}}, "Did you mean 'lr'?"),
+    ({"learning_rate": 0.1}, "Did you mean 'optimizer.lr'?"),
+    ({"seed": 1}, "Did you mean 'data.seed' or 'train.seed'?"),
 ])
 def test_config_errors(bad, match):
   with pytest.raises(config_lib.ConfigError) as err:
