@@ -16,25 +16,33 @@ def setup_devices(n: int = 8) -> None:
   jdist.emulate_devices(n)
 
 
-def time_interleaved(fns: dict[str, Callable[[], Any]], *, steps: int, rounds: int,
-                     warmup: int = 1) -> dict[str, float]:
-  """Median seconds per call of each fn, timed in alternating rounds so drift hits all alike.
+def time_interleaved(fns: dict[str, Callable[[], Any]], *, steps: int, rounds: int, warmup: int = 1,
+                     steps_per_call: dict[str, int] | None = None) -> dict[str, float]:
+  """Median seconds per step of each fn, timed in interleaved rounds so drift hits all alike (the order
+  within a round reverses every other round, so no fn always runs first).
 
-  Each fn runs one step and returns something to block on; each runs ``warmup`` times first (the first
-  call compiles).
+  Each fn runs one step and returns something to block on, or ``steps_per_call[name]`` steps (a fn that
+  drives a whole loop, e.g. ``jdist.fit``; ``steps`` must be a multiple of it). A round runs ``steps``
+  steps of each; each fn is called ``warmup`` (>= 1) times first: the first call compiles.
   """
   import jax
 
+  if warmup < 1:
+    raise ValueError(f"warmup must be >= 1 (the first call compiles), got {warmup}.")
+  per_call = {name: (steps_per_call or {}).get(name, 1) for name in fns}
+  for name, k in per_call.items():
+    if steps % k:
+      raise ValueError(f"steps={steps} is not a multiple of {name}'s {k} steps per call.")
   for fn in fns.values():
     for _ in range(warmup):
       out = fn()
     jax.block_until_ready(out)
   samples: dict[str, list[float]] = {k: [] for k in fns}
-  for _ in range(rounds):
-    for name, fn in fns.items():
+  for r in range(rounds):
+    for name in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
       t = time.perf_counter()
-      for _ in range(steps):
-        out = fn()
+      for _ in range(steps // per_call[name]):
+        out = fns[name]()
       jax.block_until_ready(out)
       samples[name].append((time.perf_counter() - t) / steps)
   return {k: statistics.median(v) for k, v in samples.items()}
@@ -80,7 +88,7 @@ def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]
   for i, c in enumerate(columns):
     table.add_column(c, justify="left" if i == 0 else "right", no_wrap=True)
   for row in rows:
-    table.add_row(*[f"{v:.4g}" if isinstance(v, float) else str(v) for v in row])
+    table.add_row(*[f"{v:.4g}" if isinstance(v, float) else "-" if v is None else str(v) for v in row])
   Console(width=None if Console().is_terminal else 160).print(table)
 
 

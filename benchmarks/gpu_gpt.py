@@ -1,14 +1,14 @@
 """The GPT training step on one GPU: jdist against the plain jax.jit + optax step, same shapes, same run.
 
-Two configurations (those of shared/reference/plain_jax_gpt.py): 124M-class (d=768, 12 layers, seq
+Two configurations (those of the team's plain-JAX reference script): 124M-class (d=768, 12 layers, seq
 1024, batch 16) and 1B-class (d=2048, 16 layers, seq 2048, batch 8), vocabulary 32768. jdist runs the
 GPT through `data_parallel` on a 1-device mesh with bf16 compute and fp32 master weights and optimizer
 state (`GPTConfig.compute_dtype`; `--policy wrapper` adds `jdist.precision.mixed_precision`, the
 policy for any model), cuDNN attention where
-available, blocks under `lax.scan`, the state donated; then the same compiled step once more through
-`jdist.fit` (host batches, metrics read one step late), to show what the training loop costs. The plain
-step is the reference's own code, copied into benchmarks/_plain_gpt.py; both run on the same tokens,
-timed in interleaved rounds (median round). The table: step ms, tokens/s, MFU (of the chip's bf16 peak)
+available, blocks under `lax.scan`, the state donated; and the same compiled step driven by `jdist.fit`
+(host batches, metrics read one step late), to show what the training loop costs. The plain step is the
+reference's own code, copied into benchmarks/_plain_gpt.py; all three run on the same tokens, warmed
+up, timed in interleaved rounds (median round). The table: step ms, tokens/s, MFU (of the chip's bf16 peak)
 and jdist / plain in tokens/s (goal >= 1). Writes bench_results/gpu_gpt.json (under $JDIST_BENCH_OUT if
 set) after every row, so a run cut short keeps what it measured; a row that fails (out of memory, a
 compiler error) is recorded with its error, the run goes on, and the script exits 1 at the end. The
@@ -109,13 +109,15 @@ def plain_setup(shape, impl):
   return jax.jit(step, donate_argnums=(0,)), init
 
 
-def compare(shape, impl, *, plain=None, remat="none", unroll=1, policy="model", steps=10, rounds=3, fit_steps=0):
+def compare(shape, impl, *, plain=None, remat="none", unroll=1, policy="model", steps=10, rounds=3, with_fit=False):
   """jdist's step and the plain step on the same tokens, timed in interleaved rounds (``steps`` steps a
-  round, the median round counts), so drift on the card hits both alike; with ``fit_steps``, then the
-  same compiled jdist step driven by ``jdist.fit`` (host batches in, metrics out: the loop a user runs).
-  ``plain``: ``plain_setup(shape, impl)``, passed in to reuse its compiled step across calls.
+  round, the median round counts), so drift on the card hits both alike; ``with_fit`` adds to each round
+  ``steps`` steps of the same compiled jdist step driven by ``jdist.fit`` (host batches in, metrics out:
+  the loop a user runs), warmed up like the others. ``plain``: ``plain_setup(shape, impl)``, passed in to
+  reuse its compiled step across calls.
 
-  Returns ``{"step_s", "plain_step_s", "fit_step_s" (or None), "flops" (model FLOPs per step)}``.
+  Returns ``{"step_s", "plain_step_s", "fit_step_s" (None without ``with_fit``), "flops" (model FLOPs per
+  step)}``.
   """
   strategy, cfg = jdist_setup(shape, impl, remat, unroll, policy)
   host_batch = jax.device_get(gpt.synthetic_tokens(jax.random.key(2), shape["batch"], cfg))
@@ -131,16 +133,15 @@ def compare(shape, impl, *, plain=None, remat="none", unroll=1, policy="model", 
     box["plain"], loss = plain_step(box["plain"], tokens)
     return loss
 
-  times = time_interleaved({"jdist": run_jdist, "plain": run_plain}, steps=steps, rounds=rounds, warmup=3)
-  del box["plain"]  # free the plain state before the loop runs
-  fit_dt = None
-  if fit_steps:
+  def run_fit():  # `steps` steps of the same compiled step through jdist.fit: host batches in, metrics out
     state = box.pop("jdist")
-    start = int(state.step)
-    t = time.perf_counter()
-    result = jdist.fit(strategy, state, itertools.repeat(host_batch), steps=start + fit_steps, log_every=fit_steps)
-    jax.block_until_ready(result.state)
-    fit_dt = (time.perf_counter() - t) / fit_steps
+    result = jdist.fit(strategy, state, itertools.repeat(host_batch), steps=int(state.step) + steps, log_every=steps)
+    box["jdist"] = result.state
+    return result.state.params
+
+  fns = {"jdist": run_jdist, "plain": run_plain, **({"fit": run_fit} if with_fit else {})}
+  times = time_interleaved(fns, steps=steps, rounds=rounds, warmup=3, steps_per_call={"fit": steps})
+  fit_dt = times.get("fit")
   return {"step_s": times["jdist"], "plain_step_s": times["plain"], "fit_step_s": fit_dt,
           "flops": gpt.flops_per_token(cfg) * shape["batch"] * shape["seq_len"]}
 
@@ -228,12 +229,12 @@ def run_row(name, shape, impl, unroll, plain, args, n, peak) -> dict:
   blocks = "all" if not unroll else unroll
   try:
     r = compare(shape, impl, plain=plain, remat=args.remat, unroll=unroll or True, policy=args.policy, steps=n,
-                rounds=args.rounds, fit_steps=n)
+                rounds=args.rounds, with_fit=True)
   except Exception as e:  # noqa: BLE001
     return {"config": name, "unroll": blocks, "error": f"{type(e).__name__}: {str(e)[:500]}"}
   tokens = shape["batch"] * shape["seq_len"]
   t_j, t_f, t_p, flops = r["step_s"], r["fit_step_s"], r["plain_step_s"], r["flops"]
-  m = lambda t: mfu(flops, t, peak) if peak else float("nan")
+  m = lambda t: mfu(flops, t, peak) if peak else None  # None (JSON null, "-" in the table): peak unknown
   return {"config": name, "unroll": blocks, "attention": impl or "xla", "jdist_step_ms": t_j * 1e3,
           "jdist_fit_step_ms": t_f * 1e3, "plain_step_ms": t_p * 1e3, "jdist_tokens_per_s": tokens / t_j,
           "jdist_fit_tokens_per_s": tokens / t_f, "plain_tokens_per_s": tokens / t_p, "jdist_mfu": m(t_j),
@@ -289,7 +290,8 @@ def main() -> None:
       write_json("gpu_gpt", results)  # after every row: a run cut short keeps what it measured
       if "error" not in row:
         rows.append((name, row["unroll"], *(row[k] for k in TABLE_KEYS)))
-  print_table(f"GPT step on {results['device']} (peak {peak or 0:.3g} FLOP/s), remat={args.remat}, "
+  peak_text = f"peak {peak:.3g} FLOP/s" if peak else "peak unknown: no MFU"
+  print_table(f"GPT step on {results['device']} ({peak_text}), remat={args.remat}, "
               f"policy={args.policy}, median of {args.rounds} interleaved rounds of {n} steps; goal jdist/plain >= 1",
               ["config", "blocks", "jdist ms", "fit ms", "plain ms", "jdist tok/s", "plain tok/s", "jdist MFU",
                "fit MFU", "plain MFU", "jdist/plain", "fit/plain"], rows)

@@ -98,7 +98,7 @@ def test_gpu_benchmark_code_paths_on_cpu(monkeypatch):
   shape = bench.CONFIGS["cpu-smoke"]
   for policy, unroll in zip(bench.POLICIES, (1, True)):
     ours = bench.compare(shape, None, remat="dots_saveable", unroll=unroll, policy=policy, steps=2, rounds=2,
-                         fit_steps=2)
+                         with_fit=True)
     assert ours["step_s"] > 0 and ours["plain_step_s"] > 0 and ours["fit_step_s"] > 0
   cfg = gpt.GPTConfig(vocab_size=256, seq_len=64, d_model=64, n_layers=2, n_heads=4)
   assert ours["flops"] == gpt.flops_per_token(cfg) * 4 * 64
