@@ -3,7 +3,9 @@
 For every algorithm and payload: the median time of one all-reduce (interleaved rounds), the bytes
 each device sends according to the compiled HLO (jdist.comm_report), and the ratio of those bytes to
 the theoretical minimum 2(N-1)/N x payload (goal for ring and halving_doubling: 1.00 up to padding).
-psum is XLA's own; on the CPU backend it moves data through shared memory, so its time is a floor.
+psum is XLA's own; on the CPU backend it moves data through shared memory, so its time is a floor, and
+its bytes are not measured: ``comm_report`` charges an all-reduce op the ring's 2(N-1)/N by assumption,
+so psum's 1.00 holds by construction. The ppermute algorithms' bytes are read from their permutes.
 Writes bench_results/allreduce.json and bench_results/allreduce.png.
 
 Run: python benchmarks/allreduce.py [--quick]

@@ -3,10 +3,13 @@
 For each mesh (data=8; fsdp=8; model=8; data=2 x model=4; data=2 x fsdp=2 x model=2) and the GPT:
 - step time of jdist vs a hand-written jit + NamedSharding step with the same parameter shardings
   (goal: ratio <= 1.05), measured in interleaved rounds in this one run;
-- per-device bytes of parameters + optimizer state, from compiled.memory_analysis(), against the
-  ideal (replicated bytes / devices that shard them);
+- per-device bytes of parameters + optimizer state, from the shard shapes of the placed state, against
+  the ideal (replicated bytes / devices that shard them); "args KB" is compiled.memory_analysis()'s
+  argument size (the batch included);
 - collective bytes per device per step from the compiled HLO against the textbook figure
-  (DP 2(N-1)/N P; ZeRO-3 3(N-1)/N P; TP 4 all-reduces of B x S x D per block).
+  (DP 2(N-1)/N P; ZeRO-3 3(N-1)/N P; TP 4 all-reduces of B x S x D per block). On the mixed meshes
+  the textbook figure is the tensor-parallel part only; their data-parallel and FSDP traffic is sent
+  too, so "KB sent/dev" exceeds it.
 Also the explicit shard_map FSDP (jdist.model_parallel.fsdp). Writes bench_results/model_parallel.json.
 
 Run: python benchmarks/model_parallel.py [--quick]
@@ -106,7 +109,7 @@ def main() -> None:
   print_table(f"GPT {cfg.num_params() / 1e6:.2f}M params, batch {batch_size} x {cfg.seq_len}, 8 "
               f"{jax.devices()[0].platform} devices (median of {rounds} interleaved rounds x {steps} steps)",
               ["mesh", "jdist ms", "hand ms", "ratio (<=1.05)", "state/ideal", "args KB", "KB sent/dev",
-               "textbook KB"], rows)
+               "textbook KB (TP only on mixed meshes)"], rows)
   for name, r in results.items():
     print(f"  {name}: " + ", ".join(f"{k} x{v}" for k, v in r["collectives"].items()))
   write_json("model_parallel", {"params": cfg.num_params(), "results": results})

@@ -83,8 +83,8 @@ def main() -> None:
                       "textbook_bubble": sched.expected_bubble(), "ticks": sched.ticks,
                       "peak_stash": int(sched.peak_stash.max()), "temp_bytes": temp})
   print_table(f"GPT pipeline on {p} {jax.devices()[0].platform} devices vs sequential on 1, global batch 32",
-              ["schedule", "m", "pipeline ms", "sequential ms", "ratio", "bubble (ran)", "(p-1)/(mv+p-1)",
-               "peak stash", "temp MiB/device"], rows)
+              ["schedule", "m", "pipeline ms", "sequential ms", "ratio", "bubble (ran)",
+               "(p-1)/(mv+p-1) (circular: if p | m)", "peak stash", "temp MiB/device"], rows)
   fixed = fixed_microbatch_memory(p, mesh, opt, [4, 16] if args.quick else [4, 16, 32])
   write_json("pipeline", {"pipe": p, "results": records, "fixed_microbatch_memory": fixed})
   _plot(records, fixed)
