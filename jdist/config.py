@@ -85,7 +85,7 @@ class MeshConfig:
 
   def __post_init__(self):
     _positive("mesh.cpu_devices", self.cpu_devices)
-    if not isinstance(self.num_devices, int) or self.num_devices < 0:
+    if not isinstance(self.num_devices, int) or isinstance(self.num_devices, bool) or self.num_devices < 0:
       raise ConfigError(f"mesh.num_devices must be an int >= 0 (0: all devices), got {self.num_devices!r}.")
     for name, size in self.axes.items():
       if not isinstance(size, int) or (size < 1 and size != -1):

@@ -26,6 +26,7 @@ def plot_runs(run_dirs: Sequence[str | pathlib.Path], out: str | pathlib.Path, *
 
   Raises:
     FileNotFoundError: a run directory has no ``metrics.jsonl``.
+    ValueError: a damaged ``metrics.jsonl``, labels not one per run, an empty or unknown ``metrics``.
   """
   import matplotlib
 
@@ -39,6 +40,10 @@ def plot_runs(run_dirs: Sequence[str | pathlib.Path], out: str | pathlib.Path, *
       raise FileNotFoundError(f"{d} has no {METRICS_FILE}; pass run directories written by jdist train / jdist.fit.")
     runs.append(read_jsonl(path))
   labels = list(labels) if labels is not None else [pathlib.Path(d).name for d in run_dirs]
+  if len(labels) != len(runs):
+    raise ValueError(f"Got {len(labels)} labels for {len(runs)} run directories; pass one label per run.")
+  if metrics is not None and not list(metrics):
+    raise ValueError("metrics is empty; pass the names of metrics to draw, or None for all of them.")
   found: list[str] = []
   for records in runs:
     for r in records:
@@ -76,9 +81,14 @@ def plot_runs(run_dirs: Sequence[str | pathlib.Path], out: str | pathlib.Path, *
   if title:
     fig.suptitle(title)
   fig.tight_layout()
-  if len(runs) > 4:  # one legend beside the panels instead of one over each
-    handles, names = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, names, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False)
+  if len(runs) > 4:  # one legend beside the panels instead of one over each, with every run any panel drew
+    legend = {}
+    for ax in axes.flat:
+      for handle, name in zip(*ax.get_legend_handles_labels()):
+        legend.setdefault(name, handle)
+    ordered = [name for name in labels if name in legend]
+    fig.legend([legend[n] for n in ordered], ordered, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8,
+               frameon=False)
   out = pathlib.Path(out)
   out.parent.mkdir(parents=True, exist_ok=True)
   fig.savefig(out, dpi=110, bbox_inches="tight")

@@ -184,6 +184,16 @@ def test_cli_train_resumes_and_plot(tmp_path, capsys):
   with open(tmp_path / "run" / "metrics.jsonl", "a") as f:
     f.write('{"step": 21, "lo')
   assert main(["plot", str(tmp_path / "run"), "--out", str(tmp_path / "m2.png")]) == 0
+  # a record that is not jdist.fit's (no step) is a one-line error, not a KeyError traceback
+  (tmp_path / "other").mkdir()
+  (tmp_path / "other" / "metrics.jsonl").write_text('{"loss": 1.0}\n')
+  err = _cli_error(capsys, ["plot", str(tmp_path / "other"), "--out", str(tmp_path / "y.png")])
+  assert "line 1: expected an object with an integer 'step'" in err
+  from jdist.plot import plot_runs
+  with pytest.raises(ValueError, match="Got 1 labels for 2 run directories"):
+    plot_runs([tmp_path / "run", tmp_path / "run"], tmp_path / "z.png", labels=["a"])
+  with pytest.raises(ValueError, match="metrics is empty"):
+    plot_runs([tmp_path / "run"], tmp_path / "z.png", metrics=[])
 
 
 def test_cli_demo_steps_must_be_positive(capsys):
@@ -209,6 +219,7 @@ def test_cli_nan_exits_nonzero(tmp_path, capsys):
     ({"optimizer": {"learning_rate": 0.1}}, "Did you mean 'lr'?"),
     ({"learning_rate": 0.1}, "Did you mean 'optimizer.lr'?"),
     ({"seed": 1}, "Did you mean 'data.seed' or 'train.seed'?"),
+    ({"mesh": {"num_devices": True}}, "mesh.num_devices must be an int >= 0 (0: all devices), got True"),
 ])
 def test_config_errors(bad, match):
   with pytest.raises(config_lib.ConfigError) as err:

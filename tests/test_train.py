@@ -382,7 +382,7 @@ def test_parameters_that_overflow_are_never_checkpointed(tmp_path):
                checkpoint=CheckpointConfig(directory=ckdir, every_steps=1))
   # step 1's loss and gradient are finite; the update with lr 1e38 is not
   assert np.isfinite(result.history[0]["loss"]) and np.isfinite(result.history[0]["grad_norm"])
-  assert result.failed and "the parameters after step 1 are not finite" in result.stop_reason
+  assert result.failed and "the state after step 1 is not finite (inf or nan in ['params']['b']" in result.stop_reason
   assert not [p for p in ckdir.iterdir() if p.name.isdigit()]
 
 
@@ -468,3 +468,67 @@ def test_an_unreadable_checkpoint_is_named_by_its_first_line_only():
                      'pybind11_detail_function_record.spec of TensorStore({...})>\nsecond line')
   assert _reason(error) == 'ValueError: DATA_LOSS: Error reading "step/.zarray": Expected to start with hex bytes ' \
                            '0cdb20de; at byte 4'
+
+
+def test_eval_fn_metrics_must_be_scalars():
+  # per-example losses (a forgotten .mean()) used to be dropped from the logs and from EarlyStopping, silently
+  strategy, state, loader = _setup()
+  with pytest.raises(ValueError, match=r"must return a dict of scalars; these are not: \{'loss': \(8,\)\}"):
+    fit(strategy, state, loader, steps=2, eval_fn=lambda p, b: {"loss": jax.vmap(lambda x, y: mlp.loss(
+        p, {"x": x[None], "y": y[None]}))(b["x"], b["y"]), "accuracy": mlp.accuracy(p, b)}, eval_data=_data(8),
+        eval_every=1)
+
+
+def test_early_stopping_on_a_metric_the_run_does_not_log_is_an_error():
+  strategy, state, loader = _setup()
+  stopper = jdist.train.EarlyStopping("val_loss", patience=1)  # another library's name; jdist logs eval_loss
+  with pytest.raises(ValueError, match=r"monitors 'val_loss', but the run's steps report \['grad_norm', 'loss'\]"):
+    fit(strategy, state, loader, steps=2, callbacks=[stopper])
+  stopper = jdist.train.EarlyStopping("eval_acc", patience=1)
+  strategy, state, loader = _setup()
+  with pytest.raises(ValueError, match=r"monitors 'eval_acc', but the run's evaluations report \['eval_accuracy', "):
+    fit(strategy, state, loader, steps=2, eval_fn=_eval_fn, eval_data=_data(8), eval_every=1, callbacks=[stopper])
+
+
+def test_a_checkpoint_never_holds_a_non_finite_optimizer_state(tmp_path):
+  # one outlier batch overflows Adam's second moment while the parameters stay finite (update m/sqrt(inf) = 0)
+  strategy, state, loader = _setup()
+  batches = [b for b, _ in zip(loader, range(4))]
+  batches[2] = dict(batches[2], x=batches[2]["x"] * np.float32(1e25))
+  result = fit(strategy, state, batches, steps=4, checkpoint=CheckpointConfig(directory=tmp_path, every_steps=1))
+  assert result.failed and "not finite (inf or nan in ['opt_state']" in result.stop_reason
+  assert sorted(p.name for p in tmp_path.iterdir() if p.name.isdigit()) == ["1", "2"]
+
+
+def test_a_plain_iterator_cannot_resume_from_a_checkpoint_older_than_the_state(tmp_path):
+  batches = [b for b, _ in zip(ArrayLoader(_data(), 32, seed=3), range(6))]
+  strategy, state, _ = _setup()
+  ckpt = CheckpointConfig(directory=tmp_path, every_steps=2, save_at_end=False)
+  data = iter(batches)
+  first = fit(strategy, state, data, steps=3, checkpoint=ckpt)  # checkpoint at 2, state at 3
+  with pytest.raises(CheckpointError, match=r"state passed in is at step 3 but the newest checkpoint is at step 2.*"
+                                            r"would skip 1 batch"):
+    fit(strategy, first.state, data, steps=6, checkpoint=ckpt)
+
+
+def test_a_fresh_run_purges_the_tensorboard_events_of_an_earlier_one(tmp_path):
+  # metrics.jsonl is cut back to step 0; TensorBoard must drop the old run's events too, not overlay them
+  import struct
+  from tensorboardX.proto import event_pb2
+
+  for seed in (0, 1):
+    strategy, state, loader = _setup(seed=seed)
+    fit(strategy, state, loader, steps=4, run_dir=tmp_path, log_every=2)
+
+  def events(path):
+    buf, i = path.read_bytes(), 0
+    while i < len(buf):
+      (n,) = struct.unpack("<Q", buf[i:i + 8])
+      event = event_pb2.Event()
+      event.ParseFromString(buf[i + 12:i + 12 + n])
+      i += 16 + n
+      yield event
+
+  newest = sorted((tmp_path / "tensorboard").iterdir())[-1]
+  purges = [e.step for e in events(newest) if e.HasField("session_log")]  # TensorBoard drops older events >= it
+  assert purges == [1]

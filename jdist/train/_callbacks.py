@@ -63,9 +63,11 @@ class EarlyStopping(Callback):
     self.best: float | None = None
     self.bad = 0
 
-  def _check(self, loop, step, metrics):
-    if self.monitor not in metrics:
-      return
+  def _check(self, loop, step, metrics, where):
+    if self.monitor not in metrics:  # a name this run never logs would leave the callback inert, silently
+      raise ValueError(f"EarlyStopping monitors {self.monitor!r}, but the run's {where} report "
+                       f"{sorted(k for k in metrics if k != 'step')}. Pass one of those (evaluation metrics "
+                       f"carry the prefix 'eval_').")
     value = metrics[self.monitor]
     sign = 1.0 if self.mode == "min" else -1.0
     if self.best is None or sign * (self.best - value) > self.min_delta:
@@ -77,11 +79,12 @@ class EarlyStopping(Callback):
                           f"for {self.patience} evaluations")
 
   def on_eval(self, loop, step, metrics):
-    self._check(loop, step, metrics)
+    if self.monitor.startswith("eval_"):
+      self._check(loop, step, metrics, "evaluations")
 
   def on_step(self, loop, step, metrics):
     if not self.monitor.startswith("eval_"):
-      self._check(loop, step, metrics)
+      self._check(loop, step, metrics, "steps")
 
 
 class PrintLogger(Callback):

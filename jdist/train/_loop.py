@@ -175,7 +175,13 @@ def fit(
     batches = iter(data)
   elif restored is not None and not hasattr(data, "set_state"):
     # a plain iterable replays from where the state passed in was: skip the batches the checkpoint covers
-    batches = itertools.islice(iter(data), max(start - given_step, 0), None)
+    if start < given_step:
+      raise CheckpointError(
+          f"The state passed in is at step {given_step} but the newest checkpoint is at step {start}, and the data "
+          f"(a plain iterable) cannot be moved back to it: resuming would skip {given_step - start} batch(es). "
+          f"Pass the state from strategy.init, use data with get_state/set_state (jdist.data.ArrayLoader), or "
+          f"a checkpoint directory of this run.")
+    batches = itertools.islice(iter(data), start - given_step, None)
   else:
     batches = iter(data)  # the state passed in continues with the data as given
 
@@ -199,14 +205,18 @@ def fit(
       raise ValueError(f"eval_fn(params, batch) must return a dict of scalar metrics, e.g. {{'loss': loss}}; it "
                        f"returned {type(shape).__name__} {jax.tree.map(lambda x: x.shape, shape)}. A loss with "
                        f"has_aux=True returns (loss, aux): wrap it, e.g. lambda p, b: {{'loss': loss_fn(p, b)[0]}}.")
+    not_scalar = {k: getattr(v, "shape", type(v).__name__) for k, v in shape.items() if getattr(v, "shape", None) != ()}
+    if not_scalar:  # they would be dropped from the logs and never seen by EarlyStopping
+      raise ValueError(f"eval_fn(params, batch) must return a dict of scalars; these are not: {not_scalar}. "
+                       f"Reduce them, e.g. jnp.mean(...).")
 
   history: list[dict[str, float]] = []
   eval_history: list[dict[str, float]] = []
 
   def save(step, state):
-    bad = nonfinite_leaves(state.params)
+    bad = nonfinite_leaves({"params": state.params, "opt_state": state.opt_state})
     if bad:  # a finite loss does not make the update after it finite: never keep such a checkpoint
-      control.fail(f"the parameters after step {step} are not finite (inf or nan in {', '.join(bad[:3])}"
+      control.fail(f"the state after step {step} is not finite (inf or nan in {', '.join(bad[:3])}"
                    f"{', ...' if len(bad) > 3 else ''}); training stopped and step {step} was not checkpointed")
       return
     position = {"data": data.get_state()} if hasattr(data, "get_state") else {}

@@ -50,9 +50,13 @@ def read_jsonl(path: str | pathlib.Path) -> list[dict[str, Any]]:
   for number, line in enumerate(lines, 1):
     if line.strip():
       try:
-        records.append(json.loads(line))
+        record = json.loads(line)
       except json.JSONDecodeError as e:
         raise ValueError(f"{path}, line {number}: not a JSON record ({e.msg}).") from None
+      if not (isinstance(record, dict) and isinstance(record.get("step"), int)):
+        raise ValueError(f"{path}, line {number}: expected an object with an integer 'step', as jdist.fit writes, "
+                         f"got {line[:80]!r}.")
+      records.append(record)
   return records
 
 
@@ -78,7 +82,9 @@ class TensorBoardWriter:
   def __init__(self, directory: pathlib.Path, *, resume_step: int):
     from tensorboardX import SummaryWriter
 
-    self._writer = SummaryWriter(str(directory), purge_step=resume_step + 1 if resume_step else None)
+    # events after resume_step are dropped, as metrics.jsonl drops its records: a run restarted from step 0
+    # in the same directory does not overlay the old one
+    self._writer = SummaryWriter(str(directory), purge_step=resume_step + 1)
 
   def write(self, step: int, metrics: dict[str, Any]) -> None:
     for key, value in metrics.items():
