@@ -532,3 +532,53 @@ def test_a_fresh_run_purges_the_tensorboard_events_of_an_earlier_one(tmp_path):
   newest = sorted((tmp_path / "tensorboard").iterdir())[-1]
   purges = [e.step for e in events(newest) if e.HasField("session_log")]  # TensorBoard drops older events >= it
   assert purges == [1]
+
+
+class _InterruptAt(Callback):
+  """Raises KeyboardInterrupt (a Ctrl-C) from ``hook`` at ``step``."""
+
+  def __init__(self, hook, step):
+    self.hook, self.step = hook, step
+
+  def on_step(self, loop, step, metrics):
+    if self.hook == "on_step" and step == self.step:
+      raise KeyboardInterrupt
+
+  def on_checkpoint(self, loop, step, path):
+    if self.hook == "on_checkpoint" and step == self.step:
+      raise KeyboardInterrupt
+
+
+def _interrupted_then_resumed(tmp_path, name, make_callbacks, interrupt, **kwargs):
+  """The run of ``fit(**kwargs)`` interrupted as ``interrupt`` says, then resumed: (result, its run dir)."""
+  run = tmp_path / name
+  ckpt = CheckpointConfig(directory=run / "ckpt", every_steps=kwargs.pop("every_steps"))
+  strategy, state, loader = _setup()
+  if interrupt is not None:
+    with pytest.raises(KeyboardInterrupt):
+      fit(strategy, state, loader, run_dir=run, checkpoint=ckpt, callbacks=[*make_callbacks(), interrupt],
+          **kwargs)
+    strategy, state, loader = _setup()
+  return fit(strategy, state, loader, run_dir=run, checkpoint=ckpt, callbacks=make_callbacks(), **kwargs), run
+
+
+def test_early_stopping_resumes_where_it_was(tmp_path):
+  # its counters are saved with each checkpoint: killed and resumed, it stops where the uninterrupted run does
+  kw = dict(steps=40, every_steps=3, log_every=1, tensorboard=False, overlap=False)
+  stopper = lambda: [jdist.train.EarlyStopping("step", patience=6)]  # the step never decreases: stops at 1 + 6
+  full, full_dir = _interrupted_then_resumed(tmp_path, "full", stopper, None, **kw)
+  assert int(full.state.step) == 7 and "early stopping at step 7" in full.stop_reason
+  resumed, resumed_dir = _interrupted_then_resumed(tmp_path, "cut", stopper, _InterruptAt("on_step", 4), **kw)
+  assert resumed.start_step == 3 and int(resumed.state.step) == 7, resumed.stop_reason  # not 3 + 7 = 10
+  _leaves_equal(resumed.state.params, full.state.params)
+  assert (resumed_dir / "metrics.jsonl").read_bytes() == (full_dir / "metrics.jsonl").read_bytes()
+
+
+def test_an_interrupt_after_a_checkpoint_loses_no_evaluation(tmp_path):
+  # the evaluation of a checkpoint's step runs before it is saved, so a Ctrl-C after the save cannot drop it
+  kw = dict(steps=12, every_steps=4, eval_fn=_eval_fn, eval_data=_data(16, seed=1), eval_every=4, log_every=4,
+            tensorboard=False)
+  _, full_dir = _interrupted_then_resumed(tmp_path, "full", list, None, **kw)
+  _, cut_dir = _interrupted_then_resumed(tmp_path, "cut", list, _InterruptAt("on_checkpoint", 8), **kw)
+  assert [r["step"] for r in read_jsonl(cut_dir / "metrics.jsonl") if "eval_loss" in r] == [4, 8, 12]
+  assert (cut_dir / "metrics.jsonl").read_bytes() == (full_dir / "metrics.jsonl").read_bytes()

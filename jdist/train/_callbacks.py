@@ -8,6 +8,8 @@ the ``LoopControl`` of the run, through which it may ask the loop to stop.
 - ``on_eval(loop, step, metrics)``: after each evaluation.
 - ``on_checkpoint(loop, step, path)``: after a checkpoint was written.
 - ``on_end(loop, result)``: once, when the loop ends for any reason.
+- ``get_state()`` / ``set_state(state)``: state that must survive a resume (JSON-able); saved in every
+  checkpoint and given back when ``fit`` resumes from it.
 """
 from __future__ import annotations
 
@@ -77,6 +79,12 @@ class EarlyStopping(Callback):
       if self.bad >= self.patience:
         loop.request_stop(f"early stopping at step {step}: {self.monitor} did not improve on {self.best:.6g} "
                           f"for {self.patience} evaluations")
+
+  def get_state(self) -> dict[str, Any]:
+    return {"best": self.best, "bad": self.bad}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    self.best, self.bad = state["best"], int(state["bad"])
 
   def on_eval(self, loop, step, metrics):
     if self.monitor.startswith("eval_"):

@@ -117,7 +117,9 @@ def fit(
     data: an iterable of host batches. If it has ``get_state`` / ``set_state`` (``jdist.data.ArrayLoader``)
       its position is checkpointed and restored; otherwise a resumed run skips the batches already used.
     steps: the total number of steps (not the number still to run).
-    callbacks: objects with any of ``on_start``, ``on_step``, ``on_eval``, ``on_checkpoint``, ``on_end``.
+    callbacks: objects with any of ``on_start``, ``on_step``, ``on_eval``, ``on_checkpoint``, ``on_end``;
+      one with ``get_state`` / ``set_state`` (JSON-able data, e.g. ``EarlyStopping``'s counters) has its
+      state saved in every checkpoint and restored on resume, matched by position and class name.
     checkpoint: a ``CheckpointConfig``; ``fit`` resumes from the newest checkpoint in its directory.
     eval_fn: ``eval_fn(params, batch) -> dict of scalars``, jitted; run on ``eval_data`` (one batch)
       every ``eval_every`` steps and at the end; logged with an ``eval_`` prefix.
@@ -163,9 +165,13 @@ def fit(
   meta: dict[str, Any] = {}
   given_step = int(state.step)
   restored = checkpointer.restore_latest(state) if checkpointer is not None else None
+  keyed_callbacks = [(f"{i}.{type(cb).__name__}", cb) for i, cb in enumerate(callbacks)]
   if restored is not None:
     _, state, meta = restored
     checkpointer.last_saved_step = int(state.step)
+    for key, cb in keyed_callbacks:
+      if hasattr(cb, "set_state") and key in meta.get("callbacks", {}):
+        cb.set_state(meta["callbacks"][key])
   start = int(state.step)
   if restored is not None and "data" in meta:
     if not hasattr(data, "set_state"):
@@ -220,6 +226,9 @@ def fit(
                    f"{', ...' if len(bad) > 3 else ''}); training stopped and step {step} was not checkpointed")
       return
     position = {"data": data.get_state()} if hasattr(data, "get_state") else {}
+    states = {key: cb.get_state() for key, cb in keyed_callbacks if hasattr(cb, "get_state")}
+    if states:  # callbacks that count (EarlyStopping) resume where they were
+      position["callbacks"] = states
     path = checkpointer.save(step, state, position)
     control.last_checkpoint_step = step
     _call(callbacks, "on_checkpoint", control, step, path)
@@ -284,10 +293,12 @@ def fit(
           finish(k, metrics, n_examples)
           if control.failed:
             break
-          if save_due:  # first: a failing evaluation must not cost the checkpoint
-            save(k, state)
-          if eval_due and not control.failed:
-            evaluate(k, state)
+          try:  # evaluation first, so the checkpoint holds what it did (its log line, EarlyStopping's count)
+            if eval_due:
+              evaluate(k, state)
+          finally:  # and a failing or interrupted evaluation does not cost the checkpoint
+            if save_due:
+              save(k, state)
       if step >= steps or control.stop_reason is not None:
         if pending is None:
           break
