@@ -484,6 +484,8 @@ def test_early_stopping_on_a_metric_the_run_does_not_log_is_an_error():
   stopper = jdist.train.EarlyStopping("val_loss", patience=1)  # another library's name; jdist logs eval_loss
   with pytest.raises(ValueError, match=r"monitors 'val_loss', but the run's steps report \['grad_norm', 'loss'\]"):
     fit(strategy, state, loader, steps=2, callbacks=[stopper])
+  with pytest.raises(ValueError, match=r"monitors 'eval_loss', an evaluation metric, but the run has no eval_fn"):
+    fit(*_setup(), steps=2, callbacks=[jdist.train.EarlyStopping()])  # would never see an evaluation
   stopper = jdist.train.EarlyStopping("eval_acc", patience=1)
   strategy, state, loader = _setup()
   with pytest.raises(ValueError, match=r"monitors 'eval_acc', but the run's evaluations report \['eval_accuracy', "):

@@ -80,6 +80,11 @@ class EarlyStopping(Callback):
         loop.request_stop(f"early stopping at step {step}: {self.monitor} did not improve on {self.best:.6g} "
                           f"for {self.patience} evaluations")
 
+  def on_start(self, loop, step):
+    if self.monitor.startswith("eval_") and not loop.evaluates:
+      raise ValueError(f"EarlyStopping monitors {self.monitor!r}, an evaluation metric, but the run has no eval_fn: "
+                       f"pass eval_fn and eval_data to fit, or monitor a training metric such as 'loss'.")
+
   def get_state(self) -> dict[str, Any]:
     return {"best": self.best, "bad": self.bad}
 

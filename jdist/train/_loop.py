@@ -51,6 +51,7 @@ class LoopControl:
     self.stop_reason: str | None = None
     self.failed = False
     self.last_checkpoint_step: int | None = None
+    self.evaluates = False  # whether the run has an eval_fn (on_eval will be called)
 
   def request_stop(self, reason: str, *, failed: bool = False) -> None:
     """Ends the loop after the current step (with ``fit(overlap=True)``, after the step already running
@@ -192,6 +193,7 @@ def fit(
     batches = iter(data)  # the state passed in continues with the data as given
 
   control = LoopControl(strategy, steps, run_path)
+  control.evaluates = eval_fn is not None
   control.last_checkpoint_step = checkpointer.last_saved_step if checkpointer else None
   if start > steps:
     control.request_stop(f"the state is already at step {start}, past steps={steps}; nothing was run")
