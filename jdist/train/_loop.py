@@ -44,14 +44,14 @@ class FitResult:
 class LoopControl:
   """What callbacks see of the running loop."""
 
-  def __init__(self, strategy: Strategy, total_steps: int, run_dir: pathlib.Path | None):
+  def __init__(self, strategy: Strategy, total_steps: int, run_dir: pathlib.Path | None, *, evaluates: bool = False):
     self.strategy = strategy
     self.total_steps = total_steps
     self.run_dir = run_dir
     self.stop_reason: str | None = None
     self.failed = False
     self.last_checkpoint_step: int | None = None
-    self.evaluates = False  # whether the run has an eval_fn (on_eval will be called)
+    self.evaluates = evaluates  # whether the run has an eval_fn (on_eval will be called)
 
   def request_stop(self, reason: str, *, failed: bool = False) -> None:
     """Ends the loop after the current step (with ``fit(overlap=True)``, after the step already running
@@ -192,8 +192,7 @@ def fit(
   else:
     batches = iter(data)  # the state passed in continues with the data as given
 
-  control = LoopControl(strategy, steps, run_path)
-  control.evaluates = eval_fn is not None
+  control = LoopControl(strategy, steps, run_path, evaluates=eval_fn is not None)
   control.last_checkpoint_step = checkpointer.last_saved_step if checkpointer else None
   if start > steps:
     control.request_stop(f"the state is already at step {start}, past steps={steps}; nothing was run")
