@@ -62,6 +62,21 @@ def test_remat_policies_do_not_change_the_mathematics(remat):
     gpt.GPTConfig(remat="some")
 
 
+def test_dots_saveable_recomputes_xla_attention_around_saved_matmuls():
+  # the projections and the MLP under the dots policy; XLA's attention under a checkpoint of its own
+  # (recomputed, not kept as S x S probabilities); cuDNN's is kept (tests/test_gpu.py checks it on a GPU)
+  layer, x = jax.tree.map(lambda a: a[0], PARAMS["blocks"]), jnp.zeros((2, CFG.seq_len, CFG.d_model))
+
+  def checkpoints(remat):
+    cfg = gpt.GPTConfig(**{**CFG.__dict__, "remat": remat, "attention_impl": "xla"})
+    eqns = jax.make_jaxpr(lambda p, x: gpt.block(p, x, cfg))(layer, x).jaxpr.eqns
+    return [e.params["policy"] for e in eqns if "remat" in e.primitive.name or "checkpoint" in e.primitive.name]
+
+  assert checkpoints("none") == [] and checkpoints("full") == []  # "full" wraps the whole block, outside
+  dots = jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+  assert checkpoints("dots_saveable") == [dots, None, dots]
+
+
 def test_mfu_and_peaks():
   assert peak_flops(types.SimpleNamespace(device_kind="NVIDIA H200")) == 989e12
   assert peak_flops(types.SimpleNamespace(device_kind="NVIDIA H100 PCIe")) == 756e12
@@ -113,7 +128,7 @@ def test_gpu_benchmark_records_a_failed_row_and_goes_on(monkeypatch, tmp_path):
   def fake_compare(shape, impl, *, unroll, **kwargs):
     if unroll is True:
       raise RuntimeError("RESOURCE_EXHAUSTED: out of memory")
-    return {"step_s": 0.02, "plain_step_s": 0.025, "fit_step_s": 0.021, "flops": 1e9}
+    return {"step_s": 0.02, "plain_step_s": 0.025, "fit_step_s": 0.021, "compile_s": 1.0, "flops": 1e9}
 
   monkeypatch.setattr(bench, "compare", fake_compare)
   monkeypatch.setenv("JDIST_BENCH_OUT", str(tmp_path))
@@ -145,6 +160,28 @@ def test_jdist_gpt_is_the_reference_gpt(monkeypatch):
   # (2^-8) of the largest logit over 4 seeds; a model missing a block or the attention output is 30x off
   bf16_unit = 2.0**-8 * float(jnp.max(jnp.abs(theirs)))
   np.testing.assert_allclose(np.asarray(ours), np.asarray(theirs), rtol=0, atol=4 * bf16_unit)
+
+
+def test_gpu_ablation_variants_remove_what_they_say(monkeypatch):
+  # benchmarks/gpu_gpt_ablate.py times jdist's step without its gradient norm and its token-id check:
+  # patched in while the step is traced, restored afterwards
+  _gpu_bench(monkeypatch)
+  import gpu_gpt_ablate as ablate  # benchmarks/ is on the path after _gpu_bench()
+  from gpu_gpt import jdist_setup
+
+  shape = ablate.CONFIGS["cpu-smoke"]
+  tokens = np.array(gpt.synthetic_tokens(jax.random.key(2), 4, gpt.GPTConfig(vocab_size=256, seq_len=64))["tokens"])
+  tokens[0, 0] = 10**6  # outside the vocabulary: a NaN loss, unless the check is patched out
+  for variant, finite, zero_norm in (("lean", True, True), ("straight", False, False), ("no_norm", False, True)):
+    with ablate._patches(variant):
+      strategy, cfg = jdist_setup(shape, None, "none", True)
+      state = strategy.init(gpt.init(jax.random.key(1), cfg))
+      _, metrics = strategy.step(state, strategy.shard_batch({"tokens": tokens}))
+    assert np.isfinite(float(metrics["loss"])) == finite, variant
+    assert (float(metrics["grad_norm"]) == 0.0) == zero_norm, variant
+  assert ablate.parse_variant("scan2_dots_saveable") == ("scan2", 2, "dots_saveable")
+  with pytest.raises(ValueError, match="unknown variant 'scan0'"):
+    ablate.parse_variant("scan0")
 
 
 @pytest.mark.parametrize("unroll", [2, True])
