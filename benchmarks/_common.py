@@ -89,7 +89,7 @@ def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]
     table.add_column(c, justify="left" if i == 0 else "right", no_wrap=True)
   for row in rows:
     table.add_row(*[f"{v:.4g}" if isinstance(v, float) else "-" if v is None else str(v) for v in row])
-  Console(width=None if Console().is_terminal else 160).print(table)
+  Console(width=None if Console().is_terminal else 200).print(table)
 
 
 def write_json(name: str, payload: dict[str, Any]) -> pathlib.Path:

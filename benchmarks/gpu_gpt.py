@@ -4,20 +4,21 @@ Two configurations (those of the team's plain-JAX reference script): 124M-class 
 1024, batch 16) and 1B-class (d=2048, 16 layers, seq 2048, batch 8), vocabulary 32768. jdist runs the
 GPT through `data_parallel` on a 1-device mesh with bf16 compute and fp32 master weights and optimizer
 state (`GPTConfig.compute_dtype`; `--policy wrapper` adds `jdist.precision.mixed_precision`, the
-policy for any model), cuDNN attention where
-available, blocks under `lax.scan`, the state donated; and the same compiled step driven by `jdist.fit`
+policy for any model), cuDNN attention where available, the blocks as straight-line code or under
+`lax.scan`, the state donated; and the same compiled step driven by `jdist.fit`
 (host batches, metrics read one step late), to show what the training loop costs. The plain step is the
 reference's own code, copied into benchmarks/_plain_gpt.py; all three run on the same tokens, warmed
-up, timed in interleaved rounds (median round). The table: step ms, tokens/s, MFU (of the chip's bf16 peak)
-and jdist / plain in tokens/s (goal >= 1). Writes bench_results/gpu_gpt.json (under $JDIST_BENCH_OUT if
-set) after every row, so a run cut short keeps what it measured; a row that fails (out of memory, a
-compiler error) is recorded with its error, the run goes on, and the script exits 1 at the end. The
-plain step is compiled once per configuration; cuDNN attention is tried once, on a small input, and
-both steps use XLA's attention where it fails. Keep the figures in benchmarks/RESULTS.md.
+up, timed in interleaved rounds (median round). The table: step ms, tokens/s, MFU (of the chip's bf16
+peak), jdist / plain in tokens/s (goal >= 1) and jdist's compile time. Writes bench_results/gpu_gpt.json
+(under $JDIST_BENCH_OUT if set) after every row, so a run cut short keeps what it measured; a row that
+fails (out of memory, a compiler error) is recorded with its error, the run goes on, and the script
+exits 1 at the end. The plain step is compiled once per configuration; cuDNN attention is tried once, on
+a small input, and both steps use XLA's attention where it fails. Keep the figures in benchmarks/RESULTS.md.
 
-Run on a GPU host: python benchmarks/gpu_gpt.py [--remat none|dots_saveable|full] [--unroll N [N ...]]
+Run on a GPU host: python benchmarks/gpu_gpt.py [--unroll N [N ...]] [--remat none|dots_saveable|full [...]]
     [--policy model|wrapper] [--only 124m|1b]
-(``--unroll 1 0``: the rolled scan and straight-line blocks, each against the plain step, in one run.)
+(One jdist row for each --unroll and --remat, each timed against the plain step: by default ``--unroll 0 1``,
+the blocks as straight-line code and as a rolled scan, no remat.)
 Without a GPU it prints a clear message and exits 0. `--cpu-smoke` runs a tiny configuration on the
 CPU to check the code paths. `--static` compiles both steps for the real shapes without running them
 and compares XLA's FLOP, byte and memory counts (works on any backend, CPU included).
@@ -116,8 +117,8 @@ def compare(shape, impl, *, plain=None, remat="none", unroll=1, policy="model", 
   the loop a user runs), warmed up like the others. ``plain``: ``plain_setup(shape, impl)``, passed in to
   reuse its compiled step across calls.
 
-  Returns ``{"step_s", "plain_step_s", "fit_step_s" (None without ``with_fit``), "flops" (model FLOPs per
-  step)}``.
+  Returns ``{"step_s", "plain_step_s", "fit_step_s" (None without ``with_fit``), "compile_s" (jdist's first
+  step less a timed one: tracing and compiling), "flops" (model FLOPs per step)}``.
   """
   strategy, cfg = jdist_setup(shape, impl, remat, unroll, policy)
   host_batch = jax.device_get(gpt.synthetic_tokens(jax.random.key(2), shape["batch"], cfg))
@@ -139,10 +140,14 @@ def compare(shape, impl, *, plain=None, remat="none", unroll=1, policy="model", 
     box["jdist"] = result.state
     return result.state.params
 
+  t = time.perf_counter()
+  jax.block_until_ready(run_jdist())  # traced and compiled here
+  first_call_s = time.perf_counter() - t
   fns = {"jdist": run_jdist, "plain": run_plain, **({"fit": run_fit} if with_fit else {})}
   times = time_interleaved(fns, steps=steps, rounds=rounds, warmup=3, steps_per_call={"fit": steps})
   fit_dt = times.get("fit")
   return {"step_s": times["jdist"], "plain_step_s": times["plain"], "fit_step_s": fit_dt,
+          "compile_s": first_call_s - times["jdist"],
           "flops": gpt.flops_per_token(cfg) * shape["batch"] * shape["seq_len"]}
 
 
@@ -204,51 +209,53 @@ def matmul_ceiling(n=8192, reps=20):
 def main_static(args) -> None:
   names = [args.only] if args.only else ["124m", "1b"]
   impl = "cudnn" if jax.devices()[0].platform == "gpu" and cudnn_attention_works() else None
-  rows, results = [], {"device": jax.devices()[0].device_kind, "remat": args.remat, "policy": args.policy}
-  for name in names:
-    ours, theirs = static_compare(name, impl, args.remat, args.policy)
-    results[name] = {"jdist": ours, "plain": theirs}
-    gib = lambda b: b / 2**30 if b is not None else float("nan")
-    rows.append((name, ours["flops"] / 1e12, theirs["flops"] / 1e12, ours["flops"] / theirs["flops"],
+  rows, results = [], {"device": jax.devices()[0].device_kind, "policy": args.policy, "runs": []}
+  gib = lambda b: b / 2**30 if b is not None else float("nan")
+  for name, remat in itertools.product(names, args.remat):
+    ours, theirs = static_compare(name, impl, remat, args.policy)
+    results["runs"].append({"config": name, "remat": remat, "jdist": ours, "plain": theirs})
+    rows.append((name, remat, ours["flops"] / 1e12, theirs["flops"] / 1e12, ours["flops"] / theirs["flops"],
                  ours["bytes_accessed"] / theirs["bytes_accessed"], gib(ours["temp_bytes"]),
                  gib(theirs["temp_bytes"]), ours["compile_s"], theirs["compile_s"]))
-  print_table(f"Compiled GPT steps on {results['device']} (not run): XLA's counts, remat={args.remat}, "
-              f"policy={args.policy}, jdist's blocks unrolled for the count",
-              ["config", "jdist TFLOP", "plain TFLOP", "FLOP ratio", "bytes ratio", "jdist temp GiB",
+  print_table(f"Compiled GPT steps on {results['device']} (not run): XLA's counts, policy={args.policy}, "
+              f"jdist's blocks unrolled for the count (the plain step has no remat)",
+              ["config", "remat", "jdist TFLOP", "plain TFLOP", "FLOP ratio", "bytes ratio", "jdist temp GiB",
                "plain temp GiB", "jdist compile s", "plain compile s"], rows)
   write_json("gpu_gpt_static", results)
 
 
 TABLE_KEYS = ("jdist_step_ms", "jdist_fit_step_ms", "plain_step_ms", "jdist_tokens_per_s", "plain_tokens_per_s",
-              "jdist_mfu", "jdist_fit_mfu", "plain_mfu", "ratio_tokens_per_s", "ratio_fit_tokens_per_s")
+              "jdist_mfu", "jdist_fit_mfu", "plain_mfu", "ratio_tokens_per_s", "ratio_fit_tokens_per_s",
+              "jdist_compile_s")
 
 
-def run_row(name, shape, impl, unroll, plain, args, n, peak) -> dict:
+def run_row(name, shape, impl, unroll, remat, plain, args, n, peak) -> dict:
   """One jdist configuration timed against the plain step; a failure (out of memory, a compiler error) is
   recorded in the row and the run goes on to the next."""
   blocks = "all" if not unroll else unroll
   try:
-    r = compare(shape, impl, plain=plain, remat=args.remat, unroll=unroll or True, policy=args.policy, steps=n,
+    r = compare(shape, impl, plain=plain, remat=remat, unroll=unroll or True, policy=args.policy, steps=n,
                 rounds=args.rounds, with_fit=True)
   except Exception as e:  # noqa: BLE001
-    return {"config": name, "unroll": blocks, "error": f"{type(e).__name__}: {str(e)[:500]}"}
+    return {"config": name, "unroll": blocks, "remat": remat, "error": f"{type(e).__name__}: {str(e)[:500]}"}
   tokens = shape["batch"] * shape["seq_len"]
   t_j, t_f, t_p, flops = r["step_s"], r["fit_step_s"], r["plain_step_s"], r["flops"]
   m = lambda t: mfu(flops, t, peak) if peak else None  # None (JSON null, "-" in the table): peak unknown
-  return {"config": name, "unroll": blocks, "attention": impl or "xla", "jdist_step_ms": t_j * 1e3,
+  return {"config": name, "unroll": blocks, "remat": remat, "attention": impl or "xla", "jdist_step_ms": t_j * 1e3,
           "jdist_fit_step_ms": t_f * 1e3, "plain_step_ms": t_p * 1e3, "jdist_tokens_per_s": tokens / t_j,
           "jdist_fit_tokens_per_s": tokens / t_f, "plain_tokens_per_s": tokens / t_p, "jdist_mfu": m(t_j),
           "jdist_fit_mfu": m(t_f), "plain_mfu": m(t_p), "ratio_tokens_per_s": t_p / t_j,
-          "ratio_fit_tokens_per_s": t_p / t_f}
+          "ratio_fit_tokens_per_s": t_p / t_f, "jdist_compile_s": r["compile_s"]}
 
 
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--remat", default="none", choices=gpt.REMAT_POLICIES)
+  parser.add_argument("--remat", nargs="+", default=["none"], choices=gpt.REMAT_POLICIES,
+                      help="remat policies; several give one jdist row each (with each --unroll)")
   parser.add_argument("--policy", default="model", choices=POLICIES,
                       help="bf16 casts: by the model where each weight is used, or by the mixed_precision wrapper")
-  parser.add_argument("--unroll", type=int, nargs="+", default=[1],
+  parser.add_argument("--unroll", type=int, nargs="+", default=[0, 1],
                       help="GPT blocks per scan iteration (1: a rolled loop; 0: every block, straight-line code); "
                            "several values give one jdist row each, every one timed against the plain step")
   parser.add_argument("--only", choices=["124m", "1b"], default=None)
@@ -275,7 +282,7 @@ def main() -> None:
     impl = "cudnn" if cudnn_attention_works() else None
   peak = peak_flops(device)
   results = {"device": getattr(device, "device_kind", device.platform), "jax": jax.__version__, "peak_flops": peak,
-             "remat": args.remat, "policy": args.policy, "steps": n, "rounds": args.rounds, "runs": []}
+             "policy": args.policy, "steps": n, "rounds": args.rounds, "runs": []}
   if device.platform == "gpu":
     results["matmul_bf16_flops"] = matmul_ceiling()
     print(f"{results['device']}: bf16 matmul {results['matmul_bf16_flops'] / 1e12:.0f} TFLOP/s", flush=True)
@@ -283,18 +290,18 @@ def main() -> None:
   for name in names:
     shape = CONFIGS[name]
     plain = plain_setup(shape, impl)  # compiled once per configuration, timed beside every jdist row
-    for unroll in args.unroll:
-      row = run_row(name, shape, impl, unroll, plain, args, n, peak)
+    for unroll, remat in itertools.product(args.unroll, args.remat):
+      row = run_row(name, shape, impl, unroll, remat, plain, args, n, peak)
       results["runs"].append(row)
       print(row, flush=True)
       write_json("gpu_gpt", results)  # after every row: a run cut short keeps what it measured
       if "error" not in row:
-        rows.append((name, row["unroll"], *(row[k] for k in TABLE_KEYS)))
+        rows.append((name, row["unroll"], remat, *(row[k] for k in TABLE_KEYS)))
   peak_text = f"peak {peak:.3g} FLOP/s" if peak else "peak unknown: no MFU"
-  print_table(f"GPT step on {results['device']} ({peak_text}), remat={args.remat}, "
-              f"policy={args.policy}, median of {args.rounds} interleaved rounds of {n} steps; goal jdist/plain >= 1",
-              ["config", "blocks", "jdist ms", "fit ms", "plain ms", "jdist tok/s", "plain tok/s", "jdist MFU",
-               "fit MFU", "plain MFU", "jdist/plain", "fit/plain"], rows)
+  print_table(f"GPT step on {results['device']} ({peak_text}), policy={args.policy}, median of {args.rounds} "
+              f"interleaved rounds of {n} steps; goal jdist/plain >= 1 (blocks: per scan iteration)",
+              ["config", "blocks", "remat", "jdist ms", "fit ms", "plain ms", "jdist tok/s", "plain tok/s", "jdist MFU",
+               "fit MFU", "plain MFU", "jdist/plain", "fit/plain", "jdist compile s"], rows)
   if any("error" in row for row in results["runs"]):
     sys.exit("some rows failed; their errors are in the JSON and above")
 
