@@ -1,0 +1,152 @@
+"""Where jdist's GPT step spends time against the plain step: one variant at a time, each timed beside the
+plain step in interleaved rounds (as benchmarks/gpu_gpt.py does), on one GPU.
+
+Variants (jdist's GPT through ``data_parallel`` on a 1-device mesh, bf16 compute, cuDNN attention where it
+runs):
+  straight   every block unrolled (``scan_unroll=True``): gpu_gpt.py's straight-line row
+  no_norm    straight, without the ``grad_norm`` metric (its reduction over every gradient)
+  plain_emb  straight, with the embedding and the targets read as the plain step reads them (no check of
+             the token ids: an id outside the vocabulary is clamped instead of making the loss NaN)
+  lean       no_norm and plain_emb together
+  scanU      blocks under ``lax.scan``, U blocks per iteration
+  any of these with a suffix _R: remat policy R (``GPTConfig.remat``: none, dots_saveable, full)
+
+``no_norm``, ``plain_emb`` and ``lean`` patch jdist while their step is traced: they measure what a
+feature costs and are not options a user has. Writes bench_results/gpu_gpt_ablate.json (under
+$JDIST_BENCH_OUT if set) after every variant. Without a GPU it exits with a message, except with
+``--cpu-smoke`` (tiny shapes, to check the code paths).
+
+Run: python benchmarks/gpu_gpt_ablate.py [--only 124m|1b] [--variants straight scan1 ...] [--deadline S]
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import pathlib
+import sys
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from _common import print_table, write_json  # noqa: E402
+from gpu_gpt import CONFIGS, compare, cudnn_attention_works, plain_setup  # noqa: E402
+
+import jax  # noqa: E402
+
+from jdist.models import gpt  # noqa: E402
+from jdist.perf import mfu, peak_flops  # noqa: E402
+
+dp_module = importlib.import_module("jdist.data_parallel")  # the module; jdist.data_parallel is the function
+
+DEFAULT_VARIANTS = ("straight", "no_norm", "plain_emb", "lean", "scan1", "scan1_dots_saveable", "scan2_dots_saveable",
+                    "scan4", "scan1_full", "straight")
+
+
+@contextlib.contextmanager
+def patched(module, **attrs):
+  old = {k: getattr(module, k) for k in attrs}
+  for k, v in attrs.items():
+    setattr(module, k, v)
+  try:
+    yield
+  finally:
+    for k, v in old.items():
+      setattr(module, k, v)
+
+
+def _plain_embed(params, tokens, config):
+  return (params["wte"][tokens] + params["wpe"][:tokens.shape[1]]).astype(config.compute_dtype)
+
+
+def _patches(variant):
+  base, _, remat = parse_variant(variant)
+  stack = contextlib.ExitStack()
+  if base in ("no_norm", "lean"):
+    metrics_from = dp_module.metrics_from
+    stack.enter_context(patched(dp_module, metrics_from=lambda loss, grads, aux, step, **extra: metrics_from(
+        loss, {}, aux, step, **extra)))
+  if base in ("plain_emb", "lean"):
+    stack.enter_context(patched(gpt, embed=_plain_embed, valid_tokens=lambda tokens, config, *, max_len: tokens))
+  return stack
+
+
+BASES = ("straight", "no_norm", "plain_emb", "lean")
+REMATS = gpt.REMAT_POLICIES
+
+
+def parse_variant(variant):
+  """(base, unroll, remat) of a variant name ``BASE[_REMAT]``, BASE one of BASES or scanU."""
+  for remat in REMATS:
+    if variant.endswith("_" + remat):
+      base = variant[:-len(remat) - 1]
+      break
+  else:
+    base, remat = variant, "none"
+  if base.startswith("scan") and base[4:].isdigit() and int(base[4:]) >= 1:
+    return base, int(base[4:]), remat
+  if base not in BASES:
+    raise ValueError(f"unknown variant {variant!r}: expected BASE[_REMAT], BASE in {BASES} or scanU (U >= 1), "
+                     f"REMAT in {REMATS}")
+  return base, True, remat
+
+
+def run_variant(variant, shape, impl, plain, steps, rounds):
+  """``gpu_gpt.compare`` for one variant, jdist's step traced under the variant's patches."""
+  _, unroll, remat = parse_variant(variant)
+  with _patches(variant):
+    return compare(shape, impl, plain=plain, remat=remat, unroll=unroll, steps=steps, rounds=rounds)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--only", choices=["124m", "1b"], default=None)
+  parser.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS))
+  parser.add_argument("--variants-1b", nargs="+", default=None, help="variants for 1b (default: --variants)")
+  parser.add_argument("--steps", type=int, default=10)
+  parser.add_argument("--rounds", type=int, default=5)
+  parser.add_argument("--deadline", type=float, default=float("inf"), help="seconds; later variants are skipped")
+  parser.add_argument("--cpu-smoke", action="store_true")
+  args = parser.parse_args()
+  for v in set(args.variants) | set(args.variants_1b or ()):
+    parse_variant(v)
+  t0 = time.perf_counter()
+  device = jax.devices()[0]
+  if args.cpu_smoke:
+    names, impl = ["cpu-smoke"], None
+  elif device.platform != "gpu":
+    print(f"benchmarks/gpu_gpt_ablate.py needs a GPU; this host's JAX sees {device.platform} devices only. Skipping.")
+    return
+  else:
+    names = [args.only] if args.only else ["124m", "1b"]
+    impl = "cudnn" if cudnn_attention_works() else None
+  peak = peak_flops(device)
+  results = {"device": getattr(device, "device_kind", device.platform), "jax": jax.__version__, "peak_flops": peak,
+             "steps": args.steps, "rounds": args.rounds, "runs": []}
+  rows = []
+  for name in names:
+    shape = CONFIGS[name]
+    plain = plain_setup(shape, impl)  # compiled once, timed beside every variant
+    variants = args.variants_1b if (name == "1b" and args.variants_1b) else args.variants
+    for variant in variants:
+      if time.perf_counter() - t0 > args.deadline:
+        results["runs"].append({"config": name, "variant": variant, "skipped": "deadline"})
+        continue
+      try:
+        r = run_variant(variant, shape, impl, plain, args.steps, args.rounds)
+      except Exception as e:  # noqa: BLE001 (recorded; the run goes on)
+        row = {"config": name, "variant": variant, "error": f"{type(e).__name__}: {str(e)[:400]}"}
+      else:
+        tj, tp = r["step_s"], r["plain_step_s"]
+        row = {"config": name, "variant": variant, "jdist_ms": tj * 1e3, "plain_ms": tp * 1e3, "ratio": tp / tj,
+               "jdist_mfu": mfu(r["flops"], tj, peak) if peak else None, "compile_s": r["compile_s"]}
+        rows.append((name, variant, tj * 1e3, tp * 1e3, tp / tj, row["jdist_mfu"] or float("nan"), r["compile_s"]))
+      results["runs"].append(row)
+      print(row, f"[{time.perf_counter() - t0:.0f} s]", flush=True)
+      write_json("gpu_gpt_ablate", results)
+  print_table(f"jdist GPT step variants against the plain step on {results['device']}, median of {args.rounds} "
+              f"interleaved rounds of {args.steps} steps (ratio: plain ms / jdist ms)",
+              ["config", "variant", "jdist ms", "plain ms", "ratio", "jdist MFU", "compile s"], rows)
+
+
+if __name__ == "__main__":
+  main()
