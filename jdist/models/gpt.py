@@ -24,7 +24,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from jdist._types import Batch, Params
 
@@ -211,8 +210,20 @@ def loss(params: Params, batch: Batch, config: GPTConfig) -> jax.Array:
   makes it NaN)."""
   tokens = batch["tokens"]
   targets = valid_tokens(tokens, config, max_len=config.seq_len + 1)[:, 1:]  # embed checks the inputs
-  logits = apply(params, tokens[:, :-1], config)
-  return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+  return cross_entropy(apply(params, tokens[:, :-1], config), targets)
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """Mean cross-entropy of fp32 logits [B, S, V] against targets int[B, S] (``valid_tokens``: V, a bad id,
+  makes it NaN); the value of ``optax.softmax_cross_entropy_with_integer_labels(...).mean()``.
+
+  The target's logit is picked by a masked sum over the classes, not gathered: its gradient is then an
+  elementwise one-hot, laid out like the logits. A gather's gradient is a scatter that GSPMD could not
+  shard like the softmax's on a data x FSDP x tensor mesh, and it replicated the logits' gradient.
+  """
+  V = logits.shape[-1]
+  picked = jnp.sum(jnp.where(jnp.arange(V) == targets[..., None], logits, 0.0), axis=-1)
+  return jnp.mean(jax.nn.logsumexp(logits, axis=-1) - jnp.where(targets < V, picked, jnp.nan))
 
 
 def loss_fn(config: GPTConfig):
@@ -248,8 +259,7 @@ def pipeline_fns(config: GPTConfig):
 
   def loss_fn(params, y, batch):
     logits = head(params, y)
-    targets = valid_tokens(batch["tokens"], config, max_len=config.seq_len + 1)[:, 1:]
-    return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+    return cross_entropy(logits, valid_tokens(batch["tokens"], config, max_len=config.seq_len + 1)[:, 1:])
 
   def to_pipeline_params(params):
     return {"stages": params["blocks"], "wte": params["wte"], "wpe": params["wpe"], "lnf": params["lnf"]}
