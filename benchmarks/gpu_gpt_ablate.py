@@ -8,10 +8,12 @@ runs):
   plain_emb  straight, with the embedding and the targets read as the plain step reads them (no check of
              the token ids: an id outside the vocabulary is clamped instead of making the loss NaN)
   lean       no_norm and plain_emb together
+  optax_ce   straight, with the loss through ``optax.softmax_cross_entropy_with_integer_labels`` (a gathered
+             target logit, as the plain step has it) instead of ``gpt.cross_entropy`` (a masked sum)
   scanU      blocks under ``lax.scan``, U blocks per iteration
   any of these with a suffix _R: remat policy R (``GPTConfig.remat``: none, dots_saveable, full)
 
-``no_norm``, ``plain_emb`` and ``lean`` patch jdist while their step is traced: they measure what a
+``no_norm``, ``plain_emb``, ``lean`` and ``optax_ce`` patch jdist while their step is traced: they measure what a
 feature costs and are not options a user has. Writes bench_results/gpu_gpt_ablate.json (under
 $JDIST_BENCH_OUT if set) after every variant. Without a GPU it exits with a message, except with
 ``--cpu-smoke`` (tiny shapes, to check the code paths).
@@ -32,14 +34,15 @@ from _common import print_table, write_json  # noqa: E402
 from gpu_gpt import CONFIGS, compare, cudnn_attention_works, plain_setup  # noqa: E402
 
 import jax  # noqa: E402
+import optax  # noqa: E402
 
 from jdist.models import gpt  # noqa: E402
 from jdist.perf import mfu, peak_flops  # noqa: E402
 
 dp_module = importlib.import_module("jdist.data_parallel")  # the module; jdist.data_parallel is the function
 
-DEFAULT_VARIANTS = ("straight", "no_norm", "plain_emb", "lean", "scan1", "scan1_dots_saveable", "scan2_dots_saveable",
-                    "scan4", "scan1_full", "straight")
+DEFAULT_VARIANTS = ("straight", "no_norm", "plain_emb", "lean", "optax_ce", "scan1", "scan1_dots_saveable",
+                    "scan2_dots_saveable", "scan4", "scan1_full", "straight")
 
 
 @contextlib.contextmanager
@@ -67,10 +70,13 @@ def _patches(variant):
         loss, {}, aux, step, **extra)))
   if base in ("plain_emb", "lean"):
     stack.enter_context(patched(gpt, embed=_plain_embed, valid_tokens=lambda tokens, config, *, max_len: tokens))
+  if base == "optax_ce":
+    optax_ce = lambda logits, targets: optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+    stack.enter_context(patched(gpt, cross_entropy=optax_ce))
   return stack
 
 
-BASES = ("straight", "no_norm", "plain_emb", "lean")
+BASES = ("straight", "no_norm", "plain_emb", "lean", "optax_ce")
 REMATS = gpt.REMAT_POLICIES
 
 

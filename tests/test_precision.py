@@ -179,6 +179,9 @@ def test_gpu_ablation_variants_remove_what_they_say(monkeypatch):
       _, metrics = strategy.step(state, strategy.shard_batch({"tokens": tokens}))
     assert np.isfinite(float(metrics["loss"])) == finite, variant
     assert (float(metrics["grad_norm"]) == 0.0) == zero_norm, variant
+  with ablate._patches("optax_ce"):
+    assert "optax" in gpt.cross_entropy.__code__.co_names
+  assert "optax" not in gpt.cross_entropy.__code__.co_names
   assert ablate.parse_variant("scan2_dots_saveable") == ("scan2", 2, "dots_saveable")
   with pytest.raises(ValueError, match="unknown variant 'scan0'"):
     ablate.parse_variant("scan0")
