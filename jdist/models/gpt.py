@@ -4,8 +4,8 @@ Block parameters are stacked on a leading layer axis and the blocks run under ``
 compile time does not grow with depth and pipeline stages can slice the stack. ``scan_unroll=True``
 trades compile time back for a straight-line program, the same arithmetic: on a GPU the faster one, as
 the scan stores every block's intermediate values for the backward pass (measured on an H200 at 12-16
-layers: the scan's step takes 1.21-1.33x as long, 1.10-1.14x with ``remat="dots_saveable"``;
-benchmarks/RESULTS.md). Compute may run in bf16 while parameters stay fp32
+layers: straight-line, jdist's step took the plain jitted step's time; the scan's took 1.21-1.33x it,
+1.10-1.14x with ``remat="dots_saveable"``; benchmarks/RESULTS.md). Compute may run in bf16 while parameters stay fp32
 (``GPTConfig.compute_dtype``); ``remat`` picks a ``jax.checkpoint`` policy for the blocks.
 
 Parameter layout (L layers, D model width, V vocabulary, S context)::
@@ -136,6 +136,8 @@ def attention_backend(impl: str | None, dtype: Any, head_dim: int, platform: str
   "auto" means cuDNN's fused attention where it applies (a GPU, bf16 or fp16, head size a multiple of 8
   up to 128), else XLA's; "cudnn" and "xla" are themselves; None is XLA (JAX's own default).
   """
+  if impl not in ATTENTION_IMPLS:
+    raise ValueError(f"Unknown attention implementation {impl!r}. It needs to be one of {list(ATTENTION_IMPLS)}.")
   if impl == "auto":
     platform = platform if platform is not None else jax.default_backend()
     fits = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) and head_dim % 8 == 0 and head_dim <= 128
@@ -214,8 +216,9 @@ def loss(params: Params, batch: Batch, config: GPTConfig) -> jax.Array:
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
-  """Mean cross-entropy of fp32 logits [B, S, V] against targets int[B, S] (``valid_tokens``: V, a bad id,
-  makes it NaN); the value of ``optax.softmax_cross_entropy_with_integer_labels(...).mean()``.
+  """Mean cross-entropy of logits [B, S, V] against targets int[B, S]: the value of
+  ``optax.softmax_cross_entropy_with_integer_labels(...).mean()`` (to rounding), and NaN if any target is
+  outside [0, V) (``valid_tokens`` marks bad ids with V).
 
   The target's logit is picked by a masked sum over the classes, not gathered: its gradient is then an
   elementwise one-hot, laid out like the logits. A gather's gradient is a scatter that GSPMD could not
@@ -223,7 +226,8 @@ def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
   """
   V = logits.shape[-1]
   picked = jnp.sum(jnp.where(jnp.arange(V) == targets[..., None], logits, 0.0), axis=-1)
-  return jnp.mean(jax.nn.logsumexp(logits, axis=-1) - jnp.where(targets < V, picked, jnp.nan))
+  valid = (targets >= 0) & (targets < V)
+  return jnp.mean(jax.nn.logsumexp(logits, axis=-1) - jnp.where(valid, picked, jnp.nan))
 
 
 def loss_fn(config: GPTConfig):
