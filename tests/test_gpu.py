@@ -28,9 +28,13 @@ def _plain():
   return module
 
 
-def _cosine(a, b):
-  a, b = (jnp.concatenate([x.ravel().astype(jnp.float32) for x in jax.tree.leaves(t)]) for t in (a, b))
-  return float(jnp.vdot(a, b) / (jnp.linalg.norm(a) * jnp.linalg.norm(b)))
+def _assert_leaves_close(actual, expected, rtol, what):
+  """Each leaf within ``rtol`` of the expected one in relative norm: a leaf zeroed or off by a factor fails,
+  where one cosine over all leaves would hide it behind the large ones."""
+  for i, (a, e) in enumerate(zip(jax.tree.leaves(actual), jax.tree.leaves(expected))):
+    a, e = (np.asarray(x, np.float32) for x in (a, e))
+    err = np.linalg.norm(a - e) / np.linalg.norm(e)
+    assert err < rtol, f"{what}: leaf {i} {e.shape} off by {err:.2e} (relative norm), more than {rtol}"
 
 
 def test_cudnn_attention_matches_xla():
@@ -39,7 +43,7 @@ def test_cudnn_attention_matches_xla():
       jnp.float32) ** 2), argnums=(0, 1, 2)))(q, k, v)
   (l_c, g_c), (l_x, g_x) = f("cudnn"), f("xla")
   np.testing.assert_allclose(float(l_c), float(l_x), rtol=1e-2)
-  assert _cosine(g_c, g_x) > 0.999
+  _assert_leaves_close(g_c, g_x, 5e-2, "dq, dk, dv: cuDNN against XLA")
 
 
 def test_dots_saveable_keeps_cudnn_attention_and_the_gradients():
@@ -50,11 +54,11 @@ def test_dots_saveable_keeps_cudnn_attention_and_the_gradients():
   dots = jax.checkpoint_policies.dots_with_no_batch_dims_saveable
   assert [e.params["policy"] for e in eqns if "remat" in e.primitive.name or "checkpoint" in e.primitive.name] == [
       dots, dots]  # the attention between them is not rematerialised
+  ref = jax.jit(jax.value_and_grad(gpt.loss_fn(CFG)))(params, BATCH)
   for remat in ("dots_saveable", "full"):
-    ref = jax.jit(jax.value_and_grad(gpt.loss_fn(CFG)))(params, BATCH)
     ours = jax.jit(jax.value_and_grad(gpt.loss_fn(gpt.GPTConfig(**{**CFG.__dict__, "remat": remat}))))(params, BATCH)
     np.testing.assert_allclose(float(ours[0]), float(ref[0]), rtol=1e-3)
-    assert _cosine(ours[1], ref[1]) > 0.999, remat
+    _assert_leaves_close(ours[1], ref[1], 2e-2, remat)  # bf16: 0.5-0.7% measured on the CPU (XLA attention)
 
 
 def test_jdist_gpt_is_the_plain_reference_gpt():
@@ -87,10 +91,10 @@ def test_jdist_gpt_is_the_plain_reference_gpt():
       x = x + jax.nn.gelu(plain.rms(x, b["ln2"]) @ b["fc"]) @ b["proj"]
     return plain.rms(x, p["lnf"]) @ p["wte"].T
 
-  for dtype, impl, rtol, min_cos in ((jnp.float32, "xla", 1e-5, 1 - 1e-6), (jnp.bfloat16, "cudnn", 1e-3, 0.999)):
+  for dtype, impl, rtol, grad_rtol in ((jnp.float32, "xla", 1e-5, 1e-4), (jnp.bfloat16, "cudnn", 1e-3, 3e-2)):
     cfg = gpt.GPTConfig(**{**CFG.__dict__, "compute_dtype": dtype, "attention_impl": impl})
     with jax.default_matmul_precision("highest"):
       l_p, g_p = jax.jit(jax.value_and_grad(plain_loss(impl, dtype)))(p, BATCH["tokens"])
       l_j, g_j = jax.jit(jax.value_and_grad(gpt.loss_fn(cfg)))(as_jdist(p), BATCH)
     np.testing.assert_allclose(float(l_j), float(l_p), rtol=rtol)
-    assert _cosine(g_j, as_jdist(g_p)) > min_cos, dtype
+    _assert_leaves_close(g_j, as_jdist(g_p), grad_rtol, f"jdist against the plain GPT, {jnp.dtype(dtype).name}")
