@@ -5,8 +5,9 @@ Variants (jdist's GPT through ``data_parallel`` on a 1-device mesh, bf16 compute
 runs):
   straight   every block unrolled (``scan_unroll=True``): gpu_gpt.py's straight-line row
   no_norm    straight, without the ``grad_norm`` metric (its reduction over every gradient)
-  plain_emb  straight, with the embedding and the targets read as the plain step reads them (no check of
-             the token ids: an id outside the vocabulary is clamped instead of making the loss NaN)
+  plain_emb  straight, with the embedding read as the plain step reads it: no check of the input ids (one
+             outside the vocabulary is clamped instead of making the loss NaN; the targets' check is part
+             of the cross-entropy, which optax_ce replaces)
   lean       no_norm and plain_emb together
   optax_ce   straight, with the loss through ``optax.softmax_cross_entropy_with_integer_labels`` (a gathered
              target logit, as the plain step has it) instead of ``gpt.cross_entropy`` (a masked sum)
@@ -77,12 +78,11 @@ def _patches(variant):
 
 
 BASES = ("straight", "no_norm", "plain_emb", "lean", "optax_ce")
-REMATS = gpt.REMAT_POLICIES
 
 
 def parse_variant(variant):
   """(base, unroll, remat) of a variant name ``BASE[_REMAT]``, BASE one of BASES or scanU."""
-  for remat in REMATS:
+  for remat in gpt.REMAT_POLICIES:
     if variant.endswith("_" + remat):
       base = variant[:-len(remat) - 1]
       break
@@ -92,7 +92,7 @@ def parse_variant(variant):
     return base, int(base[4:]), remat
   if base not in BASES:
     raise ValueError(f"unknown variant {variant!r}: expected BASE[_REMAT], BASE in {BASES} or scanU (U >= 1), "
-                     f"REMAT in {REMATS}")
+                     f"REMAT in {gpt.REMAT_POLICIES}")
   return base, True, remat
 
 
