@@ -126,6 +126,18 @@ def test_sharded_equals_single_device(axes, gpt_kw, mlp_kw):
       assert leaf.sharding.shard_shape(leaf.shape) == expected
 
 
+@pytest.mark.parametrize("remat", ["dots_saveable", "full"])
+def test_sharded_gpt_with_remat_equals_single_device_without(remat):
+  # remat recomputes inside the sharded step (tensor parallel + FSDP): the same numbers as no remat
+  cfg = gpt.GPTConfig(**{**CFG.__dict__, "remat": remat})
+  batches = _gpt_batches(3)
+  strategy = jdist.sharded(gpt.loss_fn(cfg), optax.adam(1e-3), jdist.make_mesh(data=2, fsdp=2, model=2),
+                           rules=gpt.TP_RULES, fsdp_axis="fsdp", fsdp_min_size=64)
+  state = _train(strategy, GPT_PARAMS, batches)
+  ref, _, _ = single_device_reference(gpt.loss_fn(CFG), optax.adam(1e-3), GPT_PARAMS, batches)
+  assert_trees_all_close(state.params, ref, rtol=1e-5, atol=1e-6)
+
+
 def test_explicit_fsdp_equals_single_device_and_moves_no_full_gradient():
   mesh = jdist.make_mesh(fsdp=8)
   batches = _gpt_batches(10)

@@ -147,7 +147,6 @@ def test_1f1b_gradients_equal_gpipe_and_sequential():
 def test_1f1b_gpt_equals_sequential():
   # the embedding runs on the first device and the tied head on the last: wte's gradient is the sum of both
   cfg = gpt.GPTConfig(vocab_size=64, seq_len=16, d_model=32, n_layers=4, n_heads=2)
-  stage, head_loss, embed, to_pipeline = gpt.pipeline_fns(cfg)
   params = gpt.init(jax.random.key(0), cfg)
   batches = [jax.device_get(gpt.synthetic_tokens(jax.random.key(i), 16, cfg)) for i in range(3)]
   mesh = jdist.make_mesh(pipe=4, devices=jax.devices()[:4])
@@ -155,14 +154,15 @@ def test_1f1b_gpt_equals_sequential():
   # here, for GPipe too) would move those parameters by up to its learning rate
   opt = with_grads(optax.sgd(0.5, momentum=0.9))
   ref, ref_opt, ref_losses = single_device_reference(gpt.loss_fn(cfg), opt, params, batches)
-  for m in (2, 8):
+  for m, remat in ((2, "none"), (8, "none"), (2, "dots_saveable")):  # remat: the same numbers, recomputed
+    stage, head_loss, embed, to_pipeline = gpt.pipeline_fns(gpt.GPTConfig(**{**cfg.__dict__, "remat": remat}))
     strategy = pipeline(stage, head_loss, opt, mesh, microbatches=m, schedule="1f1b", input_fn=embed)
     state = strategy.init(to_pipeline(params))
     losses = []
     for b in batches:
       state, metrics = strategy.step(state, strategy.shard_batch(b))
       losses.append(float(metrics["loss"]))
-    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5, err_msg=f"m={m}")
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5, err_msg=f"m={m}, remat={remat}")
     # the last step's gradient, and the parameters after 3 steps
     assert_trees_all_close(unstack_params(jax.device_get(state.opt_state[0])), to_pipeline(ref_opt[0]),
                            rtol=1e-5, atol=1e-7)
