@@ -5,8 +5,9 @@ compile time does not grow with depth and pipeline stages can slice the stack. `
 trades compile time back for a straight-line program, the same arithmetic: on a GPU the faster one, as
 the scan stores every block's intermediate values for the backward pass (measured on an H200 at 12-16
 layers: straight-line, jdist's step took the plain jitted step's time; the scan's took 1.21-1.33x it,
-1.10-1.14x with ``remat="dots_saveable"``; benchmarks/RESULTS.md). Compute may run in bf16 while parameters stay fp32
-(``GPTConfig.compute_dtype``); ``remat`` picks a ``jax.checkpoint`` policy for the blocks.
+1.10-1.14x with ``remat="dots_saveable"``; benchmarks/RESULTS.md). Compute may run in bf16 while
+parameters stay fp32 (``GPTConfig.compute_dtype``); ``remat`` picks a ``jax.checkpoint`` policy for the
+blocks.
 
 Parameter layout (L layers, D model width, V vocabulary, S context)::
 
@@ -28,6 +29,7 @@ import jax.numpy as jnp
 from jdist._types import Batch, Params
 
 REMAT_POLICIES = ("none", "dots_saveable", "full")
+_SAVE_DOTS = jax.checkpoint_policies.dots_with_no_batch_dims_saveable  # "dots_saveable", inside ``block``
 STACKED = (r"^blocks/",)  # parameters whose leading axis stacks the layers (e.g. data_parallel's powersgd_stacked)
 ATTENTION_IMPLS = ("auto", "cudnn", "xla", None)
 
@@ -164,9 +166,6 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, impl: str | None, *,
   return (jax.checkpoint(xla) if recompute_xla else xla)(q, k, v)
 
 
-_SAVE_DOTS = jax.checkpoint_policies.dots_with_no_batch_dims_saveable
-
-
 def _remat(fn, policy: str):
   # "full": the whole block recomputed in the backward pass; "dots_saveable" is applied inside ``block``
   return jax.checkpoint(fn) if policy == "full" else fn
@@ -210,9 +209,14 @@ def apply(params: Params, tokens: jax.Array, config: GPTConfig) -> jax.Array:
 def loss(params: Params, batch: Batch, config: GPTConfig) -> jax.Array:
   """Mean next-token cross-entropy; ``batch = {"tokens": int[B, S + 1]}`` (an id outside the vocabulary
   makes it NaN)."""
-  tokens = batch["tokens"]
-  targets = valid_tokens(tokens, config, max_len=config.seq_len + 1)[:, 1:]  # embed checks the inputs
-  return cross_entropy(apply(params, tokens[:, :-1], config), targets)
+  targets = next_tokens(batch["tokens"], config)  # embed checks the inputs
+  return cross_entropy(apply(params, batch["tokens"][:, :-1], config), targets)
+
+
+def next_tokens(tokens: jax.Array, config: GPTConfig) -> jax.Array:
+  """The targets of a batch's tokens int[B, S + 1]: ``tokens[:, 1:]``, the length checked and bad ids
+  marked (``valid_tokens``), for ``cross_entropy``."""
+  return valid_tokens(tokens, config, max_len=config.seq_len + 1)[:, 1:]
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -262,8 +266,7 @@ def pipeline_fns(config: GPTConfig):
     return embed(params, batch["tokens"][:, :-1], config)
 
   def loss_fn(params, y, batch):
-    logits = head(params, y)
-    return cross_entropy(logits, valid_tokens(batch["tokens"], config, max_len=config.seq_len + 1)[:, 1:])
+    return cross_entropy(head(params, y), next_tokens(batch["tokens"], config))
 
   def to_pipeline_params(params):
     return {"stages": params["blocks"], "wte": params["wte"], "wpe": params["wpe"], "lnf": params["lnf"]}
