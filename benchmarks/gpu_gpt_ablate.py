@@ -13,6 +13,8 @@ runs):
              target logit, as the plain step has it) instead of ``gpt.cross_entropy`` (a masked sum)
   scanU      blocks under ``lax.scan``, U blocks per iteration
   any of these with a suffix _R: remat policy R (``GPTConfig.remat``: none, dots_saveable, full)
+  and then _nocse: the remat regions without their CSE barrier (``jax.checkpoint(..., prevent_cse=False)``,
+             which JAX's docs call safe inside ``lax.scan``: the forward and backward loops cannot be merged)
 
 ``no_norm``, ``plain_emb``, ``lean`` and ``optax_ce`` patch jdist while their step is traced: they measure what a
 feature costs and are not options a user has. Writes bench_results/gpu_gpt_ablate.json (under
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import importlib
 import pathlib
 import sys
@@ -65,6 +68,8 @@ def _plain_embed(params, tokens, config):
 def _patches(variant):
   base, _, remat = parse_variant(variant)
   stack = contextlib.ExitStack()
+  if variant.endswith(NOCSE):
+    stack.enter_context(patched(jax, checkpoint=functools.partial(jax.checkpoint, prevent_cse=False)))
   if base in ("no_norm", "lean"):
     metrics_from = dp_module.metrics_from
     stack.enter_context(patched(dp_module, metrics_from=lambda loss, grads, aux, step, **extra: metrics_from(
@@ -80,19 +85,23 @@ def _patches(variant):
 BASES = ("straight", "no_norm", "plain_emb", "lean", "optax_ce")
 
 
+NOCSE = "_nocse"
+
+
 def parse_variant(variant):
-  """(base, unroll, remat) of a variant name ``BASE[_REMAT]``, BASE one of BASES or scanU."""
+  """(base, unroll, remat) of a variant name ``BASE[_REMAT][_nocse]``, BASE one of BASES or scanU."""
+  name = variant.removesuffix(NOCSE)
   for remat in gpt.REMAT_POLICIES:
-    if variant.endswith("_" + remat):
-      base = variant[:-len(remat) - 1]
+    if name.endswith("_" + remat):
+      base = name[:-len(remat) - 1]
       break
   else:
-    base, remat = variant, "none"
+    base, remat = name, "none"
   if base.startswith("scan") and base[4:].isdigit() and int(base[4:]) >= 1:
     return base, int(base[4:]), remat
   if base not in BASES:
-    raise ValueError(f"unknown variant {variant!r}: expected BASE[_REMAT], BASE in {BASES} or scanU (U >= 1), "
-                     f"REMAT in {gpt.REMAT_POLICIES}")
+    raise ValueError(f"unknown variant {variant!r}: expected BASE[_REMAT][{NOCSE}], BASE in {BASES} or scanU "
+                     f"(U >= 1), REMAT in {gpt.REMAT_POLICIES}")
   return base, True, remat
 
 

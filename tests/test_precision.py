@@ -184,8 +184,70 @@ def test_gpu_ablation_variants_remove_what_they_say(monkeypatch):
     assert gpt.cross_entropy is not ours
   assert gpt.cross_entropy is ours
   assert ablate.parse_variant("scan2_dots_saveable") == ("scan2", 2, "dots_saveable")
+  assert ablate.parse_variant("scan1_full_nocse") == ("scan1", 1, "full")
   with pytest.raises(ValueError, match="unknown variant 'scan0'"):
     ablate.parse_variant("scan0")
+  # _nocse: the remat regions lose their CSE barrier, only while the variant's step is traced
+  cfg = gpt.GPTConfig(**{**CFG.__dict__, "remat": "dots_saveable"})
+  layer = jax.tree.map(lambda a: a[0], PARAMS["blocks"])
+  barriers = lambda: [e.params["prevent_cse"] for e in jax.make_jaxpr(lambda p, x: gpt.block(p, x, cfg))(
+      layer, jnp.zeros((2, CFG.seq_len, CFG.d_model))).jaxpr.eqns if "prevent_cse" in e.params]
+  with ablate._patches("scan1_dots_saveable_nocse"):  # the two dot regions and XLA's attention between them
+    assert barriers() == [False, False, False]
+  assert barriers() == [True, True, True]
+
+
+def _trace(events, lines):
+  """A perfetto trace as jax.profiler writes it on a GPU: process and thread names, then complete events."""
+  meta = [{"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}},
+          {"ph": "M", "name": "process_name", "pid": 701, "args": {"name": "/host:CPU"}}]
+  meta += [{"ph": "M", "name": "thread_name", "pid": pid, "tid": tid, "args": {"name": name}}
+           for (pid, tid), name in lines.items()]
+  return {"traceEvents": meta + [{"ph": "X", "pid": pid, "tid": tid, "name": name, "ts": ts, "dur": dur}
+                                 for pid, tid, name, ts, dur in events]}
+
+
+def test_gpu_profile_sums_device_kernels_by_kind(monkeypatch):
+  _gpu_bench(monkeypatch)
+  import gpu_profile as prof  # benchmarks/ is on the path after _gpu_bench()
+
+  lines = {(1, 7): "Stream #7(Compute)", (1, 8): "Stream #8(Compute)", (1, 99): "XLA Ops", (701, 5): "python"}
+  kernels = [(1, 7, "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n", 0, 40),
+             (1, 7, "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16", 50, 30),
+             (1, 8, "loop_multiply_fusion", 60, 30),  # overlaps the attention on the other stream by 20
+             (1, 7, "input_reduce_fusion_3", 100, 10), (1, 7, "nvjet_hsh_256x128_2cta", 200, 40)]
+  trace = _trace(kernels + [(1, 99, "fusion.12", 0, 240), (701, 5, "PjitFunction(step)", 0, 300)], lines)
+  events = prof.kernel_events(trace)
+  assert sorted(e["name"] for e in events) == sorted(k[2] for k in kernels)  # not the XLA Ops line or the host
+  assert prof.busy_us(events) == 40 + 40 + 10 + 40  # [0, 40), [50, 90), [100, 110), [200, 240)
+  s = prof.summarize(events, steps=2, wall_s=300e-6, top=2)
+  assert s["kinds_ms"] == pytest.approx({"attention": 0.015, "matmul": 0.04, "collective": 0.0, "copy": 0.0,
+                                         "reduction": 0.005, "elementwise": 0.015, "other": 0.0})
+  assert s["wall_ms"] == pytest.approx(0.15) and s["busy_ms"] == pytest.approx(0.065)
+  assert s["idle_ms"] == pytest.approx(0.085) and s["kernels_per_step"] == 2.5
+  assert [t["name"] for t in s["top"]] == [kernels[0][2], kernels[4][2]]
+  assert prof.device_lines(trace)["/device:GPU:0 / Stream #7(Compute)"] == 4
+  # a trace without stream lines: the XLA Ops line, classified by the HLO text in its arguments
+  ops = _trace([(1, 99, "custom-call.3", 0, 10)], {(1, 99): "XLA Ops"})
+  ops["traceEvents"][-1]["args"] = {"long_name": 'custom_call_target="__cublas$lt$matmul"'}
+  assert [prof.kind_of(e["name"], e.get("args")) for e in prof.kernel_events(ops)] == ["matmul"]
+
+
+def test_gpu_profile_code_paths_on_cpu(monkeypatch, tmp_path):
+  import json
+  _gpu_bench(monkeypatch)
+  import gpu_profile as prof  # benchmarks/ is on the path after _gpu_bench()
+
+  monkeypatch.setenv("JDIST_BENCH_OUT", str(tmp_path))
+  monkeypatch.setattr("sys.argv", ["gpu_profile.py", "--cpu-smoke", "--variants", "scan1_dots_saveable",
+                                   "--steps", "2", "--keep-traces"])
+  prof.main()
+  runs = json.loads((tmp_path / "gpu_profile.json").read_text())["runs"]
+  assert [r["variant"] for r in runs] == ["plain", "scan1_dots_saveable"]
+  for r in runs:
+    assert r["wall_ms"] > 0 and r["kernels_per_step"] > 0 and sum(r["kinds_ms"].values()) > 0
+  assert sorted(p.name for p in tmp_path.glob("trace_*.json.gz")) == [
+      "trace_cpu-smoke_plain.json.gz", "trace_cpu-smoke_scan1_dots_saveable.json.gz"]
 
 
 @pytest.mark.parametrize("unroll", [2, True])
