@@ -196,6 +196,65 @@ def barrier(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
+def check_batch_sizes(local_size: int, tag: str, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+  """Raises ``ValueError`` unless every process passes ``local_size`` examples at the check called ``tag``.
+
+  In a multi-process run each process passes its share of the global batch (``jdist.mesh.put_batch``),
+  and the global size is taken as its share times the process count. Unequal shares would give the
+  processes different global shapes: a silently skewed average, or collectives that never match. This
+  compares the shares through JAX's coordination service (its key-value store: no device work, so a step
+  still running is not waited for). A process whose batch size changed while the others' did not (a
+  ragged last batch in one process) reaches the check alone: it raises after ``timeout_s`` instead of
+  hanging, and ``initialize``'s heartbeat then stops the others. A no-op on one process.
+
+  Args:
+    local_size: the examples this process passes.
+    tag: names this check; the same in every process and used once (``fit`` uses the run and the step).
+    timeout_s: how long to wait for the other processes.
+  """
+  count, me = jax.process_count(), jax.process_index()
+  if count == 1:
+    return
+  client = _client()
+  prefix = f"jdist/batch_size/{tag}/"
+  client.key_value_set(prefix + str(me), str(int(local_size)))
+  sizes, missing, deadline = {me: int(local_size)}, [], time.monotonic() + timeout_s
+  for other in (q for q in range(count) if q != me):
+    try:
+      wait_ms = max(1, int((deadline - time.monotonic()) * 1000))
+      sizes[other] = int(client.blocking_key_value_get(prefix + str(other), wait_ms))
+    except jax.errors.JaxRuntimeError as e:
+      if "DEADLINE_EXCEEDED" not in str(e):
+        raise
+      missing.append(other)
+  fix = (f"Every process must pass the same number of examples at every step, its share of the global batch "
+         f"(global batch / {count}); a loader that may end on a ragged batch must drop it in every process "
+         f"(jdist.data.ArrayLoader does).")
+  if missing:
+    raise ValueError(f"Process {me} passed {local_size} examples at {tag} (a new batch size, or its first batch), "
+                     f"but process(es) {missing} did not compare theirs within {timeout_s:g} s: their batch size "
+                     f"did not change. {fix}")
+  if len(set(sizes.values())) > 1:
+    listed = ", ".join(f"process {q}: {n}" for q, n in sorted(sizes.items()))
+    raise ValueError(f"The processes passed different numbers of examples at {tag} ({listed}). {fix}")
+
+
+def next_run(name: str) -> int:
+  """This process's count of calls with ``name`` (1, 2, ...), kept by JAX's coordination service: the
+  same in every process that makes the same calls, so it tells the checks of one run from the next."""
+  return int(_client().key_value_increment(f"jdist/runs/{name}/{jax.process_index()}", 1))
+
+
+def _client():
+  from jax._src import distributed as jax_distributed  # the client orbax-checkpoint uses too
+
+  client = jax_distributed.global_state.client
+  if client is None:
+    raise RuntimeError("jax.distributed is not initialised in this multi-process run: call "
+                       "jdist.distributed.initialize() first.")
+  return client
+
+
 def shutdown() -> None:
   """Leaves the multi-process run (``jax.distributed.shutdown``); a no-op when not initialised."""
   if jax.distributed.is_initialized():

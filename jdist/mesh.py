@@ -212,9 +212,11 @@ def put_batch(batch: Batch, sharding: NamedSharding, *, multiple_of: int = 1, wh
   - Several processes: ``batch`` is this process's share; leaves that are already global (not fully
     addressable) ``jax.Array``s are passed to ``jax.device_put`` as they are. Every process must pass
     the same number of examples (``ArrayLoader`` does): the global size is this process's times the
-    process count, and it is not compared across processes, which would cost a collective per batch.
-    Unequal shares give the processes different global shapes: a loader that may end on a ragged
-    batch in one process must drop it in all.
+    process count. Unequal shares give the processes different global shapes (a skewed average, or
+    collectives that never match): a loader that may end on a ragged batch must drop it in all.
+    ``jdist.fit`` compares the shares at the first batch and whenever a process's batch size changes
+    (``jdist.distributed.check_batch_sizes``, which a hand-written loop can call too); this function
+    does not, to cost nothing per batch.
 
   Args:
     batch: a pytree of arrays sharing the leading axis.

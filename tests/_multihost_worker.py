@@ -120,10 +120,22 @@ def run(case: Case, steps: int):
   return gather(state.params), np.array(losses)
 
 
+def _uneven_shares():
+  """``fit`` for one step where process 0 passes 32 examples and process 1 passes 16."""
+  strategy = data_parallel_strategy()
+  rows = 32 if jax.process_index() == 0 else 16
+  batch = {k: v[:rows] for k, v in dataset().items()}
+  return jdist.fit(strategy, strategy.init(params()), [batch], steps=1)
+
+
 def errors() -> dict[str, str]:
   """What each of these raises in this run ("" if nothing): data_parallel's pmap backend for one step,
-  async_sgd without a mesh, and async_sgd's shard_batch given all 8 workers' slices instead of its own."""
+  async_sgd without a mesh, async_sgd's shard_batch given all 8 workers' slices instead of its own,
+  ``fit`` given unequal shares, and the batch-size check reached by process 0 alone (its batch changed)."""
   tries = {
+      "uneven_shares": _uneven_shares,
+      "alone": lambda: jdist.distributed.check_batch_sizes(8, "a check only process 0 makes", timeout_s=2.0)
+      if jax.process_index() == 0 else None,
       "pmap": lambda: run(Case(lambda: jdist.data_parallel(mlp.loss, optax.adam(1e-2), jdist.make_mesh(data=-1),
                                                            backend="pmap")), 1),
       "async_without_mesh": lambda: jdist.async_sgd(mlp.loss, optax.sgd(0.1), num_workers=8, key=0),

@@ -110,6 +110,18 @@ def test_two_processes_equal_one_process(two_process_run, name):
   assert_trees_all_close(_leaves(result, name), jax.tree.leaves(params), rtol=1e-5)
 
 
+def test_unequal_shares_are_a_clear_error_not_a_skewed_average(two_process_run):
+  # each process passes its share of the global batch: fit compares the shares (first batch, each change)
+  _, result = two_process_run
+  uneven, alone = str(result["error/uneven_shares"]), str(result["error/alone"])
+  assert uneven.startswith("ValueError: The processes passed different numbers of examples at fit 1, step 1 "
+                           "(process 0: 32, process 1: 16). Every process must pass the same number"), uneven
+  assert "a loader that may end on a ragged batch must drop it in every process" in uneven
+  # a process whose batch size changed alone (a ragged last batch) raises instead of waiting forever
+  assert alone.startswith("ValueError: Process 0 passed 8 examples at a check only process 0 makes (a new batch "
+                          "size, or its first batch), but process(es) [1] did not compare theirs within 2 s"), alone
+
+
 def test_pmap_backend_and_async_misuse_are_clear_errors_across_processes(two_process_run):
   _, result = two_process_run
   errors = {name: str(result[f"error/{name}"]) for name in ("pmap", "async_without_mesh", "async_all_workers")}
@@ -321,6 +333,7 @@ def test_what_counts_as_a_multi_process_environment(monkeypatch):
 def test_single_process_helpers_and_errors():
   assert distributed.process_count() == 1 and distributed.process_index() == 0 and distributed.is_coordinator()
   distributed.barrier("noop")
+  distributed.check_batch_sizes(7, "one process: nothing to compare")
   with pytest.raises(RuntimeError, match="must run before JAX's first computation"):
     distributed.initialize("127.0.0.1:1234", 2, 0)
   with pytest.raises(ValueError, match="process_id 2 is out of range for 2 processes"):

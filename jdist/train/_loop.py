@@ -13,6 +13,7 @@ from typing import Any, Callable, Iterable, Sequence
 import jax
 import numpy as np
 
+from jdist import distributed
 from jdist.mesh import replicate
 from jdist.state import TrainState
 from jdist.strategy import Strategy
@@ -282,6 +283,8 @@ def fit(
       window_start, window_steps, examples = time.perf_counter(), 0, 0
 
   pending = None  # (step, metrics on the device, examples) of the last step dispatched and not yet read
+  run_id = distributed.next_run("fit") if jax.process_count() > 1 else None
+  last_local = None  # examples in this process's last batch (several processes: checked when it changes)
   try:
     while True:
       if pending is not None:
@@ -307,7 +310,12 @@ def fit(
       try:
         batch = next(batches)
         # several processes: each passes its share (jdist.mesh.put_batch); count the global batch
-        n_examples = len(jax.tree.leaves(batch)[0]) * jax.process_count()
+        n_local = len(jax.tree.leaves(batch)[0])
+        n_examples = n_local * jax.process_count()
+        if run_id is not None and n_local != last_local and not _global_arrays(batch):
+          # unequal shares would silently skew the average: compare them at the first batch and at each change
+          distributed.check_batch_sizes(n_local, f"fit {run_id}, step {step + 1}")
+          last_local = n_local
         state, metrics = strategy.step(state, strategy.shard_batch(batch))
       except StopIteration:
         control.request_stop(f"the data ran out after step {step}")
@@ -343,3 +351,8 @@ def fit(
                          stop_reason=control.stop_reason, failed=True)
     _call(callbacks, "on_end", control, result)
   return result
+
+
+def _global_arrays(batch) -> bool:
+  """Whether the batch already holds global arrays (put_batch passes them on as they are)."""
+  return any(isinstance(x, jax.Array) and not x.is_fully_addressable for x in jax.tree.leaves(batch))
