@@ -49,3 +49,17 @@ def single_device_reference(loss_fn, optimizer, params, batches):
     params, opt_state, loss = step(params, opt_state, batch)
     losses.append(float(loss))
   return params, opt_state, losses
+
+
+def benchmark_module(monkeypatch, name):
+  """``benchmarks/NAME.py`` loaded as a module, with benchmarks/ on ``sys.path`` for this test only (the
+  scripts import their neighbours; the folder also holds names like pipeline.py)."""
+  import importlib.util
+  import pathlib
+
+  root = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
+  monkeypatch.syspath_prepend(str(root))
+  spec = importlib.util.spec_from_file_location(name, root / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module

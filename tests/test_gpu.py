@@ -2,9 +2,6 @@
 compares with the plain reference step), checked on a GPU. Skipped elsewhere: the test suite forces the CPU
 (tests/conftest.py), so run these on a GPU host with ``JAX_PLATFORMS=cuda python -m pytest tests/test_gpu.py``.
 """
-import importlib.util
-import pathlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,20 +9,13 @@ import optax
 import pytest
 
 from jdist.models import gpt
+from tests.conftest import benchmark_module
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU (JAX_PLATFORMS=cuda)")
 
 CFG = gpt.GPTConfig(vocab_size=512, seq_len=256, d_model=256, n_layers=2, n_heads=4, compute_dtype=jnp.bfloat16,
                     attention_impl="cudnn")
 BATCH = gpt.synthetic_tokens(jax.random.key(1), 4, CFG)
-
-
-def _plain():
-  path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "_plain_gpt.py"
-  spec = importlib.util.spec_from_file_location("_plain_gpt", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 def _assert_leaves_close(actual, expected, rtol, what):
@@ -61,10 +51,10 @@ def test_dots_saveable_keeps_cudnn_attention_and_the_gradients():
     _assert_leaves_close(ours[1], ref[1], 2e-2, remat)  # bf16: 0.5-0.7% measured on the CPU (XLA attention)
 
 
-def test_jdist_gpt_is_the_plain_reference_gpt():
+def test_jdist_gpt_is_the_plain_reference_gpt(monkeypatch):
   # the benchmark compares the same model: the plain step's parameters, laid out as jdist's, give the same
   # loss and gradients (fp32 with XLA attention at full matmul precision; bf16 with cuDNN, as benchmarked)
-  plain = _plain()
+  plain = benchmark_module(monkeypatch, "_plain_gpt")
   V, D, L, H, S = CFG.vocab_size, CFG.d_model, CFG.n_layers, CFG.n_heads, CFG.seq_len
   p = plain.init(jax.random.key(3), V, D, L, H, S)
 

@@ -12,7 +12,7 @@ import jdist
 from jdist.models import gpt, mlp
 from jdist.perf import mfu, peak_flops
 from jdist.precision import mixed_precision
-from tests.conftest import assert_trees_all_close
+from tests.conftest import assert_trees_all_close, benchmark_module
 
 CFG = gpt.GPTConfig(vocab_size=64, seq_len=16, d_model=32, n_layers=2, n_heads=4)
 PARAMS = gpt.init(jax.random.key(0), CFG)
@@ -98,14 +98,7 @@ def test_mfu_and_peaks():
 
 
 def _gpu_bench(monkeypatch):
-  import importlib.util
-  import pathlib
-  root = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
-  monkeypatch.syspath_prepend(str(root))  # for this test only: benchmarks/ holds names like pipeline.py
-  spec = importlib.util.spec_from_file_location("gpu_gpt", root / "gpu_gpt.py")
-  bench = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(bench)
-  return bench
+  return benchmark_module(monkeypatch, "gpu_gpt")
 
 
 def test_gpu_benchmark_code_paths_on_cpu(monkeypatch):
