@@ -72,7 +72,7 @@ def train(steps: int = 60, *, schedule: str = "gpipe", verbose: bool = True):
 
   for batch in batches:
     p, s = step(p, s, batch)
-  ours = unstack_params(jax.device_get(state.params))
+  ours = unstack_params(jax.device_get(state.params), strategy.info["schedule"])
   diff = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(jax.device_get(p))))
   if verbose:
     print(f"loss {losses[0]:.3f} -> {losses[-1]:.3f}; max |pipeline - sequential| over all parameters: {diff:.2e}")

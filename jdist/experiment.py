@@ -6,6 +6,7 @@ entry to ``STRATEGIES``: ``name -> builder(loss_fn, optimizer, mesh, **options) 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import pathlib
 from typing import Any, Callable
@@ -110,8 +111,8 @@ def _model(config: Config, key) -> tuple[Any, Callable, Callable | None]:
     else:
       params = resmlp.init(key, 64, config.model.hidden[0], len(config.model.hidden), 10)
       model = resmlp
-      if config.strategy.name == "pipeline":  # the pipeline sees the stacked layers; eval uses the plain order
-        return params, model.loss, lambda p, b: dict(zip(("loss", "accuracy"), _flat_eval(p, b)))
+      if config.strategy.name == "pipeline":  # its state may hold the layers in device order: build() binds
+        return params, model.loss, _pipeline_eval  # the schedule that undoes it
 
     def eval_fn(params, batch):
       loss, aux = model.loss_and_accuracy(params, batch)
@@ -123,12 +124,12 @@ def _model(config: Config, key) -> tuple[Any, Callable, Callable | None]:
   return linear.init(in_features=1), linear.loss, lambda p, b: {"loss": linear.loss(p, b)}
 
 
-def _flat_eval(params, batch):
-  """resmlp loss and accuracy from pipeline params (stages laid out for the devices)."""
+def _pipeline_eval(params, batch, schedule):
+  """resmlp loss and accuracy from pipeline params (the layers in the order of ``schedule``'s devices)."""
   from jdist.pipeline import unstack_params
 
-  loss, aux = resmlp.loss_and_accuracy(unstack_params(params), batch)
-  return loss, aux["accuracy"]
+  loss, aux = resmlp.loss_and_accuracy(unstack_params(params, schedule), batch)
+  return {"loss": loss, "accuracy": aux["accuracy"]}
 
 
 def _data(config: Config) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]:
@@ -182,6 +183,8 @@ def build(config: Config) -> Experiment:
       raise ConfigError(f"strategy.rules = 'tp' is defined for model.name = 'mlp', got {config.model.name!r}.")
     options["rules"] = [(p, [a or "" for a in spec]) for p, spec in mlp.tp_rules(len(config.model.hidden) + 1)]
   strategy = build_strategy(config.strategy.name, loss_fn, config.optimizer.build(), mesh, options)
+  if config.strategy.name == "pipeline":
+    eval_fn = functools.partial(eval_fn, schedule=strategy.info["schedule"])
   state = strategy.init(params, key=config.train.seed)
   loader = ArrayLoader(train_data, config.data.batch_size, seed=config.data.seed)
   num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))

@@ -250,9 +250,12 @@ def pipeline(
 
   ``params`` (given to ``init``) must be a dict with key ``"stages"``: a pytree whose leaves all have the
   same leading size S (one slice per layer). Other keys (embeddings, heads) are replicated. The state
-  holds the stages laid out for the devices, [v, p, c, ...] with v * p * c = S (``unstack_params``
-  gives back [S, ...]), and the optimizer sees that layout: an optimizer mask that looks at shapes
-  (``x.ndim``) sees two more dimensions than on one device; give such masks by name instead.
+  keeps every leaf's shape, [S, ...], split over the pipe devices on its leading axis, so the optimizer
+  sees the parameters as on one device: shape-aware optimizers (adafactor's factored moments, muon's
+  matrices, masks on ``x.ndim``) train as they do there. GPipe and 1F1B keep the layers in order (device
+  d holds the d-th block); "circular" stores them device by device (each device's virtual stages
+  together), a permutation of the layer axis that ``unstack_params(params, strategy.info["schedule"])``
+  undoes.
 
   Args:
     stage_fn: ``stage_fn(layer_params, x) -> x`` for ONE layer (x keeps its shape: [mb, ...]).
@@ -288,7 +291,7 @@ def pipeline(
   n_data = mesh_lib.axis_size(mesh, data_axes) if data_axes else 1
   input_fn = input_fn or (lambda params, batch: batch["x"])
   head = lambda params, y, batch: loss_and_aux(loss_fn(params, y, batch), has_aux)  # (loss, aux or None)
-  stage_spec = P(None, axis)  # stacked layers as [v, p, c, ...]: the p axis split over the pipe devices
+  stage_spec = P(axis)  # stacked layers [S, ...] in device order: each pipe device holds S / p of them
   batch_spec = P(data_axes) if data_axes else P()
   table = jnp.asarray(sched.table)
   laps = jnp.asarray(sched.lap)
@@ -310,17 +313,13 @@ def pipeline(
                        f"(= {p * v}); use a number of layers divisible by {p * v} or another mesh / repeats.")
     return s
 
-  def to_device_layout(stages, s):
-    c = s // (p * v)  # layers per virtual stage
-    return jax.tree.map(lambda x: x.reshape(v, p, c, *x.shape[1:]), stages)
-
   def run_stage(local, lap, x):
-    # local: this device's layers [v, 1, c, ...]; run the c layers of virtual stage `lap` in order
-    layers = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, lap, 0, keepdims=False)[0], local)
+    # local: this device's layers [v, c, ...]; run the c layers of virtual stage `lap` in order
+    layers = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, lap, 0, keepdims=False), local)
     return jax.lax.scan(lambda h, layer: (stage_fn(layer, h), None), x, layers)[0]
 
   def local_loss(params, batch):
-    # params["stages"]: [v, 1, c, ...] this device's layers; other entries whole; batch: [B/n_data, ...]
+    # params["stages"]: [v, c, ...] this device's layers; other entries whole; batch: [B/n_data, ...]
     d = jax.lax.axis_index(axis)
     micro = jax.tree.map(lambda x: x.reshape(m, x.shape[0] // m, *x.shape[1:]), batch)
     pick = lambda i: jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, jnp.maximum(i, 0), 0, keepdims=False), micro)
@@ -372,7 +371,7 @@ def pipeline(
   def one_forward_one_backward(params, batch):
     """Loss (on the last device, / m), gradients (summed over micro-batches, this device's share) and busy
     ticks, with a hand-written backward: each stage's forward is recomputed under ``jax.vjp`` at its B tick."""
-    # params: varying over every mesh axis; params["stages"]: [1, 1, c, ...] this device's layers
+    # params: varying over every mesh axis; params["stages"]: [1, c, ...] this device's layers
     d = jax.lax.axis_index(axis)
     all_axes = (axis,) + tuple(data_axes)
 
@@ -447,6 +446,9 @@ def pipeline(
     return loss / m, jax.tree.map(lambda a: a / m, aux), grads, active
 
   def local_grads(params, batch):
+    # this device's S / p layers [v c, ...] as its v virtual stages of c layers, [v, c, ...]
+    params = dict(params, stages=jax.tree.map(lambda x: x.reshape(v, x.shape[0] // v, *x.shape[1:]),
+                                              params["stages"]))
     vary = lambda x, axes: jax.lax.pcast(x, axes, to="varying") if axes else x
     pipe_and_data = (axis,) + tuple(data_axes)
     params = {k: (jax.tree.map(lambda x: vary(x, tuple(data_axes)), val) if k == "stages" else
@@ -457,7 +459,8 @@ def pipeline(
       (loss, (active, aux)), grads = jax.value_and_grad(local_loss, has_aux=True)(params, batch)
     # the loss and aux live on the last device only: sum over the pipe; average over data replicas
     loss, aux = jax.lax.psum((loss, aux), axis)
-    grads = {k: (val if k == "stages" else jax.lax.psum(val, axis)) for k, val in grads.items()}
+    grads = {k: (jax.tree.map(lambda g: g.reshape(-1, *g.shape[2:]), val) if k == "stages" else
+                 jax.lax.psum(val, axis)) for k, val in grads.items()}
     if data_axes:
       loss, aux, grads = jax.lax.pmean((loss, aux, grads), data_axes)
     idle = p * sched.ticks - jax.lax.psum(active, axis)
@@ -474,8 +477,8 @@ def pipeline(
 
   def init(params: Params, *, key: PRNGKey | int | None = None) -> TrainState:
     params = check_params(params)
-    s = check_stages(params)
-    params = dict(params, stages=to_device_layout(params["stages"], s))
+    check_stages(params)
+    params = dict(params, stages=_to_devices(params["stages"], p, v))
     return sharded_state(params, shardings_of(params), optimizer, mesh, key)
 
   def check_batch(batch):
@@ -506,6 +509,34 @@ def pipeline(
   return strategy
 
 
-def unstack_params(params: Params) -> Params:
-  """Pipeline params (stages laid out [v, p, c, ...] for the devices) back in plain [S, ...] layer order."""
-  return dict(params, stages=jax.tree.map(lambda x: x.reshape(-1, *x.shape[3:]), params["stages"]))
+def device_layer_order(num_layers: int, num_stages: int, repeats: int) -> np.ndarray:
+  """``order[k]``: the layer the pipeline state keeps at position k of its layer axis.
+
+  Device d holds positions [d S/p, (d+1) S/p): its v virtual stages of c = S/(p v) layers, virtual stage
+  j of the model (layers [j c, (j+1) c)) on device j mod p. With v = 1 (GPipe, 1F1B) that is the identity.
+  """
+  p, v = num_stages, repeats
+  c = num_layers // (p * v)
+  device, lap, layer = np.meshgrid(np.arange(p), np.arange(v), np.arange(c), indexing="ij")
+  return ((lap * p + device) * c + layer).reshape(-1)
+
+
+def _to_devices(stages: Params, p: int, v: int) -> Params:
+  if v == 1:
+    return stages
+  order = device_layer_order(jax.tree.leaves(stages)[0].shape[0], p, v)
+  return jax.tree.map(lambda x: x[order], stages)
+
+
+def unstack_params(params: Params, schedule: Schedule) -> Params:
+  """Pipeline params (or a tree laid out like them: gradients, optimizer moments) in the model's layer
+  order; ``schedule`` is the strategy's, ``strategy.info["schedule"]``. Only "circular" reorders the layers
+  (``device_layer_order``); the shapes are the model's in every schedule."""
+  if not isinstance(schedule, Schedule):
+    raise TypeError(f"unstack_params needs the pipeline's schedule (strategy.info['schedule']), got "
+                    f"{type(schedule).__name__}.")
+  if schedule.repeats == 1:
+    return params
+  order = device_layer_order(jax.tree.leaves(params["stages"])[0].shape[0], schedule.num_stages, schedule.repeats)
+  inverse = np.argsort(order)
+  return dict(params, stages=jax.tree.map(lambda x: x[inverse], params["stages"]))

@@ -9,7 +9,7 @@ import pytest
 import jdist
 from jdist.collectives import comm_report
 from jdist.models import gpt
-from jdist.pipeline import pipeline, pipeline_schedule, unstack_params
+from jdist.pipeline import device_layer_order, pipeline, pipeline_schedule, unstack_params
 from tests.conftest import assert_trees_all_close, single_device_reference
 
 W, D_IN, LAYERS = 8, 5, 8
@@ -78,7 +78,8 @@ def test_pipeline_equals_sequential(p, m, schedule):
     losses.append(float(metrics["loss"]))
   ref, ref_losses = reference(params, batches, optax.adam(1e-2))
   np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
-  assert_trees_all_close(unstack_params(jax.device_get(state.params)), ref, rtol=1e-5, atol=1e-6)
+  assert_trees_all_close(unstack_params(jax.device_get(state.params), strategy.info["schedule"]), ref,
+                         rtol=1e-5, atol=1e-6)
   sched = strategy.info["schedule"]
   np.testing.assert_allclose(float(metrics["bubble"]), sched.bubble, rtol=1e-6)  # counted while running
 
@@ -95,7 +96,47 @@ def test_data_x_pipe_mesh():
       state, metrics = strategy.step(state, strategy.shard_batch(b))
     ref, ref_losses = reference(params, batches, optax.adam(1e-2))
     np.testing.assert_allclose(float(metrics["loss"]), ref_losses[-1], rtol=1e-5)
-    assert_trees_all_close(unstack_params(jax.device_get(state.params)), ref, rtol=1e-5, atol=1e-6)
+    assert_trees_all_close(unstack_params(jax.device_get(state.params), strategy.info["schedule"]), ref,
+                         rtol=1e-5, atol=1e-6)
+
+
+SHAPE_AWARE = {  # optimizers whose update depends on each parameter's shape, not only its values
+    "adafactor": optax.adafactor(1e-2, min_dim_size_to_factor=4),  # factors [S, W] and [S, W, W] leaves
+    "adamw_ndim_mask": optax.adamw(1e-2, weight_decay=0.5, mask=lambda ps: jax.tree.map(lambda x: x.ndim == 3, ps)),
+    "muon": optax.contrib.muon(1e-2),  # orthogonalised updates for 2-D leaves, Adam for the others
+}
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "circular", "1f1b"])
+def test_shape_aware_optimizers_see_the_model_shapes(schedule):
+  # the state keeps each leaf's shape, the layer axis split over the devices: an optimizer that factors,
+  # masks or orthogonalises by shape trains as on one device (circular: the layers permuted, which these
+  # optimizers do not see)
+  params, batches = make_params(), make_batches(5, batch=16)
+  mesh = jdist.make_mesh(pipe=2, devices=jax.devices()[:2])
+  for name, opt in SHAPE_AWARE.items():
+    strategy = pipeline(stage_fn, loss_fn, opt, mesh, microbatches=2, schedule=schedule, input_fn=input_fn)
+    state = strategy.init(params)
+    assert jax.tree.map(jnp.shape, state.params) == jax.tree.map(jnp.shape, params)
+    for b in batches:
+      state, metrics = strategy.step(state, strategy.shard_batch(b))
+    ref, ref_losses = reference(params, batches, opt)
+    np.testing.assert_allclose(float(metrics["loss"]), ref_losses[-1], rtol=1e-5, err_msg=name)
+    assert_trees_all_close(unstack_params(jax.device_get(state.params), strategy.info["schedule"]), ref,
+                           rtol=1e-5, atol=1e-6)
+
+
+def test_circular_keeps_each_device_s_virtual_stages_together():
+  # p = 2, v = 2, 8 layers: virtual stages of 2 layers, stage j on device j mod 2
+  order = device_layer_order(8, 2, 2)
+  np.testing.assert_array_equal(order, [0, 1, 4, 5, 2, 3, 6, 7])
+  np.testing.assert_array_equal(device_layer_order(8, 4, 1), np.arange(8))
+  sched = pipeline_schedule(2, 2, "circular", repeats=2)
+  params = make_params()
+  laid_out = dict(params, stages=jax.tree.map(lambda x: x[order], params["stages"]))
+  assert_trees_all_close(unstack_params(laid_out, sched), params, rtol=0, atol=0)
+  with pytest.raises(TypeError, match=r"needs the pipeline's schedule \(strategy.info\['schedule'\]\)"):
+    unstack_params(params, "circular")
 
 
 @pytest.mark.parametrize("p,m", [(2, 1), (4, 4), (4, 8), (4, 16), (8, 8), (8, 32)])
@@ -133,7 +174,7 @@ def test_1f1b_gradients_equal_gpipe_and_sequential():
     strategy = pipeline(stage_fn, loss_fn, with_grads(optax.sgd(0.1)), mesh, microbatches=m, schedule=schedule,
                         input_fn=input_fn)
     state, metrics[schedule] = strategy.step(strategy.init(params), strategy.shard_batch(batch))
-    grads[schedule] = unstack_params(jax.device_get(state.opt_state[0]))
+    grads[schedule] = unstack_params(jax.device_get(state.opt_state[0]), strategy.info["schedule"])
   loss, ref = jax.value_and_grad(sequential_loss)(params, batch)
   assert_trees_all_close(grads["1f1b"], ref, rtol=1e-5, atol=1e-6)
   assert_trees_all_close(grads["1f1b"], grads["gpipe"], rtol=1e-5, atol=1e-6)
@@ -164,9 +205,11 @@ def test_1f1b_gpt_equals_sequential():
       losses.append(float(metrics["loss"]))
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5, err_msg=f"m={m}, remat={remat}")
     # the last step's gradient, and the parameters after 3 steps
-    assert_trees_all_close(unstack_params(jax.device_get(state.opt_state[0])), to_pipeline(ref_opt[0]),
+    sched = strategy.info["schedule"]
+    assert_trees_all_close(unstack_params(jax.device_get(state.opt_state[0]), sched), to_pipeline(ref_opt[0]),
                            rtol=1e-5, atol=1e-7)
-    assert_trees_all_close(unstack_params(jax.device_get(state.params)), to_pipeline(ref), rtol=1e-5, atol=1e-6)
+    assert_trees_all_close(unstack_params(jax.device_get(state.params), sched), to_pipeline(ref), rtol=1e-5,
+                           atol=1e-6)
 
 
 def test_1f1b_memory_does_not_grow_with_microbatches():
@@ -316,7 +359,7 @@ def test_aux_is_the_mean_over_micro_batches_and_training_is_unchanged(schedule, 
   plain = pipeline(stage_fn, loss_fn, optax.adam(1e-2), mesh, **kw)
   state_a, state_p = with_aux.init(params), plain.init(params)
   for b in batches:
-    params_before = unstack_params(jax.device_get(state_a.params))
+    params_before = unstack_params(jax.device_get(state_a.params), with_aux.info["schedule"])
     state_a, metrics = with_aux.step(state_a, with_aux.shard_batch(b))
     state_p, metrics_p = plain.step(state_p, plain.shard_batch(b))
     np.testing.assert_allclose(float(metrics["loss"]), float(metrics_p["loss"]), rtol=1e-6)
@@ -368,7 +411,8 @@ def test_idle_ticks_do_not_poison_the_gradient(schedule):
   np.testing.assert_allclose(float(metrics["loss"]), float(loss), rtol=1e-5)
   np.testing.assert_allclose(float(metrics["grad_norm"]), float(optax.tree.norm(grads)), rtol=1e-5)
   expected = jax.tree.map(lambda p, g: p - 0.1 * g, params, grads)
-  assert_trees_all_close(unstack_params(jax.device_get(state.params)), expected, rtol=1e-5, atol=1e-6)
+  assert_trees_all_close(unstack_params(jax.device_get(state.params), strategy.info["schedule"]), expected,
+                         rtol=1e-5, atol=1e-6)
 
 
 def test_an_aux_key_named_like_a_pipeline_metric_is_an_error():
