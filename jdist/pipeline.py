@@ -52,7 +52,7 @@ from jdist import mesh as mesh_lib
 from jdist._types import Batch, Params, PRNGKey
 from jdist.state import TrainState
 from jdist.strategy import (Strategy, StepFn, check_callable, check_optimizer, check_params, check_positive_int,
-                            loss_and_aux, metrics_from, sharded_state)
+                            loss_and_aux, metrics_from, pin_layout, sharded_state)
 
 SCHEDULES = ("gpipe", "circular", "1f1b")
 _IDLE, _FORWARD, _STASH, _BACKWARD = range(4)  # 1F1B ops; _STASH: a forward on the last device, which only stashes
@@ -498,7 +498,8 @@ def pipeline(
     body = jax.shard_map(local_grads, mesh=mesh, in_specs=(specs, batch_spec), out_specs=(P(), P(), specs, P()))
     loss, aux, grads, idle = body(state.params, batch)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    params, opt_state = pin_layout(optax.apply_updates(state.params, updates), opt_state,
+                                   shardings_of(state.params), optimizer, mesh)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     return new_state, metrics_from(loss, grads, aux, new_state.step, bubble=idle / (p * sched.ticks),
                                    ticks=jnp.float32(sched.ticks))

@@ -74,8 +74,33 @@ def optimizer_shardings(optimizer: Any, opt_state: Any, params: Any, param_shard
       return leaf
     return sharding if getattr(leaf, "shape", None) == getattr(param, "shape", ()) else replicated
 
-  return optax.tree_map_params(optimizer, like_param, opt_state, params, param_shardings,
-                               transform_non_params=lambda x: x if masked(x) else replicated, is_leaf=masked)
+  try:
+    return optax.tree_map_params(optimizer, like_param, opt_state, params, param_shardings,
+                                 transform_non_params=lambda x: x if masked(x) else replicated, is_leaf=masked)
+  except (ValueError, TypeError):
+    # an optimizer whose init cannot run on optax's placeholder tree (sm3's per-axis lists, muon given
+    # dimension numbers): a state leaf of a parameter's shape is sharded like the parameters of that shape
+    # where they agree, everything else replicated. Placement only: the step computes the same either way.
+    by_shape: dict[Any, list] = {}
+    for param, sharding in zip(jax.tree.leaves(params), jax.tree.leaves(param_shardings)):
+      by_shape.setdefault(np.shape(param), []).append(sharding)
+
+    def by_leaf(leaf):
+      if masked(leaf):
+        return leaf
+      found = by_shape.get(getattr(leaf, "shape", None), [])
+      return found[0] if found and all(f == found[0] for f in found) else replicated
+
+    return jax.tree.map(by_leaf, opt_state, is_leaf=masked)
+
+
+def pin_layout(params: Params, opt_state: Any, param_shardings: Any, optimizer: Any, mesh: Mesh) -> tuple[Any, Any]:
+  """Inside a jitted step: the new ``params`` and ``opt_state`` constrained to the layout ``sharded_state``
+  gives them, so a step never moves the state (XLA would otherwise choose a layout for an optimizer's own
+  arrays, e.g. sm3's per-axis accumulators, and the next step would compile again for it)."""
+  opt_shardings = optimizer_shardings(optimizer, opt_state, params, param_shardings, mesh)
+  return (jax.lax.with_sharding_constraint(params, param_shardings),
+          jax.lax.with_sharding_constraint(opt_state, opt_shardings))
 
 
 def sharded_state(params: Params, param_shardings: Any, optimizer: Any, mesh: Mesh, key: Any) -> TrainState:

@@ -236,10 +236,20 @@ def _partitioned_optimizer():
   return optax.multi_transform({"matrix": optax.adam(1e-2), "vector": optax.sgd(0.1)}, labels)
 
 
-@pytest.mark.parametrize("opt_name", ["multi_transform", "adafactor"])
+def _muon_with_dimension_numbers():
+  # the matrices' dimension numbers given explicitly: optax cannot run this init on its placeholder tree
+  from optax.contrib import MuonDimensionNumbers, muon
+  dims = lambda params: jax.tree.map(lambda x: MuonDimensionNumbers(0, 1) if x.ndim == 2 else None, params)
+  return muon(1e-2, muon_weight_dimension_numbers=dims)
+
+
+@pytest.mark.parametrize("opt_name", ["multi_transform", "adafactor", "sm3", "muon"])
 def test_optimizers_with_masked_or_factored_state_shard_and_equal_single_device(opt_name):
-  # adafactor's factored moments have other shapes than their parameters: they are replicated
-  make = {"multi_transform": _partitioned_optimizer, "adafactor": lambda: optax.adafactor(1e-2)}[opt_name]
+  # adafactor's factored moments have other shapes than their parameters: they are replicated. sm3's
+  # state (lists per parameter) and muon's given dimension numbers defeat optax's tree_map_params: their
+  # state is placed by shape instead
+  make = {"multi_transform": _partitioned_optimizer, "adafactor": lambda: optax.adafactor(1e-2),
+          "sm3": lambda: optax.sm3(0.1), "muon": _muon_with_dimension_numbers}[opt_name]
   batches = _mlp_batches(5)
   ref, _, _ = single_device_reference(mlp.loss, make(), MLP_PARAMS, batches)
   for strategy in (jdist.sharded(mlp.loss, make(), jdist.make_mesh(data=2, fsdp=4), fsdp_axis="fsdp", fsdp_min_size=64),

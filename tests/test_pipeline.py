@@ -104,6 +104,7 @@ SHAPE_AWARE = {  # optimizers whose update depends on each parameter's shape, no
     "adafactor": optax.adafactor(1e-2, min_dim_size_to_factor=4),  # factors [S, W] and [S, W, W] leaves
     "adamw_ndim_mask": optax.adamw(1e-2, weight_decay=0.5, mask=lambda ps: jax.tree.map(lambda x: x.ndim == 3, ps)),
     "muon": optax.contrib.muon(1e-2),  # orthogonalised updates for 2-D leaves, Adam for the others
+    "sm3": optax.sm3(0.1),  # one accumulator per axis of each leaf (its state also defeats tree_map_params)
 }
 
 

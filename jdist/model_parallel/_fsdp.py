@@ -27,7 +27,7 @@ from jdist._types import Batch, LossFn, Params, PRNGKey
 from jdist.model_parallel._rules import DEFAULT_FSDP_MIN_SIZE, partition_specs
 from jdist.state import TrainState
 from jdist.strategy import (Strategy, StepFn, check_callable, check_optimizer, check_params, metrics_from,
-                            sharded_state, value_and_grad)
+                            pin_layout, sharded_state, value_and_grad)
 
 
 GATHERED = "fsdp_gathered_weight"
@@ -119,6 +119,8 @@ def fsdp(
     loss, aux, grads = body(state.params, batch)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
+    params, opt_state = pin_layout(params, opt_state, shardings, optimizer, mesh)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     return new_state, metrics_from(loss, grads, aux, new_state.step)
 

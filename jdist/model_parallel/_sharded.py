@@ -19,7 +19,7 @@ from jdist._types import Batch, LossFn, Params, PRNGKey
 from jdist.model_parallel._rules import DEFAULT_FSDP_MIN_SIZE, Rule, partition_specs
 from jdist.state import TrainState
 from jdist.strategy import (Strategy, StepFn, check_callable, check_optimizer, check_params, metrics_from,
-                            optimizer_shardings, sharded_state, value_and_grad)
+                            optimizer_shardings, pin_layout, sharded_state, value_and_grad)
 
 
 def sharded(
@@ -87,9 +87,8 @@ def sharded(
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     # pin the layout: the step's outputs have exactly the shardings init gave (rules evaluated at trace time)
-    param_shardings, opt_shardings = layout(params, opt_state)
-    params = jax.lax.with_sharding_constraint(params, param_shardings)
-    opt_state = jax.lax.with_sharding_constraint(opt_state, opt_shardings)
+    param_shardings, _ = layout(params, opt_state)
+    params, opt_state = pin_layout(params, opt_state, param_shardings, optimizer, mesh)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     return new_state, metrics_from(loss, grads, aux, new_state.step)
 
