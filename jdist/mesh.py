@@ -72,6 +72,8 @@ def make_mesh(*, devices: Sequence[jax.Device] | None = None, **axes: int) -> Me
   """
   if not axes:
     raise ValueError("make_mesh needs at least one axis, e.g. make_mesh(data=8) or make_mesh(data=-1).")
+  if isinstance(devices, np.ndarray):  # e.g. another mesh's devices: its layout is not kept
+    devices = devices.ravel().tolist()
   devices = list(jax.devices() if devices is None else devices)
   if not devices:
     raise ValueError("make_mesh got an empty device list.")
@@ -120,11 +122,20 @@ def as_axes(axis: str | Sequence[str]) -> tuple[str, ...]:
   return (axis,) if isinstance(axis, str) else tuple(axis)
 
 
+def check_mesh(mesh: Any) -> Mesh:
+  if not isinstance(mesh, Mesh):
+    raise TypeError(f"mesh must be a jax.sharding.Mesh, e.g. jdist.make_mesh(data=-1), got {type(mesh).__name__}.")
+  return mesh
+
+
 def check_axes(mesh: Mesh, axis: str | Sequence[str], *, what: str = "axis") -> tuple[str, ...]:
-  """Returns ``axis`` as a tuple after checking every name is in ``mesh``."""
+  """Returns ``axis`` as a tuple after checking ``mesh`` is a mesh and every name is one of its axes, once."""
+  check_mesh(mesh)
   axes = as_axes(axis)
   if not axes or not all(isinstance(a, str) for a in axes):
     raise TypeError(f"{what} must be a mesh axis name or a tuple of names, got {axis!r}.")
+  if len(set(axes)) != len(axes):
+    raise ValueError(f"{what} {axis!r} names a mesh axis more than once; name each axis once.")
   missing = [a for a in axes if a not in mesh.shape]
   if missing:
     raise ValueError(

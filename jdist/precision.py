@@ -42,6 +42,13 @@ def mixed_precision(loss_fn: Callable[..., Any], *, compute_dtype=jnp.bfloat16, 
     >>> cfg = gpt.GPTConfig(compute_dtype=jnp.bfloat16)  # doctest: +SKIP
     >>> strategy = jdist.data_parallel(mixed_precision(gpt.loss_fn(cfg)), optax.adamw(3e-4), mesh)  # doctest: +SKIP
   """
+  try:
+    floating = jnp.issubdtype(jnp.dtype(compute_dtype), jnp.floating)
+  except TypeError:
+    floating = False
+  if not floating:
+    raise TypeError(f"compute_dtype must be a floating-point dtype (jnp.bfloat16, jnp.float16 or jnp.float32), got "
+                    f"{compute_dtype!r}: parameters cast to it would get no gradient.")
 
   def wrapped(params, batch):
     low = _cast_floating(params, compute_dtype)

@@ -136,14 +136,22 @@ def check_positive_int(value: Any, what: str) -> int:
 
 
 def check_params(params: Params) -> Params:
-  """Converts leaves to arrays and rejects empty or non-numeric parameter trees."""
+  """Converts leaves to arrays and rejects empty parameter trees and leaves that cannot be differentiated
+  (not arrays; integer, bool or PRNG-key arrays)."""
   leaves = jax.tree.leaves(params)
   if not leaves:
     raise ValueError("params is an empty pytree; expected a pytree of arrays (a dict, nnx.State, ...).")
   for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    where = f"params leaf {jax.tree_util.keystr(path)}"
     if not (isinstance(leaf, (jax.Array, np.ndarray, np.generic, float, int))):
-      raise TypeError(f"params leaf {jax.tree_util.keystr(path)} is a {type(leaf).__name__}; expected an "
-                      f"array. For a flax NNX model pass the state from nnx.split(model).")
+      raise TypeError(f"{where} is a {type(leaf).__name__}; expected an array. For a flax NNX model pass the "
+                      f"state from nnx.split(model).")
+    dtype = leaf.dtype if hasattr(leaf, "dtype") else jnp.result_type(leaf)  # a key array's dtype is key<...>
+    if not jnp.issubdtype(dtype, jnp.inexact):
+      raise TypeError(f"{where} has dtype {dtype}; every parameter is differentiated, so it must be a float "
+                      f"array. Keep counters and random keys out of params (close over them, or pass them in "
+                      f"the batch); for a flax NNX model split off the parameters: "
+                      f"graphdef, params, rest = nnx.split(model, nnx.Param, ...).")
   return jax.tree.map(jnp.asarray, params)
 
 

@@ -120,6 +120,19 @@ def test_has_aux_metrics_and_flax_nnx_params():
   _, metrics = strategy.step(state, strategy.shard_batch(batches[0]))  # state is donated here
   expected_acc = float(jnp.mean(jnp.argmax(logits, -1) == batches[0]["y"]))
   np.testing.assert_allclose(float(metrics["accuracy"]), expected_acc, rtol=1e-6)
+  # a model with dropout: its state holds an RNG counter and key, which cannot be differentiated. The whole
+  # state is refused at init, naming the leaf; its parameters alone train
+  class Dropped(Net):
+    def __init__(self, rngs):
+      super().__init__(rngs)
+      self.drop = nnx.Dropout(0.1, rngs=rngs)
+
+  graphdef, state_all = nnx.split(Dropped(nnx.Rngs(0)))
+  with pytest.raises(TypeError, match=r"params leaf .*drop.* has dtype (uint32|key<fry>); every parameter is "
+                                      r"differentiated.*nnx.split\(model, nnx.Param, ...\)"):
+    strategy.init(state_all)
+  _, params, _ = nnx.split(Dropped(nnx.Rngs(0)), nnx.Param, ...)
+  assert jax.tree.map(jnp.shape, strategy.init(params).params) == jax.tree.map(jnp.shape, params)
 
 
 def _loss_with_count(params, batch):

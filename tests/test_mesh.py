@@ -36,6 +36,20 @@ def test_sizes_must_multiply_to_device_count():
     jdist.make_mesh()
 
 
+def test_another_mesh_s_devices_and_bad_meshes_or_axes():
+  # another mesh's device array is flattened in its order; a missing mesh or an axis named twice is an error
+  grid = jdist.make_mesh(a=2, b=4)
+  mesh = jdist.make_mesh(data=-1, devices=grid.devices)
+  assert list(mesh.devices.flat) == list(grid.devices.flat)
+  import optax
+  from jdist.models import mlp
+  for make in (jdist.data_parallel, jdist.local_sgd, jdist.sharded, jdist.model_parallel.fsdp):
+    with pytest.raises(TypeError, match="mesh must be a jax.sharding.Mesh, e.g. jdist.make_mesh\\(data=-1\\), got NoneType"):
+      make(mlp.loss, optax.sgd(0.1), None)
+  with pytest.raises(ValueError, match=r"\('a', 'a'\) names a mesh axis more than once"):
+    jdist.data_parallel(mlp.loss, optax.sgd(0.1), grid, axis=("a", "a"))
+
+
 def test_emulate_devices_after_start():
   assert len(jdist.emulate_devices(8)) >= 8  # already have 8: fine
   with pytest.raises(RuntimeError, match=r"already started with 8 CPU device\(s\), so 64 cannot be emulated"):

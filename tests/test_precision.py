@@ -25,6 +25,13 @@ def test_fp32_policy_is_the_identity():
   assert_trees_all_close(ours, ref, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [jnp.int32, jnp.bool_, "int8", "not a dtype"])
+def test_a_compute_dtype_that_is_not_floating_is_an_error(dtype):
+  # cast to an integer dtype, the parameters would get a zero gradient and training would never move
+  with pytest.raises(TypeError, match="compute_dtype must be a floating-point dtype .* would get no gradient"):
+    mixed_precision(gpt.loss_fn(CFG), compute_dtype=dtype)
+
+
 def test_bf16_compute_keeps_fp32_master_weights_and_gradients():
   cfg = gpt.GPTConfig(**{**CFG.__dict__, "compute_dtype": jnp.bfloat16})
   loss = mixed_precision(gpt.loss_fn(cfg))

@@ -52,6 +52,7 @@ def sharded(
   """
   check_callable(loss_fn, "loss_fn")
   check_optimizer(optimizer)
+  mesh_lib.check_mesh(mesh)
   if fsdp_axis is not None:
     mesh_lib.check_axes(mesh, fsdp_axis, what="fsdp_axis")
   data_axes = () if data_axis is None else mesh_lib.as_axes(data_axis)
