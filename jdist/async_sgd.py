@@ -701,6 +701,9 @@ def async_sgd(
     if len(sizes) > 1:
       raise ValueError(f"async_sgd.run: batches leaves have different leading (tick) sizes {sorted(sizes)}; "
                        f"every leaf must be [T, num_workers, b, ...] with the same T.")
+    if sizes == {0}:
+      raise ValueError("async_sgd.run: batches have no ticks (T = 0 along axis 0); pass leaves [T, num_workers, b, "
+                       "...] with T >= 1, e.g. split_workers(batch, num_workers)[None] for one batch.")
     sharding = NamedSharding(mesh, P(None, axis))
     if process_local:  # this process's workers [T, N/P, b, ...], at workers [p N/P, (p+1) N/P) of the mesh axis
       mesh_lib.process_batch_rows(per_worker, n // jax.process_count())  # raises if the axis is laid out otherwise

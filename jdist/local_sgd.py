@@ -46,7 +46,8 @@ def local_sgd(
     sync_every: H, the steps between averagings (>= 1).
     outer_optimizer: None for plain averaging, or an optax optimizer applied to the outer gradient
       ``global - mean(replicas)`` (DiLoCo).
-    allreduce: the AllReduce algorithm for the averaging (``jdist.collectives.ALGORITHMS``).
+    allreduce: the AllReduce algorithm for the averaging (``jdist.collectives.ALGORITHMS``, except
+      "hierarchical", which needs two mesh axes).
 
   Returns:
     A ``Strategy``. ``state.params`` are the global (last averaged) parameters, replicated;
@@ -61,7 +62,10 @@ def local_sgd(
     check_optimizer(outer_optimizer)
   axis = mesh_lib.check_axis(mesh, axis, who="local_sgd", what="data axis")
   h = check_positive_int(sync_every, "sync_every")
-  collectives.check_algorithm(allreduce, axis)
+  collectives.check_algorithm(allreduce)
+  if allreduce == "hierarchical":
+    raise ValueError("local_sgd averages over one mesh axis, and allreduce='hierarchical' needs two (outer, inner). "
+                     "Use one of 'psum', 'ring', 'halving_doubling' or 'tree'.")
   n = mesh.shape[axis]
   replicated = NamedSharding(mesh, P())
   per_device = NamedSharding(mesh, P(axis))

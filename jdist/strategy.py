@@ -1,7 +1,8 @@
 """The common shape of every training strategy, and helpers the strategies share."""
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+import types
+from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -32,7 +33,7 @@ class Strategy(NamedTuple):
   step: Callable[[TrainState, Batch], tuple[TrainState, Metrics]]
   name: str
   mesh: Mesh
-  info: dict[str, Any] = {}
+  info: Mapping[str, Any] = types.MappingProxyType({})  # read-only: one default shared by every strategy
 
 
 class StepFn:

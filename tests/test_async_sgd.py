@@ -277,6 +277,8 @@ def test_bad_input_is_a_clear_error():
     strategy.run(state, jax.tree.map(lambda x: x[None], flat), 3)
   with pytest.raises(ValueError, match="ticks must be a positive int"):
     strategy.run(state, _article_batches(4), 0)
+  with pytest.raises(ValueError, match=r"batches have no ticks \(T = 0 along axis 0\)"):
+    strategy.run(state, jax.tree.map(lambda x: x[:0], _article_batches(4)), 3)
 
 
 def test_numpy_and_jax_scalars_are_numbers_bools_and_strings_are_not():

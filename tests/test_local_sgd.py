@@ -87,6 +87,8 @@ def test_bad_arguments():
     jdist.local_sgd(mlp.loss, optax.sgd(0.1), mesh, allreduce="nope")
   with pytest.raises(TypeError, match="optax.GradientTransformation"):
     jdist.local_sgd(mlp.loss, optax.sgd(0.1), mesh, outer_optimizer="sgd")
+  with pytest.raises(ValueError, match="local_sgd averages over one mesh axis, and allreduce='hierarchical' needs two"):
+    jdist.local_sgd(mlp.loss, optax.sgd(0.1), mesh, allreduce="hierarchical")
   mesh2 = jdist.make_mesh(node=2, device=4)
   with pytest.raises(ValueError, match=r"local_sgd runs over one mesh axis, got axis=\('node', 'device'\) \(2 names\)"
                                        r"\. Pass one name, e.g. axis='node'.*jdist.make_mesh\(data=-1"):

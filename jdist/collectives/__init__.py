@@ -1,7 +1,8 @@
 """Collective communication: AllReduce algorithms you can read and swap, and reports of what programs send.
 
 Inside ``jax.shard_map``: ``allreduce(tree, axis_name, algorithm=..., op=...)``. Each algorithm is a
-function of one flat payload in ``ALGORITHMS``, with a numpy simulation in ``REFERENCES``.
+function of one flat payload in ``ALGORITHMS``, with a numpy simulation in ``REFERENCES`` (hierarchical's,
+over two axes, is ``hierarchical_reference(xs, outer, inner)``).
 """
 from jdist.collectives._algorithms import ALGORITHMS as ALGORITHMS
 from jdist.collectives._algorithms import halving_doubling as halving_doubling
