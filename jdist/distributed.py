@@ -135,7 +135,11 @@ def initialize(
   if process_id is not None and num_processes is not None and process_id >= num_processes:
     raise ValueError(f"process_id {process_id} is out of range for {num_processes} processes; ids run from 0 to "
                      f"{num_processes - 1}. Give each process a different id in that range.")
+  single = num_processes == 1 or (coordinator_address is None and num_processes is None and process_id is None
+                                  and not _detect_cluster_requested() and not _cluster_detected())
   if _backend_started():
+    if single and local_device_count is None and collective is None:
+      return  # one process, no device setting to apply (cross-process collectives do not matter): nothing to do
     raise RuntimeError(
         "jdist.distributed.initialize() must run before JAX's first computation, but JAX has already started "
         "in this process (something called jax.devices(), created an array or ran a function). Call it right "
@@ -149,12 +153,9 @@ def initialize(
   if collective is not None:
     _add_xla_flag("--xla_cpu_collective_timeout_seconds", collective)
 
-  if num_processes == 1:
-    return
+  if single:
+    return  # one process: nothing to join
   explicit = None not in (coordinator_address, num_processes, process_id)
-  if not explicit and coordinator_address is None and num_processes is None and process_id is None:
-    if not _detect_cluster_requested() and not _cluster_detected():
-      return  # one process: nothing to join
   kwargs: dict[str, Any] = dict(heartbeat_timeout_seconds=max(1, heartbeat),
                                 shutdown_timeout_seconds=max(1, int(shutdown_timeout_s)))
   deadline = time.monotonic() + timeout

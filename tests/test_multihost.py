@@ -336,6 +336,10 @@ def test_single_process_helpers_and_errors():
   distributed.check_batch_sizes(7, "one process: nothing to compare")
   with pytest.raises(RuntimeError, match="must run before JAX's first computation"):
     distributed.initialize("127.0.0.1:1234", 2, 0)
+  distributed.initialize()  # one process, JAX started: nothing to do, as the docstring says
+  distributed.initialize(num_processes=1)
+  with pytest.raises(RuntimeError, match="must run before JAX's first computation"):  # a setting it can't apply now
+    distributed.initialize(local_device_count=4)
   with pytest.raises(ValueError, match="process_id 2 is out of range for 2 processes"):
     distributed.initialize("127.0.0.1:1234", 2, 2)
   with pytest.raises(ValueError, match="not of the form host:port"):
