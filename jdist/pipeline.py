@@ -285,11 +285,15 @@ def pipeline(
   check_optimizer(optimizer)
   axis = mesh_lib.check_axis(mesh, axis, who="pipeline", what="pipe axis", example="pipe")
   data_axes = mesh_lib.check_axes(mesh, data_axis, what="data axis") if data_axis is not None else ()
+  if axis in data_axes:
+    raise ValueError(f"data_axis {data_axis!r} includes the pipe axis {axis!r}: the batch is split over other mesh "
+                     f"axes than the one the layers are, e.g. jdist.make_mesh(data=2, {axis}=4) with "
+                     f"data_axis='data'.")
   p = mesh.shape[axis]
   sched = pipeline_schedule(p, microbatches, schedule, repeats=repeats)
   m, v = sched.microbatches, sched.repeats
   n_data = mesh_lib.axis_size(mesh, data_axes) if data_axes else 1
-  input_fn = input_fn or (lambda params, batch: batch["x"])
+  input_fn = input_fn or _batch_x
   head = lambda params, y, batch: loss_and_aux(loss_fn(params, y, batch), has_aux)  # (loss, aux or None)
   stage_spec = P(axis)  # stacked layers [S, ...] in device order: each pipe device holds S / p of them
   batch_spec = P(data_axes) if data_axes else P()
@@ -313,6 +317,23 @@ def pipeline(
                        f"(= {p * v}); use a number of layers divisible by {p * v} or another mesh / repeats.")
     return s
 
+  def activation_type(params, micro_batch):
+    """The activations' type after ``input_fn`` (traced, not run), checked to be one array that ``stage_fn``
+    returns unchanged in shape and dtype: each stage's output is the next one's input."""
+    x = jax.eval_shape(lambda: input_fn(params, micro_batch))
+    if not isinstance(x, jax.ShapeDtypeStruct):
+      raise TypeError(f"input_fn must return one array, the activations [micro-batch, ...], got "
+                      f"{jax.tree.structure(x)}: the stages pass a single array from device to device. Pack "
+                      f"several into one (e.g. concatenate them on the last axis).")
+    layer = jax.tree.map(lambda a: a[0, 0], params["stages"])  # this device's first layer
+    y = jax.eval_shape(lambda: stage_fn(layer, jnp.zeros(x.shape, x.dtype)))
+    if not isinstance(y, jax.ShapeDtypeStruct) or (y.shape, y.dtype) != (x.shape, x.dtype):
+      got = f"{y.dtype}{list(y.shape)}" if isinstance(y, jax.ShapeDtypeStruct) else str(jax.tree.structure(y))
+      raise TypeError(f"stage_fn must return the activations in the shape and dtype it was given, "
+                      f"{x.dtype}{list(x.shape)} (from input_fn), got {got}: each stage's output is the next "
+                      f"one's input. Change the width or dtype in input_fn or loss_fn instead.")
+    return x
+
   def run_stage(local, lap, x):
     # local: this device's layers [v, c, ...]; run the c layers of virtual stage `lap` in order
     layers = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, lap, 0, keepdims=False), local)
@@ -323,7 +344,7 @@ def pipeline(
     d = jax.lax.axis_index(axis)
     micro = jax.tree.map(lambda x: x.reshape(m, x.shape[0] // m, *x.shape[1:]), batch)
     pick = lambda i: jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, jnp.maximum(i, 0), 0, keepdims=False), micro)
-    x_shape = jax.eval_shape(lambda: input_fn(params, pick(0)))
+    x_shape = activation_type(params, pick(0))
 
     def add_head(y, i, loss, aux):  # the last stage's output of micro-batch i: its loss and aux into the sums
       loss_i, aux_i = head(params, y, pick(i))
@@ -380,7 +401,7 @@ def pipeline(
 
     micro = jax.tree.map(lambda x: x.reshape(m, x.shape[0] // m, *x.shape[1:]), batch)
     pick = lambda i: jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, i, 0, keepdims=False), micro)
-    x_type = jax.eval_shape(lambda: input_fn(params, pick(0)))
+    x_type = activation_type(params, pick(0))
     zeros_x = varying(jnp.zeros(x_type.shape, x_type.dtype))  # x: [mb, ...]
     zero_grads = jax.tree.map(lambda x: varying(jnp.zeros(x.shape, x.dtype)), params)
     loss_type, aux_type = jax.eval_shape(lambda: head(params, zeros_x, pick(0)))
@@ -541,3 +562,12 @@ def unstack_params(params: Params, schedule: Schedule) -> Params:
   order = device_layer_order(jax.tree.leaves(params["stages"])[0].shape[0], schedule.num_stages, schedule.repeats)
   inverse = np.argsort(order)
   return dict(params, stages=jax.tree.map(lambda x: x[inverse], params["stages"]))
+
+
+def _batch_x(params: Params, batch: Batch) -> jax.Array:
+  """The default ``input_fn``: the batch's "x"."""
+  if not (isinstance(batch, dict) and "x" in batch):
+    keys = list(batch) if isinstance(batch, dict) else type(batch).__name__
+    raise ValueError(f"The default input_fn reads batch['x'], but the batch has {keys}. Pass "
+                     f"input_fn=lambda params, batch: ... to make the first stage's input.")
+  return batch["x"]

@@ -378,6 +378,29 @@ def test_aux_is_the_mean_over_micro_batches_and_training_is_unchanged(schedule, 
   assert_trees_all_close(state_a.params, state_p.params, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+def test_activations_that_break_the_stage_contract_are_clear_errors(schedule):
+  mesh = jdist.make_mesh(pipe=2, devices=jax.devices()[:2])
+  params, batch = make_params(), make_batches(1, batch=8)[0]
+  make = lambda stage=stage_fn, inp=input_fn: pipeline(stage, loss_fn, optax.sgd(0.1), mesh, microbatches=2,
+                                                        schedule=schedule, input_fn=inp)
+  wider = lambda layer, x: jnp.concatenate([stage_fn(layer, x), x], -1)
+  halved = lambda layer, x: stage_fn(layer, x).astype(jnp.bfloat16)
+  for stage, got in ((wider, r"float32\[4, 16\]"), (halved, r"bfloat16\[4, 8\]")):
+    strategy = make(stage)
+    with pytest.raises(TypeError, match=r"stage_fn must return the activations in the shape and dtype it was given, "
+                                        r"float32\[4, 8\] \(from input_fn\), got " + got):
+      strategy.step(strategy.init(params), strategy.shard_batch(batch))
+  strategy = make(inp=lambda params, batch: (input_fn(params, batch), batch["x"]))
+  with pytest.raises(TypeError, match="input_fn must return one array, the activations"):
+    strategy.step(strategy.init(params), strategy.shard_batch(batch))
+  strategy = pipeline(stage_fn, loss_fn, optax.sgd(0.1), mesh, microbatches=2, schedule=schedule)
+  with pytest.raises(ValueError, match=r"The default input_fn reads batch\['x'\], but the batch has \['inputs', 'y'\]"):
+    strategy.step(strategy.init(params), strategy.shard_batch({"inputs": batch["x"], "y": batch["y"]}))
+  with pytest.raises(ValueError, match="data_axis 'pipe' includes the pipe axis 'pipe'"):
+    pipeline(stage_fn, loss_fn, optax.sgd(0.1), mesh, data_axis="pipe")
+
+
 def test_a_loss_that_is_not_a_scalar_is_a_clear_error():
   mesh = jdist.make_mesh(pipe=2, devices=jax.devices()[:2])
   batch = make_batches(1, batch=8)[0]
