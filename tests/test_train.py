@@ -3,6 +3,7 @@ import json
 import pathlib
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -163,6 +164,32 @@ def test_corrupted_latest_checkpoint_is_reported_and_fallback_only_when_allowed(
   strategy, state, loader = _setup()
   reference = fit(strategy, state, loader, steps=15)
   _leaves_equal(resumed.state.params, reference.state.params)
+
+
+@pytest.mark.parametrize("change", ["model", "optimizer", "dtype"])
+def test_a_checkpoint_of_another_configuration_is_named_never_moved_aside(tmp_path, change):
+  # a readable checkpoint written for another model, optimizer or precision is a configuration error, not
+  # damage: even with fallback=True it stays where it is, and the right configuration then resumes from it
+  ckdir = tmp_path / "ckpt"
+  strategy, state, loader = _setup()
+  fit(strategy, state, loader, steps=10, checkpoint=CheckpointConfig(directory=ckdir, every_steps=5))
+  mesh = jdist.make_mesh(data=8)
+  params = mlp.init(jax.random.key(0), [6, 16, 3])
+  other = {"model": lambda: jdist.data_parallel(mlp.loss, optax.adam(1e-2), mesh).init(
+               mlp.init(jax.random.key(0), [6, 32, 3])),
+           "optimizer": lambda: jdist.data_parallel(mlp.loss, optax.sgd(1e-2), mesh).init(params),
+           "dtype": lambda: jdist.data_parallel(mlp.loss, optax.adam(1e-2), mesh).init(
+               jax.tree.map(lambda x: x.astype(jnp.bfloat16), params))}[change]()
+  expected = {"model": r"params/layers/0/b is float32\[16\] there and float32\[32\] here",
+              "optimizer": r"it has opt_state/0/count, opt_state/0/mu/layers/0/b, opt_state/0/mu/layers/0/w \.\.\. "
+                           r"that this run does not",
+              "dtype": r"params/layers/0/b is float32\[16\] there and bfloat16\[16\] here"}[change]
+  with pytest.raises(CheckpointError, match=r"ckpt/10 was written for a different model or optimizer: " + expected +
+                     r"\. Nothing was moved or overwritten"):
+    fit(strategy, other, loader, steps=15, checkpoint=CheckpointConfig(directory=ckdir, every_steps=5, fallback=True))
+  assert sorted(p.name for p in ckdir.iterdir()) == ["10", "5"]
+  strategy, state, loader = _setup()
+  assert fit(strategy, state, loader, steps=15, checkpoint=CheckpointConfig(directory=ckdir)).start_step == 10
 
 
 def test_saved_on_8_devices_restored_on_4(tmp_path):

@@ -110,6 +110,16 @@ def abstract_like(tree: PyTree) -> PyTree:
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=getattr(x, "sharding", None)), tree)
 
 
+def _leaf_types(tree: PyTree, is_leaf=None) -> dict[str, tuple[tuple[int, ...], str]]:
+  """``{path: (shape, dtype)}`` for the leaves of ``tree``, paths as "params/layers/0/w" (dict keys, field
+  names and indices alike, as orbax's metadata names them)."""
+  def name(path):
+    return "/".join(str(next(getattr(k, a) for a in ("key", "name", "idx") if hasattr(k, a))) for k in path)
+
+  return {name(path): (tuple(np.shape(x)), str(np.dtype(x.dtype)))
+          for path, x in jax.tree_util.tree_leaves_with_path(tree, is_leaf=is_leaf)}
+
+
 class Checkpointer:
   """Saves and restores ``(state, meta)`` under ``config.directory`` with an orbax CheckpointManager."""
 
@@ -130,7 +140,9 @@ class Checkpointer:
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=config.keep, enable_async_checkpointing=False,
-                                             create=True))
+                                             create=True),
+        # named up front, so the items' metadata can be read before anything is restored (``_mismatch``)
+        item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
     self.last_saved_step: int | None = None
     self.last_save_time = time.monotonic()
 
@@ -190,6 +202,12 @@ class Checkpointer:
     """
     steps = self.steps()
     for step in reversed(steps):
+      mismatch = self._mismatch(step, template)
+      if mismatch is not None:  # a readable checkpoint of another run: never moved aside, even with fallback
+        raise CheckpointError(
+            f"Checkpoint {self.step_path(step)} was written for a different model or optimizer: {mismatch}. "
+            f"Nothing was moved or overwritten. Resume with the configuration that wrote it, or give this run "
+            f"its own checkpoint directory (CLI: --set run_dir=...).")
       try:
         state, meta = self._restore(step, template)
         return step, state, meta
@@ -204,6 +222,26 @@ class Checkpointer:
     if steps:
       raise CheckpointError(f"None of the checkpoints in {self.directory} ({steps}) can be read; they were moved "
                             f"to {self.directory / 'unreadable'}. Nothing was overwritten.")
+    return None
+
+  def _mismatch(self, step: int, template: PyTree) -> str | None:
+    """How the state saved at ``step`` differs from ``template`` in its leaves' paths, shapes and dtypes, by
+    the checkpoint's own metadata; None if they agree, or if the metadata cannot be read (the restore then
+    reports what is wrong with the checkpoint)."""
+    try:
+      saved_tree = self._manager.item_metadata(step)["state"].tree
+    except Exception:  # noqa: BLE001 - unreadable metadata: a damaged checkpoint, left to the restore
+      return None
+    saved = _leaf_types(saved_tree, is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype"))
+    wanted = _leaf_types(template)
+    missing, extra = sorted(wanted.keys() - saved.keys()), sorted(saved.keys() - wanted.keys())
+    if missing or extra:
+      parts = ([f"it lacks {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}"] if missing else []) + (
+          [f"it has {', '.join(extra[:3])}{' ...' if len(extra) > 3 else ''} that this run does not"] if extra else [])
+      return "; ".join(parts)
+    for path, (shape, dtype) in sorted(wanted.items(), key=lambda kv: (not kv[0].startswith("params"), kv[0])):
+      if saved[path] != (shape, dtype):
+        return (f"{path} is {saved[path][1]}{list(saved[path][0])} there and {dtype}{list(shape)} here")
     return None
 
   def _quarantine(self, step: int, reason: str) -> None:
