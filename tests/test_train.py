@@ -241,6 +241,13 @@ def test_plain_iterable_resumes_by_skipping(tmp_path):
   resumed = fit(strategy, state, batches, steps=10, checkpoint=ck)
   assert resumed.start_step == 4
   _leaves_equal(resumed.state.params, full.state.params)
+  # resumed with the loader the list came from: the newest checkpoint (step 8, written by the run above)
+  # holds no data position, so the loader (at its start) skips the 8 batches it covers, as a plain iterable
+  # does, instead of replaying them
+  strategy, state, _ = _setup()
+  resumed = fit(strategy, state, ArrayLoader(_data(), 32, seed=3), steps=10, checkpoint=ck)
+  assert resumed.start_step == 8
+  _leaves_equal(resumed.state.params, full.state.params)
 
 
 def test_early_stopping_and_data_exhaustion():

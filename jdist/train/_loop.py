@@ -181,14 +181,15 @@ def fit(
                             "with the same kind of data (e.g. jdist.data.ArrayLoader).")
     data.set_state(meta["data"])
     batches = iter(data)
-  elif restored is not None and not hasattr(data, "set_state"):
-    # a plain iterable replays from where the state passed in was: skip the batches the checkpoint covers
+  elif restored is not None:
+    # no data position saved (the run that wrote it read a plain iterable): the data replays from where the
+    # state passed in was, so skip the batches the checkpoint covers
     if start < given_step:
       raise CheckpointError(
-          f"The state passed in is at step {given_step} but the newest checkpoint is at step {start}, and the data "
-          f"(a plain iterable) cannot be moved back to it: resuming would skip {given_step - start} batch(es). "
-          f"Pass the state from strategy.init, use data with get_state/set_state (jdist.data.ArrayLoader), or "
-          f"a checkpoint directory of this run.")
+          f"The state passed in is at step {given_step} but the newest checkpoint is at step {start}, and it holds "
+          f"no data position to move the data back to: resuming would skip {given_step - start} batch(es). "
+          f"Pass the state from strategy.init, use data with get_state/set_state (jdist.data.ArrayLoader) in the "
+          f"run that writes the checkpoints, or a checkpoint directory of this run.")
     batches = itertools.islice(iter(data), start - given_step, None)
   else:
     batches = iter(data)  # the state passed in continues with the data as given
