@@ -62,6 +62,10 @@ class OptimizerConfig:
     _one_of("optimizer.name", self.name, ("sgd", "momentum", "adam", "adamw"))
     if not self.lr > 0:
       raise ConfigError(f"optimizer.lr must be > 0, got {self.lr}.")
+    if not 0 <= self.momentum < 1:
+      raise ConfigError(f"optimizer.momentum must be in [0, 1), got {self.momentum}.")
+    if not self.weight_decay >= 0:
+      raise ConfigError(f"optimizer.weight_decay must be >= 0, got {self.weight_decay}.")
 
   def build(self):
     import optax
@@ -88,6 +92,10 @@ class MeshConfig:
     if not isinstance(self.num_devices, int) or isinstance(self.num_devices, bool) or self.num_devices < 0:
       raise ConfigError(f"mesh.num_devices must be an int >= 0 (0: all devices), got {self.num_devices!r}.")
     for name, size in self.axes.items():
+      near = difflib.get_close_matches(name, ["cpu_devices", "num_devices"], n=1, cutoff=0.75)
+      if near:  # a misspelt option would otherwise become a mesh axis, and every step would run on it
+        raise ConfigError(f"mesh.{name} looks like a misspelt mesh.{near[0]}; the other keys of [mesh] are axis "
+                          f"names. Did you mean mesh.{near[0]}?")
       if not isinstance(size, int) or (size < 1 and size != -1):
         raise ConfigError(f"mesh.{name} must be a positive int or -1, got {size!r}.")
 

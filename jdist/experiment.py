@@ -36,6 +36,14 @@ def local_sgd_from_config(loss_fn, optimizer, mesh, *, axis: str = "data", sync_
   ``outer_lr`` None is plain averaging; else the outer optimizer is SGD(outer_lr, outer_momentum,
   nesterov), e.g. DiLoCo's 0.7 / 0.9 / true.
   """
+  number = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)
+  if outer_lr is not None and not (number(outer_lr) and outer_lr > 0):
+    raise ConfigError(f"strategy.outer_lr must be a number > 0 (DiLoCo uses 0.7; leave it out for plain averaging), "
+                      f"got {outer_lr!r}.")
+  if not (number(outer_momentum) and 0 <= outer_momentum < 1):
+    raise ConfigError(f"strategy.outer_momentum must be a number in [0, 1) (DiLoCo uses 0.9), got {outer_momentum!r}.")
+  if not isinstance(outer_nesterov, bool):
+    raise ConfigError(f"strategy.outer_nesterov must be true or false, got {outer_nesterov!r}.")
   outer = None
   if outer_lr is not None:
     outer = optax.sgd(outer_lr, momentum=outer_momentum or None, nesterov=outer_nesterov)
@@ -47,6 +55,11 @@ def sharded_from_config(loss_fn, optimizer, mesh, *, rules=(), data_axis: str = 
                         fsdp_min_size: int = 1024) -> Strategy:
   """``sharded`` with TOML-friendly options: ``rules`` a list of [pattern, [axis or "" per dim]] pairs
   (or "tp", resolved by ``build`` to the model's tensor-parallel rules); ``fsdp_axis = ""`` for none."""
+  pair = lambda r: (isinstance(r, (list, tuple)) and len(r) == 2 and isinstance(r[0], str)
+                    and isinstance(r[1], (list, tuple)) and all(isinstance(a, str) for a in r[1]))
+  if not (isinstance(rules, (list, tuple)) and all(pair(r) for r in rules)):
+    raise ConfigError(f"strategy.rules must be \"tp\" (the model's tensor-parallel rules) or a list of "
+                      f"[pattern, [axis or \"\" per dimension]] pairs, e.g. [[\"w$\", [\"\", \"model\"]]], got {rules!r}.")
   rules = tuple((p, tuple(a or None for a in spec)) for p, spec in rules)
   return sharded(loss_fn, optimizer, mesh, rules=rules, data_axis=data_axis, fsdp_axis=fsdp_axis or None,
                  fsdp_min_size=fsdp_min_size)

@@ -220,6 +220,10 @@ def test_cli_nan_exits_nonzero(tmp_path, capsys):
     ({"learning_rate": 0.1}, "Did you mean 'optimizer.lr'?"),
     ({"seed": 1}, "Did you mean 'data.seed' or 'train.seed'?"),
     ({"mesh": {"num_devices": True}}, "mesh.num_devices must be an int >= 0 (0: all devices), got True"),
+    # a misspelt option would become a mesh axis of size 4: every step computed 4 times over
+    ({"mesh": {"num_device": 4}}, "mesh.num_device looks like a misspelt mesh.num_devices"),
+    ({"optimizer": {"momentum": 1.5}}, "optimizer.momentum must be in [0, 1), got 1.5"),
+    ({"optimizer": {"weight_decay": -0.1}}, "optimizer.weight_decay must be >= 0, got -0.1"),
 ])
 def test_config_errors(bad, match):
   with pytest.raises(config_lib.ConfigError) as err:
@@ -245,6 +249,18 @@ def test_config_errors(bad, match):
 def test_config_values_of_the_wrong_type_are_errors(override, match):
   with pytest.raises(config_lib.ConfigError) as err:
     config_lib.load(None, [override])
+  assert match in str(err.value)
+
+
+@pytest.mark.parametrize("options,match", [
+    ({"name": "local_sgd", "outer_lr": 0}, "strategy.outer_lr must be a number > 0"),
+    ({"name": "local_sgd", "outer_lr": 0.7, "outer_momentum": "x"}, "strategy.outer_momentum must be a number in [0, 1)"),
+    ({"name": "sharded", "rules": "tp "}, 'strategy.rules must be "tp" (the model\'s tensor-parallel rules) or a list'),
+])
+def test_strategy_options_are_checked(options, match):
+  from jdist import experiment
+  with pytest.raises(config_lib.ConfigError) as err:
+    experiment.build(config_lib.from_dict({"strategy": options, "train": {"steps": 1}}))
   assert match in str(err.value)
 
 

@@ -386,3 +386,12 @@ def test_launcher_propagates_a_failure_and_stops_the_others(tmp_path):
   assert done.returncode == 3, done.stdout + done.stderr
   assert all(f"[p{i}] up {i} 3 2" in done.stdout for i in range(3)), done.stdout
   assert "lost process 2, which exited with code 3 (process 0 was killed by signal SIGTERM" in done.stdout, done.stdout
+
+
+def test_launcher_refuses_bad_timeouts_before_starting_anything():
+  from jdist.cli._launch import launch
+  for kwargs, match in (({"timeout_s": -5}, "--timeout must be a number of seconds > 0, got -5"),
+                        ({"heartbeat_timeout_s": 0}, "--heartbeat-timeout must be a number of seconds >= 1, got 0"),
+                        ({"grace_s": -1}, "the grace period must be >= 0 seconds")):
+    with pytest.raises(ValueError, match=match):
+      launch([sys.executable, "-c", "pass"], num_processes=2, **kwargs)

@@ -11,7 +11,7 @@ import pytest
 import jdist
 from jdist.data import ArrayLoader
 from jdist.models import mlp
-from jdist.train import Callback, CheckpointConfig, CheckpointError, NanGuard, fit, read_jsonl
+from jdist.train import Callback, CheckpointConfig, CheckpointError, NanGuard, PrintLogger, fit, read_jsonl
 from tests.conftest import assert_trees_all_close
 
 
@@ -72,6 +72,15 @@ def test_callbacks_fire_at_the_right_steps(tmp_path):
   assert all(r["steps_per_s"] > 0 for r in read_jsonl(tmp_path / "timing.jsonl"))
   assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
   assert len(result.history) == 12 and result.stop_reason is None
+  # a callback failing in on_start still ends the others (a progress bar stops) and the writers close
+  class Broken(Callback):
+    def on_start(self, loop, step):
+      raise RuntimeError("broken on_start")
+
+  rec = Recorder()
+  with pytest.raises(RuntimeError, match="broken on_start"):
+    fit(strategy, result.state, loader, steps=14, callbacks=[rec, Broken()], run_dir=tmp_path)
+  assert rec.events[0] == ("start", 12) and rec.events[-1][0] == "end"
 
 
 def test_history_matches_plain_optax():
@@ -271,6 +280,11 @@ def test_bad_fit_arguments(tmp_path):
     fit(strategy, state, loader, steps=1, eval_fn=_eval_fn)
   with pytest.raises(ValueError, match="every_steps must be a positive int"):
     CheckpointConfig(directory=tmp_path, every_steps=0)
+  with pytest.raises(ValueError, match="PrintLogger every must be a positive int .*got 0"):
+    PrintLogger(every=0)
+  with pytest.raises(TypeError, match="NanGuard keys must be metric names"):
+    NanGuard(keys=[1])
+  assert NanGuard(keys="loss").keys == ("loss",)  # one name, not its letters
   blocker = tmp_path / "file"
   blocker.write_text("not a directory")
   with pytest.raises(CheckpointError, match="Cannot create checkpoint directory"):

@@ -182,6 +182,10 @@ def launch(command: Sequence[str], *, num_processes: int, devices_per_process: i
     raise ValueError(f"--devices-per-process must be a positive int, got {devices_per_process!r}.")
   if not grace_s >= 0:
     raise ValueError(f"the grace period must be >= 0 seconds, got {grace_s!r}.")
+  if timeout_s is not None and not timeout_s > 0:
+    raise ValueError(f"--timeout must be a number of seconds > 0, got {timeout_s!r}.")
+  if heartbeat_timeout_s is not None and not heartbeat_timeout_s >= 1:
+    raise ValueError(f"--heartbeat-timeout must be a number of seconds >= 1, got {heartbeat_timeout_s!r}.")
   coordinator = f"127.0.0.1:{port or free_port()}"
   group = _Group(out or sys.stdout)
   group.say(f"jdist launch: {num_processes} process(es)"

@@ -36,6 +36,16 @@ class Callback:
     pass
 
 
+def _metric_names(keys: Any, who: str) -> tuple[str, ...]:
+  """``keys`` as a tuple of metric names; one name given as a string is one name, not its letters."""
+  if isinstance(keys, str):
+    return (keys,)
+  keys = tuple(keys)
+  if not all(isinstance(k, str) for k in keys):
+    raise TypeError(f"{who} keys must be metric names (strings), got {keys!r}.")
+  return keys
+
+
 class NanGuard(Callback):
   """Stops training when a watched metric is NaN or infinite; the step is not checkpointed.
 
@@ -43,7 +53,7 @@ class NanGuard(Callback):
   """
 
   def __init__(self, keys: Sequence[str] = ("loss", "grad_norm")):
-    self.keys = tuple(keys)
+    self.keys = _metric_names(keys, "NanGuard")
 
   def on_step(self, loop, step, metrics):
     for key in self.keys:
@@ -104,7 +114,10 @@ class PrintLogger(Callback):
   """Prints one line of metrics every ``every`` steps and after each evaluation."""
 
   def __init__(self, every: int = 10, keys: Sequence[str] | None = None, print_fn=print):
-    self.every, self.keys, self.print_fn = every, keys, print_fn
+    if not isinstance(every, int) or isinstance(every, bool) or every < 1:
+      raise ValueError(f"PrintLogger every must be a positive int (steps between lines), got {every!r}.")
+    self.every, self.print_fn = every, print_fn
+    self.keys = _metric_names(keys, "PrintLogger") if keys is not None else None
 
   def _fmt(self, metrics):
     keys = self.keys or [k for k in metrics if k != "step"]

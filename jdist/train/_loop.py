@@ -246,7 +246,6 @@ def fit(
         tb.write(step, metrics)
     _call(callbacks, "on_eval", control, step, metrics)
 
-  _call(callbacks, "on_start", control, start)
   step = start
   window_start, window_steps, examples = time.perf_counter(), 0, 0
   peak = _mesh_peak(strategy, peak_flops) if flops_per_step is not None else None
@@ -287,6 +286,7 @@ def fit(
   run_id = distributed.next_run("fit") if jax.process_count() > 1 else None
   last_local = None  # examples in this process's last batch (several processes: checked when it changes)
   try:
+    _call(callbacks, "on_start", control, start)  # inside: a callback failing here still ends the others
     while True:
       if pending is not None:
         k, metrics, n_examples = pending
