@@ -45,6 +45,17 @@ def test_rules_give_specs_and_report_without_devices():
   assert "blocks/qkv" in report.table()
 
 
+def test_malformed_rules_are_clear_errors_without_devices():
+  mesh = {"data": 2, "model": 4}
+  with pytest.raises(ValueError, match=r"Rule 'fc\$' has spec \('model', 'model'\), which uses mesh axis 'model' "
+                                       r"more than once"):
+    partition_specs(GPT_PARAMS, [(r"fc$", ("model", "model"))], mesh)
+  with pytest.raises(TypeError, match=r"whose entry 1 is not a mesh axis name"):
+    partition_specs(GPT_PARAMS, [(r"fc$", (None, 1))], mesh)
+  with pytest.raises(ValueError, match=r"Rule pattern '\[fc' is not a valid regular expression"):
+    partition_specs(GPT_PARAMS, [(r"[fc", (None, "model"))], mesh)
+
+
 def test_rule_naming_an_axis_not_in_the_mesh():
   with pytest.raises(ValueError, match=r"Rule '\^blocks/qkv\$' -> \(None, None, None, 'model'\) names mesh axis "
                                        r"'model', but the mesh has axes \{'data': 8\}"):
@@ -310,3 +321,18 @@ def test_gpt_cross_entropy_is_optax_s():
   np.testing.assert_array_equal(jax.grad(gpt.cross_entropy)(logits, targets), jax.grad(ref)(logits))
   for bad in (64, -1):  # valid_tokens' mark of a bad id, and a negative one
     assert np.isnan(float(gpt.cross_entropy(logits, targets.at[0, 0].set(bad)))), bad
+
+
+def test_aux_of_sharded_is_the_global_batch_s_and_of_fsdp_the_mean_over_devices():
+  # sharded runs the loss once on the global batch: its aux is the single-device value; fsdp (shard_map)
+  # reports the mean over the 8 devices of each device's value, as data_parallel does
+  def loss(params, batch):
+    return mlp.loss(params, batch), {"count": jnp.sum(batch["y"] > 3)}
+
+  batch = _mlp_batches(1, batch=32)[0]
+  count = int(np.sum(batch["y"] > 3))
+  mesh = jdist.make_mesh(fsdp=8)
+  for strategy, expected in ((jdist.sharded(loss, optax.sgd(0.1), mesh, fsdp_axis="fsdp", has_aux=True), count),
+                             (fsdp(loss, optax.sgd(0.1), mesh, has_aux=True), count / 8)):
+    _, metrics = strategy.step(strategy.init(MLP_PARAMS), strategy.shard_batch(batch))
+    np.testing.assert_allclose(float(metrics["count"]), expected, rtol=1e-6)

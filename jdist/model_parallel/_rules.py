@@ -87,11 +87,20 @@ class ShardingReport:
 
 
 def _normalise(spec: Any, rule: str) -> P:
-  if isinstance(spec, P):
-    return spec
-  if isinstance(spec, (tuple, list)):
-    return P(*spec)
-  raise TypeError(f"Rule {rule!r} has spec {spec!r}; expected a PartitionSpec or a tuple of mesh axis names / None.")
+  """``spec`` as a ``PartitionSpec``, each entry None, an axis name or a tuple of names, no axis twice."""
+  if not isinstance(spec, (P, tuple, list)):
+    raise TypeError(f"Rule {rule!r} has spec {spec!r}; expected a PartitionSpec or a tuple of mesh axis names / None.")
+  for entry in spec:
+    if not (entry is None or isinstance(entry, str)
+            or (isinstance(entry, (tuple, list)) and all(isinstance(a, str) for a in entry))):
+      raise TypeError(f"Rule {rule!r} has spec {tuple(spec)}, whose entry {entry!r} is not a mesh axis name; each "
+                      f"entry is None (replicated), an axis name or a tuple of axis names.")
+  named = [a for entry in spec for a in _entry_axes(entry)]
+  twice = sorted({a for a in named if named.count(a) > 1})
+  if twice:
+    raise ValueError(f"Rule {rule!r} has spec {tuple(spec)}, which uses mesh axis {twice[0]!r} more than once; a "
+                     f"mesh axis can split one dimension of a parameter only.")
+  return spec if isinstance(spec, P) else P(*spec)
 
 
 def _canonical(spec: P) -> tuple:
@@ -138,7 +147,10 @@ def partition_specs(params: Params, rules: Sequence[Rule], mesh: Any, *, fsdp_ax
         if a not in sizes:
           raise ValueError(f"Rule {pattern!r} -> {tuple(spec)} names mesh axis {a!r}, but the mesh has axes "
                            f"{sizes}. Use one of {list(sizes)} or add the axis to the mesh.")
-    compiled.append((pattern, re.compile(pattern), spec))
+    try:
+      compiled.append((pattern, re.compile(pattern), spec))
+    except re.error as e:
+      raise ValueError(f"Rule pattern {pattern!r} is not a valid regular expression ({e}).") from None
   if fsdp_axis is not None and fsdp_axis not in sizes:
     raise ValueError(f"fsdp_axis {fsdp_axis!r} is not an axis of the mesh {sizes}.")
 

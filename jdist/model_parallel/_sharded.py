@@ -48,7 +48,9 @@ def sharded(
 
   Returns:
     A ``Strategy``; ``strategy.info["param_specs"]`` holds the parameter specs and ``["report"]`` the
-    ``ShardingReport`` after ``init``.
+    ``ShardingReport`` after ``init``. With ``has_aux`` the aux values are those of the loss on the global
+    batch, as on one device (the loss runs once, partitioned by GSPMD), not means over devices as the
+    ``shard_map`` strategies report them.
   """
   check_callable(loss_fn, "loss_fn")
   check_optimizer(optimizer)
