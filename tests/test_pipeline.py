@@ -108,14 +108,16 @@ SHAPE_AWARE = {  # optimizers whose update depends on each parameter's shape, no
 }
 
 
-@pytest.mark.parametrize("schedule", ["gpipe", "circular", "1f1b"])
-def test_shape_aware_optimizers_see_the_model_shapes(schedule):
+@pytest.mark.parametrize("schedule,names", [("gpipe", tuple(SHAPE_AWARE)), ("circular", ("adafactor", "muon")),
+                                            ("1f1b", ("adamw_ndim_mask", "sm3"))])
+def test_shape_aware_optimizers_see_the_model_shapes(schedule, names):
   # the state keeps each leaf's shape, the layer axis split over the devices: an optimizer that factors,
   # masks or orthogonalises by shape trains as on one device (circular: the layers permuted, which these
   # optimizers do not see)
-  params, batches = make_params(), make_batches(5, batch=16)
+  params, batches = make_params(), make_batches(3, batch=16)
   mesh = jdist.make_mesh(pipe=2, devices=jax.devices()[:2])
-  for name, opt in SHAPE_AWARE.items():
+  for name in names:
+    opt = SHAPE_AWARE[name]
     strategy = pipeline(stage_fn, loss_fn, opt, mesh, microbatches=2, schedule=schedule, input_fn=input_fn)
     state = strategy.init(params)
     assert jax.tree.map(jnp.shape, state.params) == jax.tree.map(jnp.shape, params)

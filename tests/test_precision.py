@@ -239,15 +239,15 @@ def test_gpu_profile_code_paths_on_cpu(monkeypatch, tmp_path):
   import gpu_profile as prof  # benchmarks/ is on the path after _gpu_bench()
 
   monkeypatch.setenv("JDIST_BENCH_OUT", str(tmp_path))
-  monkeypatch.setattr("sys.argv", ["gpu_profile.py", "--cpu-smoke", "--variants", "scan1_dots_saveable",
-                                   "--steps", "2", "--keep-traces"])
+  monkeypatch.setattr("sys.argv", ["gpu_profile.py", "--cpu-smoke", "--variants", "straight", "--steps", "1",
+                                   "--keep-traces"])
   prof.main()
   runs = json.loads((tmp_path / "gpu_profile.json").read_text())["runs"]
-  assert [r["variant"] for r in runs] == ["plain", "scan1_dots_saveable"]
+  assert [r["variant"] for r in runs] == ["plain", "straight"]
   for r in runs:
     assert r["wall_ms"] > 0 and r["kernels_per_step"] > 0 and sum(r["kinds_ms"].values()) > 0
   assert sorted(p.name for p in tmp_path.glob("trace_*.json.gz")) == [
-      "trace_cpu-smoke_plain.json.gz", "trace_cpu-smoke_scan1_dots_saveable.json.gz"]
+      "trace_cpu-smoke_plain.json.gz", "trace_cpu-smoke_straight.json.gz"]
 
 
 @pytest.mark.parametrize("unroll", [2, True])
