@@ -38,6 +38,11 @@ class ArrayLoader:
 
   def __init__(self, arrays: Mapping[str, Any], batch_size: int, *, seed: int = 0, shuffle: bool = True,
                process_index: int | None = None, process_count: int | None = None):
+    if not isinstance(arrays, Mapping):
+      raise TypeError(f"ArrayLoader takes a dict of arrays (name -> array, e.g. {{'x': x, 'y': y}}), got a "
+                      f"{type(arrays).__name__}.")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+      raise ValueError(f"seed must be an int >= 0, got {seed!r}.")
     self.arrays = {k: np.asarray(v) for k, v in arrays.items()}
     n = mesh_lib.batch_size(self.arrays, what="data set")
     if not isinstance(batch_size, int) or batch_size < 1:
@@ -75,16 +80,19 @@ class ArrayLoader:
     return np.random.default_rng((self.seed, epoch)).permutation(self.num_examples)
 
   def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+    # the position lives on the loader, not the iterator: a set_state between two batches moves every
+    # iterator of this loader to it (the order is drawn again when the epoch is not the one drawn)
+    share = self.batch_size // self.process_count
+    drawn, order = None, None
     while True:
-      order = self._order(self.epoch)
-      while self.index < self.batches_per_epoch:
-        share = self.batch_size // self.process_count
-        start = self.index * self.batch_size + self.process_index * share
-        idx = order[start:start + share]
-        self.index += 1
-        yield {k: v[idx] for k, v in self.arrays.items()}
-      self.epoch += 1
-      self.index = 0
+      if self.index >= self.batches_per_epoch:
+        self.epoch, self.index = self.epoch + 1, 0
+      if drawn != self.epoch:
+        drawn, order = self.epoch, self._order(self.epoch)
+      start = self.index * self.batch_size + self.process_index * share
+      idx = order[start:start + share]
+      self.index += 1
+      yield {k: v[idx] for k, v in self.arrays.items()}
 
   def get_state(self) -> dict[str, int]:
     """The position, and what it is a position in: enough to resume the same sequence of batches."""

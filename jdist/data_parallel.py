@@ -183,7 +183,8 @@ def data_parallel(
     opt_state = jax.jit(optimizer.init, out_shardings=replicated)(params)
     extra, key = None, raw_key(key)
     if with_residual:  # one residual per device: leading axis of size N, split over the data axis
-      zeros = lambda p: jnp.zeros((n,) + p.shape, p.dtype)
+      # float32 or wider whatever the parameters' dtype: a bf16 residual would round small gradients away
+      zeros = lambda p: jnp.zeros((n,) + p.shape, jnp.promote_types(p.dtype, jnp.float32))
       extra = {"residual": jax.jit(lambda p: jax.tree.map(zeros, p), out_shardings=NamedSharding(mesh, P(axes)))(params)}
     if compression == "powersgd":  # Q from a key of its own, the same on every device
       key, q_key = jax.random.split(key)

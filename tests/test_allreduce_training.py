@@ -103,6 +103,32 @@ def test_int8_error_feedback_identity_and_exact_sum():
   np.testing.assert_allclose(total[0], x.sum(0), atol=8 * scale)
 
 
+def test_bf16_gradients_keep_a_float32_residual_and_small_coordinates_arrive():
+  # a coordinate 1e-5 of the largest is below int8's step (1/127 of it): error feedback accumulates it until it
+  # is sent. In a bf16 residual it stalled (1e-5 is under half a bf16 step there) and never arrived
+  for compression in ("int8", "powersgd"):
+    strategy = jdist.data_parallel(mlp.loss, optax.sgd(0.1), jdist.make_mesh(data=8), compression=compression)
+    state = strategy.init(jax.tree.map(lambda x: x.astype(jnp.bfloat16), PARAMS))
+    assert {leaf.dtype for leaf in jax.tree.leaves(state.extra["residual"])} == {jnp.dtype(jnp.float32)}
+  g = jnp.array([1.0, 1e-5], jnp.bfloat16)
+
+  def body(r):  # 600 steps of the same bf16 gradient on each of 2 devices, summed
+    def one(i, carry):
+      sent, r = carry
+      out, r = int8_allreduce({"g": g}, {"g": r}, "data", op="sum")
+      return sent + out["g"].astype(jnp.float32), r["g"]
+    sent, r = jax.lax.fori_loop(0, 600, one, (jnp.zeros(2), r[0]))
+    return sent[None], r[None]
+
+  mesh = jdist.make_mesh(data=2, devices=jax.devices()[:2])
+  f = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=P("data"), out_specs=(P("data"), P("data")), check_vma=False))
+  sent, residual = jax.device_get(f(jnp.zeros((2, 2), jnp.float32)))
+  assert residual.dtype == np.float32
+  # what was sent plus what is still owed is what was given: 2 devices x 600 x 1e-5, to bf16's rounding of g
+  np.testing.assert_allclose(sent[0, 1] + residual[:, 1].sum(), 2 * 600 * float(g[1]), rtol=1e-3)
+  assert sent[0, 1] > 0.5 * 2 * 600 * float(g[1])  # most of it arrived (with a bf16 residual: none)
+
+
 def test_int8_training_keeps_residual_per_device_and_converges():
   mesh = jdist.make_mesh(data=8)
   batches = _batches(steps=60)

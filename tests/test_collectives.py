@@ -229,6 +229,12 @@ def test_int8_unknown_op():
   for op in ["max", "avg"]:
     with pytest.raises(ValueError, match=rf"Unknown op: '{op}'. It needs to be one of \['sum', 'mean'\]"):
       _run_fn(lambda t, r, o=op: int8_allreduce(t, r, "data", op=o), (g, g), _mesh(2))
+  # a residual not shaped like the values: an error, not a broadcast or a truncated sum
+  two = {"a": np.ones((2, 3), np.float32), "b": np.ones((2, 3), np.float32)}
+  for residual, match in (({"a": two["a"]}, "residual must have the structure of the values"),
+                          ({"a": two["a"], "b": np.ones((2, 1), np.float32)}, r"residual leaf 1 has shape \(1,\)")):
+    with pytest.raises(ValueError, match=match):
+      _run_fn(lambda t, r: int8_allreduce(t, r, "data"), (two, residual), _mesh(2))
 
 
 def test_theory():

@@ -302,6 +302,15 @@ def test_loader_resumes_mid_epoch():
   expected = [x for x, _ in zip(c, range(12))][-1]
   np.testing.assert_array_equal(nxt["x"], expected["x"])
   assert not np.array_equal(first[0]["x"], first[8]["x"])  # a new permutation each epoch
+  # set_state moves an iterator already running too (a hand-written resume keeps its iterator)
+  a.set_state({"epoch": 0, "index": 2})
+  np.testing.assert_array_equal(next(it)["x"], first[2]["x"])
+  a.set_state({"epoch": 1, "index": 0})
+  np.testing.assert_array_equal(next(it)["x"], first[8]["x"])
+  with pytest.raises(TypeError, match="ArrayLoader takes a dict of arrays"):
+    ArrayLoader((_data()["x"], _data()["y"]), batch_size=32)
+  with pytest.raises(ValueError, match="seed must be an int >= 0, got -1"):
+    ArrayLoader(_data(), batch_size=32, seed=-1)
 
 
 class _CountingStep:

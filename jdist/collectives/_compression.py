@@ -16,6 +16,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jdist._types import PyTree
 from jdist.collectives._algorithms import Axis, axis_size
@@ -61,31 +62,47 @@ def int8_sum(q: jax.Array, axis: Axis) -> jax.Array:
   return jax.lax.all_gather(partial, axis, tiled=True).astype(jnp.int32)
 
 
+def _like_tree(treedef, leaves: list, other: PyTree, what: str) -> list:
+  """``other``'s leaves, checked to have ``treedef``'s structure and the shapes of ``leaves``."""
+  try:
+    others = treedef.flatten_up_to(other)
+  except (ValueError, TypeError) as e:
+    raise ValueError(f"{what} must have the structure of the values it goes with ({treedef}); {e}") from None
+  for i, (leaf, o) in enumerate(zip(leaves, others)):
+    if np.shape(o) != np.shape(leaf):
+      raise ValueError(f"{what} leaf {i} has shape {np.shape(o)}, its value {np.shape(leaf)}; give it the same "
+                       f"shape (zeros at the start).")
+  return others
+
+
 def int8_allreduce(tree: PyTree, residual: PyTree, axis: Axis, *, op: str = "mean") -> tuple[PyTree, PyTree]:
   """All-reduce of float leaves compressed to int8 with error feedback.
 
   Args:
     tree: this device's values (e.g. its gradient).
-    residual: what earlier quantisations lost on this device (zeros at the start), like ``tree``.
+    residual: what earlier quantisations lost on this device (zeros at the start): the structure and
+      shapes of ``tree``, in float32 (or wider) whatever ``tree``'s dtype: a bf16 residual would round
+      away the small values it exists to keep, and their coordinates would never be sent.
     axis: the mesh axis (or axes) to reduce over; call inside ``jax.shard_map``.
     op: "sum" or "mean".
 
   Returns:
     ``(reduced, new_residual)``; ``sent + new_residual == tree + residual`` where ``sent`` is this
-    device's dequantised contribution. A tree without elements reduces to itself. A NaN or infinity in
-    any device's ``tree + residual`` makes ``reduced`` and every device's ``new_residual`` all NaN.
+    device's dequantised contribution (``new_residual`` keeps ``residual``'s dtypes). A tree without
+    elements reduces to itself. A NaN or infinity in any device's ``tree + residual`` makes ``reduced``
+    and every device's ``new_residual`` all NaN.
 
   Raises:
-    ValueError: an unknown ``op``.
+    ValueError: an unknown ``op``, or a ``residual`` not shaped like ``tree``.
   """
   if op not in ("sum", "mean"):
     raise ValueError(f"Unknown op: {op!r}. It needs to be one of ['sum', 'mean'].")
   n = axis_size(axis)
   leaves, treedef = jax.tree.flatten(tree)
-  res_leaves = jax.tree.leaves(residual)
+  res_leaves = _like_tree(treedef, leaves, residual, "residual")
   if sum(leaf.size for leaf in leaves) == 0:  # nothing to send (and no max to take)
     return tree, residual
-  flat = jnp.concatenate([jnp.ravel(g + r).astype(jnp.float32) for g, r in zip(leaves, res_leaves)])
+  flat = jnp.concatenate([jnp.ravel(g.astype(jnp.float32) + r.astype(jnp.float32)) for g, r in zip(leaves, res_leaves)])
   size = flat.shape[0]
   padded = -(-size // n) * n
   flat = jnp.pad(flat, (0, padded - size))
@@ -102,10 +119,10 @@ def int8_allreduce(tree: PyTree, residual: PyTree, axis: Axis, *, op: str = "mea
   total = jnp.where(finite, total, jnp.nan)
   sent = jnp.where(finite, sent, jnp.nan)
   out, new_res, offset = [], [], 0
-  for leaf in leaves:
+  for leaf, r in zip(leaves, res_leaves):
     k = leaf.size
     out.append(total[offset:offset + k].reshape(leaf.shape).astype(leaf.dtype))
-    new_res.append((flat[offset:offset + k] - sent[offset:offset + k]).reshape(leaf.shape).astype(leaf.dtype))
+    new_res.append((flat[offset:offset + k] - sent[offset:offset + k]).reshape(leaf.shape).astype(r.dtype))
     offset += k
   return jax.tree.unflatten(treedef, out), jax.tree.unflatten(treedef, new_res)
 
@@ -206,7 +223,7 @@ def powersgd_allreduce(tree: PyTree, residual: PyTree, qs: PyTree, axis: Axis, *
     ValueError: a Q on a leaf that is not a matrix, or of the wrong shape.
   """
   leaves, treedef = jax.tree.flatten(tree)
-  res_leaves = treedef.flatten_up_to(residual)
+  res_leaves = _like_tree(treedef, leaves, residual, "residual")
   q_leaves = treedef.flatten_up_to(qs)
   _check_qs(leaves, q_leaves)
   ms = [g + r for g, r in zip(leaves, res_leaves)]
