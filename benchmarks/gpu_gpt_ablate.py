@@ -120,8 +120,11 @@ def main() -> None:
   parser.add_argument("--steps", type=int, default=10)
   parser.add_argument("--rounds", type=int, default=5)
   parser.add_argument("--deadline", type=float, default=float("inf"), help="seconds; later variants are skipped")
+  parser.add_argument("--quick", action="store_true", help="what `jdist bench --quick` passes: fewer steps")
   parser.add_argument("--cpu-smoke", action="store_true")
   args = parser.parse_args()
+  if args.quick:
+    args.steps, args.rounds = min(args.steps, 5), min(args.rounds, 3)
   for v in set(args.variants) | set(args.variants_1b or ()):
     parse_variant(v)
   t0 = time.perf_counter()

@@ -188,8 +188,11 @@ def main() -> None:
   parser.add_argument("--steps", type=int, default=5, help="traced steps of each")
   parser.add_argument("--top", type=int, default=12, help="kernels listed per step")
   parser.add_argument("--keep-traces", action="store_true", help="copy each trace next to the JSON")
+  parser.add_argument("--quick", action="store_true", help="what `jdist bench --quick` passes: fewer steps")
   parser.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on the CPU, to check the code paths")
   args = parser.parse_args()
+  if args.quick:
+    args.steps = min(args.steps, 2)
   for v in args.variants:
     parse_variant(v)
   device = jax.devices()[0]

@@ -28,6 +28,8 @@ def peak_flops(device: jax.Device | None = None) -> float | None:
   kind = getattr(device, "device_kind", "")
   if "PCIe" in kind and "H100" in kind:
     return 756e12
+  if "NVL" in kind and ("H100" in kind or "H200" in kind):  # the NVL (PCIe-card) parts: 835 TFLOP/s dense bf16
+    return 835e12
   for name in sorted(PEAK_BF16_FLOPS, key=len, reverse=True):
     if name.lower() in kind.lower():
       return PEAK_BF16_FLOPS[name]

@@ -33,6 +33,8 @@ def plot_runs(run_dirs: Sequence[str | pathlib.Path], out: str | pathlib.Path, *
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
+  if isinstance(run_dirs, (str, pathlib.Path)):  # one directory, not the characters of its name
+    run_dirs = [run_dirs]
   runs = []
   for d in run_dirs:
     path = pathlib.Path(d) / METRICS_FILE

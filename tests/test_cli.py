@@ -194,6 +194,7 @@ def test_cli_train_resumes_and_plot(tmp_path, capsys):
     plot_runs([tmp_path / "run", tmp_path / "run"], tmp_path / "z.png", labels=["a"])
   with pytest.raises(ValueError, match="metrics is empty"):
     plot_runs([tmp_path / "run"], tmp_path / "z.png", metrics=[])
+  assert plot_runs(str(tmp_path / "run"), tmp_path / "one.png").exists()  # one directory, not its characters
 
 
 def test_cli_demo_steps_must_be_positive(capsys):

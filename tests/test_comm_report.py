@@ -20,6 +20,16 @@ def test_data_parallel_step_has_one_all_reduce_of_the_gradients():
   assert ar.payload_bytes == grad_bytes + 4  # the gradients and the loss, fused into one all-reduce
   np.testing.assert_allclose(report.total_sent_bytes, 2 * 7 / 8 * (grad_bytes + 4))
   assert "all-reduce" in report.table()
+  # what it cannot read is an error, not an empty report: StableHLO text, a jitted function, a misspelt kind
+  import pytest
+  lowered = strategy.step.lower(state, batch)
+  with pytest.raises(ValueError, match=r"given StableHLO text .* lowered.compile\(\).as_text\(\)"):
+    comm_report(lowered.as_text())
+  assert comm_report(lowered.compile().as_text())["all-reduce"].count == 1
+  with pytest.raises(TypeError, match="comm_report takes a compiled or lowered function"):
+    comm_report(strategy.step)
+  with pytest.raises(KeyError, match="'all_reduce' is not a collective comm_report counts"):
+    report["all_reduce"]
 
 
 def test_hlo_formats():

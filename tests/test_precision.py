@@ -87,6 +87,8 @@ def test_dots_saveable_recomputes_xla_attention_around_saved_matmuls():
 def test_mfu_and_peaks():
   assert peak_flops(types.SimpleNamespace(device_kind="NVIDIA H200")) == 989e12
   assert peak_flops(types.SimpleNamespace(device_kind="NVIDIA H100 PCIe")) == 756e12
+  for nvl in ("NVIDIA H100 NVL", "NVIDIA H200 NVL"):
+    assert peak_flops(types.SimpleNamespace(device_kind=nvl)) == 835e12
   assert peak_flops(types.SimpleNamespace(device_kind="cpu")) is None
   # JAX's names: the longest matching key wins
   kinds = {"NVIDIA L40S": 362e12, "NVIDIA L40": 181e12, "NVIDIA L4": 121e12, "TPU v5 lite": 197e12, "TPU v5": 459e12}
@@ -231,6 +233,16 @@ def test_gpu_profile_sums_device_kernels_by_kind(monkeypatch):
   ops = _trace([(1, 99, "custom-call.3", 0, 10)], {(1, 99): "XLA Ops"})
   ops["traceEvents"][-1]["args"] = {"long_name": 'custom_call_target="__cublas$lt$matmul"'}
   assert [prof.kind_of(e["name"], e.get("args")) for e in prof.kernel_events(ops)] == ["matmul"]
+
+
+def test_gpu_scripts_take_jdist_bench_s_quick_and_skip_without_a_gpu(monkeypatch, capsys):
+  _gpu_bench(monkeypatch)
+  import gpu_gpt_ablate
+  import gpu_profile
+  for name, script in (("gpu_profile.py", gpu_profile), ("gpu_gpt_ablate.py", gpu_gpt_ablate)):
+    monkeypatch.setattr("sys.argv", [name, "--quick"])
+    script.main()
+    assert f"benchmarks/{name} needs a GPU" in capsys.readouterr().out
 
 
 def test_gpu_profile_code_paths_on_cpu(monkeypatch, tmp_path):

@@ -95,7 +95,8 @@ def demo(*, quick: bool = False, steps: int | None = None, out: str = "runs/demo
   steps = steps or (QUICK_STEPS if quick else DEFAULT_STEPS)
   console = Console(width=None if Console().is_terminal else 170)
   devices = jax.devices()
-  used = min(1 << (len(devices).bit_length() - 1), 128)  # a power of two, so it divides the batch of 128
+  # a power of two up to 32: the batch of 128 then splits into 4 micro-batches per device (the accumulation row)
+  used = min(1 << (len(devices).bit_length() - 1), 32)
   console.print(f"[bold]jdist demo[/bold]: an MLP (64-128-10; the pipeline rows: a residual MLP with 8 layers of 128) "
                 f"on scikit-learn's 8x8 digits, {steps} Adam steps, global batch 128, on {used} "
                 f"{devices[0].platform} device(s)" + (f" of {len(devices)}." if used != len(devices) else "."))
@@ -139,7 +140,7 @@ def demo(*, quick: bool = False, steps: int | None = None, out: str = "runs/demo
     table.add_row(*row)
   console.print(table)
   png = plot_runs(run_dirs, out_dir / "loss_curves.png", metrics=["loss", "eval_loss", "eval_accuracy"],
-                  labels=labels, title=f"jdist demo: digits MLP on {len(devices)} {devices[0].platform} devices")
+                  labels=labels, title=f"jdist demo: digits MLP on {used} {devices[0].platform} devices")
   console.print(f"Loss curves: {png}   (per-run logs under {out_dir}/; plot any of them with `jdist plot`)")
   console.print("Rows marked '= 1 device' compute single-device training's mathematics, so their losses agree up "
                 "to float rounding; the others trade it for less communication (KB sent per device per step).")

@@ -140,6 +140,8 @@ class CommReport:
     return sum(s.count for s in self.stats.values())
 
   def __getitem__(self, kind: str) -> CollectiveStat:
+    if kind not in COLLECTIVES:
+      raise KeyError(f"{kind!r} is not a collective comm_report counts; it needs to be one of {list(COLLECTIVES)}.")
     return self.stats.get(kind, CollectiveStat(kind, 0, 0, 0.0))
 
   def table(self) -> str:
@@ -167,7 +169,13 @@ def comm_report(compiled: Any, *, num_devices: int | None = None) -> CommReport:
   """
   if not isinstance(compiled, str) and hasattr(compiled, "compile"):
     compiled = compiled.compile()  # a Lowered: its own text would be StableHLO, not the partitioned HLO
+  if not isinstance(compiled, str) and not hasattr(compiled, "as_text"):
+    raise TypeError(f"comm_report takes a compiled or lowered function (jax.jit(f).lower(*args), or a strategy's "
+                    f"strategy.step.lower(state, batch)) or its compiled HLO text, got a {type(compiled).__name__}.")
   text = compiled if isinstance(compiled, str) else compiled.as_text()
+  if "HloModule" not in text and ("stablehlo." in text or "func.func" in text):
+    raise ValueError("comm_report was given StableHLO text (Lowered.as_text()), which holds no partitioned "
+                     "collectives yet; pass the Lowered itself, or the compiled HLO: lowered.compile().as_text().")
   partitions = _PARTITIONS.search(text)
   default = num_devices or (int(partitions.group(1)) if partitions else 1)
   multipliers, unknown = _multipliers(text)
