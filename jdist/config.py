@@ -93,7 +93,7 @@ class MeshConfig:
       raise ConfigError(f"mesh.num_devices must be an int >= 0 (0: all devices), got {self.num_devices!r}.")
     for name, size in self.axes.items():
       near = difflib.get_close_matches(name, ["cpu_devices", "num_devices"], n=1, cutoff=0.75)
-      if near:  # a misspelt option would otherwise become a mesh axis, and every step would run on it
+      if near and ("num" in name or "cpu" in name):  # a misspelt option would otherwise become a mesh axis
         raise ConfigError(f"mesh.{name} looks like a misspelt mesh.{near[0]}; the other keys of [mesh] are axis "
                           f"names. Did you mean mesh.{near[0]}?")
       if not isinstance(size, int) or (size < 1 and size != -1):

@@ -50,6 +50,7 @@ ENV_VARS = (ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID, ENV_LOCAL_DEVICE
             ENV_HEARTBEAT_TIMEOUT, ENV_COLLECTIVE_TIMEOUT, ENV_DISTRIBUTED)
 
 DEFAULT_TIMEOUT_S = 60.0
+FIRST_BATCH_TIMEOUT_S = 600.0  # fit's first batch-size check: processes may start their data far apart
 DEFAULT_HEARTBEAT_TIMEOUT_S = 30
 DEFAULT_SHUTDOWN_TIMEOUT_S = 60
 CPU_COLLECTIVES = ("gloo", "mpi")
@@ -233,8 +234,8 @@ def check_batch_sizes(local_size: int, tag: str, *, timeout_s: float = DEFAULT_T
          f"(jdist.data.ArrayLoader does).")
   if missing:
     raise ValueError(f"Process {me} passed {local_size} examples at {tag} (a new batch size, or its first batch), "
-                     f"but process(es) {missing} did not compare theirs within {timeout_s:g} s: their batch size "
-                     f"did not change. {fix}")
+                     f"but process(es) {missing} did not reach this check within {timeout_s:g} s: their batch size "
+                     f"did not change, or their data is that much slower. {fix}")
   if len(set(sizes.values())) > 1:
     listed = ", ".join(f"process {q}: {n}" for q, n in sorted(sizes.items()))
     raise ValueError(f"The processes passed different numbers of examples at {tag} ({listed}). {fix}")

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -255,7 +255,8 @@ def pipeline(
   matrices, masks on ``x.ndim``) train as they do there. GPipe and 1F1B keep the layers in order (device
   d holds the d-th block); "circular" stores them device by device (each device's virtual stages
   together), a permutation of the layer axis that ``unstack_params(params, strategy.info["schedule"])``
-  undoes.
+  undoes; ``strategy.info["layer_layout"]`` names it, and ``jdist.fit`` refuses to resume a checkpoint
+  written with another one.
 
   Args:
     stage_fn: ``stage_fn(layer_params, x) -> x`` for ONE layer (x keeps its shape: [mb, ...]).
@@ -526,8 +527,11 @@ def pipeline(
                                    ticks=jnp.float32(sched.ticks))
 
   step = StepFn(step_fn, mesh, donate_argnums=0)
+  # "circular" orders the layer axis by device (``device_layer_order``): jdist.fit records it with each
+  # checkpoint and refuses to resume one laid out otherwise (same shapes, other layers)
+  layout = {"schedule": "circular", "pipe": p, "repeats": v} if v > 1 else None
   strategy = Strategy(init=init, shard_batch=shard_batch, step=step, name=f"pipeline[{schedule}, p={p}, m={m}]",
-                      mesh=mesh, info={"schedule": sched})
+                      mesh=mesh, info={"schedule": sched, "layer_layout": layout})
   return strategy
 
 
@@ -566,8 +570,8 @@ def unstack_params(params: Params, schedule: Schedule) -> Params:
 
 def _batch_x(params: Params, batch: Batch) -> jax.Array:
   """The default ``input_fn``: the batch's "x"."""
-  if not (isinstance(batch, dict) and "x" in batch):
-    keys = list(batch) if isinstance(batch, dict) else type(batch).__name__
+  if not (isinstance(batch, Mapping) and "x" in batch):
+    keys = list(batch) if isinstance(batch, Mapping) else type(batch).__name__
     raise ValueError(f"The default input_fn reads batch['x'], but the batch has {keys}. Pass "
                      f"input_fn=lambda params, batch: ... to make the first stage's input.")
   return batch["x"]

@@ -119,7 +119,7 @@ def test_unequal_shares_are_a_clear_error_not_a_skewed_average(two_process_run):
   assert "a loader that may end on a ragged batch must drop it in every process" in uneven
   # a process whose batch size changed alone (a ragged last batch) raises instead of waiting forever
   assert alone.startswith("ValueError: Process 0 passed 8 examples at a check only process 0 makes (a new batch "
-                          "size, or its first batch), but process(es) [1] did not compare theirs within 2 s"), alone
+                          "size, or its first batch), but process(es) [1] did not reach this check within 2 s"), alone
 
 
 def test_pmap_backend_and_async_misuse_are_clear_errors_across_processes(two_process_run):

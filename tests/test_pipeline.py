@@ -129,6 +129,32 @@ def test_shape_aware_optimizers_see_the_model_shapes(schedule, names):
                            rtol=1e-5, atol=1e-6)
 
 
+def test_checkpoints_resume_only_into_the_layer_order_that_wrote_them(tmp_path):
+  # GPipe and 1F1B keep the layers in the model's order: their checkpoints resume on any pipe size. A circular
+  # one has the same shapes with the layers in device order: resuming it otherwise is refused, not scrambled
+  from jdist.train import CheckpointConfig, CheckpointError
+  params, batches = make_params(), make_batches(4, batch=16)
+  make = lambda p, schedule, **kw: pipeline(stage_fn, loss_fn, optax.adam(1e-2), jdist.make_mesh(
+      pipe=p, devices=jax.devices()[:p]), microbatches=2, schedule=schedule, input_fn=input_fn, **kw)
+  ck = lambda name: CheckpointConfig(directory=tmp_path / name, every_steps=2)
+  circular = make(2, "circular", repeats=2)
+  jdist.fit(circular, circular.init(params), batches[:2], steps=2, checkpoint=ck("circular"))
+  for other in (make(2, "gpipe"), make(4, "circular", repeats=1), make(2, "circular", repeats=4)):
+    with pytest.raises(CheckpointError, match=r"keeps the stacked layers in another order \(schedule=circular, "
+                                              r"pipe=2, repeats=2\) than this run"):
+      jdist.fit(other, other.init(params), batches, steps=4, checkpoint=ck("circular"))
+  resumed = jdist.fit(circular, circular.init(params), batches, steps=4, checkpoint=ck("circular"))
+  assert resumed.start_step == 2
+  gpipe2, gpipe4 = make(2, "gpipe"), make(4, "1f1b")
+  jdist.fit(gpipe2, gpipe2.init(params), batches[:2], steps=2, checkpoint=ck("gpipe"))
+  moved = jdist.fit(gpipe4, gpipe4.init(params), batches, steps=4, checkpoint=ck("gpipe"))  # 2 -> 4 devices
+  assert moved.start_step == 2
+  ref, _ = reference(params, batches, optax.adam(1e-2))
+  for state, strategy in ((resumed.state, circular), (moved.state, gpipe4)):
+    assert_trees_all_close(unstack_params(jax.device_get(state.params), strategy.info["schedule"]), ref,
+                           rtol=1e-5, atol=1e-6)
+
+
 def test_circular_keeps_each_device_s_virtual_stages_together():
   # p = 2, v = 2, 8 layers: virtual stages of 2 layers, stage j on device j mod 2
   order = device_layer_order(8, 2, 2)

@@ -168,8 +168,17 @@ def fit(
   given_step = int(state.step)
   restored = checkpointer.restore_latest(state) if checkpointer is not None else None
   keyed_callbacks = [(f"{i}.{type(cb).__name__}", cb) for i, cb in enumerate(callbacks)]
+  layout = strategy.info.get("layer_layout")  # how the state orders stacked layers, if not as the model does
   if restored is not None:
-    _, state, meta = restored
+    ckpt_step, state, meta = restored
+    if meta.get("layer_layout") != layout:  # the same shapes, the layers in another order: refuse, never scramble
+      describe = lambda x: "the model's order" if x is None else ", ".join(f"{k}={v}" for k, v in x.items())
+      raise CheckpointError(
+          f"Checkpoint {checkpointer.step_path(ckpt_step)} keeps the stacked layers in another order ("
+          f"{describe(meta.get('layer_layout'))}) than this run ({describe(layout)}): a circular pipeline stores "
+          f"each device's layers together. Nothing was moved or overwritten. Resume with the schedule, pipe size "
+          f"and repeats that wrote it; to change them, convert the parameters with jdist.pipeline.unstack_params "
+          f"and start a new run.")
     checkpointer.last_saved_step = int(state.step)
     for key, cb in keyed_callbacks:
       if hasattr(cb, "set_state") and key in meta.get("callbacks", {}):
@@ -229,6 +238,8 @@ def fit(
                    f"{', ...' if len(bad) > 3 else ''}); training stopped and step {step} was not checkpointed")
       return
     position = {"data": data.get_state()} if hasattr(data, "get_state") else {}
+    if layout is not None:
+      position["layer_layout"] = dict(layout)
     states = {key: cb.get_state() for key, cb in keyed_callbacks if hasattr(cb, "get_state")}
     if states:  # callbacks that count (EarlyStopping) resume where they were
       position["callbacks"] = states
@@ -315,7 +326,8 @@ def fit(
         n_examples = n_local * jax.process_count()
         if run_id is not None and n_local != last_local and not _global_arrays(batch):
           # unequal shares would silently skew the average: compare them at the first batch and at each change
-          distributed.check_batch_sizes(n_local, f"fit {run_id}, step {step + 1}")
+          distributed.check_batch_sizes(n_local, f"fit {run_id}, step {step + 1}", timeout_s=(
+              distributed.FIRST_BATCH_TIMEOUT_S if last_local is None else distributed.DEFAULT_TIMEOUT_S))
           last_local = n_local
         state, metrics = strategy.step(state, strategy.shard_batch(batch))
       except StopIteration:
