@@ -92,8 +92,11 @@ class MeshConfig:
     if not isinstance(self.num_devices, int) or isinstance(self.num_devices, bool) or self.num_devices < 0:
       raise ConfigError(f"mesh.num_devices must be an int >= 0 (0: all devices), got {self.num_devices!r}.")
     for name, size in self.axes.items():
+      if name == "devices":
+        raise ConfigError("mesh.devices cannot name a mesh axis (make_mesh takes the device list under that name); "
+                          "call the axis something else, e.g. mesh.data, or use mesh.num_devices to use fewer devices.")
       near = difflib.get_close_matches(name, ["cpu_devices", "num_devices"], n=1, cutoff=0.75)
-      if near and ("num" in name or "cpu" in name):  # a misspelt option would otherwise become a mesh axis
+      if near:  # a misspelt option would otherwise become a mesh axis, and every step would run on it
         raise ConfigError(f"mesh.{name} looks like a misspelt mesh.{near[0]}; the other keys of [mesh] are axis "
                           f"names. Did you mean mesh.{near[0]}?")
       if not isinstance(size, int) or (size < 1 and size != -1):

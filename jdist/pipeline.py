@@ -529,7 +529,7 @@ def pipeline(
   step = StepFn(step_fn, mesh, donate_argnums=0)
   # "circular" orders the layer axis by device (``device_layer_order``): jdist.fit records it with each
   # checkpoint and refuses to resume one laid out otherwise (same shapes, other layers)
-  layout = {"schedule": "circular", "pipe": p, "repeats": v} if v > 1 else None
+  layout = {"schedule": "circular", "pipe": p, "repeats": v} if v > 1 and p > 1 else None  # else: model order
   strategy = Strategy(init=init, shard_batch=shard_batch, step=step, name=f"pipeline[{schedule}, p={p}, m={m}]",
                       mesh=mesh, info={"schedule": sched, "layer_layout": layout})
   return strategy

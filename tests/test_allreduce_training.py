@@ -107,9 +107,13 @@ def test_bf16_gradients_keep_a_float32_residual_and_small_coordinates_arrive():
   # a coordinate 1e-5 of the largest is below int8's step (1/127 of it): error feedback accumulates it until it
   # is sent. In a bf16 residual it stalled (1e-5 is under half a bf16 step there) and never arrived
   for compression in ("int8", "powersgd"):
-    strategy = jdist.data_parallel(mlp.loss, optax.sgd(0.1), jdist.make_mesh(data=8), compression=compression)
+    strategy = jdist.data_parallel(mlp.loss, optax.adam(0.1), jdist.make_mesh(data=8), compression=compression)
     state = strategy.init(jax.tree.map(lambda x: x.astype(jnp.bfloat16), PARAMS))
     assert {leaf.dtype for leaf in jax.tree.leaves(state.extra["residual"])} == {jnp.dtype(jnp.float32)}
+    # a step keeps every dtype of the state (else it compiles again and its checkpoints fit no fresh state)
+    dtypes = jax.tree.map(lambda x: x.dtype, state)
+    state, _ = strategy.step(state, strategy.shard_batch(_batches(steps=1)[0]))
+    assert jax.tree.map(lambda x: x.dtype, state) == dtypes, compression
   g = jnp.array([1.0, 1e-5], jnp.bfloat16)
 
   def body(r):  # 600 steps of the same bf16 gradient on each of 2 devices, summed

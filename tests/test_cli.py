@@ -223,6 +223,8 @@ def test_cli_nan_exits_nonzero(tmp_path, capsys):
     ({"mesh": {"num_devices": True}}, "mesh.num_devices must be an int >= 0 (0: all devices), got True"),
     # a misspelt option would become a mesh axis of size 4: every step computed 4 times over
     ({"mesh": {"num_device": 4}}, "mesh.num_device looks like a misspelt mesh.num_devices"),
+    ({"mesh": {"nun_devices": 4}}, "mesh.nun_devices looks like a misspelt mesh.num_devices"),
+    ({"mesh": {"devices": 8}}, "mesh.devices cannot name a mesh axis"),
     ({"optimizer": {"momentum": 1.5}}, "optimizer.momentum must be in [0, 1), got 1.5"),
     ({"optimizer": {"weight_decay": -0.1}}, "optimizer.weight_decay must be >= 0, got -0.1"),
 ])

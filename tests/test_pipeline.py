@@ -145,6 +145,7 @@ def test_checkpoints_resume_only_into_the_layer_order_that_wrote_them(tmp_path):
       jdist.fit(other, other.init(params), batches, steps=4, checkpoint=ck("circular"))
   resumed = jdist.fit(circular, circular.init(params), batches, steps=4, checkpoint=ck("circular"))
   assert resumed.start_step == 2
+  assert make(1, "circular", repeats=2).info["layer_layout"] is None  # one device: the model's order
   gpipe2, gpipe4 = make(2, "gpipe"), make(4, "1f1b")
   jdist.fit(gpipe2, gpipe2.init(params), batches[:2], steps=2, checkpoint=ck("gpipe"))
   moved = jdist.fit(gpipe4, gpipe4.init(params), batches, steps=4, checkpoint=ck("gpipe"))  # 2 -> 4 devices

@@ -95,8 +95,8 @@ def demo(*, quick: bool = False, steps: int | None = None, out: str = "runs/demo
   steps = steps or (QUICK_STEPS if quick else DEFAULT_STEPS)
   console = Console(width=None if Console().is_terminal else 170)
   devices = jax.devices()
-  # a power of two up to 32: the batch of 128 then splits into 4 micro-batches per device (the accumulation row)
-  used = min(1 << (len(devices).bit_length() - 1), 32)
+  # a power of two up to 8, the layout the rows are drawn for (8 async workers, pipelines of 8 stages)
+  used = min(1 << (len(devices).bit_length() - 1), 8)
   console.print(f"[bold]jdist demo[/bold]: an MLP (64-128-10; the pipeline rows: a residual MLP with 8 layers of 128) "
                 f"on scikit-learn's 8x8 digits, {steps} Adam steps, global batch 128, on {used} "
                 f"{devices[0].platform} device(s)" + (f" of {len(devices)}." if used != len(devices) else "."))

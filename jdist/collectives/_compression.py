@@ -235,19 +235,21 @@ def powersgd_allreduce(tree: PyTree, residual: PyTree, qs: PyTree, axis: Axis, *
   mats = [as_mats(ms[i], q_leaves[i]) for i in comp]
   batched_qs = [q_leaves[i].reshape(m.shape[0], -1, q_leaves[i].shape[-1]) for m, i in zip(mats, comp)]
   ps = [jnp.matmul(m, q, precision=hi) for m, q in zip(mats, batched_qs)]  # P = M Q: f32[b, m, r]
-  exact_mean, ps = allreduce(([ms[i] for i in exact], ps), axis, algorithm=algorithm, op="mean",
-                             bucket_bytes=bucket_bytes)
+  # exact leaves go in their own dtype (a float32 residual must not double a bf16 leaf's bytes)
+  exact_mean, ps = allreduce(([ms[i].astype(leaves[i].dtype) for i in exact], ps), axis, algorithm=algorithm,
+                             op="mean", bucket_bytes=bucket_bytes)
   # QR, not Gram-Schmidt: orthonormal columns even when P is rank-deficient (a zero gradient, say)
   ps = [jnp.linalg.qr(p)[0] for p in ps]
   new_qs = allreduce([jnp.matmul(m.mT, p, precision=hi) for m, p in zip(mats, ps)], axis,
                      algorithm=algorithm, op="mean", bucket_bytes=bucket_bytes)  # Q' = M^T P: f32[b, n, r]
   out, new_res, q_out = [None] * len(leaves), [None] * len(leaves), [None] * len(leaves)
+  # the outputs keep the leaves' dtypes, the new residuals the residuals' (the state's types never change)
   for i, g in zip(exact, exact_mean):
-    out[i], new_res[i] = g, jnp.zeros_like(ms[i])
+    out[i], new_res[i] = g.astype(leaves[i].dtype), jnp.zeros_like(res_leaves[i])
   for i, m, p, q in zip(comp, mats, ps, new_qs):
     approx = jnp.matmul(p, q.mT, precision=hi)  # f32[b, m, n], the same on every device
     out[i] = approx.reshape(leaves[i].shape).astype(leaves[i].dtype)
-    new_res[i] = (m - approx).reshape(leaves[i].shape).astype(ms[i].dtype)
+    new_res[i] = (m - approx).reshape(leaves[i].shape).astype(res_leaves[i].dtype)
     q_out[i] = q.reshape(q_leaves[i].shape)
   return (jax.tree.unflatten(treedef, out), jax.tree.unflatten(treedef, new_res),
           jax.tree.unflatten(treedef, q_out))

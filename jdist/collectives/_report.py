@@ -158,7 +158,9 @@ def comm_report(compiled: Any, *, num_devices: int | None = None) -> CommReport:
   """Lists the collectives of a compiled (or lowered) jitted function, or of its HLO text.
 
   Args:
-    compiled: ``jax.jit(f).lower(...).compile()``, a ``Lowered`` (compiled here), or HLO text.
+    compiled: ``jax.jit(f).lower(...).compile()``, a ``Lowered`` (compiled here), or compiled HLO text
+      (``compiled.as_text()``). HLO text from before partitioning (``lowered.as_text(dialect="hlo")``)
+      holds no collectives yet: its report is empty.
     num_devices: group size to assume where the HLO names no replica groups.
 
   Returns:

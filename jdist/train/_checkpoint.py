@@ -205,7 +205,8 @@ class Checkpointer:
       mismatch = self._mismatch(step, template)
       if mismatch is not None:  # a readable checkpoint of another run: never moved aside, even with fallback
         raise CheckpointError(
-            f"Checkpoint {self.step_path(step)} was written for a different model or optimizer: {mismatch}. "
+            f"Checkpoint {self.step_path(step)} was written for a different model or optimizer (or by a jdist "
+            f"version that laid the state out otherwise): {mismatch}. "
             f"Nothing was moved or overwritten. Resume with the configuration that wrote it, or give this run "
             f"its own checkpoint directory (CLI: --set run_dir=...).")
       try:

@@ -171,7 +171,9 @@ def fit(
   layout = strategy.info.get("layer_layout")  # how the state orders stacked layers, if not as the model does
   if restored is not None:
     ckpt_step, state, meta = restored
-    if meta.get("layer_layout") != layout:  # the same shapes, the layers in another order: refuse, never scramble
+    # the same shapes, the layers in another order: refuse, never scramble (a checkpoint older than the record
+    # has none; a circular one of then had other shapes, which the restore already refused)
+    if "layer_layout" in meta and meta["layer_layout"] != layout:
       describe = lambda x: "the model's order" if x is None else ", ".join(f"{k}={v}" for k, v in x.items())
       raise CheckpointError(
           f"Checkpoint {checkpointer.step_path(ckpt_step)} keeps the stacked layers in another order ("
@@ -238,8 +240,7 @@ def fit(
                    f"{', ...' if len(bad) > 3 else ''}); training stopped and step {step} was not checkpointed")
       return
     position = {"data": data.get_state()} if hasattr(data, "get_state") else {}
-    if layout is not None:
-      position["layer_layout"] = dict(layout)
+    position["layer_layout"] = dict(layout) if layout is not None else None
     states = {key: cb.get_state() for key, cb in keyed_callbacks if hasattr(cb, "get_state")}
     if states:  # callbacks that count (EarlyStopping) resume where they were
       position["callbacks"] = states
