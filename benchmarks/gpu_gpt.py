@@ -111,6 +111,33 @@ def plain_setup(shape, impl):
   return jax.jit(step, donate_argnums=(0,)), init
 
 
+def host_tokens(shape):
+  """The tokens every step of a comparison trains on, on the host: ``{"tokens": int32[batch, S + 1]}``."""
+  cfg = gpt.GPTConfig(vocab_size=shape["vocab_size"], seq_len=shape["seq_len"])
+  return jax.device_get(gpt.synthetic_tokens(jax.random.key(2), shape["batch"], cfg))
+
+
+def jdist_runner(strategy, cfg, host_batch, box):
+  """A function running one jdist step on ``host_batch``; its state (fresh, donated) lives in ``box["jdist"]``."""
+  box["jdist"], batch = strategy.init(gpt.init(jax.random.key(1), cfg)), strategy.shard_batch(host_batch)
+
+  def run():
+    box["jdist"], metrics = strategy.step(box["jdist"], batch)
+    return metrics["loss"]
+  return run
+
+
+def plain_runner(plain, host_batch, box):
+  """The same for the plain step ``plain = plain_setup(...)``; its state lives in ``box["plain"]``."""
+  plain_step, plain_init = plain
+  box["plain"], tokens = plain_init(), jnp.asarray(host_batch["tokens"])
+
+  def run():
+    box["plain"], loss = plain_step(box["plain"], tokens)
+    return loss
+  return run
+
+
 def compare(shape, impl, *, plain=None, remat="none", unroll=1, policy="model", steps=10, rounds=3, with_fit=False):
   """jdist's step and the plain step on the same tokens, timed in interleaved rounds (``steps`` steps a
   round, the median round counts), so drift on the card hits both alike; ``with_fit`` adds to each round
@@ -122,18 +149,10 @@ def compare(shape, impl, *, plain=None, remat="none", unroll=1, policy="model", 
   step less a timed one: tracing and compiling), "flops" (model FLOPs per step)}``.
   """
   strategy, cfg = jdist_setup(shape, impl, remat, unroll, policy)
-  host_batch = jax.device_get(gpt.synthetic_tokens(jax.random.key(2), shape["batch"], cfg))
-  plain_step, plain_init = plain or plain_setup(shape, impl)
-  box = {"jdist": strategy.init(gpt.init(jax.random.key(1), cfg)), "plain": plain_init()}
-  batch, tokens = strategy.shard_batch(host_batch), jnp.asarray(host_batch["tokens"])
-
-  def run_jdist():
-    box["jdist"], metrics = strategy.step(box["jdist"], batch)
-    return metrics["loss"]
-
-  def run_plain():
-    box["plain"], loss = plain_step(box["plain"], tokens)
-    return loss
+  host_batch = host_tokens(shape)
+  box: dict = {}
+  run_jdist = jdist_runner(strategy, cfg, host_batch, box)
+  run_plain = plain_runner(plain or plain_setup(shape, impl), host_batch, box)
 
   def run_fit():  # `steps` steps of the same compiled step through jdist.fit: host batches in, metrics out
     state = box.pop("jdist")

@@ -31,13 +31,12 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from _common import print_table, write_json  # noqa: E402
-from gpu_gpt import CONFIGS, cudnn_attention_works, jdist_setup, plain_setup  # noqa: E402
+from gpu_gpt import (CONFIGS, cudnn_attention_works, host_tokens, jdist_runner, jdist_setup, plain_runner,  # noqa: E402
+                     plain_setup)
 from gpu_gpt_ablate import _patches, parse_variant  # noqa: E402
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 
-from jdist.models import gpt  # noqa: E402
 
 # Kinds of kernel, first match wins, on the kernel's name and its trace arguments (lower case). cuDNN's
 # attention kernels are named after the matrix instructions they use, so attention comes before matmul;
@@ -157,24 +156,11 @@ def profile(run, steps: int, log_dir: pathlib.Path) -> tuple[dict, float, pathli
 
 def step_fns(shape, impl, variant: str | None, plain):
   """A function running one step of jdist's ``variant`` (None: the plain step), on fixed tokens."""
-  cfg_tokens = gpt.GPTConfig(vocab_size=shape["vocab_size"], seq_len=shape["seq_len"])
-  host_batch = jax.device_get(gpt.synthetic_tokens(jax.random.key(2), shape["batch"], cfg_tokens))
   if variant is None:
-    plain_step, plain_init = plain
-    box, tokens = {"state": plain_init()}, jnp.asarray(host_batch["tokens"])
-
-    def run_plain():
-      box["state"], loss = plain_step(box["state"], tokens)
-      return loss
-    return run_plain
+    return plain_runner(plain, host_tokens(shape), {})
   _, unroll, remat = parse_variant(variant)
   strategy, cfg = jdist_setup(shape, impl, remat, unroll)
-  box, batch = {"state": strategy.init(gpt.init(jax.random.key(1), cfg))}, strategy.shard_batch(host_batch)
-
-  def run_jdist():
-    box["state"], metrics = strategy.step(box["state"], batch)
-    return metrics["loss"]
-
+  run_jdist = jdist_runner(strategy, cfg, host_tokens(shape), {})
   with _patches(variant):  # the variant's patches hold while the step is traced, on its first call
     jax.block_until_ready(run_jdist())
   return run_jdist

@@ -55,10 +55,8 @@ def sharded_from_config(loss_fn, optimizer, mesh, *, rules=(), data_axis: str = 
                         fsdp_min_size: int = 1024) -> Strategy:
   """``sharded`` with TOML-friendly options: ``rules`` a list of [pattern, [axis or "" per dim]] pairs
   (or "tp", resolved by ``build`` to the model's tensor-parallel rules); ``fsdp_axis = ""`` for none."""
-  names = lambda a: isinstance(a, (list, tuple)) and all(isinstance(x, str) for x in a)
-  entry = lambda a: a is None or isinstance(a, str) or names(a)  # "" or None: replicated; [a, b]: two axes
-  pair = lambda r: (isinstance(r, (list, tuple)) and len(r) == 2 and isinstance(r[0], str)
-                    and isinstance(r[1], (list, tuple)) and all(entry(a) for a in r[1]))
+  # the shape of the list is checked here, to convert it; its entries by partition_specs, like any rule's
+  pair = lambda r: isinstance(r, (list, tuple)) and len(r) == 2 and isinstance(r[1], (list, tuple))
   if not (isinstance(rules, (list, tuple)) and all(pair(r) for r in rules)):
     raise ConfigError(f"strategy.rules must be \"tp\" (the model's tensor-parallel rules) or a list of "
                       f"[pattern, [axis, \"\" or [axes] per dimension]] pairs, e.g. [[\"w$\", [\"\", \"model\"]]], "

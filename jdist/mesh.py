@@ -209,6 +209,12 @@ def shard_batch(batch: Batch, mesh: Mesh, axis: str | Sequence[str] = "data") ->
   return put_batch(batch, NamedSharding(mesh, P(axes)), multiple_of=axis_size(mesh, axes))
 
 
+def holds_global_arrays(batch: Batch) -> bool:
+  """Whether ``batch`` holds global ``jax.Array``s (not fully addressable here), which ``put_batch`` passes
+  on as they are."""
+  return any(isinstance(x, jax.Array) and not x.is_fully_addressable for x in jax.tree.leaves(batch))
+
+
 def put_batch(batch: Batch, sharding: NamedSharding, *, multiple_of: int = 1, what: str = "batch",
               gather: bool = False) -> Batch:
   """Places a batch on ``sharding``, its leading (example) axis split as the sharding says.
@@ -246,8 +252,7 @@ def put_batch(batch: Batch, sharding: NamedSharding, *, multiple_of: int = 1, wh
       or a mesh on which this process's devices do not hold rows ``[p * B/P, (p + 1) * B/P)`` of the
       batch (the batch axes must run across processes, in process order, as ``make_mesh`` lays them out).
   """
-  leaves = jax.tree.leaves(batch)
-  if jax.process_count() == 1 or any(isinstance(x, jax.Array) and not x.is_fully_addressable for x in leaves):
+  if jax.process_count() == 1 or holds_global_arrays(batch):
     batch_size(batch, multiple_of=multiple_of, what=what)
     return jax.device_put(batch, sharding)
   local = batch_size(batch, what=f"process-local {what}")

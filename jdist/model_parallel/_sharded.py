@@ -19,7 +19,7 @@ from jdist._types import Batch, LossFn, Params, PRNGKey
 from jdist.model_parallel._rules import DEFAULT_FSDP_MIN_SIZE, Rule, partition_specs
 from jdist.state import TrainState
 from jdist.strategy import (Strategy, StepFn, check_callable, check_optimizer, check_params, metrics_from,
-                            optimizer_shardings, pin_layout, sharded_state, value_and_grad)
+                            pin_layout, sharded_state, value_and_grad)
 
 
 def sharded(
@@ -67,17 +67,16 @@ def sharded(
   vg = value_and_grad(loss_fn, has_aux=has_aux)
   info: dict = {"rules": tuple(rules), "fsdp_axis": fsdp_axis, "batch_axes": batch_axes}
 
-  def layout(params, opt_state):
-    """Shardings of params and optimizer state; works on arrays, shapes and tracers alike."""
+  def param_shardings_of(params):
+    """The parameters' shardings by the rules (the optimizer state follows them in ``sharded_state`` and
+    ``pin_layout``); works on arrays, shapes and tracers alike."""
     specs, report = partition_specs(params, rules, mesh, fsdp_axis=fsdp_axis, fsdp_min_size=fsdp_min_size)
     info["param_specs"], info["report"] = specs, report
-    param_shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
-    return param_shardings, optimizer_shardings(optimizer, opt_state, params, param_shardings, mesh)
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
 
   def init(params: Params, *, key: PRNGKey | int | None = None) -> TrainState:
     params = check_params(params)
-    param_shardings, _ = layout(params, jax.eval_shape(optimizer.init, params))
-    return sharded_state(params, param_shardings, optimizer, mesh, key)
+    return sharded_state(params, param_shardings_of(params), optimizer, mesh, key)
 
   def shard_batch(batch: Batch) -> Batch:
     # one process: the global batch; several: this process's share (jdist.mesh.put_batch)
@@ -90,8 +89,7 @@ def sharded(
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     # pin the layout: the step's outputs have exactly the shardings init gave (rules evaluated at trace time)
-    param_shardings, _ = layout(params, opt_state)
-    params, opt_state = pin_layout(params, opt_state, param_shardings, optimizer, mesh)
+    params, opt_state = pin_layout(params, opt_state, param_shardings_of(params), optimizer, mesh)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     return new_state, metrics_from(loss, grads, aux, new_state.step)
 

@@ -113,10 +113,9 @@ def abstract_like(tree: PyTree) -> PyTree:
 def _leaf_types(tree: PyTree, is_leaf=None) -> dict[str, tuple[tuple[int, ...], str]]:
   """``{path: (shape, dtype)}`` for the leaves of ``tree``, paths as "params/layers/0/w" (dict keys, field
   names and indices alike, as orbax's metadata names them)."""
-  def name(path):
-    return "/".join(str(next(getattr(k, a) for a in ("key", "name", "idx") if hasattr(k, a))) for k in path)
+  from jdist.model_parallel import path_str
 
-  return {name(path): (tuple(np.shape(x)), str(np.dtype(x.dtype)))
+  return {path_str(path): (tuple(np.shape(x)), str(np.dtype(x.dtype)))
           for path, x in jax.tree_util.tree_leaves_with_path(tree, is_leaf=is_leaf)}
 
 

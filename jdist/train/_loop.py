@@ -14,7 +14,7 @@ import jax
 import numpy as np
 
 from jdist import distributed
-from jdist.mesh import replicate
+from jdist.mesh import holds_global_arrays, replicate
 from jdist.state import TrainState
 from jdist.strategy import Strategy
 from jdist.train._checkpoint import CheckpointConfig, Checkpointer, CheckpointError, nonfinite_leaves
@@ -325,7 +325,7 @@ def fit(
         # several processes: each passes its share (jdist.mesh.put_batch); count the global batch
         n_local = len(jax.tree.leaves(batch)[0])
         n_examples = n_local * jax.process_count()
-        if run_id is not None and n_local != last_local and not _global_arrays(batch):
+        if run_id is not None and n_local != last_local and not holds_global_arrays(batch):
           # unequal shares would silently skew the average: compare them at the first batch and at each change
           distributed.check_batch_sizes(n_local, f"fit {run_id}, step {step + 1}", timeout_s=(
               distributed.FIRST_BATCH_TIMEOUT_S if last_local is None else distributed.DEFAULT_TIMEOUT_S))
@@ -365,8 +365,3 @@ def fit(
                          stop_reason=control.stop_reason, failed=True)
     _call(callbacks, "on_end", control, result)
   return result
-
-
-def _global_arrays(batch) -> bool:
-  """Whether the batch already holds global arrays (put_batch passes them on as they are)."""
-  return any(isinstance(x, jax.Array) and not x.is_fully_addressable for x in jax.tree.leaves(batch))
