@@ -47,13 +47,24 @@ between the pull and the push.
 Delay models decide when a worker finishes; see ``fixed_speeds``, ``geometric`` and ``uniform``. Any
 pure function ``delay(key, tick, num_workers) -> bool[num_workers]`` works too.
 
-Layout: the tick is one ``shard_map`` over the mesh's ``workers`` axis. Each device holds the copies
-of its ``N/D`` workers and computes their gradients (``vmap``); the server state is replicated and
-every device runs the same server. A synchronous round reduces the gradients with one ``psum``, as
-``data_parallel`` does; otherwise each delivered gradient reaches the server by a ``psum`` in which
-only its worker's device contributes (one gradient's bytes per update, never a gather of all N).
-The updates are a single loop with a data-dependent trip count, so the server state is updated in
-place. ``run`` scans ticks inside one jitted call.
+Layout, as a parameter server shards its variables over its server tasks: the workers' copies and
+batches are split over the mesh's ``workers`` axis, ``N/D`` workers per device, and so is the server.
+Each leaf of the server's parameters and optimizer state is split over the same axis on its largest
+dimension that divides by ``D`` (the FSDP rule; leaves under 1024 elements stay whole on every
+device). A tick is three parts:
+
+* the workers (one ``shard_map``): each device computes the gradients of its workers (``vmap``) and
+  sends each device the pieces of every gradient that its part of the server holds (one all-to-all:
+  a device sends ``(D-1)/D`` of its workers' gradients);
+* the server: the updates run on the pieces, each device updating its own (``jit`` partitions the
+  optimizer, so one that looks across a leaf or across all leaves, such as adafactor or a global-norm
+  clip, computes what one device computes). They are a single loop with a data-dependent trip count,
+  so the server state is updated in place;
+* the pull: the parameters' pieces are all-gathered and the workers that delivered copy them.
+
+With one worker per device a tick therefore sends what a ring all-reduce sends, ``2(D-1)/D`` of the
+parameters' bytes per device, whatever the number of updates it applies, and each device runs ``1/D``
+of each update. ``run`` scans ticks inside one jitted call.
 """
 from __future__ import annotations
 
@@ -70,8 +81,9 @@ from jax.sharding import PartitionSpec as P
 from jdist import mesh as mesh_lib
 from jdist._types import Batch, LossFn, Metrics, Params, PRNGKey, PyTree
 from jdist.state import TrainState
+from jdist.model_parallel import partition_specs
 from jdist.strategy import (Strategy, StepFn, check_callable, check_optimizer, check_params, check_positive_int,
-                            metrics_from, raw_key, value_and_grad)
+                            metrics_from, pin_layout, raw_key, value_and_grad)
 
 STALENESS_LR = ("inverse",)
 _NEVER = np.iinfo(np.int32).max  # the failure tick of a worker that never fails
@@ -388,7 +400,7 @@ def async_sgd(
     optimizer: any ``optax.GradientTransformation``, the server's.
     num_workers: N, the number of emulated workers (>= 1).
     mesh: where the workers run. Worker copies and batches are split over its ``axis`` (``num_workers``
-      must be divisible by its size); server state is replicated. None: one device,
+      must be divisible by its size); the server's state is split over it too. None: one device,
       ``jax.devices()[0]`` (one process only). In a multi-process run ``axis`` must run across the
       processes in process order (``jdist.make_mesh(workers=-1)`` does), so that process ``p`` holds
       workers ``p * N/P .. (p + 1) * N/P - 1``.
@@ -416,7 +428,8 @@ def async_sgd(
     communication. That is ``split_workers(share, N)`` of the process's share of the global batch (what
     ``ArrayLoader`` yields there), so the run equals one process given ``split_workers(global, N)``.
 
-    ``state.params`` / ``state.opt_state``: the server's. ``state.step``: ticks run.
+    ``state.params`` / ``state.opt_state``: the server's, split over ``axis`` (see the module docstring).
+    ``state.step``: ticks run.
     ``state.key``: raw uint32 key data, split every tick. ``state.extra``:
     ``worker_params`` (each leaf ``[N, ...]``, split over ``axis``), ``pulled_version`` int32[N],
     ``clock`` int32[N] (gradients delivered), ``alive`` bool[N], ``pending`` bool[N] (finished, held
@@ -497,32 +510,77 @@ def async_sgd(
   fail_arr = jnp.asarray(fail_ticks)
 
   k = n // d  # workers per device
-  # on a single device the collectives are identities; XLA:CPU would still copy the gathered gradients
-  gather = (lambda x: x) if d == 1 else (lambda x: jax.lax.all_gather(x, axis, tiled=True))
-  psum = (lambda x: x) if d == 1 else (lambda x: jax.lax.psum(x, axis))
+  is_spec = lambda x: isinstance(x, P)
+  split_dim = lambda spec: next((i for i, e in enumerate(spec) if e is not None), None)
+
+  def server_specs(params):
+    """The server state's layout: each leaf split over the workers axis on its largest dimension that divides
+    by the axis size (FSDP's rule), leaves under 1024 elements or with no such dimension whole everywhere."""
+    if d == 1:
+      return jax.tree.map(lambda _: P(), params)
+    return partition_specs(params, (), {axis: d}, fsdp_axis=axis)[0]
+
+  def server_shardings(params):
+    return jax.tree.map(lambda spec: NamedSharding(mesh, spec), server_specs(params), is_leaf=is_spec)
+
+  def workers_fn(specs):
+    """The workers' half of a tick, one ``shard_map`` over the workers axis: each device computes the losses and
+    gradients of its k workers on their copies, and sends each worker's gradient to the server in pieces."""
+
+    def to_server(x, spec):
+      # x: [k, ...], this device's workers -> [N, ...], every worker's piece of the leaf that this device's part
+      # of the server holds (an all-to-all); a leaf the server keeps whole comes from every device (all-gather)
+      if d == 1:
+        return x
+      dim = split_dim(spec)
+      if dim is None:
+        return jax.lax.all_gather(x, axis, axis=0, tiled=True)
+      return jax.lax.all_to_all(x, axis, dim + 1, 0, tiled=True)
+
+    def workers(worker_params, batch):
+      if k == 1:  # one worker per device: the plain gradient, the same kernels as data_parallel
+        squeeze = lambda t: jax.tree.map(lambda x: x[0], t)
+        (losses, aux), grads = jax.tree.map(lambda x: x[None], vg(squeeze(worker_params), squeeze(batch)))
+      else:
+        (losses, aux), grads = jax.vmap(vg)(worker_params, batch)  # f32[k], grads: [k, ...]
+      grads = jax.tree.map(to_server, grads, specs)
+      copies = jax.tree.map(to_server, worker_params, specs) if lam else ()  # the points DC-ASGD corrects from
+      if d > 1:
+        losses = jax.lax.all_gather(losses, axis, tiled=True)  # f32[N]
+        aux = jax.tree.map(lambda a: jax.lax.all_gather(a, axis, tiled=True), aux)  # [N, ...]
+      return grads, copies, losses, aux
+
+    stacked = jax.tree.map(lambda spec: P(None, *spec), specs, is_leaf=is_spec)  # [N, ...], the server's pieces
+    # check_vma=False: the gathered values are equal on every device, which the type system cannot see
+    return jax.shard_map(workers, mesh=mesh, in_specs=(P(axis), P(axis)),
+                         out_specs=(stacked, stacked if lam else P(), P(), P()), check_vma=False)
+
+  def pull_fn(specs):
+    """The workers that delivered copy the server's parameters (one all-gather of the pieces)."""
+
+    def pull(params, worker_params, deliver):
+      mine = jax.lax.dynamic_slice_in_dim(deliver, jax.lax.axis_index(axis) * k, k)  # bool[k]
+
+      def pick(piece, spec, old):
+        dim = split_dim(spec)
+        new = piece if d == 1 or dim is None else jax.lax.all_gather(piece, axis, axis=dim, tiled=True)
+        return jnp.where(mine.reshape((-1,) + (1,) * (old.ndim - 1)), new[None], old)
+
+      return jax.tree.map(pick, params, specs, worker_params)
+
+    return jax.shard_map(pull, mesh=mesh, in_specs=(specs, P(axis), P()), out_specs=P(axis), check_vma=False)
 
   def server_tick(worker_params, batch, params, opt_state, version, deliver, pulled_version, sync):
-    # worker_params: [k, ...] the copies of this device's k = N/D workers; batch: [k, b, ...];
-    # params, opt_state, version: the server's (replicated); deliver: bool[N]; pulled_version: int32[N];
-    # sync: bool, this tick is a synchronous round. Every device runs the same server on the same values.
-    if k == 1:  # one worker per device: the plain gradient, the same kernels as data_parallel
-      squeeze = lambda t: jax.tree.map(lambda x: x[0], t)
-      (losses, aux), grads = jax.tree.map(lambda x: x[None], vg(squeeze(worker_params), squeeze(batch)))
-    else:
-      (losses, aux), grads = jax.vmap(vg)(worker_params, batch)  # f32[k], grads: [k, ...]
-    mine = jax.lax.dynamic_slice_in_dim(deliver, jax.lax.axis_index(axis) * k, k)  # bool[k]
+    # worker_params: [N, ...] split over the workers axis; the server's params and opt_state: split as
+    # server_specs; deliver: bool[N]; sync: bool, this tick is a synchronous round. Everything but the
+    # workers' half runs on the server's pieces, each device updating its own (XLA partitions it).
+    specs = server_specs(params)
+    shardings = server_shardings(params)
+    grads, copies, losses, aux = workers_fn(specs)(worker_params, batch)
     count = jnp.maximum(jnp.sum(deliver.astype(jnp.int32)), 1)
-    # the mean delivered gradient, summed like data_parallel's: the update of a synchronous round
-    mean = jax.tree.map(lambda g: psum(_masked_sum(mine, g)) / count.astype(g.dtype), grads)
-
-    def fetch(tree, w):
-      """Worker w's slice of ``tree`` (leaves [k, ...] per device), on every device."""
-      local = lambda x: jax.lax.dynamic_index_in_dim(x, w % k, keepdims=False)
-      if d == 1:
-        return jax.tree.map(local, tree)
-      # a psum with zeros from every other device: one gradient's bytes, not a gather of all N
-      holder = w // k == jax.lax.axis_index(axis)
-      return jax.tree.map(lambda x: psum(jnp.where(holder, local(x), jnp.zeros((), x.dtype))), tree)
+    # the mean delivered gradient (the update of a synchronous round), summed in worker order
+    mean = jax.tree.map(lambda g: _masked_sum(deliver, g) / count.astype(g.dtype), grads)
+    fetch = lambda tree, w: jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, w, keepdims=False), tree)
 
     # The updates as one loop with no branch on the (large) server state, so XLA updates it in place:
     # a synchronous round is one trip on the mean gradient; otherwise one trip per delivered
@@ -536,7 +594,7 @@ def async_sgd(
       g = jax.lax.cond(sync, lambda: mean, lambda: fetch(grads, w))
       tau = jnp.where(sync, 0, version - pulled_version[w])
       if lam:  # DC-ASGD's first-order correction towards the gradient at the current parameters
-        copy = jax.lax.cond(sync, lambda: params, lambda: fetch(worker_params, w))  # equal in a sync round
+        copy = jax.lax.cond(sync, lambda: params, lambda: fetch(copies, w))  # equal in a sync round
         g = jax.tree.map(lambda g, p, c: g + lam * g * g * (p - c), g, params, copy)
       updates, opt_state = optimizer.update(g, opt_state, params)
       if staleness_lr == "inverse":
@@ -547,18 +605,9 @@ def async_sgd(
 
     staleness = jnp.where(deliver, jnp.int32(0), jnp.int32(-1))
     params, opt_state, version, staleness = jax.lax.fori_loop(0, trips, update, (params, opt_state, version, staleness))
-    # the workers that delivered pull the server's parameters as they are after the tick
-    pick = lambda new, old: jnp.where(mine.reshape((-1,) + (1,) * (old.ndim - 1)), new[None], old)
-    worker_params = jax.tree.map(pick, params, worker_params)
-    if d > 1:  # the losses ride in the gradients' all-reduce (XLA combines them): no extra collective
-      start = jax.lax.axis_index(axis) * k
-      losses = psum(jax.lax.dynamic_update_slice_in_dim(jnp.zeros((n,), losses.dtype), losses, start, 0))  # f32[N]
-      aux = jax.tree.map(gather, aux)  # [N, ...]
+    params, opt_state = pin_layout(params, opt_state, shardings, optimizer, mesh)
+    worker_params = pull_fn(specs)(params, worker_params, deliver)
     return params, opt_state, version, staleness, mean, worker_params, losses, aux
-
-  # check_vma=False: fetched and gathered values are equal on every device, which the type system cannot see
-  sharded_tick = jax.shard_map(server_tick, mesh=mesh, in_specs=(P(axis), P(axis)) + (P(),) * 6,
-                               out_specs=(P(),) * 5 + (P(axis), P(), P()), check_vma=False)
 
   def ssp_allow(clock, alive, ready):
     """The largest subset of ``ready`` that keeps the alive clocks within max_staleness of each other."""
@@ -589,7 +638,7 @@ def async_sgd(
 
     version = ex["version"]
     sync = jnp.any(deliver) & jnp.all(deliver == alive) & jnp.all(~deliver | (ex["pulled_version"] == version))
-    params, opt_state, version, staleness, mean_grad, worker_params, losses, aux = sharded_tick(
+    params, opt_state, version, staleness, mean_grad, worker_params, losses, aux = server_tick(
         ex["worker_params"], batch, state.params, state.opt_state, version, deliver, ex["pulled_version"], sync)
     delivered = deliver.astype(jnp.float32)
     clock = ex["clock"] + deliver.astype(jnp.int32)
@@ -628,13 +677,19 @@ def async_sgd(
         version=version,
         sync_round=sync.astype(jnp.int32),
     )
-    return new_state, metrics
+    return place(new_state), jax.lax.with_sharding_constraint(metrics, replicated)
 
   extra_shardings = {name: replicated for name in
                      ("pulled_version", "clock", "alive", "pending", "pulled_clock", "version", "delay")}
   extra_shardings["worker_params"] = per_worker
-  state_shardings = TrainState(step=replicated, params=replicated, opt_state=replicated, key=replicated,
-                               extra=extra_shardings)
+
+  def place(state: TrainState) -> TrainState:
+    """``state`` constrained to its layout (inside jit): the server's params and optimizer state split as
+    ``server_specs``, the worker copies over the workers axis, the rest replicated; a tick never moves it."""
+    params, opt_state = pin_layout(state.params, state.opt_state, server_shardings(state.params), optimizer, mesh)
+    rest = jax.lax.with_sharding_constraint((state.step, state.key, state.extra),
+                                            (replicated, replicated, extra_shardings))
+    return TrainState(step=rest[0], params=params, opt_state=opt_state, key=rest[1], extra=rest[2])
 
   def build(params, key_data):
     # one compiled program builds the whole state, placed as the step leaves it
@@ -649,10 +704,10 @@ def async_sgd(
         "version": jnp.zeros((), jnp.int32),
         "delay": delay_model.init(k_delay, n),
     }
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
-                      key=jax.random.key_data(k_state), extra=extra)
+    return place(TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
+                            key=jax.random.key_data(k_state), extra=extra))
 
-  build = jax.jit(build, out_shardings=state_shardings)
+  build = jax.jit(build)
 
   def init(params: Params, *, key: PRNGKey | int | None = None) -> TrainState:
     # replicate copies the params first, so donating the state never deletes the caller's arrays
@@ -677,8 +732,8 @@ def async_sgd(
 
     return jax.lax.scan(body, state, jnp.arange(ticks, dtype=jnp.int32))
 
-  step = StepFn(step_fn, mesh, donate_argnums=0, out_shardings=(state_shardings, replicated))
-  scan = StepFn(run_fn, mesh, donate_argnums=0, static_argnums=2, out_shardings=(state_shardings, replicated))
+  step = StepFn(step_fn, mesh, donate_argnums=0)
+  scan = StepFn(run_fn, mesh, donate_argnums=0, static_argnums=2)
 
   def run(state: TrainState, batches: Batch, ticks: int) -> tuple[TrainState, Metrics]:
     """Runs ``ticks`` ticks in one jitted ``lax.scan``; tick ``i`` of the call uses ``batches[i % T]``.

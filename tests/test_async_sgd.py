@@ -11,7 +11,7 @@ from jdist.datasets import linear_regression
 from jdist.models import linear, mlp
 from tests.conftest import assert_trees_all_close
 
-MLP = mlp.init(jax.random.key(0), [6, 16, 3])
+MLP = mlp.init(jax.random.key(0), [6, 256, 3])  # the first layer big enough for the server to split it
 
 
 def _mlp_batches(ticks, workers, b, seed=0):
@@ -62,7 +62,15 @@ def test_no_pauses_every_tick_equals_data_parallel_on_the_union(opt, on_mesh):
     assert_trees_all_close(jax.tree.map(lambda x: x[w], a.extra["worker_params"]), a.params, rtol=0, atol=0)
   if on_mesh:  # worker copies split over the workers axis, one per device, and stay there
     leaf = a.extra["worker_params"]["layers"][0]["w"]
-    assert leaf.sharding.shard_shape(leaf.shape) == (1, 6, 16)
+    assert leaf.sharding.shard_shape(leaf.shape) == (1, 6, 256)
+    # the server is split over the devices too: the 6 x 256 weights and Adam's moments by columns, the
+    # small leaves (under 1024 elements) whole on every device
+    server = a.params["layers"][0]["w"]
+    assert server.sharding.shard_shape(server.shape) == (6, 256 // n)
+    mu = a.opt_state[0].mu["layers"][0]["w"]
+    assert mu.sharding.shard_shape(mu.shape) == (6, 256 // n)
+    small = a.params["layers"][1]["w"]
+    assert small.sharding.shard_shape(small.shape) == small.shape == (256, 3)
 
 
 # (2) bounded staleness over 10,000 ticks of random pauses
@@ -408,6 +416,24 @@ def test_several_workers_per_device_give_the_numbers_of_one_device():
   np.testing.assert_array_equal(m1["staleness"], m2["staleness"])
   assert m1["max_staleness"].max() > 0 and m1["sync_round"].min() == 0
   assert_trees_all_close(p2, p1, rtol=1e-5, atol=1e-6)
+
+
+def test_the_split_server_runs_any_optimizer_as_one_device_does():
+  """The server's state is split over the workers axis; an optimizer that looks across a whole leaf (adafactor's
+  factored moments) or across all of them (a global-norm clip) still computes what one device computes."""
+  opt = lambda: optax.chain(optax.clip_by_global_norm(0.05), optax.adafactor(1e-2, min_dim_size_to_factor=4))
+  kw = dict(num_workers=4, pause_prob=0.4, key=4)
+  batches = _mlp_batches(12, 4, 8, seed=4)
+  runs = []
+  for mesh in (None, jdist.make_mesh(workers=4, devices=jax.devices()[:4])):
+    strategy = async_sgd(mlp.loss, opt(), mesh=mesh, **kw)
+    state, m = strategy.run(strategy.init(MLP), batches, 12)
+    runs.append(jax.device_get((state.params, state.opt_state, m)))
+  (p1, o1, m1), (p2, o2, m2) = runs
+  np.testing.assert_array_equal(m1["delivered"], m2["delivered"])
+  assert m1["sync_round"].min() == 0 and m1["grad_norm"].max() > 0.05  # asynchronous ticks, and the clip acts
+  assert_trees_all_close(p2, p1, rtol=1e-5, atol=1e-6)
+  assert_trees_all_close(o2, o1, rtol=1e-5, atol=1e-6)
 
 
 def test_aux_metrics_are_averaged_over_alive_workers():
