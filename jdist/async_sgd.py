@@ -575,11 +575,13 @@ def async_sgd(
         return piece if d == 1 or dim is None else jax.lax.all_gather(piece, axis, axis=dim, tiled=True)
 
       new = jax.tree.map(whole, params, specs)
-      every = lambda: jax.tree.map(lambda p, old: jnp.broadcast_to(p[None], old.shape), new, worker_params)
-      some = lambda: jax.tree.map(lambda p, old: jnp.where(mine.reshape((-1,) + (1,) * (old.ndim - 1)), p[None], old),
-                                  new, worker_params)
-      # when every worker delivered (every synchronous round) a copy, not a select that reads the old copies too
-      return jax.lax.cond(jnp.all(deliver), every, some)
+      # each delivering worker's copy overwritten in place, the others untouched: no pass over every copy
+      order = jnp.argsort(~mine, stable=True)
+
+      def write(i, copies):
+        return jax.tree.map(lambda c, p: jax.lax.dynamic_update_index_in_dim(c, p, order[i], 0), copies, new)
+
+      return jax.lax.fori_loop(0, jnp.sum(mine.astype(jnp.int32)), write, worker_params)
 
     return jax.shard_map(pull, mesh=mesh, in_specs=(specs, P(axis), P()), out_specs=P(axis), check_vma=False)
 
