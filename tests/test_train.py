@@ -559,6 +559,20 @@ def test_a_checkpoint_never_holds_a_non_finite_optimizer_state(tmp_path):
   assert sorted(p.name for p in tmp_path.iterdir() if p.name.isdigit()) == ["1", "2"]
 
 
+def test_a_checkpoint_never_holds_non_finite_local_replicas(tmp_path):
+  # local SGD trains replicas between syncs while params stays the last average: an update that overflows in
+  # the replicas must stop the run as one in params does, not be kept as "the last good checkpoint"
+  loss = lambda p, b: jnp.mean((b["x"] @ p["w"] - b["y"]) ** 2)  # finite loss and gradient; lr * grad overflows
+  batches = [{"x": np.full((4, 2), 1e9, np.float32), "y": np.zeros((4, 1), np.float32)}] * 4
+  mesh = jdist.make_mesh(data=2, devices=jax.devices()[:2])
+  strategy = jdist.local_sgd(loss, optax.sgd(1e21), mesh, sync_every=4)
+  result = fit(strategy, strategy.init({"w": jnp.ones((2, 1), jnp.float32)}), batches, steps=4,
+               checkpoint=CheckpointConfig(directory=tmp_path, every_steps=1))
+  assert result.failed and "state after step 1 is not finite" in result.stop_reason
+  assert "['extra']['replicas']['w']" in result.stop_reason
+  assert not any(p.name.isdigit() for p in tmp_path.iterdir())
+
+
 def test_a_plain_iterator_cannot_resume_from_a_checkpoint_older_than_the_state(tmp_path):
   batches = [b for b, _ in zip(ArrayLoader(_data(), 32, seed=3), range(6))]
   strategy, state, _ = _setup()

@@ -234,7 +234,8 @@ def fit(
   eval_history: list[dict[str, float]] = []
 
   def save(step, state):
-    bad = nonfinite_leaves({"params": state.params, "opt_state": state.opt_state})
+    # extra too: local SGD's replicas, async SGD's worker copies and compression residuals train between syncs
+    bad = nonfinite_leaves({"params": state.params, "opt_state": state.opt_state, "extra": state.extra})
     if bad:  # a finite loss does not make the update after it finite: never keep such a checkpoint
       control.fail(f"the state after step {step} is not finite (inf or nan in {', '.join(bad[:3])}"
                    f"{', ...' if len(bad) > 3 else ''}); training stopped and step {step} was not checkpointed")
