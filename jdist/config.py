@@ -26,10 +26,16 @@ class ConfigError(ValueError):
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ModelConfig:
   name: str = "mlp"  # "mlp" or "resmlp" (digits classifiers) or "linear" (regression)
-  hidden: tuple[int, ...] = (128,)  # hidden widths; for "resmlp" one entry per residual layer, all equal
+  hidden: tuple[int, ...] | None = None  # hidden widths (default [128]); for "resmlp" one per residual layer, all equal
 
   def __post_init__(self):
     _one_of("model.name", self.name, ("mlp", "resmlp", "linear"))
+    if self.hidden is None:
+      return
+    if self.name == "linear":
+      raise ConfigError(f"model.hidden = {list(self.hidden) if isinstance(self.hidden, (list, tuple)) else self.hidden!r}"
+                        f" is for the classifiers (model.name = 'mlp' or 'resmlp'); the 'linear' model has no hidden "
+                        f"layers. Drop model.hidden or pick a classifier.")
     if not isinstance(self.hidden, (list, tuple)):
       raise ConfigError(f"model.hidden must be a list of positive ints, e.g. [128, 64], got {self.hidden!r}.")
     if self.name == "resmlp" and len(set(self.hidden)) != 1:
@@ -37,6 +43,11 @@ class ModelConfig:
     object.__setattr__(self, "hidden", tuple(self.hidden))
     if any((not isinstance(h, int)) or h < 1 for h in self.hidden):
       raise ConfigError(f"model.hidden must be a list of positive ints, got {list(self.hidden)}.")
+
+  @property
+  def widths(self) -> tuple[int, ...]:
+    """The hidden widths the model is built with: ``hidden``, or (128,) when not given."""
+    return (128,) if self.hidden is None else self.hidden
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -55,24 +66,30 @@ class DataConfig:
 class OptimizerConfig:
   name: str = "adam"  # "sgd", "momentum", "adam" or "adamw"
   lr: float = 3e-3  # learning rate, > 0
-  momentum: float = 0.9  # for "momentum"
-  weight_decay: float = 1e-4  # for "adamw"
+  momentum: float | None = None  # for "momentum" (default 0.9)
+  weight_decay: float | None = None  # for "adamw" (default 1e-4)
 
   def __post_init__(self):
     _one_of("optimizer.name", self.name, ("sgd", "momentum", "adam", "adamw"))
     if not self.lr > 0:
       raise ConfigError(f"optimizer.lr must be > 0, got {self.lr}.")
-    if not 0 <= self.momentum < 1:
+    for key, owner in (("momentum", "momentum"), ("weight_decay", "adamw")):
+      if getattr(self, key) is not None and self.name != owner:
+        raise ConfigError(f"optimizer.{key} is used by optimizer.name = {owner!r} only, but the name is "
+                          f"{self.name!r}, which would ignore it. Set name = {owner!r} or drop {key}.")
+    if self.momentum is not None and not 0 <= self.momentum < 1:
       raise ConfigError(f"optimizer.momentum must be in [0, 1), got {self.momentum}.")
-    if not self.weight_decay >= 0:
+    if self.weight_decay is not None and not self.weight_decay >= 0:
       raise ConfigError(f"optimizer.weight_decay must be >= 0, got {self.weight_decay}.")
 
   def build(self):
     import optax
 
-    return {"sgd": lambda: optax.sgd(self.lr), "momentum": lambda: optax.sgd(self.lr, momentum=self.momentum),
+    momentum = 0.9 if self.momentum is None else self.momentum
+    weight_decay = 1e-4 if self.weight_decay is None else self.weight_decay
+    return {"sgd": lambda: optax.sgd(self.lr), "momentum": lambda: optax.sgd(self.lr, momentum=momentum),
             "adam": lambda: optax.adam(self.lr),
-            "adamw": lambda: optax.adamw(self.lr, weight_decay=self.weight_decay)}[self.name]()
+            "adamw": lambda: optax.adamw(self.lr, weight_decay=weight_decay)}[self.name]()
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -56,7 +56,8 @@ def data_parallel(
     has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
     allreduce: how gradients are averaged, a key of ``jdist.collectives.ALGORITHMS`` (``psum``, ``ring``,
       ``halving_doubling``, ``tree``, ``hierarchical`` with ``axis=(outer, inner)``).
-    bucket_bytes: gradients are flattened into buckets of at most this many bytes per collective.
+    bucket_bytes: with an ``allreduce`` other than ``psum``, gradients are flattened into buckets of at most
+      this many bytes per collective (``psum`` leaves that to XLA and takes no ``bucket_bytes``).
     compression: ``None``; ``"bf16"`` (gradients sent and summed in bf16); ``"int8"`` (int8 with error
       feedback; the per-device residual is kept in ``state.extra["residual"]``, leading axis = devices; the
       int8 sum is an all-to-all and an all-gather of its own, so neither ``allreduce`` nor ``bucket_bytes``
@@ -104,6 +105,11 @@ def data_parallel(
   if compression == "int8" and bucket_bytes != collectives.DEFAULT_BUCKET_BYTES:
     raise ValueError(f"compression='int8' sends every gradient in one payload with one shared scale, so it takes "
                      f"no bucket_bytes, got bucket_bytes={bucket_bytes!r}. Drop bucket_bytes=.")
+  if allreduce == "psum" and bucket_bytes != collectives.DEFAULT_BUCKET_BYTES:
+    raise ValueError(f"bucket_bytes sizes the buckets of the algorithms written from ppermute (ring, "
+                     f"halving_doubling, tree, hierarchical); allreduce='psum' hands every gradient to one psum, "
+                     f"which XLA combines itself, so bucket_bytes={bucket_bytes!r} would change nothing. Drop "
+                     f"bucket_bytes=, or pick one of those algorithms, e.g. allreduce='ring'.")
   rank = check_positive_int(powersgd_rank, "powersgd_rank")
   if rank != 1 and compression != "powersgd":
     raise ValueError(f"powersgd_rank={powersgd_rank!r} applies only with compression='powersgd', got "

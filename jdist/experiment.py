@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import math
 import pathlib
 from typing import Any, Callable
 
@@ -21,7 +22,7 @@ from jdist.data import ArrayLoader
 from jdist.async_sgd import async_sgd, split_workers
 from jdist.data_parallel import data_parallel
 from jdist.local_sgd import local_sgd
-from jdist.model_parallel import fsdp, sharded
+from jdist.model_parallel import DEFAULT_FSDP_MIN_SIZE, fsdp, sharded
 from jdist.mesh import make_mesh
 from jdist.models import linear, mlp, resmlp
 from jdist.pipeline import pipeline
@@ -29,30 +30,41 @@ from jdist.strategy import Strategy
 from jdist.train import CheckpointConfig, NanGuard, PrintLogger, ProgressBar, fit
 
 def local_sgd_from_config(loss_fn, optimizer, mesh, *, axis: str = "data", sync_every: int = 4,
-                          allreduce: str = "psum", outer_lr: float | None = None, outer_momentum: float = 0.0,
-                          outer_nesterov: bool = False) -> Strategy:
+                          allreduce: str = "psum", outer_lr: float | None = None,
+                          outer_momentum: float | None = None, outer_nesterov: bool | None = None) -> Strategy:
   """``local_sgd`` with its outer optimizer given as numbers (TOML cannot hold an optax object).
 
   ``outer_lr`` None is plain averaging; else the outer optimizer is SGD(outer_lr, outer_momentum,
-  nesterov), e.g. DiLoCo's 0.7 / 0.9 / true.
+  nesterov), e.g. DiLoCo's 0.7 / 0.9 / true. ``outer_momentum`` and ``outer_nesterov`` without
+  ``outer_lr`` (and Nesterov without momentum) are errors: they would change nothing.
   """
   number = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)
   if outer_lr is not None and not (number(outer_lr) and outer_lr > 0):
     raise ConfigError(f"strategy.outer_lr must be a number > 0 (DiLoCo uses 0.7; leave it out for plain averaging), "
                       f"got {outer_lr!r}.")
-  if not (number(outer_momentum) and 0 <= outer_momentum < 1):
+  if outer_momentum is not None and not (number(outer_momentum) and 0 <= outer_momentum < 1):
     raise ConfigError(f"strategy.outer_momentum must be a number in [0, 1) (DiLoCo uses 0.9), got {outer_momentum!r}.")
-  if not isinstance(outer_nesterov, bool):
+  if outer_nesterov is not None and not isinstance(outer_nesterov, bool):
     raise ConfigError(f"strategy.outer_nesterov must be true or false, got {outer_nesterov!r}.")
+  given = [name for name, value in (("outer_momentum", outer_momentum), ("outer_nesterov", outer_nesterov))
+           if value is not None]
+  if outer_lr is None and given:
+    raise ConfigError(f"strategy.{' and strategy.'.join(given)} configure the outer optimizer, which needs "
+                      f"strategy.outer_lr; without it the replicas are averaged plainly and they would change "
+                      f"nothing. Add outer_lr (DiLoCo: outer_lr = 0.7, outer_momentum = 0.9, outer_nesterov = "
+                      f"true) or drop them.")
+  if outer_nesterov and not outer_momentum:
+    raise ConfigError("strategy.outer_nesterov = true needs strategy.outer_momentum > 0 (DiLoCo uses 0.9): Nesterov "
+                      "momentum without momentum is plain SGD.")
   outer = None
   if outer_lr is not None:
-    outer = optax.sgd(outer_lr, momentum=outer_momentum or None, nesterov=outer_nesterov)
+    outer = optax.sgd(outer_lr, momentum=outer_momentum or None, nesterov=bool(outer_nesterov))
   return local_sgd(loss_fn, optimizer, mesh, axis=axis, sync_every=sync_every, outer_optimizer=outer,
                    allreduce=allreduce)
 
 
 def sharded_from_config(loss_fn, optimizer, mesh, *, rules=(), data_axis: str = "data", fsdp_axis: str = "",
-                        fsdp_min_size: int = 1024) -> Strategy:
+                        fsdp_min_size: int | None = None) -> Strategy:
   """``sharded`` with TOML-friendly options: ``rules`` a list of [pattern, [axis or "" per dim]] pairs
   (or "tp", resolved by ``build`` to the model's tensor-parallel rules); ``fsdp_axis = ""`` for none."""
   # the shape of the list is checked here, to convert it; its entries by partition_specs, like any rule's
@@ -63,8 +75,12 @@ def sharded_from_config(loss_fn, optimizer, mesh, *, rules=(), data_axis: str = 
                       f"got {rules!r}.")
   rules = tuple((p, tuple(tuple(a) if isinstance(a, (list, tuple)) else (a or None) for a in spec))
                 for p, spec in rules)
+  if fsdp_min_size is not None and not fsdp_axis:
+    raise ConfigError(f"strategy.fsdp_min_size = {fsdp_min_size!r} applies with strategy.fsdp_axis (the axis FSDP "
+                      f"splits parameters over), which is not set. Add fsdp_axis, e.g. fsdp_axis = \"data\", or drop "
+                      f"fsdp_min_size.")
   return sharded(loss_fn, optimizer, mesh, rules=rules, data_axis=data_axis, fsdp_axis=fsdp_axis or None,
-                 fsdp_min_size=fsdp_min_size)
+                 fsdp_min_size=DEFAULT_FSDP_MIN_SIZE if fsdp_min_size is None else fsdp_min_size)
 
 
 def fsdp_from_config(loss_fn, optimizer, mesh, *, axis: str = "fsdp", min_size: int = 1024) -> Strategy:
@@ -122,9 +138,9 @@ def _model(config: Config, key) -> tuple[Any, Callable, Callable | None]:
       raise ConfigError(f"model.name = {config.model.name!r} is a classifier and needs data.name = 'digits', got "
                         f"{config.data.name!r}.")
     if config.model.name == "mlp":
-      params, model = mlp.init(key, [64, *config.model.hidden, 10]), mlp
+      params, model = mlp.init(key, [64, *config.model.widths, 10]), mlp
     else:
-      params = resmlp.init(key, 64, config.model.hidden[0], len(config.model.hidden), 10)
+      params = resmlp.init(key, 64, config.model.widths[0], len(config.model.widths), 10)
       model = resmlp
       if config.strategy.name == "pipeline":  # its state may hold the layers in device order: build() binds
         return params, model.loss, _pipeline_eval  # the schedule that undoes it
@@ -182,10 +198,16 @@ def build(config: Config) -> Experiment:
     if config.mesh.num_devices > len(devices):
       raise ConfigError(f"mesh.num_devices = {config.mesh.num_devices} but only {len(devices)} devices are available.")
     devices = devices[:config.mesh.num_devices]
+  axes = dict(config.mesh.axes)
+  total = math.prod(axes.values()) if all(isinstance(v, int) and v > 0 for v in axes.values()) else None
+  if total is not None and total < len(devices):  # make_mesh's own advice (devices=...) is for Python callers
+    raise ConfigError(f"mesh {axes} uses {total} devices but {len(devices)} are available. Make the sizes multiply "
+                      f"to {len(devices)} (one of them may be -1), or use the first {total}: mesh.num_devices = {total} "
+                      f"(--set mesh.num_devices={total}).")
   try:
-    mesh = make_mesh(devices=devices, **dict(config.mesh.axes))
+    mesh = make_mesh(devices=devices, **axes)
   except ValueError as e:
-    raise ConfigError(f"mesh {dict(config.mesh.axes)}: {e}") from None
+    raise ConfigError(f"mesh {axes}: {e}") from None
   key = jax.random.key(config.train.seed)
   params, loss_fn, eval_fn = _model(config, key)
   train_data, test_data = _data(config)
@@ -196,7 +218,7 @@ def build(config: Config) -> Experiment:
   if options.get("rules") == "tp":  # the model's own tensor-parallel rules
     if config.model.name != "mlp":
       raise ConfigError(f"strategy.rules = 'tp' is defined for model.name = 'mlp', got {config.model.name!r}.")
-    options["rules"] = [(p, [a or "" for a in spec]) for p, spec in mlp.tp_rules(len(config.model.hidden) + 1)]
+    options["rules"] = [(p, [a or "" for a in spec]) for p, spec in mlp.tp_rules(len(config.model.widths) + 1)]
   strategy = build_strategy(config.strategy.name, loss_fn, config.optimizer.build(), mesh, options)
   if config.strategy.name == "pipeline":
     eval_fn = functools.partial(eval_fn, schedule=strategy.info["schedule"])

@@ -147,6 +147,8 @@ def test_cli_bad_input_is_one_line_and_nonzero(tmp_path, capsys):
   cfg = _write_config(tmp_path, "big_mesh")
   err = _cli_error(capsys, ["train", str(cfg), "--set", "mesh.data=16"])
   assert "needs 16 devices but only 8 are available" in err
+  err = _cli_error(capsys, ["train", str(cfg), "--set", "mesh.data=4"])  # a CLI fix, not make_mesh's devices=...
+  assert "uses 4 devices but 8 are available" in err and "--set mesh.num_devices=4" in err
   err = _cli_error(capsys, ["train", str(cfg), "--set", "optimizer.weight_decy=0.1"])
   assert "Unknown key in [optimizer]: 'weight_decy'" in err and "Did you mean 'weight_decay'" in err
   err = _cli_error(capsys, ["train", str(cfg), "--set", "strategy.acumulate_steps=2"])
@@ -225,8 +227,14 @@ def test_cli_nan_exits_nonzero(tmp_path, capsys):
     ({"mesh": {"num_device": 4}}, "mesh.num_device looks like a misspelt mesh.num_devices"),
     ({"mesh": {"nun_devices": 4}}, "mesh.nun_devices looks like a misspelt mesh.num_devices"),
     ({"mesh": {"devices": 8}}, "mesh.devices cannot name a mesh axis"),
-    ({"optimizer": {"momentum": 1.5}}, "optimizer.momentum must be in [0, 1), got 1.5"),
-    ({"optimizer": {"weight_decay": -0.1}}, "optimizer.weight_decay must be >= 0, got -0.1"),
+    ({"optimizer": {"name": "momentum", "momentum": 1.5}}, "optimizer.momentum must be in [0, 1), got 1.5"),
+    ({"optimizer": {"name": "adamw", "weight_decay": -0.1}}, "optimizer.weight_decay must be >= 0, got -0.1"),
+    # options another choice would ignore: the run would silently train something else than written
+    ({"optimizer": {"momentum": 0.5}}, "optimizer.momentum is used by optimizer.name = 'momentum' only, but the "
+                                       "name is 'adam'"),
+    ({"optimizer": {"name": "sgd", "weight_decay": 0.1}}, "optimizer.weight_decay is used by optimizer.name = "
+                                                          "'adamw' only"),
+    ({"model": {"name": "linear", "hidden": [512]}}, "the 'linear' model has no hidden layers"),
 ])
 def test_config_errors(bad, match):
   with pytest.raises(config_lib.ConfigError) as err:
@@ -259,6 +267,10 @@ def test_config_values_of_the_wrong_type_are_errors(override, match):
     ({"name": "local_sgd", "outer_lr": 0}, "strategy.outer_lr must be a number > 0"),
     ({"name": "local_sgd", "outer_lr": 0.7, "outer_momentum": "x"}, "strategy.outer_momentum must be a number in [0, 1)"),
     ({"name": "sharded", "rules": "tp "}, 'strategy.rules must be "tp" (the model\'s tensor-parallel rules) or a list'),
+    ({"name": "local_sgd", "outer_momentum": 0.9, "outer_nesterov": True},
+     "strategy.outer_momentum and strategy.outer_nesterov configure the outer optimizer, which needs strategy.outer_lr"),
+    ({"name": "local_sgd", "outer_lr": 0.7, "outer_nesterov": True}, "outer_nesterov = true needs strategy.outer_momentum"),
+    ({"name": "sharded", "fsdp_min_size": 4096}, "applies with strategy.fsdp_axis"),
 ])
 def test_strategy_options_are_checked(options, match):
   from jdist import experiment

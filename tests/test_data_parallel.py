@@ -227,6 +227,10 @@ def test_int8_takes_no_allreduce_algorithm_or_bucket_bytes():
     jdist.data_parallel(mlp.loss, optax.sgd(0.1), mesh, compression="int8", allreduce="ring")
   with pytest.raises(ValueError, match=r"compression='int8' .* got bucket_bytes=64. Drop bucket_bytes="):
     jdist.data_parallel(mlp.loss, optax.sgd(0.1), mesh, compression="int8", bucket_bytes=64)
+  # psum buckets nothing itself (XLA combines): a bucket size there would be silently ignored
+  for compression in (None, "bf16"):
+    with pytest.raises(ValueError, match=r"allreduce='psum' .* bucket_bytes=64 would change nothing"):
+      jdist.data_parallel(mlp.loss, optax.sgd(0.1), mesh, compression=compression, bucket_bytes=64)
   assert jdist.data_parallel(mlp.loss, optax.sgd(0.1), mesh, compression="int8").name == "data_parallel[int8]"
 
 

@@ -193,7 +193,7 @@ def test_a_checkpoint_of_another_configuration_is_named_never_moved_aside(tmp_pa
               "optimizer": r"it has opt_state/0/count, opt_state/0/mu/layers/0/b, opt_state/0/mu/layers/0/w \.\.\. "
                            r"that this run does not",
               "dtype": r"params/layers/0/b is float32\[16\] there and bfloat16\[16\] here"}[change]
-  with pytest.raises(CheckpointError, match=r"ckpt/10 was written for a different model or optimizer \(or by a "
+  with pytest.raises(CheckpointError, match=r"ckpt/10 was written for a different model, optimizer or number of devices \(or by a "
                                             r"jdist version .*\): " + expected + r"\. Nothing was moved or overwritten"):
     fit(strategy, other, loader, steps=15, checkpoint=CheckpointConfig(directory=ckdir, every_steps=5, fallback=True))
   assert sorted(p.name for p in ckdir.iterdir()) == ["10", "5"]
@@ -557,6 +557,19 @@ def test_a_checkpoint_never_holds_a_non_finite_optimizer_state(tmp_path):
   result = fit(strategy, state, batches, steps=4, checkpoint=CheckpointConfig(directory=tmp_path, every_steps=1))
   assert result.failed and "not finite (inf or nan in ['opt_state']" in result.stop_reason
   assert sorted(p.name for p in tmp_path.iterdir() if p.name.isdigit()) == ["1", "2"]
+
+
+def test_state_kept_per_device_resumes_only_on_as_many_devices_and_says_so(tmp_path):
+  params = mlp.init(jax.random.key(0), [6, 16, 3])
+  ck = CheckpointConfig(directory=tmp_path, every_steps=2)
+  on = lambda n: jdist.data_parallel(mlp.loss, optax.adam(1e-2), jdist.make_mesh(data=n, devices=jax.devices()[:n]),
+                                     compression="int8")  # one error-feedback residual row per device
+  four = on(4)
+  fit(four, four.init(params), ArrayLoader(_data(), 32), steps=2, checkpoint=ck)
+  two = on(2)
+  with pytest.raises(CheckpointError, match=r"number of devices .* extra/residual/.* one row each, and that "
+                                            r"checkpoint has 4, this run 2"):
+    fit(two, two.init(params), ArrayLoader(_data(), 32), steps=4, checkpoint=ck)
 
 
 def test_a_checkpoint_never_holds_non_finite_local_replicas(tmp_path):

@@ -204,8 +204,8 @@ class Checkpointer:
       mismatch = self._mismatch(step, template)
       if mismatch is not None:  # a readable checkpoint of another run: never moved aside, even with fallback
         raise CheckpointError(
-            f"Checkpoint {self.step_path(step)} was written for a different model or optimizer (or by a jdist "
-            f"version that laid the state out otherwise): {mismatch}. "
+            f"Checkpoint {self.step_path(step)} was written for a different model, optimizer or number of devices "
+            f"(or by a jdist version that laid the state out otherwise): {mismatch}. "
             f"Nothing was moved or overwritten. Resume with the configuration that wrote it, or give this run "
             f"its own checkpoint directory (CLI: --set run_dir=...).")
       try:
@@ -241,7 +241,13 @@ class Checkpointer:
       return "; ".join(parts)
     for path, (shape, dtype) in sorted(wanted.items(), key=lambda kv: (not kv[0].startswith("params"), kv[0])):
       if saved[path] != (shape, dtype):
-        return (f"{path} is {saved[path][1]}{list(saved[path][0])} there and {dtype}{list(shape)} here")
+        there = saved[path][0]
+        text = f"{path} is {saved[path][1]}{list(there)} there and {dtype}{list(shape)} here"
+        if path.startswith("extra/") and shape and len(there) == len(shape) and there[1:] == shape[1:]:
+          text += (f": state kept per device of the data axis (compression residuals, local SGD's replicas) or per "
+                   f"async worker has one row each, and that checkpoint has {there[0]}, this run {shape[0]}. Resume "
+                   f"it on as many")
+        return text
     return None
 
   def _quarantine(self, step: int, reason: str) -> None:

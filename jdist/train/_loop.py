@@ -115,7 +115,9 @@ def fit(
   Args:
     strategy: any jdist strategy (``init`` / ``shard_batch`` / ``step``).
     state: the initial state from ``strategy.init``; also the template (shapes and shardings) that a
-      checkpoint is restored into, so resuming on a different mesh works.
+      checkpoint is restored into, so resuming on a different mesh works (except for state kept per
+      device or worker: compression residuals and local SGD's replicas need as many data-axis devices,
+      async SGD's worker copies as many workers; a mismatch is a ``CheckpointError`` that says so).
     data: an iterable of host batches. If it has ``get_state`` / ``set_state`` (``jdist.data.ArrayLoader``)
       its position is checkpointed and restored; otherwise a resumed run skips the batches already used.
     steps: the total number of steps (not the number still to run).
@@ -179,8 +181,8 @@ def fit(
           f"Checkpoint {checkpointer.step_path(ckpt_step)} keeps the stacked layers in another order ("
           f"{describe(meta.get('layer_layout'))}) than this run ({describe(layout)}): a circular pipeline stores "
           f"each device's layers together. Nothing was moved or overwritten. Resume with the schedule, pipe size "
-          f"and repeats that wrote it; to change them, convert the parameters with jdist.pipeline.unstack_params "
-          f"and start a new run.")
+          f"and repeats that wrote it; to change them, convert the parameters with unstack_params (from "
+          f"jdist.pipeline import unstack_params) and start a new run.")
     checkpointer.last_saved_step = int(state.step)
     for key, cb in keyed_callbacks:
       if hasattr(cb, "set_state") and key in meta.get("callbacks", {}):
