@@ -66,9 +66,10 @@ def test_integer_payloads_bit_for_bit(algorithm, n):
 def test_numpy_references_match_the_sum(algorithm, n):
   rng = np.random.default_rng(n)
   p = 1 << (n.bit_length() - 1)
-  xs = [rng.integers(-50, 50, size=np.lcm(n, p) * 3).astype(np.int64) for _ in range(n)]
-  for got in REFERENCES[algorithm](xs):
-    np.testing.assert_array_equal(got, np.sum(xs, axis=0))
+  for size in (np.lcm(n, p) * 3, 7):  # 7: not a multiple of N or p, padded as the JAX versions pad
+    xs = [rng.integers(-50, 50, size=size).astype(np.int64) for _ in range(n)]
+    for got in REFERENCES[algorithm](xs):
+      np.testing.assert_array_equal(got, np.sum(xs, axis=0))
 
 
 @pytest.mark.parametrize("algorithm", ["ring", "halving_doubling", "tree"])

@@ -12,6 +12,23 @@ from typing import Sequence
 import numpy as np
 
 
+def _padded(xs: Sequence[np.ndarray], multiple: int) -> tuple[list[np.ndarray], int]:
+  """The flat arrays zero-padded to a length divisible by ``multiple`` (as the JAX versions pad each bucket),
+  and their length before.
+
+  Raises:
+    ValueError: no arrays, or arrays of different sizes.
+  """
+  flat = [np.ravel(np.asarray(x)) for x in xs]
+  sizes = {x.size for x in flat}
+  if len(sizes) != 1:
+    raise ValueError(f"An all-reduce needs one array of the same size per device, got sizes {sorted(sizes)} "
+                     f"for {len(flat)} devices." if flat else "An all-reduce needs one array per device, got none.")
+  size = sizes.pop()
+  padded = math.ceil(size / multiple) * multiple
+  return [np.pad(x, (0, padded - size)) for x in flat], size
+
+
 def psum_reference(xs: Sequence[np.ndarray]) -> list[np.ndarray]:
   total = np.sum(np.stack(xs), axis=0)
   return [total.copy() for _ in xs]
@@ -19,9 +36,10 @@ def psum_reference(xs: Sequence[np.ndarray]) -> list[np.ndarray]:
 
 def ring_reference(xs: Sequence[np.ndarray], *, trace: bool = False):
   """Ring reduce-scatter then all-gather. Returns results, and with ``trace`` a list of
-  (phase, step, [chunks of every device]) after each step."""
+  (phase, step, [chunks of every device]) after each step (arrays zero-padded to N equal chunks)."""
   n = len(xs)
-  chunks = [np.array(x).reshape(n, -1).copy() for x in xs]
+  xs, size = _padded(xs, n)
+  chunks = [x.reshape(n, -1).copy() for x in xs]
   steps = []
   for s in range(n - 1):  # reduce-scatter
     sends = [chunks[i][(i - s - 1) % n].copy() for i in range(n)]
@@ -35,7 +53,7 @@ def ring_reference(xs: Sequence[np.ndarray], *, trace: bool = False):
       chunks[i][(i - s - 1) % n] = sends[(i - 1) % n]
     if trace:
       steps.append(("all-gather", s + 1, [c.copy() for c in chunks]))
-  results = [c.reshape(-1) for c in chunks]
+  results = [c.reshape(-1)[:size] for c in chunks]
   return (results, steps) if trace else results
 
 
@@ -44,7 +62,7 @@ def halving_doubling_reference(xs: Sequence[np.ndarray]) -> list[np.ndarray]:
   n = len(xs)
   p = 1 << (n.bit_length() - 1)
   r = n - p
-  xs = [np.array(x, copy=True) for x in xs]
+  xs, size = _padded(xs, p)
   for k in range(r):
     xs[2 * k + 1] = xs[2 * k + 1] + xs[2 * k]
   real = [2 * v + 1 if v < r else v + r for v in range(p)]
@@ -64,7 +82,7 @@ def halving_doubling_reference(xs: Sequence[np.ndarray]) -> list[np.ndarray]:
       new_owned[v] = keep
     bufs, owned = new_bufs, new_owned
     d //= 2
-  full = np.concatenate([bufs[v] for v in sorted(range(p), key=lambda v: owned[v][0])]).reshape(-1)
+  full = np.concatenate([bufs[v] for v in sorted(range(p), key=lambda v: owned[v][0])]).reshape(-1)[:size]
   out = [None] * n
   for v in range(p):
     out[real[v]] = full.copy()
@@ -94,7 +112,10 @@ def tree_reference(xs: Sequence[np.ndarray]) -> list[np.ndarray]:
 def hierarchical_reference(xs: Sequence[np.ndarray], outer: int, inner: int) -> list[np.ndarray]:
   """Devices in row-major (outer, inner) order: reduce-scatter within each inner group, all-reduce
   across outer groups, all-gather within each inner group."""
-  assert len(xs) == outer * inner
+  if len(xs) != outer * inner:
+    raise ValueError(f"hierarchical_reference needs outer * inner = {outer} * {inner} = {outer * inner} arrays "
+                     f"(devices in row-major (outer, inner) order), got {len(xs)}.")
+  xs, size = _padded(xs, inner)
   shards = {}
   for o in range(outer):
     group = [xs[o * inner + i] for i in range(inner)]
@@ -107,7 +128,7 @@ def hierarchical_reference(xs: Sequence[np.ndarray], outer: int, inner: int) -> 
     for o in range(outer):
       shards[(o, i)] = reduced
   for o in range(outer):
-    full = np.concatenate([shards[(o, i)] for i in range(inner)])
+    full = np.concatenate([shards[(o, i)] for i in range(inner)])[:size]
     for i in range(inner):
       out[o * inner + i] = full.copy()
   return out
