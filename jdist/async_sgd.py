@@ -516,10 +516,9 @@ def async_sgd(
 
   def server_specs(params):
     """The server state's layout: each leaf split over the workers axis on its first dimension that divides by
-    the axis size, so that every piece is one contiguous block (the all-to-all and the all-gather copy whole
-    blocks: on 8 CPU devices the all-gather of the MLP benchmark's parameters took 2.1 ms so, 3.8 ms split on
-    the largest dimension);
-    leaves under 1024 elements (as FSDP) or with no such dimension stay whole on every device."""
+    the axis size, so that every piece is one contiguous block for the all-to-all and the all-gather (on 8 CPU
+    devices the all-gather of the MLP benchmark's parameters took 2.1 ms so, 3.8 ms split on the largest
+    dimension). Leaves under 1024 elements (as under FSDP) or with no such dimension stay whole everywhere."""
 
     def spec(leaf):
       shape = np.shape(leaf)
@@ -530,8 +529,6 @@ def async_sgd(
 
     return jax.tree.map(spec, params)
 
-  def server_shardings(params):
-    return jax.tree.map(lambda spec: NamedSharding(mesh, spec), server_specs(params), is_leaf=is_spec)
 
   def workers_fn(specs):
     """The workers' half of a tick, one ``shard_map`` over the workers axis: each device computes the losses and
@@ -591,7 +588,6 @@ def async_sgd(
     # server_specs; deliver: bool[N]; sync: bool, this tick is a synchronous round. Everything but the
     # workers' half runs on the server's pieces, each device updating its own (XLA partitions it).
     specs = server_specs(params)
-    shardings = server_shardings(params)
     grads, copies, losses, aux = workers_fn(specs)(worker_params, batch)
     count = jnp.maximum(jnp.sum(deliver.astype(jnp.int32)), 1)
     # the mean delivered gradient (the update of a synchronous round), summed in worker order
@@ -621,7 +617,6 @@ def async_sgd(
 
     staleness = jnp.where(deliver, jnp.int32(0), jnp.int32(-1))
     params, opt_state, version, staleness = jax.lax.fori_loop(0, trips, update, (params, opt_state, version, staleness))
-    params, opt_state = pin_layout(params, opt_state, shardings, optimizer, mesh)
     worker_params = pull_fn(specs)(params, worker_params, deliver)
     return params, opt_state, version, staleness, mean, worker_params, losses, aux
 
@@ -702,7 +697,8 @@ def async_sgd(
   def place(state: TrainState) -> TrainState:
     """``state`` constrained to its layout (inside jit): the server's params and optimizer state split as
     ``server_specs``, the worker copies over the workers axis, the rest replicated; a tick never moves it."""
-    params, opt_state = pin_layout(state.params, state.opt_state, server_shardings(state.params), optimizer, mesh)
+    shardings = jax.tree.map(lambda spec: NamedSharding(mesh, spec), server_specs(state.params), is_leaf=is_spec)
+    params, opt_state = pin_layout(state.params, state.opt_state, shardings, optimizer, mesh)
     rest = jax.lax.with_sharding_constraint((state.step, state.key, state.extra),
                                             (replicated, replicated, extra_shardings))
     return TrainState(step=rest[0], params=params, opt_state=opt_state, key=rest[1], extra=rest[2])
