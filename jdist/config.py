@@ -32,10 +32,14 @@ class ModelConfig:
     _one_of("model.name", self.name, ("mlp", "resmlp", "linear"))
     if self.hidden is None:
       return
-    if self.name == "linear":
+    if self.name == "linear" and self.hidden not in ([], ()):  # [] says it: no hidden layers
       raise ConfigError(f"model.hidden = {list(self.hidden) if isinstance(self.hidden, (list, tuple)) else self.hidden!r}"
                         f" is for the classifiers (model.name = 'mlp' or 'resmlp'); the 'linear' model has no hidden "
-                        f"layers. Drop model.hidden or pick a classifier.")
+                        f"layers. Drop model.hidden (CLI: --unset model.hidden, or --set model.hidden=[]) or pick a "
+                        f"classifier.")
+    if self.name == "linear":
+      object.__setattr__(self, "hidden", ())
+      return
     if not isinstance(self.hidden, (list, tuple)):
       raise ConfigError(f"model.hidden must be a list of positive ints, e.g. [128, 64], got {self.hidden!r}.")
     if self.name == "resmlp" and len(set(self.hidden)) != 1:
@@ -76,7 +80,8 @@ class OptimizerConfig:
     for key, owner in (("momentum", "momentum"), ("weight_decay", "adamw")):
       if getattr(self, key) is not None and self.name != owner:
         raise ConfigError(f"optimizer.{key} is used by optimizer.name = {owner!r} only, but the name is "
-                          f"{self.name!r}, which would ignore it. Set name = {owner!r} or drop {key}.")
+                          f"{self.name!r}, which would ignore it. Set name = {owner!r}, or drop {key} (CLI: "
+                          f"--unset optimizer.{key}).")
     if self.momentum is not None and not 0 <= self.momentum < 1:
       raise ConfigError(f"optimizer.momentum must be in [0, 1), got {self.momentum}.")
     if self.weight_decay is not None and not self.weight_decay >= 0:
@@ -208,6 +213,10 @@ def _typed(where: str, value: Any, annotation: str) -> Any:
   """``value`` checked against a field's annotation: a bool only for a bool field (``False``, which is
   not TOML, arrives as a string and must not count as true), no bool for a number, an int accepted as
   a float. Tuples and tables are checked by their dataclasses."""
+  if annotation.endswith(" | None"):  # an optional field (None: not given); TOML itself has no null
+    if value is None:
+      return value
+    annotation = annotation[:-len(" | None")]
   if annotation not in _KINDS:
     return value
   if annotation == "bool":
@@ -267,9 +276,17 @@ def parse_value(text: str) -> Any:
     return text
 
 
-def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
-  """Applies ``section.key=value`` overrides to a nested dict (a copy)."""
+def apply_overrides(raw: dict[str, Any], overrides: Sequence[str], unset: Sequence[str] = ()) -> dict[str, Any]:
+  """Removes the ``unset`` keys (``section.key``, as if the file did not set them), then applies
+  ``section.key=value`` overrides, on a copy of a nested dict."""
   out = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+  for item in unset:
+    parts = item.strip().split(".")
+    table = out.get(parts[0]) if len(parts) == 2 else out
+    if not isinstance(table, dict) or parts[-1] not in table or len(parts) > 2:
+      raise ConfigError(f"--unset {item}: the config does not set {item!r}, so there is nothing to remove. Give a "
+                        f"key the file sets, as section.key (e.g. optimizer.momentum).")
+    del table[parts[-1]]
   for item in overrides:
     if "=" not in item:
       raise ConfigError(f"Override {item!r} is not of the form section.key=value, e.g. optimizer.lr=0.1.")
@@ -289,8 +306,9 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
   return out
 
 
-def load(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -> Config:
-  """Reads a TOML config file (or the defaults when ``path`` is None) and applies overrides."""
+def load(path: str | os.PathLike | None, overrides: Sequence[str] = (), unset: Sequence[str] = ()) -> Config:
+  """Reads a TOML config file (or the defaults when ``path`` is None), removes the ``unset`` keys and applies
+  the overrides."""
   raw: dict[str, Any] = {}
   if path is not None:
     p = pathlib.Path(path)
@@ -301,4 +319,4 @@ def load(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -> Confi
       raw = tomllib.loads(p.read_text())
     except tomllib.TOMLDecodeError as e:
       raise ConfigError(f"{path} is not valid TOML: {e}.") from None
-  return from_dict(apply_overrides(raw, overrides))
+  return from_dict(apply_overrides(raw, overrides, unset))

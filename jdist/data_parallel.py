@@ -11,6 +11,7 @@ from typing import Literal, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -105,6 +106,8 @@ def data_parallel(
   if compression == "int8" and bucket_bytes != collectives.DEFAULT_BUCKET_BYTES:
     raise ValueError(f"compression='int8' sends every gradient in one payload with one shared scale, so it takes "
                      f"no bucket_bytes, got bucket_bytes={bucket_bytes!r}. Drop bucket_bytes=.")
+  if not isinstance(bucket_bytes, (int, np.integer)) or isinstance(bucket_bytes, bool) or bucket_bytes < 1:
+    raise ValueError(f"bucket_bytes must be a positive int (the largest bucket, in bytes), got {bucket_bytes!r}.")
   if allreduce == "psum" and bucket_bytes != collectives.DEFAULT_BUCKET_BYTES:
     raise ValueError(f"bucket_bytes sizes the buckets of the algorithms written from ppermute (ring, "
                      f"halving_doubling, tree, hierarchical); allreduce='psum' hands every gradient to one psum, "

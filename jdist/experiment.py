@@ -46,13 +46,15 @@ def local_sgd_from_config(loss_fn, optimizer, mesh, *, axis: str = "data", sync_
     raise ConfigError(f"strategy.outer_momentum must be a number in [0, 1) (DiLoCo uses 0.9), got {outer_momentum!r}.")
   if outer_nesterov is not None and not isinstance(outer_nesterov, bool):
     raise ConfigError(f"strategy.outer_nesterov must be true or false, got {outer_nesterov!r}.")
-  given = [name for name, value in (("outer_momentum", outer_momentum), ("outer_nesterov", outer_nesterov))
-           if value is not None]
+  # outer_momentum = 0 and outer_nesterov = false say what plain averaging does: only other values are ignored
+  given = [f"strategy.{name} = {str(value).lower()}" for name, value in
+           (("outer_momentum", outer_momentum), ("outer_nesterov", outer_nesterov)) if value]
   if outer_lr is None and given:
-    raise ConfigError(f"strategy.{' and strategy.'.join(given)} configure the outer optimizer, which needs "
-                      f"strategy.outer_lr; without it the replicas are averaged plainly and they would change "
-                      f"nothing. Add outer_lr (DiLoCo: outer_lr = 0.7, outer_momentum = 0.9, outer_nesterov = "
-                      f"true) or drop them.")
+    raise ConfigError(f"{' and '.join(given)} {'configure' if len(given) > 1 else 'configures'} the outer "
+                      f"optimizer, which needs strategy.outer_lr; without it the replicas are averaged plainly and "
+                      f"{'they' if len(given) > 1 else 'it'} would change nothing. Add outer_lr (DiLoCo: outer_lr = "
+                      f"0.7, outer_momentum = 0.9, outer_nesterov = true) or drop "
+                      f"{'them' if len(given) > 1 else 'it'} (CLI: --unset strategy.KEY).")
   if outer_nesterov and not outer_momentum:
     raise ConfigError("strategy.outer_nesterov = true needs strategy.outer_momentum > 0 (DiLoCo uses 0.9): Nesterov "
                       "momentum without momentum is plain SGD.")
@@ -78,7 +80,7 @@ def sharded_from_config(loss_fn, optimizer, mesh, *, rules=(), data_axis: str = 
   if fsdp_min_size is not None and not fsdp_axis:
     raise ConfigError(f"strategy.fsdp_min_size = {fsdp_min_size!r} applies with strategy.fsdp_axis (the axis FSDP "
                       f"splits parameters over), which is not set. Add fsdp_axis, e.g. fsdp_axis = \"data\", or drop "
-                      f"fsdp_min_size.")
+                      f"fsdp_min_size (CLI: --unset strategy.fsdp_min_size).")
   return sharded(loss_fn, optimizer, mesh, rules=rules, data_axis=data_axis, fsdp_axis=fsdp_axis or None,
                  fsdp_min_size=DEFAULT_FSDP_MIN_SIZE if fsdp_min_size is None else fsdp_min_size)
 
@@ -200,10 +202,16 @@ def build(config: Config) -> Experiment:
     devices = devices[:config.mesh.num_devices]
   axes = dict(config.mesh.axes)
   total = math.prod(axes.values()) if all(isinstance(v, int) and v > 0 for v in axes.values()) else None
-  if total is not None and total < len(devices):  # make_mesh's own advice (devices=...) is for Python callers
+  # make_mesh's own advice (devices=..., emulate_devices) is for Python callers: give the config's
+  if total is not None and total < len(devices):
     raise ConfigError(f"mesh {axes} uses {total} devices but {len(devices)} are available. Make the sizes multiply "
                       f"to {len(devices)} (one of them may be -1), or use the first {total}: mesh.num_devices = {total} "
                       f"(--set mesh.num_devices={total}).")
+  if total is not None and total > len(devices):
+    more = (f" On a CPU-only host, emulate {total}: mesh.cpu_devices = {total} (--set mesh.cpu_devices={total})."
+            if devices[0].platform == "cpu" else "")
+    raise ConfigError(f"mesh {axes} needs {total} devices but only {len(devices)} are available "
+                      f"({devices[0].platform}). Use smaller axes.{more}")
   try:
     mesh = make_mesh(devices=devices, **axes)
   except ValueError as e:

@@ -146,7 +146,7 @@ def test_cli_bad_input_is_one_line_and_nonzero(tmp_path, capsys):
   assert "Unknown strategy 'data_paralel'" in err and "did you mean 'data_parallel'" in err
   cfg = _write_config(tmp_path, "big_mesh")
   err = _cli_error(capsys, ["train", str(cfg), "--set", "mesh.data=16"])
-  assert "needs 16 devices but only 8 are available" in err
+  assert "needs 16 devices but only 8 are available" in err and "--set mesh.cpu_devices=16" in err
   err = _cli_error(capsys, ["train", str(cfg), "--set", "mesh.data=4"])  # a CLI fix, not make_mesh's devices=...
   assert "uses 4 devices but 8 are available" in err and "--set mesh.num_devices=4" in err
   err = _cli_error(capsys, ["train", str(cfg), "--set", "optimizer.weight_decy=0.1"])
@@ -268,15 +268,44 @@ def test_config_values_of_the_wrong_type_are_errors(override, match):
     ({"name": "local_sgd", "outer_lr": 0.7, "outer_momentum": "x"}, "strategy.outer_momentum must be a number in [0, 1)"),
     ({"name": "sharded", "rules": "tp "}, 'strategy.rules must be "tp" (the model\'s tensor-parallel rules) or a list'),
     ({"name": "local_sgd", "outer_momentum": 0.9, "outer_nesterov": True},
-     "strategy.outer_momentum and strategy.outer_nesterov configure the outer optimizer, which needs strategy.outer_lr"),
+     "strategy.outer_momentum = 0.9 and strategy.outer_nesterov = true configure the outer optimizer, which needs "
+     "strategy.outer_lr"),
     ({"name": "local_sgd", "outer_lr": 0.7, "outer_nesterov": True}, "outer_nesterov = true needs strategy.outer_momentum"),
     ({"name": "sharded", "fsdp_min_size": 4096}, "applies with strategy.fsdp_axis"),
+    ({"name": "local_sgd", "outer_nesterov": True}, "strategy.outer_nesterov = true configures the outer optimizer"),
 ])
 def test_strategy_options_are_checked(options, match):
   from jdist import experiment
   with pytest.raises(config_lib.ConfigError) as err:
     experiment.build(config_lib.from_dict({"strategy": options, "train": {"steps": 1}}))
   assert match in str(err.value)
+
+
+def test_optional_numbers_are_type_checked_and_a_file_key_can_be_unset(tmp_path):
+  for overrides, match in ((["optimizer.name=momentum", "optimizer.momentum=abc"], "must be a number, got 'abc'"),
+                           (["optimizer.name=adamw", "optimizer.weight_decay=false"], "must be a number, got False")):
+    with pytest.raises(config_lib.ConfigError, match=match):
+      config_lib.load(None, overrides)
+  assert config_lib.load(None, ["optimizer.name=adamw", "optimizer.weight_decay=1"]).optimizer.weight_decay == 1.0
+  # the file sets model.hidden and optimizer.momentum; switching choices from the command line drops them
+  path = tmp_path / "c.toml"
+  path.write_text('[model]\nhidden = [16]\n[optimizer]\nname = "momentum"\nmomentum = 0.5\n')
+  switch = ["model.name=linear", "data.name=linear_regression", "optimizer.name=sgd"]
+  with pytest.raises(config_lib.ConfigError, match="--unset model.hidden"):
+    config_lib.load(path, switch)
+  cfg = config_lib.load(path, switch, unset=["model.hidden", "optimizer.momentum"])
+  assert cfg.model.name == "linear" and cfg.optimizer.momentum is None
+  assert config_lib.load(path, switch + ["model.hidden=[]"], unset=["optimizer.momentum"]).model.hidden == ()
+  with pytest.raises(config_lib.ConfigError, match="does not set 'optimizer.lr', so there is nothing to remove"):
+    config_lib.load(path, [], unset=["optimizer.lr"])
+
+
+def test_cli_unset_drops_a_file_key(tmp_path, capsys):
+  cfg = _write_config(tmp_path, "x")
+  err = _cli_error(capsys, ["train", str(cfg), "--set", "optimizer.name=sgd", "--set", "optimizer.momentum=0.5"])
+  assert "optimizer.momentum is used by optimizer.name = 'momentum' only" in err and "--unset optimizer.momentum" in err
+  err = _cli_error(capsys, ["train", str(cfg), "--unset", "optimizer.nope"])
+  assert "does not set 'optimizer.nope'" in err
 
 
 def test_cli_wrong_type_override_is_exit_2(tmp_path, capsys):

@@ -231,6 +231,8 @@ def test_int8_takes_no_allreduce_algorithm_or_bucket_bytes():
   for compression in (None, "bf16"):
     with pytest.raises(ValueError, match=r"allreduce='psum' .* bucket_bytes=64 would change nothing"):
       jdist.data_parallel(mlp.loss, optax.sgd(0.1), mesh, compression=compression, bucket_bytes=64)
+  with pytest.raises(ValueError, match=r"bucket_bytes must be a positive int .* got 0"):
+    jdist.data_parallel(mlp.loss, optax.sgd(0.1), mesh, bucket_bytes=0)
   assert jdist.data_parallel(mlp.loss, optax.sgd(0.1), mesh, compression="int8").name == "data_parallel[int8]"
 
 

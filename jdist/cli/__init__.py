@@ -25,6 +25,9 @@ def _parser() -> argparse.ArgumentParser:
   train.add_argument("config", help="a TOML config file, e.g. examples/configs/data_parallel.toml")
   train.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                      help="override a config entry, e.g. --set optimizer.lr=0.1 (repeatable)")
+  train.add_argument("--unset", action="append", default=[], metavar="SECTION.KEY",
+                     help="drop an entry the config file sets, as if it were not there, e.g. --unset "
+                          "optimizer.momentum (repeatable; applied before --set)")
   train.add_argument("--quiet", action="store_true", help="no progress bar or log lines")
 
   plot = sub.add_parser("plot", help="plot logged metrics of run directories as a PNG")
@@ -99,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "train":
       from jdist import config as config_lib
 
-      cfg = config_lib.load(args.config, args.overrides)
+      cfg = config_lib.load(args.config, args.overrides, args.unset)
       from jdist import distributed
 
       if distributed.requested():  # started by `jdist launch` (or JDIST_* set by hand): join the others first

@@ -246,7 +246,7 @@ class Checkpointer:
         if path.startswith("extra/") and shape and len(there) == len(shape) and there[1:] == shape[1:]:
           text += (f": state kept per device of the data axis (compression residuals, local SGD's replicas) or per "
                    f"async worker has one row each, and that checkpoint has {there[0]}, this run {shape[0]}. Resume "
-                   f"it on as many")
+                   f"it with {there[0]} (the count it was written with)")
         return text
     return None
 

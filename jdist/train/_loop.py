@@ -124,7 +124,9 @@ def fit(
     callbacks: objects with any of ``on_start``, ``on_step``, ``on_eval``, ``on_checkpoint``, ``on_end``;
       one with ``get_state`` / ``set_state`` (JSON-able data, e.g. ``EarlyStopping``'s counters) has its
       state saved in every checkpoint and restored on resume, matched by position and class name.
-    checkpoint: a ``CheckpointConfig``; ``fit`` resumes from the newest checkpoint in its directory.
+    checkpoint: a ``CheckpointConfig``; ``fit`` resumes from the newest checkpoint in its directory. A
+      state with an inf or nan in a floating leaf of ``params``, ``opt_state`` or ``extra`` is never saved:
+      the run stops as failed instead (so a strategy's ``extra`` must not hold an inf on purpose).
     eval_fn: ``eval_fn(params, batch) -> dict of scalars``, jitted; run on ``eval_data`` (one batch)
       every ``eval_every`` steps and at the end; logged with an ``eval_`` prefix.
     log_every: write ``metrics.jsonl`` / TensorBoard every this many steps (and at the last step).
