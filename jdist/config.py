@@ -32,12 +32,12 @@ class ModelConfig:
     _one_of("model.name", self.name, ("mlp", "resmlp", "linear"))
     if self.hidden is None:
       return
-    if self.name == "linear" and self.hidden not in ([], ()):  # [] says it: no hidden layers
-      raise ConfigError(f"model.hidden = {list(self.hidden) if isinstance(self.hidden, (list, tuple)) else self.hidden!r}"
-                        f" is for the classifiers (model.name = 'mlp' or 'resmlp'); the 'linear' model has no hidden "
-                        f"layers. Drop model.hidden (CLI: --unset model.hidden, or --set model.hidden=[]) or pick a "
-                        f"classifier.")
-    if self.name == "linear":
+    if self.name == "linear":  # no hidden layers: only [] says that
+      if self.hidden not in ([], ()):
+        shown = list(self.hidden) if isinstance(self.hidden, (list, tuple)) else repr(self.hidden)
+        raise ConfigError(f"model.hidden = {shown} is for the classifiers (model.name = 'mlp' or 'resmlp'); the "
+                          f"'linear' model has no hidden layers. Drop model.hidden (CLI: --unset model.hidden, or "
+                          f"--set model.hidden=[]) or pick a classifier.")
       object.__setattr__(self, "hidden", ())
       return
     if not isinstance(self.hidden, (list, tuple)):
@@ -281,12 +281,12 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str], unset: Sequen
   ``section.key=value`` overrides, on a copy of a nested dict."""
   out = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
   for item in unset:
-    parts = item.strip().split(".")
-    table = out.get(parts[0]) if len(parts) == 2 else out
-    if not isinstance(table, dict) or parts[-1] not in table or len(parts) > 2:
+    *section, key = item.strip().split(".")
+    table = out.get(section[0]) if len(section) == 1 else out if not section else None
+    if not isinstance(table, dict) or key not in table:
       raise ConfigError(f"--unset {item}: the config does not set {item!r}, so there is nothing to remove. Give a "
                         f"key the file sets, as section.key (e.g. optimizer.momentum).")
-    del table[parts[-1]]
+    del table[key]
   for item in overrides:
     if "=" not in item:
       raise ConfigError(f"Override {item!r} is not of the form section.key=value, e.g. optimizer.lr=0.1.")
