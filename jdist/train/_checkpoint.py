@@ -8,11 +8,13 @@ a truncated or corrupted checkpoint is reported by name instead of being loaded 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import pathlib
 import re
 import shutil
+import sys
 import time
 from typing import Any
 
@@ -31,6 +33,40 @@ def _reason(error: BaseException) -> str:
   first = str(error).splitlines()[0] if str(error) else ""
   first = re.split(r" \[tensorstore_spec| See full TensorStore details", first)[0]
   return f"{type(error).__name__}: {first}"[:400]
+
+
+@contextlib.contextmanager
+def _quiet_orphaned_reads():
+  """Drops the "Event loop is closed" tracebacks of a failed restore, and nothing else.
+
+  orbax reads a checkpoint's arrays concurrently through tensorstore. When one read fails, the asyncio loop
+  that awaited them closes with the others still in flight; each of those, finishing a moment later, calls
+  the closed loop from a tensorstore thread, and Python prints that as an unraisable exception: one
+  traceback per array, which says nothing that the ``CheckpointError`` (or the fallback) does not. Yields a
+  flag to set when a read failed: the hook then stays until those reads have landed (within a millisecond).
+  """
+  previous = sys.unraisablehook
+  landed: list[float] = []
+
+  def hook(unraisable):
+    tb = unraisable.exc_traceback
+    if (type(unraisable.exc_value) is RuntimeError and str(unraisable.exc_value) == "Event loop is closed"
+        and tb is not None and tb.tb_frame.f_code.co_name == "call_soon_threadsafe"):
+      landed.append(time.monotonic())
+    else:
+      previous(unraisable)
+
+  failed = [False]
+  sys.unraisablehook = hook
+  try:
+    yield failed
+  finally:
+    if failed[0]:  # wait until no orphaned read has landed for 0.1 s (at most 2 s)
+      start = time.monotonic()
+      while time.monotonic() - start < 2.0 and time.monotonic() - max(landed, default=start) < 0.1:
+        time.sleep(0.02)
+    if sys.unraisablehook is hook:
+      sys.unraisablehook = previous
 
 
 class CheckpointError(RuntimeError):
@@ -199,6 +235,10 @@ class Checkpointer:
     Raises:
       CheckpointError: the newest checkpoint cannot be read and ``fallback`` is off (or none can).
     """
+    with _quiet_orphaned_reads() as failed:
+      return self._restore_newest(template, failed)
+
+  def _restore_newest(self, template: PyTree, failed: list[bool]) -> tuple[int, PyTree, dict[str, Any]] | None:
     steps = self.steps()
     for step in reversed(steps):
       mismatch = self._mismatch(step, template)
@@ -212,6 +252,7 @@ class Checkpointer:
         state, meta = self._restore(step, template)
         return step, state, meta
       except Exception as e:  # orbax, tensorstore and our own checks raise many types
+        failed[0] = True
         reason = _reason(e)
         if not self.config.fallback:
           raise CheckpointError(
