@@ -369,6 +369,16 @@ def test_overlap_reads_each_step_while_the_next_runs_and_changes_nothing(tmp_pat
   assert [r["step"] for r in timing] == [2, 4, 6, 8, 10, 12, 13]
 
 
+def test_metrics_reach_the_host_as_python_numbers_with_or_without_copies_ahead():
+  from jdist.train._loop import _host
+  metrics = {"loss": jnp.float32(0.25), "half": jnp.bfloat16(1.5), "step": jnp.int32(7), "plain": 2.0,
+             "vector": jnp.ones(3)}  # not a scalar: kept out of the logs
+  for copy_ahead in (True, False):  # True on GPU/TPU: every copy started before the first is awaited
+    host = _host(metrics, copy_ahead)
+    assert host == {"loss": 0.25, "half": 1.5, "step": 7, "plain": 2.0}
+    assert [type(v) for v in host.values()] == [float, float, int, float]
+
+
 def test_model_flops_and_mfu_in_the_timing_log(tmp_path):
   strategy, state, loader = _setup(n_devices=4)
   flops = 6 * (6 * 16 + 16 * 3) * 32  # 6 x weights x examples per step

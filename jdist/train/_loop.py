@@ -75,9 +75,16 @@ def _call(callbacks, hook, *args):
       fn(*args)
 
 
-def _host(metrics: dict[str, Any]) -> dict[str, float]:
+def _host(metrics: dict[str, Any], copy_ahead: bool = True) -> dict[str, float]:
+  """The scalar metrics as Python numbers. ``copy_ahead``: start every device-to-host copy before waiting for
+  the first, so that they overlap; on CPU devices there is nothing to overlap, and reading each value with
+  ``np.asarray`` alone costs a tenth of ``jax.device_get`` per scalar (about 1 us against 10)."""
+  if copy_ahead:
+    for v in metrics.values():
+      if isinstance(v, jax.Array):
+        v.copy_to_host_async()
   out = {}
-  for k, v in jax.device_get(metrics).items():
+  for k, v in metrics.items():
     v = np.asarray(v)
     if v.ndim == 0:
       out[k] = v.item()
@@ -274,7 +281,7 @@ def fit(
     nonlocal window_start, window_steps, examples
     window_steps += 1
     examples += n_examples
-    host = _host(metrics)
+    host = _host(metrics, copy_ahead)
     host["step"] = k
     history.append(host)
     _call(callbacks, "on_step", control, k, host)
@@ -300,6 +307,7 @@ def fit(
       window_start, window_steps, examples = time.perf_counter(), 0, 0
 
   pending = None  # (step, metrics on the device, examples) of the last step dispatched and not yet read
+  copy_ahead = strategy.mesh.devices.flat[0].platform != "cpu"
   run_id = distributed.next_run("fit") if jax.process_count() > 1 else None
   last_local = None  # examples in this process's last batch (several processes: checked when it changes)
   try:
