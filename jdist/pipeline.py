@@ -255,8 +255,8 @@ def pipeline(
   matrices, masks on ``x.ndim``) train as they do there. GPipe and 1F1B keep the layers in order (device
   d holds the d-th block); "circular" stores them device by device (each device's virtual stages
   together), a permutation of the layer axis that ``unstack_params(params, strategy.info["schedule"])``
-  undoes; ``strategy.info["layer_layout"]`` names it, and ``jdist.fit`` refuses to resume a checkpoint
-  written with another one.
+  undoes; ``strategy.info["layer_layout"]`` names it, and ``jdist.fit`` (or a ``Checkpointer`` given it as
+  ``layer_layout``) refuses to resume a checkpoint written with another one.
 
   Args:
     stage_fn: ``stage_fn(layer_params, x) -> x`` for ONE layer (x keeps its shape: [mb, ...]).

@@ -143,6 +143,16 @@ def test_checkpoints_resume_only_into_the_layer_order_that_wrote_them(tmp_path):
     with pytest.raises(CheckpointError, match=r"keeps the stacked layers in another order \(schedule=circular, "
                                               r"pipe=2, repeats=2\) than this run"):
       jdist.fit(other, other.init(params), batches, steps=4, checkpoint=ck("circular"))
+  # a Checkpointer used without fit checks the same: it must be told the layout it restores into
+  from jdist.train import Checkpointer
+  unaware = Checkpointer(ck("circular"))
+  with pytest.raises(CheckpointError, match=r"another order \(schedule=circular, pipe=2, repeats=2\) than this "
+                                            r"run \(the model's order\)"):
+    unaware.restore_latest(make(2, "gpipe").init(params))
+  unaware.close()
+  raw = Checkpointer(ck("circular"), layer_layout=circular.info["layer_layout"])
+  assert raw.restore_latest(circular.init(params))[0] == 2
+  raw.close()
   resumed = jdist.fit(circular, circular.init(params), batches, steps=4, checkpoint=ck("circular"))
   assert resumed.start_step == 2
   assert make(1, "circular", repeats=2).info["layer_layout"] is None  # one device: the model's order

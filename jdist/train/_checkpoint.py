@@ -156,13 +156,20 @@ def _leaf_types(tree: PyTree, is_leaf=None) -> dict[str, tuple[tuple[int, ...], 
 
 
 class Checkpointer:
-  """Saves and restores ``(state, meta)`` under ``config.directory`` with an orbax CheckpointManager."""
+  """Saves and restores ``(state, meta)`` under ``config.directory`` with an orbax CheckpointManager.
 
-  def __init__(self, config: CheckpointConfig):
+  ``layer_layout``: how the state orders its stacked layers when not as the model does (a circular
+  pipeline's ``strategy.info["layer_layout"]``; None: the model's order). Every save records it, and a
+  checkpoint recorded with another is refused on restore: the shapes agree, so restoring it would scramble
+  the layers.
+  """
+
+  def __init__(self, config: CheckpointConfig, *, layer_layout: dict[str, Any] | None = None):
     import orbax.checkpoint as ocp
 
     self._ocp = ocp
     self.config = config
+    self.layer_layout = dict(layer_layout) if layer_layout is not None else None
     self.directory = pathlib.Path(config.directory).absolute()
     try:
       self.directory.mkdir(parents=True, exist_ok=True)
@@ -208,7 +215,8 @@ class Checkpointer:
 
   def save(self, step: int, state: PyTree, meta: dict[str, Any]) -> pathlib.Path:
     ocp = self._ocp
-    meta = dict(meta, step=int(step), checksums=tree_checksums(state), format=FORMAT_VERSION)
+    meta = dict(meta, step=int(step), checksums=tree_checksums(state), format=FORMAT_VERSION,
+                layer_layout=self.layer_layout)
     self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                      meta=ocp.args.JsonSave(meta)), force=True)
     self._manager.wait_until_finished()
@@ -250,7 +258,6 @@ class Checkpointer:
             f"its own checkpoint directory (CLI: --set run_dir=...).")
       try:
         state, meta = self._restore(step, template)
-        return step, state, meta
       except Exception as e:  # orbax, tensorstore and our own checks raise many types
         failed[0] = True
         reason = _reason(e)
@@ -260,6 +267,18 @@ class Checkpointer:
               f"away or delete it, or allow resuming from the previous checkpoint with fallback=True "
               f"(CLI: --set checkpoint.fallback=true).") from None
         self._quarantine(step, reason)
+        continue
+      # the same shapes, the layers in another order: refuse, never scramble (a checkpoint older than the record
+      # has none; a circular one of then had other shapes, which the restore already refused)
+      if "layer_layout" in meta and meta["layer_layout"] != self.layer_layout:
+        describe = lambda x: "the model's order" if x is None else ", ".join(f"{k}={v}" for k, v in x.items())
+        raise CheckpointError(
+            f"Checkpoint {self.step_path(step)} keeps the stacked layers in another order ("
+            f"{describe(meta['layer_layout'])}) than this run ({describe(self.layer_layout)}): a circular pipeline "
+            f"stores each device's layers together. Nothing was moved or overwritten. Resume with the schedule, pipe "
+            f"size and repeats that wrote it; to change them, convert the parameters with unstack_params (from "
+            f"jdist.pipeline import unstack_params) and start a new run.")
+      return step, state, meta
     if steps:
       raise CheckpointError(f"None of the checkpoints in {self.directory} ({steps}) can be read; they were moved "
                             f"to {self.directory / 'unreadable'}. Nothing was overwritten.")

@@ -172,24 +172,16 @@ def fit(
   if (eval_fn is None) != (eval_data is None):
     raise ValueError("Pass eval_fn and eval_data together (eval_fn(params, batch) -> dict of metrics).")
   run_path = pathlib.Path(run_dir) if run_dir is not None else None
-  checkpointer = Checkpointer(checkpoint) if checkpoint is not None else None
+  # how the state orders stacked layers, if not as the model does (a circular pipeline): recorded in every
+  # checkpoint, and a checkpoint in another order is refused, never scrambled
+  layout = strategy.info.get("layer_layout")
+  checkpointer = Checkpointer(checkpoint, layer_layout=layout) if checkpoint is not None else None
   meta: dict[str, Any] = {}
   given_step = int(state.step)
   restored = checkpointer.restore_latest(state) if checkpointer is not None else None
   keyed_callbacks = [(f"{i}.{type(cb).__name__}", cb) for i, cb in enumerate(callbacks)]
-  layout = strategy.info.get("layer_layout")  # how the state orders stacked layers, if not as the model does
   if restored is not None:
     ckpt_step, state, meta = restored
-    # the same shapes, the layers in another order: refuse, never scramble (a checkpoint older than the record
-    # has none; a circular one of then had other shapes, which the restore already refused)
-    if "layer_layout" in meta and meta["layer_layout"] != layout:
-      describe = lambda x: "the model's order" if x is None else ", ".join(f"{k}={v}" for k, v in x.items())
-      raise CheckpointError(
-          f"Checkpoint {checkpointer.step_path(ckpt_step)} keeps the stacked layers in another order ("
-          f"{describe(meta.get('layer_layout'))}) than this run ({describe(layout)}): a circular pipeline stores "
-          f"each device's layers together. Nothing was moved or overwritten. Resume with the schedule, pipe size "
-          f"and repeats that wrote it; to change them, convert the parameters with unstack_params (from "
-          f"jdist.pipeline import unstack_params) and start a new run.")
     checkpointer.last_saved_step = int(state.step)
     for key, cb in keyed_callbacks:
       if hasattr(cb, "set_state") and key in meta.get("callbacks", {}):
@@ -250,7 +242,6 @@ def fit(
                    f"{', ...' if len(bad) > 3 else ''}); training stopped and step {step} was not checkpointed")
       return
     position = {"data": data.get_state()} if hasattr(data, "get_state") else {}
-    position["layer_layout"] = dict(layout) if layout is not None else None
     states = {key: cb.get_state() for key, cb in keyed_callbacks if hasattr(cb, "get_state")}
     if states:  # callbacks that count (EarlyStopping) resume where they were
       position["callbacks"] = states
