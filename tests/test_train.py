@@ -380,6 +380,14 @@ def test_metrics_reach_the_host_as_python_numbers_with_or_without_copies_ahead()
     assert [type(v) for v in host.values()] == [float, float, float, int]
 
 
+def test_progress_bar_shows_the_strategy_name_with_its_brackets(capsys):
+  from jdist.train import ProgressBar
+  strategy, state, loader = _setup(n_devices=1)
+  fit(strategy, state, loader, steps=3, callbacks=[ProgressBar("data_parallel[pmap]")])
+  out = capsys.readouterr().out
+  assert "data_parallel[pmap]" in out and "3/3" in out  # rich would read [pmap] as markup and drop it
+
+
 def test_model_flops_and_mfu_in_the_timing_log(tmp_path):
   strategy, state, loader = _setup(n_devices=4)
   flops = 6 * (6 * 16 + 16 * 3) * 32  # 6 x weights x examples per step

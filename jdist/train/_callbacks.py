@@ -132,20 +132,22 @@ class PrintLogger(Callback):
 
 
 class ProgressBar(Callback):
-  """A rich progress bar with the latest loss and steps/s."""
+  """A rich progress bar with the steps done, the latest loss and the time remaining."""
 
   def __init__(self, description: str = "training", *, transient: bool = False):
     self.description, self.transient = description, transient
     self._progress: Any = None
 
   def on_start(self, loop, step):
+    from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     self._progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                               TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn(),
                               transient=self.transient)
     self._progress.start()
-    self._task = self._progress.add_task(self.description, total=loop.total_steps, completed=step, loss="-")
+    # escaped: rich reads "[pmap]" in a strategy's name as markup and would drop it
+    self._task = self._progress.add_task(escape(self.description), total=loop.total_steps, completed=step, loss="-")
 
   def on_step(self, loop, step, metrics):
     self._progress.update(self._task, completed=step, loss=f"{metrics.get('loss', float('nan')):.4f}")
