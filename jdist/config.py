@@ -265,6 +265,9 @@ def from_dict(raw: Mapping[str, Any]) -> Config:
       kwargs[key] = MeshConfig(axes=value or {"data": -1}, cpu_devices=cpu, num_devices=num)
     else:
       kwargs[key] = _typed(key, value, "str")  # run_dir
+      if not kwargs[key].strip():  # "" would put the logs and checkpoints in whatever directory jdist runs in
+        raise ConfigError(f"run_dir must name a directory for the run's logs and checkpoints, got {value!r}; "
+                          f"e.g. run_dir = \"runs/my_run\" (--set run_dir=runs/my_run).")
   return Config(**kwargs)
 
 
@@ -312,6 +315,9 @@ def load(path: str | os.PathLike | None, overrides: Sequence[str] = (), unset: S
   raw: dict[str, Any] = {}
   if path is not None:
     p = pathlib.Path(path)
+    if p.is_dir():
+      raise ConfigError(f"Config file {str(path)!r} is a directory. Pass a TOML file, e.g. "
+                        f"examples/configs/data_parallel.toml.")
     if not p.is_file():
       raise ConfigError(f"Config file {str(path)!r} does not exist. Pass a TOML file, e.g. "
                         f"examples/configs/data_parallel.toml.")

@@ -227,10 +227,15 @@ def build(config: Config) -> Experiment:
     if config.model.name != "mlp":
       raise ConfigError(f"strategy.rules = 'tp' is defined for model.name = 'mlp', got {config.model.name!r}.")
     options["rules"] = [(p, [a or "" for a in spec]) for p, spec in mlp.tp_rules(len(config.model.widths) + 1)]
-  strategy = build_strategy(config.strategy.name, loss_fn, config.optimizer.build(), mesh, options)
+  try:  # what the strategy refuses (an option's value, rules that fit no parameter) is the config's error
+    strategy = build_strategy(config.strategy.name, loss_fn, config.optimizer.build(), mesh, options)
+    state = strategy.init(params, key=config.train.seed)
+  except ConfigError:
+    raise
+  except (ValueError, TypeError) as e:
+    raise ConfigError(f"strategy {config.strategy.name!r}: {e}") from None
   if config.strategy.name == "pipeline":
     eval_fn = functools.partial(eval_fn, schedule=strategy.info["schedule"])
-  state = strategy.init(params, key=config.train.seed)
   loader = ArrayLoader(train_data, config.data.batch_size, seed=config.data.seed)
   num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
   return Experiment(config, strategy, state, loader, eval_fn, test_data, num_params)

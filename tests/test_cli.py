@@ -155,6 +155,13 @@ def test_cli_bad_input_is_one_line_and_nonzero(tmp_path, capsys):
   assert "Unknown option 'acumulate_steps'" in err and "Did you mean 'accumulate_steps'" in err
   err = _cli_error(capsys, ["train", str(cfg), "--set", "optimizer.lr"])
   assert "not of the form section.key=value" in err
+  err = _cli_error(capsys, ["train", str(tmp_path)])
+  assert "is a directory. Pass a TOML file" in err
+  err = _cli_error(capsys, ["train", str(cfg), "--set", "run_dir="])  # not the current directory
+  assert "run_dir must name a directory for the run's logs and checkpoints, got ''" in err
+  assert main(["train", str(cfg), "--set", "strategy.accumulate_steps=0"]) == 2  # the strategy refuses a value
+  err = capsys.readouterr().err
+  assert "jdist train: error: strategy 'data_parallel': accumulate_steps must be a positive int" in err
 
 
 def test_cli_read_only_run_dir(tmp_path, capsys):
@@ -205,6 +212,8 @@ def test_cli_train_resumes_and_plot(tmp_path, capsys):
 def test_cli_demo_steps_must_be_positive(capsys):
   err = _cli_error(capsys, ["demo", "--steps", "0"])
   assert "--steps must be a positive int (steps per strategy), got 0" in err
+  err = _cli_error(capsys, ["demo", "--devices", "0"])
+  assert "--devices must be a positive int (CPU devices to emulate), got 0" in err
 
 
 def test_cli_nan_exits_nonzero(tmp_path, capsys):

@@ -95,6 +95,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   _quiet_closed_loops()
   try:
     if args.command == "demo":
+      if args.devices < 1:
+        raise ValueError(f"--devices must be a positive int (CPU devices to emulate), got {args.devices}.")
       _emulate(args.devices)
       from jdist.cli._demo import demo
 
