@@ -371,6 +371,9 @@ def _check_worker_axis(batch: Batch, n: int, *, dim: int, what: str, process_loc
         f"async_sgd: {what} leaves have different per-worker batch sizes b at axis {dim + 1} ({listing}); every "
         f"leaf must be {layout} with the same b, worker w's b examples at index w. Split a global batch whose "
         f"leaves all hold the same number of examples with jdist.split_workers(batch, {n}).")
+  if 0 in sizes.values():  # the mean loss of no examples is nan, and the server would still apply it
+    raise ValueError(f"async_sgd: the {what} give(s) each worker no examples (b = 0 at axis {dim + 1}); each leaf must "
+                     f"be {layout} with b >= 1.")
 
 
 def async_sgd(

@@ -173,8 +173,8 @@ def batch_size(batch: Batch, *, multiple_of: int = 1, what: str = "batch") -> in
   """Returns the common leading size of ``batch``'s leaves, checking it divides by ``multiple_of``.
 
   Raises:
-    ValueError: if the batch is empty, has a scalar leaf, its leaves disagree on the leading size, or
-      the size is not a multiple of ``multiple_of``.
+    ValueError: if the batch is empty or has no examples, has a scalar leaf, its leaves disagree on the
+      leading size, or the size is not a multiple of ``multiple_of``.
   """
   leaves, treedef = jax.tree_util.tree_flatten_with_path(batch)
   if not leaves:
@@ -191,6 +191,9 @@ def batch_size(batch: Batch, *, multiple_of: int = 1, what: str = "batch") -> in
     raise ValueError(f"{what} leaves have different leading sizes ({listing}); every leaf must hold the "
                      f"same number of examples.")
   size = next(iter(sizes.values()))
+  if size == 0:  # the mean loss of no examples is nan, and the optimizer would still take a step
+    raise ValueError(f"The {what} has no examples (leading size 0); pass at least {multiple_of} example(s)"
+                     + (f", a multiple of {multiple_of}." if multiple_of > 1 else "."))
   if size % multiple_of:
     raise ValueError(
         f"Global {what} size {size} is not divisible by {multiple_of} (devices on the data axis x "

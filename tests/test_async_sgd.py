@@ -374,6 +374,11 @@ def test_batch_leaves_that_disagree_on_the_per_worker_batch_size_are_an_error():
     strategy.run(state, jax.tree.map(lambda x: x[None], batch), 2)
   # a leaf of the workers alone (one value per worker) has no examples to disagree on
   strategy.shard_batch({"x": batch["x"], "w": np.ones(4, np.float32)})
+  empty = jax.tree.map(lambda x: x[:, :0], batch)  # workers with no examples: a nan loss the server would apply
+  with pytest.raises(ValueError, match=r"batch give\(s\) each worker no examples \(b = 0 at axis 1\)"):
+    strategy.step(state, empty)
+  with pytest.raises(ValueError, match=r"batches give\(s\) each worker no examples \(b = 0 at axis 2\)"):
+    strategy.run(state, jax.tree.map(lambda x: x[None], empty), 2)
 
 
 # (7) run() scans ticks and equals stepping, placement included

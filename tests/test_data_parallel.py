@@ -180,6 +180,22 @@ def test_batch_not_divisible():
     micro.shard_batch(_mlp_data(0, 1, 16)[0])
 
 
+def test_a_batch_of_no_examples_is_an_error_in_every_strategy():
+  # its mean loss is nan and the optimizer would still step (Adam's count, a schedule)
+  from jdist.model_parallel import fsdp, sharded
+  mesh = jdist.make_mesh(data=8)
+  empty = {"x": np.zeros((0, 6), np.float32), "y": np.zeros((0,), np.int32)}
+  for strategy in (jdist.data_parallel(mlp.loss, optax.adam(0.1), mesh),
+                   jdist.data_parallel(mlp.loss, optax.adam(0.1), jdist.make_mesh(data=1, devices=jax.devices()[:1])),
+                   jdist.local_sgd(mlp.loss, optax.adam(0.1), mesh, sync_every=2),
+                   fsdp(mlp.loss, optax.adam(0.1), jdist.make_mesh(fsdp=8)),
+                   sharded(mlp.loss, optax.adam(0.1), jdist.make_mesh(fsdp=8), fsdp_axis="fsdp")):
+    state = strategy.init(mlp.init(jax.random.key(0), [6, 16, 3]))
+    for call in (lambda: strategy.shard_batch(empty), lambda: strategy.step(state, empty)):
+      with pytest.raises(ValueError, match=r"The batch has no examples \(leading size 0\); pass at least"):
+        call()
+
+
 def test_axis_not_in_mesh():
   with pytest.raises(ValueError, match=r"'batch' is not an axis of the mesh; the mesh has axes \('data',\)"):
     jdist.data_parallel(mlp.loss, optax.sgd(0.1), jdist.make_mesh(data=8), axis="batch")

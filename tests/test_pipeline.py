@@ -331,6 +331,8 @@ def test_batch_not_divisible_into_microbatches():
                       microbatches=8, input_fn=input_fn)
   with pytest.raises(ValueError, match=r"batch size 12 is not divisible by 8.*into 8 micro-batches"):
     strategy.shard_batch(make_batches(1, 12)[0])
+  with pytest.raises(ValueError, match=r"The batch has no examples \(leading size 0\); pass at least 8"):
+    strategy.shard_batch(jax.tree.map(lambda x: x[:0], make_batches(1, 8)[0]))  # a nan loss, and a step taken
 
 
 def test_layers_not_divisible_by_the_pipe_axis():
