@@ -84,7 +84,7 @@ from jdist._types import Batch, LossFn, Metrics, Params, PRNGKey, PyTree
 from jdist.state import TrainState
 from jdist.model_parallel import DEFAULT_FSDP_MIN_SIZE
 from jdist.strategy import (Strategy, StepFn, check_callable, check_optimizer, check_params, check_positive_int,
-                            metrics_from, pin_layout, raw_key, value_and_grad)
+                            metrics_from, optimizer_update, pin_layout, raw_key, value_and_grad)
 
 STALENESS_LR = ("inverse",)
 _NEVER = np.iinfo(np.int32).max  # the failure tick of a worker that never fails
@@ -595,6 +595,7 @@ def async_sgd(
     count = jnp.maximum(jnp.sum(deliver.astype(jnp.int32)), 1)
     # the mean delivered gradient (the update of a synchronous round), summed in worker order
     mean = jax.tree.map(lambda g: _masked_sum(deliver, g) / count.astype(g.dtype), grads)
+    mean_loss = _masked_sum(deliver, losses) / count.astype(losses.dtype)  # value= of a synchronous round's update
     fetch = lambda tree, w: jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, w, keepdims=False), tree)
 
     # The updates as one loop with no branch on the (large) server state, so XLA updates it in place:
@@ -611,7 +612,8 @@ def async_sgd(
       if lam:  # DC-ASGD's first-order correction towards the gradient at the current parameters
         copy = jax.lax.cond(sync, lambda: params, lambda: fetch(copies, w))  # equal in a sync round
         g = jax.tree.map(lambda g, p, c: g + lam * g * g * (p - c), g, params, copy)
-      updates, opt_state = optimizer.update(g, opt_state, params)
+      value = jnp.where(sync, mean_loss, losses[w])  # the loss of the gradient applied (reduce_on_plateau)
+      updates, opt_state = optimizer_update(optimizer, g, opt_state, params, value)
       if staleness_lr == "inverse":
         scale = 1.0 / jnp.maximum(1, tau).astype(jnp.float32)
         updates = jax.tree.map(lambda u: (u * scale).astype(u.dtype), updates)

@@ -22,7 +22,7 @@ from jdist.collectives._compression import check_compression
 from jdist._types import Batch, LossFn, Params, PRNGKey
 from jdist.state import TrainState
 from jdist.strategy import (Strategy, StepFn, accumulate, check_callable, check_optimizer, check_params,
-                            check_positive_int, metrics_from, raw_key, value_and_grad)
+                            check_positive_int, metrics_from, optimizer_update, raw_key, value_and_grad)
 
 BACKENDS = ("shard_map", "pmap")
 
@@ -212,7 +212,7 @@ def data_parallel(
     residual = state.extra["residual"] if with_residual else None
     q = state.extra["q"] if compression == "powersgd" else None
     (loss, aux, grads), residual, q = sharded_grads(state.params, batch, residual, q)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    updates, opt_state = optimizer_update(optimizer, grads, state.opt_state, state.params, loss)
     params = optax.apply_updates(state.params, updates)
     extra = None
     if with_residual:

@@ -22,7 +22,7 @@ from jdist import mesh as mesh_lib
 from jdist._types import Batch, LossFn, Params, PRNGKey
 from jdist.state import TrainState
 from jdist.strategy import (Strategy, StepFn, check_callable, check_optimizer, check_params, check_positive_int,
-                            metrics_from, raw_key, value_and_grad)
+                            metrics_from, optimizer_update, raw_key, value_and_grad)
 
 
 def local_sgd(
@@ -76,7 +76,7 @@ def local_sgd(
     mine = jax.tree.map(lambda r: r[0], replicas)
     inner = jax.tree.map(lambda r: r[0], inner_state)
     (loss, aux), grads = vg(mine, batch)
-    updates, inner = optimizer.update(grads, inner, mine)
+    updates, inner = optimizer_update(optimizer, grads, inner, mine, loss)  # each replica its own loss
     mine = optax.apply_updates(mine, updates)
 
     def average(_):
@@ -88,7 +88,8 @@ def local_sgd(
         new_params, new_opt = mean, opt_state
       else:
         outer_grad = jax.tree.map(jnp.subtract, params, mean)
-        outer_updates, new_opt = outer_optimizer.update(outer_grad, opt_state, params)
+        outer_updates, new_opt = optimizer_update(outer_optimizer, outer_grad, opt_state, params,
+                                                  jax.lax.pmean(loss, axis))  # the replicas' mean loss
         new_params = optax.apply_updates(params, outer_updates)
       return new_params, new_opt, new_params, new_spread, jnp.float32(1)
 

@@ -52,7 +52,7 @@ from jdist import mesh as mesh_lib
 from jdist._types import Batch, Params, PRNGKey
 from jdist.state import TrainState
 from jdist.strategy import (Strategy, StepFn, check_callable, check_optimizer, check_params, check_positive_int,
-                            loss_and_aux, metrics_from, pin_layout, sharded_state)
+                            loss_and_aux, metrics_from, optimizer_update, pin_layout, sharded_state)
 
 SCHEDULES = ("gpipe", "circular", "1f1b")
 _IDLE, _FORWARD, _STASH, _BACKWARD = range(4)  # 1F1B ops; _STASH: a forward on the last device, which only stashes
@@ -519,7 +519,7 @@ def pipeline(
     specs = specs_of(state.params)
     body = jax.shard_map(local_grads, mesh=mesh, in_specs=(specs, batch_spec), out_specs=(P(), P(), specs, P()))
     loss, aux, grads, idle = body(state.params, batch)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    updates, opt_state = optimizer_update(optimizer, grads, state.opt_state, state.params, loss)
     params, opt_state = pin_layout(optax.apply_updates(state.params, updates), opt_state,
                                    shardings_of(state.params), optimizer, mesh)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)

@@ -1,4 +1,5 @@
-"""Mixed precision as a loss-function wrapper, so every strategy accepts it unchanged.
+"""Mixed precision as a loss-function wrapper, so every strategy that takes ``loss_fn(params, batch)`` accepts it
+unchanged (all but the pipeline, whose ``stage_fn`` / ``input_fn`` / ``loss_fn`` cast for themselves).
 
 ``mixed_precision(loss_fn, compute_dtype=jnp.bfloat16)`` returns a loss function that casts the
 floating-point parameters and batch leaves to ``compute_dtype`` before calling ``loss_fn`` and returns
@@ -50,7 +51,12 @@ def mixed_precision(loss_fn: Callable[..., Any], *, compute_dtype=jnp.bfloat16, 
     raise TypeError(f"compute_dtype must be a floating-point dtype (jnp.bfloat16, jnp.float16 or jnp.float32), got "
                     f"{compute_dtype!r}: parameters cast to it would get no gradient.")
 
-  def wrapped(params, batch):
+  def wrapped(params, batch, *more):
+    if more:  # the pipeline's loss_fn(params, y, batch): the activations y come from stage_fn, not from here
+      raise TypeError(f"mixed_precision wraps a loss_fn(params, batch), but it was called with {2 + len(more)} "
+                      f"arguments, as jdist.pipeline calls its loss_fn(params, y, batch). A pipeline computes in "
+                      f"low precision by casting inside its own functions, e.g. layer and x to jnp.bfloat16 in "
+                      f"stage_fn, and returns its loss in float32.")
     low = _cast_floating(params, compute_dtype)
     if cast_batch:
       batch = _cast_floating(batch, compute_dtype)

@@ -130,6 +130,23 @@ def check_optimizer(optimizer: Any) -> None:
         f"{type(optimizer).__name__}. Build one with e.g. optax.sgd(0.1) or optax.adam(1e-3).")
 
 
+def optimizer_update(optimizer: Any, grads: Any, opt_state: Any, params: Any, loss: jax.Array) -> tuple[Any, Any]:
+  """``optimizer.update(grads, opt_state, params, value=loss)``: the step's loss reaches the transformations
+  that need it (``optax.contrib.reduce_on_plateau``, ``optax.polyak_sgd``), as a single-device loop would pass
+  it; every other transformation ignores it (a plain ``GradientTransformation`` through
+  ``optax.with_extra_args_support``)."""
+  import optax
+
+  try:
+    return optax.with_extra_args_support(optimizer).update(grads, opt_state, params, value=loss)
+  except TypeError as e:
+    if "required keyword-only argument" not in str(e):
+      raise
+    raise TypeError(f"{e}. A jdist strategy calls optimizer.update(grads, state, params, value=loss) with the mean "
+                    f"loss of the step's batch; an optimizer that needs more (e.g. lbfgs's value_fn) cannot run "
+                    f"under it.") from None
+
+
 def check_positive_int(value: Any, what: str) -> int:
   if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
     raise ValueError(f"{what} must be a positive int, got {value!r}.")

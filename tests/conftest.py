@@ -39,9 +39,10 @@ def single_device_reference(loss_fn, optimizer, params, batches):
 
   @jax.jit
   def step(params, opt_state, batch):
-    loss, grads = jax.value_and_grad(loss_fn)(params, batch)
-    updates, opt_state = optimizer.update(grads, opt_state, params)
     import optax
+    loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+    # the loss as value=, for the transformations that need it (reduce_on_plateau); the others ignore it
+    updates, opt_state = optax.with_extra_args_support(optimizer).update(grads, opt_state, params, value=loss)
     return optax.apply_updates(params, updates), opt_state, loss
 
   losses = []

@@ -180,6 +180,28 @@ def test_batch_not_divisible():
     micro.shard_batch(_mlp_data(0, 1, 16)[0])
 
 
+def test_an_optimizer_that_needs_the_loss_gets_the_global_mean_loss():
+  # reduce_on_plateau reads update(..., value=loss): every synchronous strategy passes the global batch's
+  # mean loss, as a single-device loop does, so the plateau is met at the same steps
+  from jdist.model_parallel import fsdp, sharded
+  opt = optax.chain(optax.sgd(0.5), optax.contrib.reduce_on_plateau(factor=0.5, patience=1, rtol=0.2))
+  params, batches = mlp.init(jax.random.key(0), [6, 16, 3]), _mlp_data(0, 6, 16)
+  ref, ref_opt, _ = single_device_reference(mlp.loss, opt, params, batches)
+  assert float(ref_opt[1].scale) < 1  # the plateau was met
+  for strategy in (jdist.data_parallel(mlp.loss, opt, jdist.make_mesh(data=8)),
+                   fsdp(mlp.loss, opt, jdist.make_mesh(fsdp=8), min_size=1),
+                   sharded(mlp.loss, opt, jdist.make_mesh(fsdp=8), fsdp_axis="fsdp")):
+    state = strategy.init(params)
+    for b in batches:
+      state, _ = strategy.step(state, strategy.shard_batch(b))
+    assert_trees_all_close(jax.device_get(state.opt_state[1]), ref_opt[1], rtol=1e-5, atol=1e-6)
+    assert_trees_all_close(jax.device_get(state.params), ref, rtol=1e-5, atol=1e-6)
+  with pytest.raises(TypeError, match=r"value_fn.*optimizer.update\(grads, state, params, value=loss\).*cannot run"):
+    strategy = jdist.data_parallel(mlp.loss, optax.lbfgs(), jdist.make_mesh(data=8))
+    state = strategy.init(params)
+    strategy.step(state, strategy.shard_batch(batches[0]))
+
+
 def test_a_batch_of_no_examples_is_an_error_in_every_strategy():
   # its mean loss is nan and the optimizer would still step (Adam's count, a schedule)
   from jdist.model_parallel import fsdp, sharded

@@ -49,13 +49,7 @@ def make_batches(steps, batch, seed=0):
 
 
 def reference(params, batches, optimizer):
-  opt_state = optimizer.init(params)
-  step = jax.jit(lambda p, o, b: (lambda l, g: (optax.apply_updates(p, optimizer.update(g, o, p)[0]),
-                                                 optimizer.update(g, o, p)[1], l))(*jax.value_and_grad(sequential_loss)(p, b)))
-  losses = []
-  for b in batches:
-    params, opt_state, loss = step(params, opt_state, b)
-    losses.append(float(loss))
+  params, _, losses = single_device_reference(sequential_loss, optimizer, params, batches)
   return params, losses
 
 
@@ -127,6 +121,21 @@ def test_shape_aware_optimizers_see_the_model_shapes(schedule, names):
     np.testing.assert_allclose(float(metrics["loss"]), ref_losses[-1], rtol=1e-5, err_msg=name)
     assert_trees_all_close(unstack_params(jax.device_get(state.params), strategy.info["schedule"]), ref,
                            rtol=1e-5, atol=1e-6)
+
+
+def test_an_optimizer_that_needs_the_loss_gets_the_step_s_mean_loss():
+  # reduce_on_plateau reads update(..., value=loss): the mean over every micro-batch, as on one device
+  opt = optax.chain(optax.sgd(0.05), optax.contrib.reduce_on_plateau(factor=0.5, patience=1, rtol=0.5))
+  params, batches = make_params(), make_batches(6, batch=16)
+  strategy = pipeline(stage_fn, loss_fn, opt, jdist.make_mesh(pipe=2, devices=jax.devices()[:2]), microbatches=2,
+                      input_fn=input_fn)
+  state = strategy.init(params)
+  for b in batches:
+    state, _ = strategy.step(state, strategy.shard_batch(b))
+  ref, ref_opt, _ = single_device_reference(sequential_loss, opt, params, batches)
+  assert float(ref_opt[1].scale) == 0.0625  # the plateau was met: the learning rate was halved 4 times
+  assert_trees_all_close(jax.device_get(state.opt_state[1]), ref_opt[1], rtol=1e-5, atol=1e-6)
+  assert_trees_all_close(jax.device_get(state.params), ref, rtol=1e-5, atol=1e-6)
 
 
 def test_checkpoints_resume_only_into_the_layer_order_that_wrote_them(tmp_path):

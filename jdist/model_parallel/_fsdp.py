@@ -26,7 +26,7 @@ from jdist import mesh as mesh_lib
 from jdist._types import Batch, LossFn, Params, PRNGKey
 from jdist.model_parallel._rules import DEFAULT_FSDP_MIN_SIZE, partition_specs
 from jdist.state import TrainState
-from jdist.strategy import (Strategy, StepFn, check_callable, check_optimizer, check_params, metrics_from,
+from jdist.strategy import (Strategy, StepFn, check_callable, check_optimizer, check_params, metrics_from, optimizer_update,
                             pin_layout, sharded_state, value_and_grad)
 
 
@@ -117,7 +117,7 @@ def fsdp(
     specs = specs_for(state.params)
     body = jax.shard_map(make_body(specs), mesh=mesh, in_specs=(specs, P(axis)), out_specs=(P(), P(), specs))
     loss, aux, grads = body(state.params, batch)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    updates, opt_state = optimizer_update(optimizer, grads, state.opt_state, state.params, loss)
     params = optax.apply_updates(state.params, updates)
     shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
     params, opt_state = pin_layout(params, opt_state, shardings, optimizer, mesh)

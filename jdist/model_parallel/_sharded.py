@@ -18,7 +18,7 @@ from jdist import mesh as mesh_lib
 from jdist._types import Batch, LossFn, Params, PRNGKey
 from jdist.model_parallel._rules import DEFAULT_FSDP_MIN_SIZE, Rule, partition_specs
 from jdist.state import TrainState
-from jdist.strategy import (Strategy, StepFn, check_callable, check_optimizer, check_params, metrics_from,
+from jdist.strategy import (Strategy, StepFn, check_callable, check_optimizer, check_params, metrics_from, optimizer_update,
                             pin_layout, sharded_state, value_and_grad)
 
 
@@ -86,7 +86,7 @@ def sharded(
     mesh_lib.batch_size(batch, multiple_of=n_batch)
     batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
     (loss, aux), grads = vg(state.params, batch)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    updates, opt_state = optimizer_update(optimizer, grads, state.opt_state, state.params, loss)
     params = optax.apply_updates(state.params, updates)
     # pin the layout: the step's outputs have exactly the shardings init gave (rules evaluated at trace time)
     params, opt_state = pin_layout(params, opt_state, param_shardings_of(params), optimizer, mesh)
