@@ -196,8 +196,8 @@ def batch_size(batch: Batch, *, multiple_of: int = 1, what: str = "batch") -> in
                      + (f", a multiple of {multiple_of}." if multiple_of > 1 else "."))
   if size % multiple_of:
     raise ValueError(
-        f"Global {what} size {size} is not divisible by {multiple_of} (devices on the data axis x "
-        f"micro-batches). Use a {what} size that is a multiple of {multiple_of}, e.g. "
+        f"Global {what} size {size} is not divisible by {multiple_of} (the devices the {what} is split over, "
+        f"times the micro-batches if any). Use a {what} size that is a multiple of {multiple_of}, e.g. "
         f"{max(multiple_of, size - size % multiple_of)}.")
   return size
 
@@ -273,8 +273,8 @@ def put_batch(batch: Batch, sharding: NamedSharding, *, multiple_of: int = 1, wh
     per = multiple_of // math.gcd(multiple_of, jax.process_count())
     raise ValueError(
         f"Global {what} size {global_size} ({jax.process_count()} processes x {local} examples each) is not "
-        f"divisible by {multiple_of} (devices on the data axis x micro-batches). Give each process a multiple "
-        f"of {per} examples.")
+        f"divisible by {multiple_of} (the devices it is split over, times the micro-batches if any). Give each "
+        f"process a multiple of {per} examples.")
   return jax.tree.map(
       lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x), (global_size, *np.shape(x)[1:])),
       batch)

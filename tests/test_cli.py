@@ -162,6 +162,10 @@ def test_cli_bad_input_is_one_line_and_nonzero(tmp_path, capsys):
   assert main(["train", str(cfg), "--set", "strategy.accumulate_steps=0"]) == 2  # the strategy refuses a value
   err = capsys.readouterr().err
   assert "jdist train: error: strategy 'data_parallel': accumulate_steps must be a positive int" in err
+  pipe = pathlib.Path(__file__).resolve().parents[1] / "examples" / "configs" / "pipeline.toml"
+  err = _cli_error(capsys, ["train", str(pipe), "--set", "strategy.schedule=circular", "--set", "strategy.repeats=0",
+                            "--set", f"run_dir={tmp_path / 'pipe'}"])  # 0 was taken as "not set": 2 repeats
+  assert "strategy 'pipeline': repeats must be a positive int, got 0" in err
 
 
 def test_cli_read_only_run_dir(tmp_path, capsys):

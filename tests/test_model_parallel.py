@@ -54,6 +54,19 @@ def test_malformed_rules_are_clear_errors_without_devices():
     partition_specs(GPT_PARAMS, [(r"fc$", (None, 1))], mesh)
   with pytest.raises(ValueError, match=r"Rule pattern '\[fc' is not a valid regular expression"):
     partition_specs(GPT_PARAMS, [(r"[fc", (None, "model"))], mesh)
+  for bad in ({"model": 0}, {"model": -1}, {"model": 2.0}):  # a ZeroDivisionError, or accepted, before
+    with pytest.raises(ValueError, match=r"mesh as a dict maps axis names to their sizes \(positive ints\)"):
+      partition_specs(GPT_PARAMS, gpt.TP_RULES, bad)
+  with pytest.raises(TypeError, match=r"mesh must be a jax.sharding.Mesh or a dict of axis sizes"):
+    partition_specs(GPT_PARAMS, gpt.TP_RULES, ["model", 2])
+  for bad in ("1k", None, -1, True):  # raw comparison errors, before
+    with pytest.raises(ValueError, match=r"fsdp_min_size must be a non-negative int"):
+      partition_specs(GPT_PARAMS, (), {"fsdp": 2}, fsdp_axis="fsdp", fsdp_min_size=bad)
+    with pytest.raises(ValueError, match=r"fsdp_min_size must be a non-negative int"):
+      jdist.sharded(gpt.loss_fn(gpt.GPTConfig()), optax.sgd(0.1), jdist.make_mesh(fsdp=8), fsdp_axis="fsdp",
+                    fsdp_min_size=bad)
+    with pytest.raises(ValueError, match=r"min_size must be a non-negative int"):
+      fsdp(gpt.loss_fn(gpt.GPTConfig()), optax.sgd(0.1), jdist.make_mesh(fsdp=8), min_size=bad)
 
 
 def test_rule_naming_an_axis_not_in_the_mesh():

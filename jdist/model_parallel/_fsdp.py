@@ -24,7 +24,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from jdist import mesh as mesh_lib
 from jdist._types import Batch, LossFn, Params, PRNGKey
-from jdist.model_parallel._rules import DEFAULT_FSDP_MIN_SIZE, partition_specs
+from jdist.model_parallel._rules import DEFAULT_FSDP_MIN_SIZE, check_min_size, partition_specs
 from jdist.state import TrainState
 from jdist.strategy import (Strategy, StepFn, check_callable, check_optimizer, check_params, metrics_from, optimizer_update,
                             pin_layout, sharded_state, value_and_grad)
@@ -59,6 +59,7 @@ def fsdp(
   check_callable(loss_fn, "loss_fn")
   check_optimizer(optimizer)
   axis = mesh_lib.check_axis(mesh, axis, who="fsdp", what="fsdp axis", example="fsdp")
+  min_size = check_min_size(min_size, "min_size")
   n = mesh.shape[axis]
   batch_sharding = NamedSharding(mesh, P(axis))
 

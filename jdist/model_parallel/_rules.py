@@ -41,8 +41,24 @@ def path_str(path) -> str:
 
 def _axis_sizes(mesh: Any) -> dict[str, int]:
   if isinstance(mesh, Mapping):
+    bad = {k: v for k, v in mesh.items() if not isinstance(k, str) or isinstance(v, bool)
+           or not isinstance(v, (int, np.integer)) or v < 1}
+    if bad:
+      raise ValueError(f"mesh as a dict maps axis names to their sizes (positive ints), e.g. {{'model': 4}}; got "
+                       f"{bad}.")
     return dict(mesh)
+  if not isinstance(getattr(mesh, "shape", None), Mapping):
+    raise TypeError(f"mesh must be a jax.sharding.Mesh or a dict of axis sizes, e.g. {{'model': 4}}; got "
+                    f"{type(mesh).__name__} {mesh!r}.")
   return dict(mesh.shape)
+
+
+def check_min_size(value: Any, what: str = "fsdp_min_size") -> int:
+  """``value`` as the smallest number of elements a parameter needs to be sharded by FSDP (an int >= 0)."""
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+    raise ValueError(f"{what} must be a non-negative int (the fewest elements a parameter needs to be split over "
+                     f"the FSDP axis; smaller ones stay whole), got {value!r}. The default is {DEFAULT_FSDP_MIN_SIZE}.")
+  return int(value)
 
 
 def _entry_axes(entry) -> tuple[str, ...]:
@@ -136,6 +152,7 @@ def partition_specs(params: Params, rules: Sequence[Rule], mesh: Any, *, fsdp_ax
     P(None, 'model')
   """
   sizes = _axis_sizes(mesh)
+  fsdp_min_size = check_min_size(fsdp_min_size)
   compiled = []
   for rule in rules:
     if not (isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str)):

@@ -16,7 +16,7 @@ from jax.sharding import PartitionSpec as P
 
 from jdist import mesh as mesh_lib
 from jdist._types import Batch, LossFn, Params, PRNGKey
-from jdist.model_parallel._rules import DEFAULT_FSDP_MIN_SIZE, Rule, partition_specs
+from jdist.model_parallel._rules import DEFAULT_FSDP_MIN_SIZE, Rule, check_min_size, partition_specs
 from jdist.state import TrainState
 from jdist.strategy import (Strategy, StepFn, check_callable, check_optimizer, check_params, metrics_from, optimizer_update,
                             pin_layout, sharded_state, value_and_grad)
@@ -57,6 +57,7 @@ def sharded(
   mesh_lib.check_mesh(mesh)
   if fsdp_axis is not None:
     mesh_lib.check_axes(mesh, fsdp_axis, what="fsdp_axis")
+  fsdp_min_size = check_min_size(fsdp_min_size)
   data_axes = () if data_axis is None else mesh_lib.as_axes(data_axis)
   if data_axes != ("data",):
     data_axes = mesh_lib.check_axes(mesh, data_axis, what="data_axis") if data_axes else ()
