@@ -111,6 +111,8 @@ def run(ticks: int = 600, out: str = "runs/async_sgd", verbose: bool = True, *, 
       hit = "never" if r["ticks_to_target"] is None else str(r["ticks_to_target"])
       print(f"{name:<22}{hit:>20}{r['final_loss']:>12.4f}{r['accuracy']:>10.2%}{r['updates']:>9}"
             f"{r['mean_staleness']:>12.2f}{r['max_staleness']:>11}")
+    print(f"stale: server updates made since the worker pulled its parameters. s is in clocks (how far a worker may "
+          f"run ahead of the slowest), so a bound of s allows up to ({WORKERS} - 1)(2s + 1) updates.")
     print(f"loss curves: {plot(curves, pathlib.Path(out) / 'async_sgd.png', lrs)}")
   return results
 

@@ -132,7 +132,7 @@ def demo(*, quick: bool = False, steps: int | None = None, out: str = "runs/demo
     run_dirs.append(config.run_dir)
     labels.append(entry.label)
 
-  table = Table(title=f"digits MLP, {steps} steps, global batch 128")
+  table = Table(title=f"digits, the MLP (rows marked res-MLP: 8 residual layers), {steps} steps, global batch 128")
   for col in ("strategy", "devices", "steps/s", "train loss", "test loss", "test acc", "KB sent/dev/step",
               "staleness (clocks)", "= 1 device"):
     table.add_column(col, justify="left" if col == "strategy" else "right", no_wrap=True)
@@ -140,7 +140,7 @@ def demo(*, quick: bool = False, steps: int | None = None, out: str = "runs/demo
     table.add_row(*row)
   console.print(table)
   png = plot_runs(run_dirs, out_dir / "loss_curves.png", metrics=["loss", "eval_loss", "eval_accuracy"],
-                  labels=labels, title=f"jdist demo: digits MLP on {used} {devices[0].platform} devices")
+                  labels=labels, title=f"jdist demo: digits MLP and res-MLP on {used} {devices[0].platform} devices")
   console.print(f"Loss curves: {png}   (per-run logs under {out_dir}/; plot any of them with `jdist plot`)")
   console.print("Rows marked '= 1 device' compute single-device training's mathematics, so their losses agree up "
                 "to float rounding; the others trade it for less communication (KB sent per device per step).")
