@@ -503,6 +503,8 @@ def async_sgd(
           f"devices, e.g. mesh=jdist.make_mesh({axis}=-1) (num_workers a multiple of its size).")
     mesh = mesh_lib.make_mesh(**{axis: 1}, devices=jax.devices()[:1])
   axis = mesh_lib.check_axis(mesh, axis, who="async_sgd's workers axis", what="workers axis", example="workers")
+  mesh_lib.check_no_idle_axes(mesh, (axis,), who="async_sgd", fix="Its workers run over one axis: put all the "
+                              "devices on it")
   d = mesh.shape[axis]
   if n % d:
     raise ValueError(f"num_workers ({n}) is not divisible by the {d} devices on mesh axis {axis!r}. Use a "

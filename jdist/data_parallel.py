@@ -134,6 +134,8 @@ def data_parallel(
           f"backend='pmap' maps over one axis holding every device of the mesh, but axis {axis!r} has {n} "
           f"of the mesh's {mesh.size} devices ({dict(mesh.shape)}). Use a 1-D mesh, e.g. "
           f"jdist.make_mesh({axes[0]}={mesh.size}), or backend='shard_map'.")
+  mesh_lib.check_no_idle_axes(mesh, axes, who="data_parallel", fix="To split the batch over it too, name it in "
+                              "axis (a tuple of axes)")
   replicated = NamedSharding(mesh, P())
   vg = value_and_grad(loss_fn, has_aux=has_aux)
 

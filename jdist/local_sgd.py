@@ -61,6 +61,8 @@ def local_sgd(
   if outer_optimizer is not None:
     check_optimizer(outer_optimizer)
   axis = mesh_lib.check_axis(mesh, axis, who="local_sgd", what="data axis")
+  mesh_lib.check_no_idle_axes(mesh, (axis,), who="local_sgd", fix="Its replicas run over one axis: put all of "
+                              "them on it")
   h = check_positive_int(sync_every, "sync_every")
   collectives.check_algorithm(allreduce)
   if allreduce == "hierarchical":

@@ -128,6 +128,24 @@ def check_mesh(mesh: Any) -> Mesh:
   return mesh
 
 
+def check_no_idle_axes(mesh: Mesh, used: Sequence[str], *, who: str, fix: str) -> None:
+  """Refuses a mesh with an axis of more than one device that ``who`` does not use: the devices along it
+  would all hold the same data and compute the same step, a copy of the work that only costs time.
+
+  Args:
+    used: the axes ``who`` splits the batch, the parameters or the workers over.
+    fix: how to use such an axis with ``who`` (its argument that names axes), said in the message.
+  """
+  idle = {a: int(n) for a, n in mesh.shape.items() if a not in used and n > 1}
+  if idle:
+    kept = {a: int(mesh.shape[a]) for a in mesh.axis_names if a in used}
+    raise ValueError(
+        f"{who} uses mesh axes {tuple(a for a in mesh.axis_names if a in used)}, but the mesh also has "
+        f"{', '.join(f'{a!r} of size {n}' for a, n in idle.items())}: the devices along it would each compute the "
+        f"same thing. {fix}, or build the mesh without it, e.g. jdist.make_mesh("
+        f"{', '.join(f'{a}={n}' for a, n in kept.items())}, devices=jax.devices()[:{math.prod(kept.values())}]).")
+
+
 def check_axes(mesh: Mesh, axis: str | Sequence[str], *, what: str = "axis") -> tuple[str, ...]:
   """Returns ``axis`` as a tuple after checking ``mesh`` is a mesh and every name is one of its axes, once."""
   check_mesh(mesh)

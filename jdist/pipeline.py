@@ -290,6 +290,8 @@ def pipeline(
     raise ValueError(f"data_axis {data_axis!r} includes the pipe axis {axis!r}: the batch is split over other mesh "
                      f"axes than the one the layers are, e.g. jdist.make_mesh(data=2, {axis}=4) with "
                      f"data_axis='data'.")
+  mesh_lib.check_no_idle_axes(mesh, (axis, *data_axes), who="pipeline", fix="To split the batch over it, name "
+                              "it in data_axis")
   p = mesh.shape[axis]
   sched = pipeline_schedule(p, microbatches, schedule, repeats=repeats)
   m, v = sched.microbatches, sched.repeats

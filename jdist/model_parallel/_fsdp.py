@@ -60,6 +60,8 @@ def fsdp(
   check_optimizer(optimizer)
   axis = mesh_lib.check_axis(mesh, axis, who="fsdp", what="fsdp axis", example="fsdp")
   min_size = check_min_size(min_size, "min_size")
+  mesh_lib.check_no_idle_axes(mesh, (axis,), who="fsdp", fix="fsdp runs over one axis; with data or tensor "
+                              "parallelism beside it, use jdist.sharded(..., fsdp_axis=...)")
   n = mesh.shape[axis]
   batch_sharding = NamedSharding(mesh, P(axis))
 
