@@ -138,11 +138,13 @@ def check_no_idle_axes(mesh: Mesh, used: Sequence[str], *, who: str, fix: str) -
   """
   idle = {a: int(n) for a, n in mesh.shape.items() if a not in used and n > 1}
   if idle:
-    kept = {a: int(mesh.shape[a]) for a in mesh.axis_names if a in used}
+    # the smaller mesh: the axes used (or, if none is, one device on the first axis)
+    kept = {a: int(mesh.shape[a]) for a in mesh.axis_names if a in used} or {mesh.axis_names[0]: 1}
+    it = "it" if len(idle) == 1 else "them"
     raise ValueError(
         f"{who} uses mesh axes {tuple(a for a in mesh.axis_names if a in used)}, but the mesh also has "
-        f"{', '.join(f'{a!r} of size {n}' for a, n in idle.items())}: the devices along it would each compute the "
-        f"same thing. {fix}, or build the mesh without it, e.g. jdist.make_mesh("
+        f"{', '.join(f'{a!r} of size {n}' for a, n in idle.items())}: the devices along {it} would each compute "
+        f"the same thing. {fix}, or build the mesh without {it}, e.g. jdist.make_mesh("
         f"{', '.join(f'{a}={n}' for a, n in kept.items())}, devices=jax.devices()[:{math.prod(kept.values())}]).")
 
 

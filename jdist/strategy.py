@@ -134,12 +134,15 @@ def optimizer_update(optimizer: Any, grads: Any, opt_state: Any, params: Any, lo
   """``optimizer.update(grads, opt_state, params, value=loss)``: the step's loss reaches the transformations
   that need it (``optax.contrib.reduce_on_plateau``, ``optax.polyak_sgd``), as a single-device loop would pass
   it; every other transformation ignores it (a plain ``GradientTransformation`` through
-  ``optax.with_extra_args_support``)."""
+  ``optax.with_extra_args_support``). One that takes extra arguments but refuses ``value`` (``optax.contrib.sam``)
+  is called without it, as a single-device loop calls it."""
   import optax
 
   try:
     return optax.with_extra_args_support(optimizer).update(grads, opt_state, params, value=loss)
-  except TypeError as e:
+  except TypeError as e:  # raised while tracing: nothing has run yet
+    if "unexpected keyword argument 'value'" in str(e):
+      return optimizer.update(grads, opt_state, params)
     if "required keyword-only argument" not in str(e):
       raise
     raise TypeError(f"{e}. A jdist strategy calls optimizer.update(grads, state, params, value=loss) with the mean "

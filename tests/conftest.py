@@ -41,8 +41,14 @@ def single_device_reference(loss_fn, optimizer, params, batches):
   def step(params, opt_state, batch):
     import optax
     loss, grads = jax.value_and_grad(loss_fn)(params, batch)
-    # the loss as value=, for the transformations that need it (reduce_on_plateau); the others ignore it
-    updates, opt_state = optax.with_extra_args_support(optimizer).update(grads, opt_state, params, value=loss)
+    # the loss as value=, for the transformations that need it (reduce_on_plateau); the others ignore it, but
+    # for those that take extra arguments and refuse this one (sam)
+    try:
+      updates, opt_state = optax.with_extra_args_support(optimizer).update(grads, opt_state, params, value=loss)
+    except TypeError as e:
+      if "unexpected keyword argument 'value'" not in str(e):
+        raise
+      updates, opt_state = optimizer.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
 
   losses = []

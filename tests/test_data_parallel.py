@@ -196,6 +196,14 @@ def test_an_optimizer_that_needs_the_loss_gets_the_global_mean_loss():
       state, _ = strategy.step(state, strategy.shard_batch(b))
     assert_trees_all_close(jax.device_get(state.opt_state[1]), ref_opt[1], rtol=1e-5, atol=1e-6)
     assert_trees_all_close(jax.device_get(state.params), ref, rtol=1e-5, atol=1e-6)
+  # one that takes extra arguments but refuses value= (sharpness-aware minimisation) runs as on one device
+  sam = optax.contrib.sam(optax.sgd(0.1), optax.sgd(0.05), sync_period=2)
+  ref, _, _ = single_device_reference(mlp.loss, sam, params, batches)
+  strategy = jdist.data_parallel(mlp.loss, sam, jdist.make_mesh(data=8))
+  state = strategy.init(params)
+  for b in batches:
+    state, _ = strategy.step(state, strategy.shard_batch(b))
+  assert_trees_all_close(jax.device_get(state.params), ref, rtol=1e-5, atol=1e-6)
   with pytest.raises(TypeError, match=r"value_fn.*optimizer.update\(grads, state, params, value=loss\).*cannot run"):
     strategy = jdist.data_parallel(mlp.loss, optax.lbfgs(), jdist.make_mesh(data=8))
     state = strategy.init(params)
@@ -235,6 +243,8 @@ def test_a_mesh_axis_the_strategy_does_not_use_is_an_error():
     jdist.async_sgd(mlp.loss, optax.sgd(0.1), num_workers=4, mesh=mesh, axis="model", key=0)
   with pytest.raises(ValueError, match=r"pipeline uses mesh axes \('model',\), .*name it in data_axis"):
     jdist.pipeline(lambda layer, x: x, lambda p, y, b: 0.0, optax.sgd(0.1), mesh, axis="model", microbatches=2)
+  with pytest.raises(ValueError, match=r"sharded uses mesh axes \(\), .*jdist.make_mesh\(data=1, devices=jax.devices"):
+    sharded(mlp.loss, optax.sgd(0.1), jdist.make_mesh(data=8), data_axis=None)  # no axis used at all
   # every axis used: data x model under tensor-parallel rules, the batch over both axes
   sharded(mlp.loss, optax.sgd(0.1), mesh, rules=mlp.tp_rules(2))
   jdist.data_parallel(mlp.loss, optax.sgd(0.1), mesh, axis=("data", "model"))

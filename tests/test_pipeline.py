@@ -155,13 +155,21 @@ def test_checkpoints_resume_only_into_the_layer_order_that_wrote_them(tmp_path):
   # a Checkpointer used without fit checks the same: it must be told the layout it restores into
   from jdist.train import Checkpointer
   unaware = Checkpointer(ck("circular"))
-  with pytest.raises(CheckpointError, match=r"another order \(schedule=circular, pipe=2, repeats=2\) than this "
-                                            r"run \(the model's order\)"):
+  with pytest.raises(CheckpointError, match=r"a circular pipeline's order \(schedule=circular, pipe=2, repeats=2\), "
+                                            r"and this Checkpointer was not told .*layer_layout=strategy.info"):
     unaware.restore_latest(make(2, "gpipe").init(params))
   unaware.close()
   raw = Checkpointer(ck("circular"), layer_layout=circular.info["layer_layout"])
   assert raw.restore_latest(circular.init(params))[0] == 2
   raw.close()
+  # a Checkpointer not told the order records none (not "the model's order"): fit resumes what it saved
+  state = circular.init(params)
+  for b in batches[:2]:
+    state, _ = circular.step(state, circular.shard_batch(b))
+  own = Checkpointer(ck("own_loop"))
+  own.save(2, state, {})
+  own.close()
+  assert jdist.fit(circular, circular.init(params), batches, steps=4, checkpoint=ck("own_loop")).start_step == 2
   resumed = jdist.fit(circular, circular.init(params), batches, steps=4, checkpoint=ck("circular"))
   assert resumed.start_step == 2
   assert make(1, "circular", repeats=2).info["layer_layout"] is None  # one device: the model's order

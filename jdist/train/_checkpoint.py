@@ -15,6 +15,7 @@ import pathlib
 import re
 import shutil
 import sys
+import threading
 import time
 from typing import Any
 
@@ -35,6 +36,28 @@ def _reason(error: BaseException) -> str:
   return f"{type(error).__name__}: {first}"[:400]
 
 
+class _OrphanedReads:
+  """The one ``sys.unraisablehook`` filter that restores share while any of them runs (restores in several
+  threads install it once and remove it after the last)."""
+
+  def __init__(self):
+    self.lock = threading.Lock()
+    self.users = 0
+    self.previous: Any = None
+    self.landed: list[float] = []  # when each dropped error arrived
+
+  def hook(self, unraisable) -> None:
+    tb = unraisable.exc_traceback
+    if (type(unraisable.exc_value) is RuntimeError and str(unraisable.exc_value) == "Event loop is closed"
+        and tb is not None and tb.tb_frame.f_code.co_name == "call_soon_threadsafe"):
+      self.landed.append(time.monotonic())
+    else:
+      self.previous(unraisable)
+
+
+_ORPHANED_READS = _OrphanedReads()
+
+
 @contextlib.contextmanager
 def _quiet_orphaned_reads():
   """Drops the "Event loop is closed" tracebacks of a failed restore, and nothing else.
@@ -43,30 +66,30 @@ def _quiet_orphaned_reads():
   that awaited them closes with the others still in flight; each of those, finishing a moment later, calls
   the closed loop from a tensorstore thread, and Python prints that as an unraisable exception: one
   traceback per array, which says nothing that the ``CheckpointError`` (or the fallback) does not. Yields a
-  flag to set when a read failed: the hook then stays until those reads have landed (within a millisecond).
+  flag to set when a read failed: the filter then stays until those reads have landed (within a millisecond).
   """
-  previous = sys.unraisablehook
-  landed: list[float] = []
-
-  def hook(unraisable):
-    tb = unraisable.exc_traceback
-    if (type(unraisable.exc_value) is RuntimeError and str(unraisable.exc_value) == "Event loop is closed"
-        and tb is not None and tb.tb_frame.f_code.co_name == "call_soon_threadsafe"):
-      landed.append(time.monotonic())
-    else:
-      previous(unraisable)
-
+  state = _ORPHANED_READS
+  with state.lock:
+    if state.users == 0:
+      state.previous, sys.unraisablehook = sys.unraisablehook, state.hook
+    state.users += 1
   failed = [False]
-  sys.unraisablehook = hook
   try:
     yield failed
   finally:
     if failed[0]:  # wait until no orphaned read has landed for 0.1 s (at most 2 s)
       start = time.monotonic()
-      while time.monotonic() - start < 2.0 and time.monotonic() - max(landed, default=start) < 0.1:
+      while time.monotonic() - start < 2.0 and time.monotonic() - max(state.landed, default=start) < 0.1:
         time.sleep(0.02)
-    if sys.unraisablehook is hook:
-      sys.unraisablehook = previous
+    with state.lock:
+      state.users -= 1
+      if state.users == 0:
+        if sys.unraisablehook == state.hook:  # not replaced by someone else meanwhile
+          sys.unraisablehook = state.previous
+        state.previous, state.landed = None, []
+
+
+_NOT_GIVEN = object()  # a Checkpointer not told the order of the stacked layers (None means the model's order)
 
 
 class CheckpointError(RuntimeError):
@@ -159,17 +182,18 @@ class Checkpointer:
   """Saves and restores ``(state, meta)`` under ``config.directory`` with an orbax CheckpointManager.
 
   ``layer_layout``: how the state orders its stacked layers when not as the model does (a circular
-  pipeline's ``strategy.info["layer_layout"]``; None: the model's order). Every save records it, and a
-  checkpoint recorded with another is refused on restore: the shapes agree, so restoring it would scramble
-  the layers.
+  pipeline's ``strategy.info["layer_layout"]``; None: the model's order), as ``jdist.fit`` passes it. Given,
+  every save records it and a checkpoint recorded with another is refused on restore: the shapes agree, so
+  restoring it would scramble the layers. Not given, saves record nothing, and a checkpoint recorded in a
+  pipeline's order is refused until it is given.
   """
 
-  def __init__(self, config: CheckpointConfig, *, layer_layout: dict[str, Any] | None = None):
+  def __init__(self, config: CheckpointConfig, *, layer_layout: dict[str, Any] | None | object = _NOT_GIVEN):
     import orbax.checkpoint as ocp
 
     self._ocp = ocp
     self.config = config
-    self.layer_layout = dict(layer_layout) if layer_layout is not None else None
+    self.layer_layout = dict(layer_layout) if isinstance(layer_layout, dict) else layer_layout
     self.directory = pathlib.Path(config.directory).absolute()
     try:
       self.directory.mkdir(parents=True, exist_ok=True)
@@ -215,8 +239,9 @@ class Checkpointer:
 
   def save(self, step: int, state: PyTree, meta: dict[str, Any]) -> pathlib.Path:
     ocp = self._ocp
-    meta = dict(meta, step=int(step), checksums=tree_checksums(state), format=FORMAT_VERSION,
-                layer_layout=self.layer_layout)
+    meta = dict(meta, step=int(step), checksums=tree_checksums(state), format=FORMAT_VERSION)
+    if self.layer_layout is not _NOT_GIVEN:
+      meta["layer_layout"] = self.layer_layout
     self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                      meta=ocp.args.JsonSave(meta)), force=True)
     self._manager.wait_until_finished()
@@ -270,14 +295,21 @@ class Checkpointer:
         continue
       # the same shapes, the layers in another order: refuse, never scramble (a checkpoint older than the record
       # has none; a circular one of then had other shapes, which the restore already refused)
-      if "layer_layout" in meta and meta["layer_layout"] != self.layer_layout:
-        describe = lambda x: "the model's order" if x is None else ", ".join(f"{k}={v}" for k, v in x.items())
+      saved = meta.get("layer_layout")
+      describe = lambda x: "the model's order" if x is None else ", ".join(f"{k}={v}" for k, v in x.items())
+      if "layer_layout" in meta and self.layer_layout is _NOT_GIVEN and saved is not None:
         raise CheckpointError(
-            f"Checkpoint {self.step_path(step)} keeps the stacked layers in another order ("
-            f"{describe(meta['layer_layout'])}) than this run ({describe(self.layer_layout)}): a circular pipeline "
-            f"stores each device's layers together. Nothing was moved or overwritten. Resume with the schedule, pipe "
-            f"size and repeats that wrote it; to change them, convert the parameters with unstack_params (from "
-            f"jdist.pipeline import unstack_params) and start a new run.")
+            f"Checkpoint {self.step_path(step)} keeps the stacked layers in a circular pipeline's order "
+            f"({describe(saved)}), and this Checkpointer was not told the order of the state it restores into. "
+            f"Nothing was moved or overwritten. Pass Checkpointer(config, layer_layout=strategy.info['layer_layout']) "
+            f"for the strategy that restores it (jdist.fit does).")
+      if "layer_layout" in meta and self.layer_layout is not _NOT_GIVEN and saved != self.layer_layout:
+        raise CheckpointError(
+            f"Checkpoint {self.step_path(step)} keeps the stacked layers in another order ({describe(saved)}) than "
+            f"this run ({describe(self.layer_layout)}): a circular pipeline stores each device's layers together. "
+            f"Nothing was moved or overwritten. Resume with the schedule, pipe size and repeats that wrote it; to "
+            f"change them, convert the parameters with unstack_params (from jdist.pipeline import unstack_params) "
+            f"and start a new run.")
       return step, state, meta
     if steps:
       raise CheckpointError(f"None of the checkpoints in {self.directory} ({steps}) can be read; they were moved "
