@@ -23,7 +23,7 @@ from jdist.async_sgd import async_sgd, split_workers
 from jdist.data_parallel import data_parallel
 from jdist.local_sgd import local_sgd
 from jdist.model_parallel import DEFAULT_FSDP_MIN_SIZE, fsdp, sharded
-from jdist.mesh import make_mesh
+from jdist.mesh import IdleAxesError, make_mesh
 from jdist.models import linear, mlp, resmlp
 from jdist.pipeline import pipeline
 from jdist.strategy import Strategy
@@ -232,6 +232,12 @@ def build(config: Config) -> Experiment:
     state = strategy.init(params, key=config.train.seed)
   except ConfigError:
     raise
+  except IdleAxesError as e:  # the same, said in the config's terms
+    it = "it" if len(e.idle) == 1 else "them"
+    n = math.prod(e.kept.values())
+    raise ConfigError(f"strategy {config.strategy.name!r}: {e.problem} Name {it} in the strategy's options, or drop "
+                      f"{it} from [mesh] ({' '.join(f'--unset mesh.{a}' for a in e.idle)}) and use {n} device(s) "
+                      f"(--set mesh.num_devices={n}).") from None
   except (ValueError, TypeError) as e:
     raise ConfigError(f"strategy {config.strategy.name!r}: {e}") from None
   if config.strategy.name == "pipeline":

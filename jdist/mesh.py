@@ -128,6 +128,19 @@ def check_mesh(mesh: Any) -> Mesh:
   return mesh
 
 
+class IdleAxesError(ValueError):
+  """A mesh axis of more than one device that the strategy does not use (``check_no_idle_axes``).
+
+  Attributes:
+    problem: the first sentence of the message (what is wrong, without the Python fix).
+    idle: the unused axes and their sizes. kept: the axes of the smaller mesh and their sizes.
+  """
+
+  def __init__(self, problem: str, fix: str, idle: dict[str, int], kept: dict[str, int]):
+    super().__init__(f"{problem} {fix}")
+    self.problem, self.idle, self.kept = problem, idle, kept
+
+
 def check_no_idle_axes(mesh: Mesh, used: Sequence[str], *, who: str, fix: str) -> None:
   """Refuses a mesh with an axis of more than one device that ``who`` does not use: the devices along it
   would all hold the same data and compute the same step, a copy of the work that only costs time.
@@ -135,17 +148,21 @@ def check_no_idle_axes(mesh: Mesh, used: Sequence[str], *, who: str, fix: str) -
   Args:
     used: the axes ``who`` splits the batch, the parameters or the workers over.
     fix: how to use such an axis with ``who`` (its argument that names axes), said in the message.
+
+  Raises:
+    IdleAxesError: a ``ValueError`` that names the axes and the smaller mesh.
   """
   idle = {a: int(n) for a, n in mesh.shape.items() if a not in used and n > 1}
   if idle:
     # the smaller mesh: the axes used (or, if none is, one device on the first axis)
     kept = {a: int(mesh.shape[a]) for a in mesh.axis_names if a in used} or {mesh.axis_names[0]: 1}
     it = "it" if len(idle) == 1 else "them"
-    raise ValueError(
-        f"{who} uses mesh axes {tuple(a for a in mesh.axis_names if a in used)}, but the mesh also has "
-        f"{', '.join(f'{a!r} of size {n}' for a, n in idle.items())}: the devices along {it} would each compute "
-        f"the same thing. {fix}, or build the mesh without {it}, e.g. jdist.make_mesh("
-        f"{', '.join(f'{a}={n}' for a, n in kept.items())}, devices=jax.devices()[:{math.prod(kept.values())}]).")
+    problem = (f"{who} uses mesh axes {tuple(a for a in mesh.axis_names if a in used)}, but the mesh also has "
+               f"{', '.join(f'{a!r} of size {n}' for a, n in idle.items())}: the devices along {it} would each "
+               f"compute the same thing.")
+    raise IdleAxesError(problem, f"{fix}, or build the mesh without {it}, e.g. jdist.make_mesh("
+                        f"{', '.join(f'{a}={n}' for a, n in kept.items())}, devices=jax.devices()"
+                        f"[:{math.prod(kept.values())}]).", idle, kept)
 
 
 def check_axes(mesh: Mesh, axis: str | Sequence[str], *, what: str = "axis") -> tuple[str, ...]:

@@ -162,6 +162,9 @@ def test_cli_bad_input_is_one_line_and_nonzero(tmp_path, capsys):
   assert main(["train", str(cfg), "--set", "strategy.accumulate_steps=0"]) == 2  # the strategy refuses a value
   err = capsys.readouterr().err
   assert "jdist train: error: strategy 'data_parallel': accumulate_steps must be a positive int" in err
+  err = _cli_error(capsys, ["train", str(cfg), "--set", "mesh.data=2", "--set", "mesh.model=4"])  # model unused
+  assert ("'model' of size 4: the devices along it would each compute the same thing. Name it in the strategy's "
+          "options, or drop it from [mesh] (--unset mesh.model) and use 2 device(s) (--set mesh.num_devices=2)") in err
   pipe = pathlib.Path(__file__).resolve().parents[1] / "examples" / "configs" / "pipeline.toml"
   err = _cli_error(capsys, ["train", str(pipe), "--set", "strategy.schedule=circular", "--set", "strategy.repeats=0",
                             "--set", f"run_dir={tmp_path / 'pipe'}"])  # 0 was taken as "not set": 2 repeats
