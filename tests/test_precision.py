@@ -58,7 +58,8 @@ def test_mixed_precision_with_aux_and_a_mismatch_is_clear():
   with pytest.raises(TypeError, match=r"has_aux=True\): loss_fn returned a "):
     mixed_precision(gpt.loss_fn(CFG), has_aux=True)(PARAMS, BATCH)
   # the pipeline's loss_fn(params, y, batch) is not a loss_fn(params, batch): said so, not a raw argument count
-  with pytest.raises(TypeError, match=r"called with 3 arguments, as jdist.pipeline calls its loss_fn\(params, y, batch\)"):
+  with pytest.raises(TypeError, match=r"called with 3 arguments, as jdist.pipeline calls its loss_fn\(params, y, "
+                                      r"batch\)"):
     mixed_precision(lambda p, y, b: jnp.mean(y))(PARAMS, jnp.ones(3), BATCH)
 
 

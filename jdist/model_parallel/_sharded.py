@@ -18,8 +18,8 @@ from jdist import mesh as mesh_lib
 from jdist._types import Batch, LossFn, Params, PRNGKey
 from jdist.model_parallel._rules import DEFAULT_FSDP_MIN_SIZE, Rule, check_min_size, partition_specs
 from jdist.state import TrainState
-from jdist.strategy import (Strategy, StepFn, check_callable, check_optimizer, check_params, metrics_from, optimizer_update,
-                            pin_layout, sharded_state, value_and_grad)
+from jdist.strategy import (Strategy, StepFn, check_callable, check_optimizer, check_params, metrics_from,
+                            optimizer_update, pin_layout, sharded_state, value_and_grad)
 
 
 def _rule_axes(rules: Sequence[Rule]) -> set[str]:
