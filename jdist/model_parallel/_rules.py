@@ -119,6 +119,18 @@ def _normalise(spec: Any, rule: str) -> P:
   return spec if isinstance(spec, P) else P(*spec)
 
 
+def _pattern_and_spec(rule: Any) -> tuple[str, P]:
+  """A rule's pattern and its spec as a ``PartitionSpec`` (``_normalise``), or a TypeError for a malformed rule."""
+  if not (isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str)):
+    raise TypeError(f"Each rule must be a (pattern, spec) pair, got {rule!r}.")
+  return rule[0], _normalise(rule[1], rule[0])
+
+
+def rule_axes(rules: Sequence[Rule]) -> set[str]:
+  """The mesh axes the rules' specs name (a malformed rule raises, as in ``partition_specs``)."""
+  return {a for rule in rules for entry in _pattern_and_spec(rule)[1] for a in _entry_axes(entry)}
+
+
 def _canonical(spec: P) -> tuple:
   """A spec as a tuple of axis-name tuples, trailing replicated dims dropped: P("model") == P(("model",), None)."""
   entries = [_entry_axes(e) for e in spec]
@@ -155,10 +167,7 @@ def partition_specs(params: Params, rules: Sequence[Rule], mesh: Any, *, fsdp_ax
   fsdp_min_size = check_min_size(fsdp_min_size)
   compiled = []
   for rule in rules:
-    if not (isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str)):
-      raise TypeError(f"Each rule must be a (pattern, spec) pair, got {rule!r}.")
-    pattern, spec = rule
-    spec = _normalise(spec, pattern)
+    pattern, spec = _pattern_and_spec(rule)
     for entry in spec:
       for a in _entry_axes(entry):
         if a not in sizes:

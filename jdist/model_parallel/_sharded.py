@@ -16,22 +16,10 @@ from jax.sharding import PartitionSpec as P
 
 from jdist import mesh as mesh_lib
 from jdist._types import Batch, LossFn, Params, PRNGKey
-from jdist.model_parallel._rules import DEFAULT_FSDP_MIN_SIZE, Rule, check_min_size, partition_specs
+from jdist.model_parallel._rules import DEFAULT_FSDP_MIN_SIZE, Rule, check_min_size, partition_specs, rule_axes
 from jdist.state import TrainState
 from jdist.strategy import (Strategy, StepFn, check_callable, check_optimizer, check_params, metrics_from,
                             optimizer_update, pin_layout, sharded_state, value_and_grad)
-
-
-def _rule_axes(rules: Sequence[Rule]) -> set[str]:
-  """The mesh axis names the rules' specs mention (malformed rules are reported by ``partition_specs``)."""
-  def names(x):
-    if isinstance(x, str):
-      yield x
-    elif isinstance(x, (tuple, list, P)):
-      for entry in x:
-        yield from names(entry)
-
-  return {name for rule in rules if isinstance(rule, (tuple, list)) and len(rule) == 2 for name in names(rule[1])}
 
 
 def sharded(
@@ -75,7 +63,7 @@ def sharded(
     data_axes = mesh_lib.check_axes(mesh, data_axis, what="data_axis") if data_axes else ()
   # the batch is split over the data axes and the FSDP axis (ZeRO-3), each once, those the mesh has
   batch_axes = tuple(dict.fromkeys(a for a in (*data_axes, fsdp_axis) if a is not None and a in mesh.shape))
-  mesh_lib.check_no_idle_axes(mesh, (*batch_axes, *_rule_axes(rules)), who="sharded", fix="Split the batch over "
+  mesh_lib.check_no_idle_axes(mesh, (*batch_axes, *rule_axes(rules)), who="sharded", fix="Split the batch over "
                               "it with data_axis, or the parameters with rules or fsdp_axis")
   n_batch = mesh_lib.axis_size(mesh, batch_axes) if batch_axes else 1
   batch_sharding = NamedSharding(mesh, P(batch_axes if batch_axes else None))
