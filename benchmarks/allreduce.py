@@ -27,7 +27,7 @@ from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import jdist  # noqa: E402
-from jdist import theory  # noqa: E402
+from jdist.analysis import theory  # noqa: E402
 from jdist.collectives import allreduce  # noqa: E402
 
 ALGOS = ("psum", "ring", "halving_doubling", "tree", "hierarchical")

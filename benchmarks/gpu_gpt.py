@@ -41,7 +41,7 @@ import optax  # noqa: E402
 
 import jdist  # noqa: E402
 from jdist.models import gpt  # noqa: E402
-from jdist.perf import mfu, peak_flops  # noqa: E402
+from jdist.analysis.perf import mfu, peak_flops  # noqa: E402
 from jdist.precision import mixed_precision  # noqa: E402
 from jdist.state import TrainState  # noqa: E402
 

@@ -41,7 +41,7 @@ import jax  # noqa: E402
 import optax  # noqa: E402
 
 from jdist.models import gpt  # noqa: E402
-from jdist.perf import mfu, peak_flops  # noqa: E402
+from jdist.analysis.perf import mfu, peak_flops  # noqa: E402
 
 dp_module = importlib.import_module("jdist.data_parallel")  # the module; jdist.data_parallel is the function
 

@@ -30,7 +30,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import jdist  # noqa: E402
-from jdist.model_parallel import fsdp  # noqa: E402
+from jdist.strategies.model_parallel import fsdp  # noqa: E402
 from jdist.models import gpt  # noqa: E402
 
 MESHES = [

@@ -41,7 +41,7 @@ def worker(out: str, steps: int, repeats: int, quick: bool) -> None:
   rng = np.random.default_rng(0)
   p, count = jax.process_index(), jax.process_count()
 
-  def share(batch):  # this process's rows of the global batch (jdist.mesh.put_batch's convention)
+  def share(batch):  # this process's rows of the global batch (jdist.batches.put_batch's convention)
     return jax.tree.map(lambda x: x[p * len(x) // count:(p + 1) * len(x) // count], batch)
 
   mlp_sizes = [256, 1024, 512, 256, 10]

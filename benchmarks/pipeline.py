@@ -29,7 +29,7 @@ import optax  # noqa: E402
 
 import jdist  # noqa: E402
 from jdist.models import gpt  # noqa: E402
-from jdist.pipeline import pipeline  # noqa: E402
+from jdist.strategies.pipeline import pipeline  # noqa: E402
 
 SCHEDULES = (("gpipe", 4, None), ("circular", 8, 2), ("1f1b", 4, None))  # (schedule, GPT layers, repeats)
 MiB = 2**20

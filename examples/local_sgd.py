@@ -22,7 +22,7 @@ import optax  # noqa: E402
 from jdist.data import ArrayLoader  # noqa: E402
 from jdist.datasets import digits  # noqa: E402
 from jdist.models import mlp  # noqa: E402
-from jdist.plot import plot_runs  # noqa: E402
+from jdist.analysis.plot import plot_runs  # noqa: E402
 
 
 def strategies(mesh):

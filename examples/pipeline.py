@@ -26,7 +26,7 @@ import optax  # noqa: E402
 from jdist.data import ArrayLoader  # noqa: E402
 from jdist.datasets import zen_of_python_tokens  # noqa: E402
 from jdist.models import gpt  # noqa: E402
-from jdist.pipeline import pipeline, pipeline_schedule, unstack_params  # noqa: E402
+from jdist.strategies.pipeline import pipeline, pipeline_schedule, unstack_params  # noqa: E402
 
 CONFIG = gpt.GPTConfig(vocab_size=256, seq_len=64, d_model=64, n_layers=4, n_heads=4)
 TOLERANCE = 1e-4  # max |difference| of the final parameters; the script exits 1 above it

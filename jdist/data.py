@@ -5,7 +5,7 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 
-from jdist import mesh as mesh_lib
+from jdist import batches
 
 
 class ArrayLoader:
@@ -18,7 +18,7 @@ class ArrayLoader:
   In a multi-process run every process holds the same arrays and draws the same global batch, then
   yields only its share: process ``p`` of ``P`` gets examples ``[p * B/P, (p + 1) * B/P)`` of it, so the
   processes' batches in process order are exactly the single-process batch (the convention of
-  ``jdist.mesh.put_batch`` and every strategy's ``shard_batch``). The position (``get_state``) counts
+  ``jdist.batches.put_batch`` and every strategy's ``shard_batch``). The position (``get_state``) counts
   global batches, so a checkpoint taken with any number of processes resumes with any other.
 
   Args:
@@ -44,7 +44,7 @@ class ArrayLoader:
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
       raise ValueError(f"seed must be an int >= 0, got {seed!r}.")
     self.arrays = {k: np.asarray(v) for k, v in arrays.items()}
-    n = mesh_lib.batch_size(self.arrays, what="data set")
+    n = batches.batch_size(self.arrays, what="data set")
     if not isinstance(batch_size, int) or batch_size < 1:
       raise ValueError(f"batch_size must be a positive int, got {batch_size!r}.")
     if batch_size > n:

@@ -201,7 +201,7 @@ def barrier(name: str) -> None:
 def check_batch_sizes(local_size: int, tag: str, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
   """Raises ``ValueError`` unless every process passes ``local_size`` examples at the check called ``tag``.
 
-  In a multi-process run each process passes its share of the global batch (``jdist.mesh.put_batch``),
+  In a multi-process run each process passes its share of the global batch (``jdist.batches.put_batch``),
   and the global size is taken as its share times the process count. Unequal shares would give the
   processes different global shapes: a silently skewed average, or collectives that never match. This
   compares the shares through JAX's coordination service (its key-value store: no device work, so a step
@@ -248,7 +248,9 @@ def next_run(name: str) -> int:
 
 
 def _client():
-  from jax._src import distributed as jax_distributed  # the client orbax-checkpoint uses too
+  from jax._src import (
+    distributed as jax_distributed,  # the client orbax-checkpoint uses too
+  )
 
   client = jax_distributed.global_state.client
   if client is None:

@@ -19,15 +19,17 @@ import optax
 from jdist import datasets
 from jdist.config import Config, ConfigError
 from jdist.data import ArrayLoader
-from jdist.async_sgd import async_sgd, split_workers
-from jdist.data_parallel import data_parallel
-from jdist.local_sgd import local_sgd
-from jdist.model_parallel import DEFAULT_FSDP_MIN_SIZE, fsdp, sharded
-from jdist.mesh import IdleAxesError, make_mesh
+from jdist.errors import IdleAxesError
+from jdist.mesh import make_mesh
 from jdist.models import linear, mlp, resmlp
-from jdist.pipeline import pipeline
+from jdist.strategies.async_sgd import async_sgd, split_workers
+from jdist.strategies.data_parallel import data_parallel
+from jdist.strategies.local_sgd import local_sgd
+from jdist.strategies.model_parallel import DEFAULT_FSDP_MIN_SIZE, fsdp, sharded
+from jdist.strategies.pipeline import pipeline
 from jdist.strategy import Strategy
 from jdist.train import CheckpointConfig, NanGuard, PrintLogger, ProgressBar, fit
+
 
 def local_sgd_from_config(loss_fn, optimizer, mesh, *, axis: str = "data", sync_every: int = 4,
                           allreduce: str = "psum", outer_lr: float | None = None,
@@ -159,7 +161,7 @@ def _model(config: Config, key) -> tuple[Any, Callable, Callable | None]:
 
 def _pipeline_eval(params, batch, schedule):
   """resmlp loss and accuracy from pipeline params (the layers in the order of ``schedule``'s devices)."""
-  from jdist.pipeline import unstack_params
+  from jdist.strategies.pipeline import unstack_params
 
   loss, aux = resmlp.loss_and_accuracy(unstack_params(params, schedule), batch)
   return {"loss": loss, "accuracy": aux["accuracy"]}

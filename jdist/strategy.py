@@ -118,18 +118,6 @@ def sharded_state(params: Params, param_shardings: Any, optimizer: Any, mesh: Me
                     key=jax.device_put(raw_key(key), replicated))
 
 
-def check_callable(fn: Any, what: str) -> None:
-  if not callable(fn):
-    raise TypeError(f"{what} must be callable, got {type(fn).__name__}.")
-
-
-def check_optimizer(optimizer: Any) -> None:
-  if not (hasattr(optimizer, "init") and hasattr(optimizer, "update")):
-    raise TypeError(
-        f"optimizer must be an optax.GradientTransformation (with init and update), got "
-        f"{type(optimizer).__name__}. Build one with e.g. optax.sgd(0.1) or optax.adam(1e-3).")
-
-
 def optimizer_update(optimizer: Any, grads: Any, opt_state: Any, params: Any, loss: jax.Array) -> tuple[Any, Any]:
   """``optimizer.update(grads, opt_state, params, value=loss)``: the step's loss reaches the transformations
   that need it (``optax.contrib.reduce_on_plateau``, ``optax.polyak_sgd``), as a single-device loop would pass
@@ -150,30 +138,21 @@ def optimizer_update(optimizer: Any, grads: Any, opt_state: Any, params: Any, lo
                     f"under it.") from None
 
 
-def check_positive_int(value: Any, what: str) -> int:
-  if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
-    raise ValueError(f"{what} must be a positive int, got {value!r}.")
-  return int(value)
+def apply_update(state: TrainState, grads: Params, loss: jax.Array, optimizer: Any, *,
+                 layout: tuple[Any, Mesh] | None = None, **changes: Any) -> TrainState:
+  """The ending every gradient strategy shares: one optimizer update of ``state`` by ``grads``.
 
+  ``optimizer_update`` (with ``value=loss``), ``optax.apply_updates``, then, with ``layout=(param_shardings,
+  mesh)``, ``pin_layout`` so the new state keeps the old one's placement; ``step`` advances by one and
+  ``changes`` (e.g. ``extra=``) replace other fields. Runs inside the jitted step.
+  """
+  import optax
 
-def check_params(params: Params) -> Params:
-  """Converts leaves to arrays and rejects empty parameter trees and leaves that cannot be differentiated
-  (not arrays; integer, bool or PRNG-key arrays)."""
-  leaves = jax.tree.leaves(params)
-  if not leaves:
-    raise ValueError("params is an empty pytree; expected a pytree of arrays (a dict, nnx.State, ...).")
-  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-    where = f"params leaf {jax.tree_util.keystr(path)}"
-    if not (isinstance(leaf, (jax.Array, np.ndarray, np.generic, float, int))):
-      raise TypeError(f"{where} is a {type(leaf).__name__}; expected an array. For a flax NNX model pass the "
-                      f"state from nnx.split(model).")
-    dtype = leaf.dtype if hasattr(leaf, "dtype") else jnp.result_type(leaf)  # a key array's dtype is key<...>
-    if not jnp.issubdtype(dtype, jnp.inexact):
-      raise TypeError(f"{where} has dtype {dtype}; every parameter is differentiated, so it must be a float "
-                      f"array. Keep counters and random keys out of params (close over them, or pass them in "
-                      f"the batch); for a flax NNX model split off the parameters: "
-                      f"graphdef, params, rest = nnx.split(model, nnx.Param, ...).")
-  return jax.tree.map(jnp.asarray, params)
+  updates, opt_state = optimizer_update(optimizer, grads, state.opt_state, state.params, loss)
+  params = optax.apply_updates(state.params, updates)
+  if layout is not None:
+    params, opt_state = pin_layout(params, opt_state, layout[0], optimizer, layout[1])
+  return state.replace(step=state.step + 1, params=params, opt_state=opt_state, **changes)
 
 
 def raw_key(key: PRNGKey | int | None, what: str = "key") -> jax.Array:

@@ -26,7 +26,7 @@ import optax  # noqa: E402
 
 import jdist  # noqa: E402
 import jdist.distributed  # noqa: E402
-from jdist.async_sgd import split_workers  # noqa: E402
+from jdist.strategies.async_sgd import split_workers  # noqa: E402
 from jdist.data import ArrayLoader  # noqa: E402
 from jdist.models import mlp, resmlp  # noqa: E402
 

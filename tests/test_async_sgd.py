@@ -6,7 +6,7 @@ import optax
 import pytest
 
 import jdist
-from jdist.async_sgd import DelayModel, async_sgd, fixed_speeds, geometric, split_workers, uniform
+from jdist.strategies.async_sgd import DelayModel, async_sgd, fixed_speeds, geometric, split_workers, uniform
 from jdist.datasets import linear_regression
 from jdist.models import linear, mlp
 from tests.conftest import assert_trees_all_close
@@ -335,7 +335,7 @@ def test_the_workers_axis_is_one_mesh_axis_name():
 
 
 def test_split_workers_errors_speak_of_workers():
-  # used to blame "devices on the data axis x micro-batches" (jdist.mesh.batch_size's wording)
+  # used to blame "devices on the data axis x micro-batches" (jdist.batches.batch_size's wording)
   with pytest.raises(ValueError, match=r"split_workers: the batch has 8 examples, which do not split evenly over "
                                        r"num_workers=3.*a multiple of 3 examples, e.g. 6"):
     split_workers(linear_regression(), 3)

@@ -208,7 +208,7 @@ def test_cli_train_resumes_and_plot(tmp_path, capsys):
   (tmp_path / "other" / "metrics.jsonl").write_text('{"loss": 1.0}\n')
   err = _cli_error(capsys, ["plot", str(tmp_path / "other"), "--out", str(tmp_path / "y.png")])
   assert "line 1: expected an object with an integer 'step'" in err
-  from jdist.plot import plot_runs
+  from jdist.analysis.plot import plot_runs
   with pytest.raises(ValueError, match="Got 1 labels for 2 run directories"):
     plot_runs([tmp_path / "run", tmp_path / "run"], tmp_path / "z.png", labels=["a"])
   with pytest.raises(ValueError, match="metrics is empty"):

@@ -8,7 +8,7 @@ from jax.sharding import PartitionSpec as P
 import jdist
 from jdist.collectives import (REFERENCES, allreduce, bf16_allreduce, hierarchical_reference, int8_allreduce,
                                ring_reference)
-from jdist import theory
+from jdist.analysis import theory
 
 SIZES = [(1,), (7,), (13, 3), (2, 5, 11), (64,)]  # 1 element, primes, not divisible by N
 

@@ -4,7 +4,7 @@ import numpy as np
 import optax
 
 import jdist
-from jdist.collectives import comm_report
+from jdist.analysis import comm_report
 from jdist.models import mlp
 
 
@@ -86,7 +86,7 @@ def test_async_collectives_count_their_results():
 def test_partial_permutes_count_the_busiest_device_and_match_the_theory():
   from jax.sharding import PartitionSpec as P
 
-  from jdist import theory
+  from jdist.analysis import theory
   from jdist.collectives import allreduce
 
   for n, algorithm in ((8, "tree"), (6, "tree"), (6, "halving_doubling"), (8, "ring")):

@@ -183,7 +183,7 @@ def test_batch_not_divisible():
 def test_an_optimizer_that_needs_the_loss_gets_the_global_mean_loss():
   # reduce_on_plateau reads update(..., value=loss): every synchronous strategy passes the global batch's
   # mean loss, as a single-device loop does, so the plateau is met at the same steps
-  from jdist.model_parallel import fsdp, sharded
+  from jdist.strategies.model_parallel import fsdp, sharded
   opt = optax.chain(optax.sgd(0.5), optax.contrib.reduce_on_plateau(factor=0.5, patience=1, rtol=0.2))
   params, batches = mlp.init(jax.random.key(0), [6, 16, 3]), _mlp_data(0, 6, 16)
   ref, ref_opt, _ = single_device_reference(mlp.loss, opt, params, batches)
@@ -212,7 +212,7 @@ def test_an_optimizer_that_needs_the_loss_gets_the_global_mean_loss():
 
 def test_a_batch_of_no_examples_is_an_error_in_every_strategy():
   # its mean loss is nan and the optimizer would still step (Adam's count, a schedule)
-  from jdist.model_parallel import fsdp, sharded
+  from jdist.strategies.model_parallel import fsdp, sharded
   mesh = jdist.make_mesh(data=8)
   empty = {"x": np.zeros((0, 6), np.float32), "y": np.zeros((0,), np.int32)}
   for strategy in (jdist.data_parallel(mlp.loss, optax.adam(0.1), mesh),
@@ -228,7 +228,7 @@ def test_a_batch_of_no_examples_is_an_error_in_every_strategy():
 
 def test_a_mesh_axis_the_strategy_does_not_use_is_an_error():
   # its devices would each compute the same step: 4x the work for the speed of 2 devices
-  from jdist.model_parallel import fsdp, sharded
+  from jdist.strategies.model_parallel import fsdp, sharded
   mesh = jdist.make_mesh(data=2, model=4)
   idle = r"uses mesh axes \('data',\), but the mesh also has 'model' of size 4: the devices along it would each compute "
   hint = r"or build the mesh without it, e.g. jdist.make_mesh\(data=2, devices=jax.devices\(\)\[:2\]\)"

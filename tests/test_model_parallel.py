@@ -8,7 +8,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jdist
-from jdist.model_parallel import fsdp, partition_specs, tp_mlp
+from jdist.strategies.model_parallel import fsdp, partition_specs, tp_mlp
 from jdist.models import gpt, mlp
 from tests.conftest import assert_trees_all_close, single_device_reference
 

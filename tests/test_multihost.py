@@ -359,7 +359,7 @@ def test_single_process_helpers_and_errors():
   with pytest.raises(ValueError, match=r"num_workers \(3\) is not divisible by the 2 processes"):
     jdist.split_workers(full, 3, process_count=2)
   mesh = jdist.make_mesh(data=-1)
-  start, stop, size = jdist.mesh.process_batch_rows(jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")),
+  start, stop, size = jdist.batches.process_batch_rows(jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")),
                                                     16)
   assert (start, stop, size) == (0, 16, 16)
 

@@ -10,7 +10,7 @@ import pytest
 
 import jdist
 from jdist.models import gpt, mlp
-from jdist.perf import mfu, peak_flops
+from jdist.analysis.perf import mfu, peak_flops
 from jdist.precision import mixed_precision
 from tests.conftest import assert_trees_all_close, benchmark_module
 

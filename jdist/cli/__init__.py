@@ -116,7 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
       return train(cfg, quiet=args.quiet)
     if args.command == "plot":
-      from jdist.plot import plot_runs
+      from jdist.analysis.plot import plot_runs
 
       out = args.out or os.path.join(args.run_dirs[0], "metrics.png")
       print(plot_runs(args.run_dirs, out, metrics=args.metrics))

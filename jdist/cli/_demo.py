@@ -84,10 +84,17 @@ def demo(*, quick: bool = False, steps: int | None = None, out: str = "runs/demo
   from rich.console import Console
   from rich.table import Table
 
-  from jdist.collectives import comm_report
-  from jdist.config import Config, DataConfig, MeshConfig, ModelConfig, StrategyConfig, TrainConfig
+  from jdist.analysis import comm_report
+  from jdist.analysis.plot import plot_runs
+  from jdist.config import (
+    Config,
+    DataConfig,
+    MeshConfig,
+    ModelConfig,
+    StrategyConfig,
+    TrainConfig,
+  )
   from jdist.experiment import build
-  from jdist.plot import plot_runs
   from jdist.train import NanGuard, ProgressBar, fit
 
   if steps is not None and (not isinstance(steps, int) or steps < 1):

@@ -5,8 +5,8 @@ from jdist.train._callbacks import NanGuard as NanGuard
 from jdist.train._callbacks import PrintLogger as PrintLogger
 from jdist.train._callbacks import ProgressBar as ProgressBar
 from jdist.train._checkpoint import CheckpointConfig as CheckpointConfig
-from jdist.train._checkpoint import CheckpointError as CheckpointError
 from jdist.train._checkpoint import Checkpointer as Checkpointer
+from jdist.train._checkpoint import CheckpointError as CheckpointError
 from jdist.train._loop import FitResult as FitResult
 from jdist.train._loop import LoopControl as LoopControl
 from jdist.train._loop import fit as fit

@@ -140,7 +140,13 @@ class ProgressBar(Callback):
 
   def on_start(self, loop, step):
     from rich.markup import escape
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import (
+      BarColumn,
+      MofNCompleteColumn,
+      Progress,
+      TextColumn,
+      TimeRemainingColumn,
+    )
 
     self._progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                               TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn(),

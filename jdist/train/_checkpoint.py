@@ -172,7 +172,7 @@ def abstract_like(tree: PyTree) -> PyTree:
 def _leaf_types(tree: PyTree, is_leaf=None) -> dict[str, tuple[tuple[int, ...], str]]:
   """``{path: (shape, dtype)}`` for the leaves of ``tree``, paths as "params/layers/0/w" (dict keys, field
   names and indices alike, as orbax's metadata names them)."""
-  from jdist.model_parallel import path_str
+  from jdist.strategies.model_parallel import path_str
 
   return {path_str(path): (tuple(np.shape(x)), str(np.dtype(x.dtype)))
           for path, x in jax.tree_util.tree_leaves_with_path(tree, is_leaf=is_leaf)}
@@ -308,7 +308,7 @@ class Checkpointer:
             f"Checkpoint {self.step_path(step)} keeps the stacked layers in another order ({describe(saved)}) than "
             f"this run ({describe(self.layer_layout)}): a circular pipeline stores each device's layers together. "
             f"Nothing was moved or overwritten. Resume with the schedule, pipe size and repeats that wrote it; to "
-            f"change them, convert the parameters with unstack_params (from jdist.pipeline import unstack_params) "
+            f"change them, convert the parameters with unstack_params (from jdist.strategies.pipeline import unstack_params) "
             f"and start a new run.")
       return step, state, meta
     if steps:

@@ -14,11 +14,22 @@ import jax
 import numpy as np
 
 from jdist import distributed
-from jdist.mesh import holds_global_arrays, replicate
+from jdist.batches import holds_global_arrays
+from jdist.mesh import replicate
 from jdist.state import TrainState
 from jdist.strategy import Strategy
-from jdist.train._checkpoint import CheckpointConfig, Checkpointer, CheckpointError, nonfinite_leaves
-from jdist.train._writers import METRICS_FILE, TIMING_FILE, JsonlWriter, TensorBoardWriter
+from jdist.train._checkpoint import (
+  CheckpointConfig,
+  Checkpointer,
+  CheckpointError,
+  nonfinite_leaves,
+)
+from jdist.train._writers import (
+  METRICS_FILE,
+  TIMING_FILE,
+  JsonlWriter,
+  TensorBoardWriter,
+)
 
 
 @dataclasses.dataclass
@@ -91,7 +102,7 @@ def _host(metrics: dict[str, Any], copy_ahead: bool = True) -> dict[str, float]:
 
 def _mesh_peak(strategy: Strategy, peak_flops: float | None) -> float | None:
   """Peak FLOP/s of all the devices of the strategy's mesh (None if one device's peak is unknown)."""
-  from jdist.perf import peak_flops as device_peak
+  from jdist.analysis.perf import peak_flops as device_peak
 
   per_device = peak_flops if peak_flops is not None else device_peak(strategy.mesh.devices.flat[0])
   return per_device * strategy.mesh.size if per_device is not None else None
@@ -147,7 +158,7 @@ def fit(
     flops_per_step: the model FLOPs of one step (e.g. ``gpt.flops_per_token(cfg) * tokens_per_step``);
       ``timing.jsonl`` then also gets ``model_tflops_per_s`` and, where the peak is known, ``mfu``:
       model FLOPs per second over the peak of all the mesh's devices.
-    peak_flops: the peak FLOP/s of one device (default: ``jdist.perf.peak_flops`` of the mesh's devices).
+    peak_flops: the peak FLOP/s of one device (default: ``jdist.analysis.perf.peak_flops`` of the mesh's devices).
 
   Returns:
     A ``FitResult``.
@@ -324,7 +335,7 @@ def fit(
         continue  # read the step still running first
       try:
         batch = next(batches)
-        # several processes: each passes its share (jdist.mesh.put_batch); count the global batch
+        # several processes: each passes its share (jdist.batches.put_batch); count the global batch
         n_local = len(jax.tree.leaves(batch)[0])
         n_examples = n_local * jax.process_count()
         if run_id is not None and n_local != last_local and not holds_global_arrays(batch):

@@ -17,12 +17,25 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jdist import collectives
+from jdist import _checks as checks
+from jdist import batches, collectives
 from jdist import mesh as mesh_lib
+from jdist._checks import (
+  check_callable,
+  check_optimizer,
+  check_params,
+  check_positive_int,
+)
 from jdist._types import Batch, LossFn, Params, PRNGKey
 from jdist.state import TrainState
-from jdist.strategy import (Strategy, StepFn, check_callable, check_optimizer, check_params, check_positive_int,
-                            metrics_from, optimizer_update, raw_key, value_and_grad)
+from jdist.strategy import (
+  StepFn,
+  Strategy,
+  metrics_from,
+  optimizer_update,
+  raw_key,
+  value_and_grad,
+)
 
 
 def local_sgd(
@@ -60,8 +73,8 @@ def local_sgd(
   check_optimizer(optimizer)
   if outer_optimizer is not None:
     check_optimizer(outer_optimizer)
-  axis = mesh_lib.check_axis(mesh, axis, who="local_sgd", what="data axis")
-  mesh_lib.check_no_idle_axes(mesh, (axis,), who="local_sgd", fix="Its replicas run over one axis: put all of "
+  axis = checks.check_axis(mesh, axis, who="local_sgd", what="data axis")
+  checks.check_no_idle_axes(mesh, (axis,), who="local_sgd", fix="Its replicas run over one axis: put all of "
                               "them on it")
   h = check_positive_int(sync_every, "sync_every")
   collectives.check_algorithm(allreduce)
@@ -120,11 +133,11 @@ def local_sgd(
                              "spread": jax.device_put(jnp.zeros((), jnp.float32), replicated)})
 
   def shard_batch(batch: Batch) -> Batch:
-    # one process: the global batch; several: this process's share (jdist.mesh.put_batch)
-    return mesh_lib.put_batch(batch, per_device, multiple_of=n)
+    # one process: the global batch; several: this process's share (jdist.batches.put_batch)
+    return batches.put_batch(batch, per_device, multiple_of=n)
 
   def step_fn(state: TrainState, batch: Batch):
-    mesh_lib.batch_size(batch, multiple_of=n)
+    batches.batch_size(batch, multiple_of=n)
     ex = state.extra
     params, opt_state, replicas, inner, spread, (loss, aux, grad_norm, synced) = sharded(
         state.step, state.params, state.opt_state, ex["replicas"], ex["inner_opt_state"], ex["spread"], batch)

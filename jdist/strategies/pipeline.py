@@ -48,11 +48,26 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jdist import _checks as checks
+from jdist import batches
 from jdist import mesh as mesh_lib
+from jdist._checks import (
+  check_callable,
+  check_optimizer,
+  check_params,
+  check_positive_int,
+)
 from jdist._types import Batch, Params, PRNGKey
 from jdist.state import TrainState
-from jdist.strategy import (Strategy, StepFn, check_callable, check_optimizer, check_params, check_positive_int,
-                            loss_and_aux, metrics_from, optimizer_update, pin_layout, sharded_state)
+from jdist.strategy import (
+  StepFn,
+  Strategy,
+  loss_and_aux,
+  metrics_from,
+  optimizer_update,
+  pin_layout,
+  sharded_state,
+)
 
 SCHEDULES = ("gpipe", "circular", "1f1b")
 _IDLE, _FORWARD, _STASH, _BACKWARD = range(4)  # 1F1B ops; _STASH: a forward on the last device, which only stashes
@@ -277,20 +292,20 @@ def pipeline(
     the schedule the step ran) and ``ticks`` (rows of the schedule's table: forward ticks for "gpipe" and
     "circular", forward and backward ticks for "1f1b"); ``info["schedule"]`` is that ``Schedule``.
     ``shard_batch`` takes the global batch in one process and this process's share in a multi-process run
-    (as ``jdist.mesh.put_batch``); with ``data_axis`` outermost, e.g. ``make_mesh(data=2, pipe=4)`` on 2
+    (as ``jdist.batches.put_batch``); with ``data_axis`` outermost, e.g. ``make_mesh(data=2, pipe=4)`` on 2
     processes, each process's devices need only its share, otherwise the shares are first gathered on
     every host (``put_batch(..., gather=True)``).
   """
   check_callable(stage_fn, "stage_fn")
   check_callable(loss_fn, "loss_fn")
   check_optimizer(optimizer)
-  axis = mesh_lib.check_axis(mesh, axis, who="pipeline", what="pipe axis", example="pipe")
-  data_axes = mesh_lib.check_axes(mesh, data_axis, what="data axis") if data_axis is not None else ()
+  axis = checks.check_axis(mesh, axis, who="pipeline", what="pipe axis", example="pipe")
+  data_axes = checks.check_axes(mesh, data_axis, what="data axis") if data_axis is not None else ()
   if axis in data_axes:
     raise ValueError(f"data_axis {data_axis!r} includes the pipe axis {axis!r}: the batch is split over other mesh "
                      f"axes than the one the layers are, e.g. jdist.make_mesh(data=2, {axis}=4) with "
                      f"data_axis='data'.")
-  mesh_lib.check_no_idle_axes(mesh, (axis, *data_axes), who="pipeline", fix="To split the batch over it, name "
+  checks.check_no_idle_axes(mesh, (axis, *data_axes), who="pipeline", fix="To split the batch over it, name "
                               "it in data_axis")
   p = mesh.shape[axis]
   sched = pipeline_schedule(p, microbatches, schedule, repeats=repeats)
@@ -506,13 +521,13 @@ def pipeline(
     return sharded_state(params, shardings_of(params), optimizer, mesh, key)
 
   def check_batch(batch):
-    mesh_lib.batch_size(batch, multiple_of=n_data * m, what="batch")
+    batches.batch_size(batch, multiple_of=n_data * m, what="batch")
 
   def shard_batch(batch: Batch) -> Batch:
     # one process: the global batch; several: this process's share (gathered on every host first when the
     # pipe axis spans the processes)
     try:
-      return mesh_lib.put_batch(batch, NamedSharding(mesh, batch_spec), multiple_of=n_data * m, gather=True)
+      return batches.put_batch(batch, NamedSharding(mesh, batch_spec), multiple_of=n_data * m, gather=True)
     except ValueError as e:
       raise ValueError(f"{e} (the batch is split over {n_data} data replica(s), then into {m} micro-batches)") from None
 

@@ -14,12 +14,28 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jdist import _checks as checks
+from jdist import batches
 from jdist import mesh as mesh_lib
+from jdist._checks import check_callable, check_optimizer, check_params
 from jdist._types import Batch, LossFn, Params, PRNGKey
-from jdist.model_parallel._rules import DEFAULT_FSDP_MIN_SIZE, Rule, check_min_size, partition_specs, rule_axes
 from jdist.state import TrainState
-from jdist.strategy import (Strategy, StepFn, check_callable, check_optimizer, check_params, metrics_from,
-                            optimizer_update, pin_layout, sharded_state, value_and_grad)
+from jdist.strategies.model_parallel._rules import (
+  DEFAULT_FSDP_MIN_SIZE,
+  Rule,
+  check_min_size,
+  partition_specs,
+  rule_axes,
+)
+from jdist.strategy import (
+  StepFn,
+  Strategy,
+  metrics_from,
+  optimizer_update,
+  pin_layout,
+  sharded_state,
+  value_and_grad,
+)
 
 
 def sharded(
@@ -54,16 +70,16 @@ def sharded(
   """
   check_callable(loss_fn, "loss_fn")
   check_optimizer(optimizer)
-  mesh_lib.check_mesh(mesh)
+  checks.check_mesh(mesh)
   if fsdp_axis is not None:
-    mesh_lib.check_axes(mesh, fsdp_axis, what="fsdp_axis")
+    checks.check_axes(mesh, fsdp_axis, what="fsdp_axis")
   fsdp_min_size = check_min_size(fsdp_min_size)
   data_axes = () if data_axis is None else mesh_lib.as_axes(data_axis)
   if data_axes != ("data",):
-    data_axes = mesh_lib.check_axes(mesh, data_axis, what="data_axis") if data_axes else ()
+    data_axes = checks.check_axes(mesh, data_axis, what="data_axis") if data_axes else ()
   # the batch is split over the data axes and the FSDP axis (ZeRO-3), each once, those the mesh has
   batch_axes = tuple(dict.fromkeys(a for a in (*data_axes, fsdp_axis) if a is not None and a in mesh.shape))
-  mesh_lib.check_no_idle_axes(mesh, (*batch_axes, *rule_axes(rules)), who="sharded", fix="Split the batch over "
+  checks.check_no_idle_axes(mesh, (*batch_axes, *rule_axes(rules)), who="sharded", fix="Split the batch over "
                               "it with data_axis, or the parameters with rules or fsdp_axis")
   n_batch = mesh_lib.axis_size(mesh, batch_axes) if batch_axes else 1
   batch_sharding = NamedSharding(mesh, P(batch_axes if batch_axes else None))
@@ -82,11 +98,11 @@ def sharded(
     return sharded_state(params, param_shardings_of(params), optimizer, mesh, key)
 
   def shard_batch(batch: Batch) -> Batch:
-    # one process: the global batch; several: this process's share (jdist.mesh.put_batch)
-    return mesh_lib.put_batch(batch, batch_sharding, multiple_of=n_batch)
+    # one process: the global batch; several: this process's share (jdist.batches.put_batch)
+    return batches.put_batch(batch, batch_sharding, multiple_of=n_batch)
 
   def step_fn(state: TrainState, batch: Batch):
-    mesh_lib.batch_size(batch, multiple_of=n_batch)
+    batches.batch_size(batch, multiple_of=n_batch)
     batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
     (loss, aux), grads = vg(state.params, batch)
     updates, opt_state = optimizer_update(optimizer, grads, state.opt_state, state.params, loss)

@@ -16,13 +16,27 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jdist import collectives
+from jdist import _checks as checks
+from jdist import batches, collectives
 from jdist import mesh as mesh_lib
-from jdist.collectives._compression import check_compression
+from jdist._checks import (
+  check_callable,
+  check_optimizer,
+  check_params,
+  check_positive_int,
+)
 from jdist._types import Batch, LossFn, Params, PRNGKey
+from jdist.collectives._compression import check_compression
 from jdist.state import TrainState
-from jdist.strategy import (Strategy, StepFn, accumulate, check_callable, check_optimizer, check_params,
-                            check_positive_int, metrics_from, optimizer_update, raw_key, value_and_grad)
+from jdist.strategy import (
+  StepFn,
+  Strategy,
+  accumulate,
+  metrics_from,
+  optimizer_update,
+  raw_key,
+  value_and_grad,
+)
 
 BACKENDS = ("shard_map", "pmap")
 
@@ -93,7 +107,7 @@ def data_parallel(
   """
   check_callable(loss_fn, "loss_fn")
   check_optimizer(optimizer)
-  axes = mesh_lib.check_axes(mesh, axis, what="data axis")
+  axes = checks.check_axes(mesh, axis, what="data axis")
   if backend not in BACKENDS:
     raise ValueError(f"Unknown backend {backend!r}. It needs to be one of {list(BACKENDS)}.")
   k = check_positive_int(accumulate_steps, "accumulate_steps")
@@ -134,7 +148,7 @@ def data_parallel(
           f"backend='pmap' maps over one axis holding every device of the mesh, but axis {axis!r} has {n} "
           f"of the mesh's {mesh.size} devices ({dict(mesh.shape)}). Use a 1-D mesh, e.g. "
           f"jdist.make_mesh({axes[0]}={mesh.size}), or backend='shard_map'.")
-  mesh_lib.check_no_idle_axes(mesh, axes, who="data_parallel", fix="To split the batch over it too, name it in "
+  checks.check_no_idle_axes(mesh, axes, who="data_parallel", fix="To split the batch over it too, name it in "
                               "axis (a tuple of axes)")
   replicated = NamedSharding(mesh, P())
   vg = value_and_grad(loss_fn, has_aux=has_aux)
@@ -206,11 +220,11 @@ def data_parallel(
     return TrainState(step=step, params=params, opt_state=opt_state, key=key, extra=extra)
 
   def shard_batch(batch: Batch) -> Batch:
-    # one process: the global batch; several: this process's share (jdist.mesh.put_batch)
-    return mesh_lib.put_batch(batch, NamedSharding(mesh, P(axes)), multiple_of=n * k)
+    # one process: the global batch; several: this process's share (jdist.batches.put_batch)
+    return batches.put_batch(batch, NamedSharding(mesh, P(axes)), multiple_of=n * k)
 
   def step_fn(state: TrainState, batch: Batch):
-    mesh_lib.batch_size(batch, multiple_of=n * k)  # runs at trace time only
+    batches.batch_size(batch, multiple_of=n * k)  # runs at trace time only
     residual = state.extra["residual"] if with_residual else None
     q = state.extra["q"] if compression == "powersgd" else None
     (loss, aux, grads), residual, q = sharded_grads(state.params, batch, residual, q)
@@ -251,7 +265,7 @@ def _compile_patterns(patterns: Sequence[str], what: str) -> list[re.Pattern]:
 
 def _stacked_leaves(params: Params, patterns: list[re.Pattern]) -> Params:
   """A tree of bools like ``params``: True where a pattern matches the leaf's path ("blocks/qkv")."""
-  from jdist.model_parallel import path_str
+  from jdist.strategies.model_parallel import path_str
 
   flat, treedef = jax.tree_util.tree_flatten_with_path(params)
   paths = [path_str(path) for path, _ in flat]

@@ -6,7 +6,6 @@ from typing import Sequence
 
 from jdist.train._writers import METRICS_FILE, read_jsonl
 
-
 _STYLES = ("-", "--", "-.", ":", (0, (5, 1)), (0, (3, 1, 1, 1, 1, 1)))
 
 

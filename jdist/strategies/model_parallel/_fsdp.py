@@ -17,18 +17,29 @@ from __future__ import annotations
 
 import jax
 import optax
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jax.ad_checkpoint import checkpoint_name
-
-from jdist import mesh as mesh_lib
+from jdist import _checks as checks
+from jdist import batches
+from jdist._checks import check_callable, check_optimizer, check_params
 from jdist._types import Batch, LossFn, Params, PRNGKey
-from jdist.model_parallel._rules import DEFAULT_FSDP_MIN_SIZE, check_min_size, partition_specs
 from jdist.state import TrainState
-from jdist.strategy import (Strategy, StepFn, check_callable, check_optimizer, check_params, metrics_from,
-                            optimizer_update, pin_layout, sharded_state, value_and_grad)
-
+from jdist.strategies.model_parallel._rules import (
+  DEFAULT_FSDP_MIN_SIZE,
+  check_min_size,
+  partition_specs,
+)
+from jdist.strategy import (
+  StepFn,
+  Strategy,
+  metrics_from,
+  optimizer_update,
+  pin_layout,
+  sharded_state,
+  value_and_grad,
+)
 
 GATHERED = "fsdp_gathered_weight"
 
@@ -58,9 +69,9 @@ def fsdp(
   """
   check_callable(loss_fn, "loss_fn")
   check_optimizer(optimizer)
-  axis = mesh_lib.check_axis(mesh, axis, who="fsdp", what="fsdp axis", example="fsdp")
+  axis = checks.check_axis(mesh, axis, who="fsdp", what="fsdp axis", example="fsdp")
   min_size = check_min_size(min_size, "min_size")
-  mesh_lib.check_no_idle_axes(mesh, (axis,), who="fsdp", fix="fsdp runs over one axis; with data or tensor "
+  checks.check_no_idle_axes(mesh, (axis,), who="fsdp", fix="fsdp runs over one axis; with data or tensor "
                               "parallelism beside it, use jdist.sharded(..., fsdp_axis=...)")
   n = mesh.shape[axis]
   batch_sharding = NamedSharding(mesh, P(axis))
@@ -112,11 +123,11 @@ def fsdp(
     return sharded_state(params, shardings, optimizer, mesh, key)
 
   def shard_batch(batch: Batch) -> Batch:
-    # one process: the global batch; several: this process's share (jdist.mesh.put_batch)
-    return mesh_lib.put_batch(batch, batch_sharding, multiple_of=n)
+    # one process: the global batch; several: this process's share (jdist.batches.put_batch)
+    return batches.put_batch(batch, batch_sharding, multiple_of=n)
 
   def step_fn(state: TrainState, batch: Batch):
-    mesh_lib.batch_size(batch, multiple_of=n)
+    batches.batch_size(batch, multiple_of=n)
     specs = specs_for(state.params)
     body = jax.shard_map(make_body(specs), mesh=mesh, in_specs=(specs, P(axis)), out_specs=(P(), P(), specs))
     loss, aux, grads = body(state.params, batch)

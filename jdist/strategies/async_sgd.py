@@ -79,12 +79,27 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jdist import _checks as checks
+from jdist import batches
 from jdist import mesh as mesh_lib
+from jdist._checks import (
+  check_callable,
+  check_optimizer,
+  check_params,
+  check_positive_int,
+)
 from jdist._types import Batch, LossFn, Metrics, Params, PRNGKey, PyTree
 from jdist.state import TrainState
-from jdist.model_parallel import DEFAULT_FSDP_MIN_SIZE
-from jdist.strategy import (Strategy, StepFn, check_callable, check_optimizer, check_params, check_positive_int,
-                            metrics_from, optimizer_update, pin_layout, raw_key, value_and_grad)
+from jdist.strategies.model_parallel import DEFAULT_FSDP_MIN_SIZE
+from jdist.strategy import (
+  StepFn,
+  Strategy,
+  metrics_from,
+  optimizer_update,
+  pin_layout,
+  raw_key,
+  value_and_grad,
+)
 
 STALENESS_LR = ("inverse",)
 _NEVER = np.iinfo(np.int32).max  # the failure tick of a worker that never fails
@@ -319,7 +334,7 @@ def split_workers(batch: Batch, num_workers: int, *, process_count: int | None =
                      f"number of workers. Use a multiple of {count} workers.")
   local = n // count
   what = "batch" if count == 1 else "process-local batch"
-  size = mesh_lib.batch_size(batch, what=what)
+  size = batches.batch_size(batch, what=what)
   if size % local:
     workers = (f"num_workers={n}" if count == 1
                else f"this process's {local} workers (num_workers={n} / {count} processes)")
@@ -469,7 +484,7 @@ def async_sgd(
   if not isinstance(num_workers, (int, np.integer)) or isinstance(num_workers, bool) or num_workers < 1:
     raise ValueError(f"num_workers must be a positive int (the number of emulated workers), got {num_workers!r}.")
   n = int(num_workers)
-  axis = mesh_lib.one_axis(axis, who="async_sgd's workers axis", example="workers")
+  axis = checks.one_axis(axis, who="async_sgd's workers axis", example="workers")
   pause_prob = _real(pause_prob, "pause_prob")
   if not 0 <= pause_prob < 1:
     raise ValueError(f"pause_prob must be a probability in [0, 1), got {pause_prob!r}. Use 0 for no pauses; "
@@ -502,8 +517,8 @@ def async_sgd(
           f"{jax.process_count()} processes and every process's devices must take part. Pass a mesh over all "
           f"devices, e.g. mesh=jdist.make_mesh({axis}=-1) (num_workers a multiple of its size).")
     mesh = mesh_lib.make_mesh(**{axis: 1}, devices=jax.devices()[:1])
-  axis = mesh_lib.check_axis(mesh, axis, who="async_sgd's workers axis", what="workers axis", example="workers")
-  mesh_lib.check_no_idle_axes(mesh, (axis,), who="async_sgd", fix="Its workers run over one axis: put all the "
+  axis = checks.check_axis(mesh, axis, who="async_sgd's workers axis", what="workers axis", example="workers")
+  checks.check_no_idle_axes(mesh, (axis,), who="async_sgd", fix="Its workers run over one axis: put all the "
                               "devices on it")
   d = mesh.shape[axis]
   if n % d:
@@ -734,9 +749,9 @@ def async_sgd(
                  raw_key(key, "init's key") if key is not None else base_key)
 
   def shard_batch(batch: Batch) -> Batch:
-    # one process: [N, b, ...]; several: this process's workers [N/P, b, ...] (jdist.mesh.put_batch)
+    # one process: [N, b, ...]; several: this process's workers [N/P, b, ...] (jdist.batches.put_batch)
     _check_worker_axis(batch, n, dim=0, what="batch", process_local=_process_local(batch))
-    return mesh_lib.put_batch(batch, per_worker)
+    return batches.put_batch(batch, per_worker)
 
   def step_fn(state: TrainState, batch: Batch):
     _check_worker_axis(batch, n, dim=0, what="batch")  # runs at trace time only
@@ -781,7 +796,7 @@ def async_sgd(
                        "...] with T >= 1, e.g. split_workers(batch, num_workers)[None] for one batch.")
     sharding = NamedSharding(mesh, P(None, axis))
     if process_local:  # this process's workers [T, N/P, b, ...], at workers [p N/P, (p+1) N/P) of the mesh axis
-      mesh_lib.process_batch_rows(per_worker, n // jax.process_count())  # raises if the axis is laid out otherwise
+      batches.process_batch_rows(per_worker, n // jax.process_count())  # raises if the axis is laid out otherwise
       batches = jax.tree.map(
           lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x), (x.shape[0], n, *x.shape[2:])),
           batches)
