@@ -34,8 +34,8 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import jdist  # noqa: E402
-from jdist.strategies.async_sgd import async_sgd, split_workers  # noqa: E402
 from jdist.models import gpt, mlp  # noqa: E402
+from jdist.strategies.async_sgd import async_sgd, split_workers  # noqa: E402
 
 
 def models(quick: bool, n: int):

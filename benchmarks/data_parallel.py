@@ -9,8 +9,8 @@ Run: python benchmarks/data_parallel.py [--quick]
 from __future__ import annotations
 
 import argparse
-import sys
 import pathlib
+import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from _common import print_table, setup_devices, time_against_hand, write_json  # noqa: E402

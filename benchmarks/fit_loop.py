@@ -22,11 +22,10 @@ import tempfile
 import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from _common import print_table, write_json  # noqa: E402
-
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
+from _common import print_table, write_json  # noqa: E402
 
 import jdist  # noqa: E402
 from jdist.data import ArrayLoader  # noqa: E402

@@ -33,15 +33,14 @@ import sys
 import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from _common import print_table, time_interleaved, write_json  # noqa: E402
-
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
+from _common import print_table, time_interleaved, write_json  # noqa: E402
 
 import jdist  # noqa: E402
-from jdist.models import gpt  # noqa: E402
 from jdist.analysis.perf import mfu, peak_flops  # noqa: E402
+from jdist.models import gpt  # noqa: E402
 from jdist.precision import mixed_precision  # noqa: E402
 from jdist.state import TrainState  # noqa: E402
 

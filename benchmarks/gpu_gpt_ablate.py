@@ -34,14 +34,13 @@ import sys
 import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import jax  # noqa: E402
+import optax  # noqa: E402
 from _common import print_table, write_json  # noqa: E402
 from gpu_gpt import CONFIGS, compare, cudnn_attention_works, plain_setup  # noqa: E402
 
-import jax  # noqa: E402
-import optax  # noqa: E402
-
-from jdist.models import gpt  # noqa: E402
 from jdist.analysis.perf import mfu, peak_flops  # noqa: E402
+from jdist.models import gpt  # noqa: E402
 
 dp_module = importlib.import_module("jdist.data_parallel")  # the module; jdist.data_parallel is the function
 

@@ -30,13 +30,18 @@ import tempfile
 import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from _common import print_table, write_json  # noqa: E402
-from gpu_gpt import (CONFIGS, cudnn_attention_works, host_tokens, jdist_runner, jdist_setup, plain_runner,  # noqa: E402
-                     plain_setup)
-from gpu_gpt_ablate import _patches, parse_variant  # noqa: E402
-
 import jax  # noqa: E402
-
+from _common import print_table, write_json  # noqa: E402
+from gpu_gpt import (  # noqa: E402
+  CONFIGS,
+  cudnn_attention_works,
+  host_tokens,
+  jdist_runner,
+  jdist_setup,
+  plain_runner,
+  plain_setup,
+)
+from gpu_gpt_ablate import _patches, parse_variant  # noqa: E402
 
 # Kinds of kernel, first match wins, on the kernel's name and its trace arguments (lower case). cuDNN's
 # attention kernels are named after the matrix instructions they use, so attention comes before matmul;

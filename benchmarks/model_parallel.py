@@ -30,8 +30,8 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import jdist  # noqa: E402
-from jdist.strategies.model_parallel import fsdp  # noqa: E402
 from jdist.models import gpt  # noqa: E402
+from jdist.strategies.model_parallel import fsdp  # noqa: E402
 
 MESHES = [
     ("data=8", {"data": 8}, {}),

@@ -20,7 +20,13 @@ import pathlib
 import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from _common import print_table, save_figure, setup_devices, time_interleaved, write_json  # noqa: E402
+from _common import (  # noqa: E402
+  print_table,
+  save_figure,
+  setup_devices,
+  time_interleaved,
+  write_json,
+)
 
 setup_devices(8)
 

@@ -37,10 +37,10 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from jdist.strategies.async_sgd import async_sgd, split_workers  # noqa: E402
 from jdist.data import ArrayLoader  # noqa: E402
 from jdist.datasets import digits, linear_regression  # noqa: E402
 from jdist.models import linear, mlp  # noqa: E402
+from jdist.strategies.async_sgd import async_sgd, split_workers  # noqa: E402
 
 BOUNDS = (0, 1, 4, 16, None)
 LRS = (None, "inverse")

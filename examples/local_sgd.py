@@ -19,10 +19,10 @@ jdist.emulate_devices(8)
 import jax  # noqa: E402
 import optax  # noqa: E402
 
+from jdist.analysis.plot import plot_runs  # noqa: E402
 from jdist.data import ArrayLoader  # noqa: E402
 from jdist.datasets import digits  # noqa: E402
 from jdist.models import mlp  # noqa: E402
-from jdist.analysis.plot import plot_runs  # noqa: E402
 
 
 def strategies(mesh):

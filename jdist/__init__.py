@@ -33,6 +33,7 @@ from jdist.strategies.model_parallel import sharded as sharded
 from jdist.strategies.pipeline import pipeline as pipeline
 from jdist.strategies.pipeline import pipeline_schedule as pipeline_schedule
 from jdist.strategy import Strategy as Strategy
+from jdist.strategy import scan_steps as scan_steps
 from jdist.train import CheckpointConfig as CheckpointConfig
 from jdist.train import fit as fit
 
@@ -65,6 +66,7 @@ __all__ = [
     "precision",
     "put_batch",
     "replicate",
+    "scan_steps",
     "shard_batch",
     "sharded",
     "split_workers",

@@ -5,7 +5,7 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 
-from jdist import batches
+from jdist import batches as batch_lib
 
 
 class ArrayLoader:
@@ -44,7 +44,7 @@ class ArrayLoader:
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
       raise ValueError(f"seed must be an int >= 0, got {seed!r}.")
     self.arrays = {k: np.asarray(v) for k, v in arrays.items()}
-    n = batches.batch_size(self.arrays, what="data set")
+    n = batch_lib.batch_size(self.arrays, what="data set")
     if not isinstance(batch_size, int) or batch_size < 1:
       raise ValueError(f"batch_size must be a positive int, got {batch_size!r}.")
     if batch_size > n:

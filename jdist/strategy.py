@@ -10,6 +10,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from jdist._types import Batch, LossFn, Metrics, Params, PRNGKey
+from jdist.errors import BatchError, OptionTypeError
 from jdist.state import TrainState
 
 
@@ -50,6 +51,8 @@ class StepFn:
   def __init__(self, fn: Callable, mesh: Mesh, **jit_kwargs: Any):
     self.jitted = jax.jit(fn, **jit_kwargs)
     self.lower = self.jitted.lower
+    self._fn, self._mesh, self._jit_kwargs = fn, mesh, jit_kwargs
+    self._scan: StepFn | None = None
     self._sync = mesh.devices.flat[0].platform == "cpu" and mesh.size > 1
 
   def __call__(self, *args: Any) -> Any:
@@ -57,6 +60,38 @@ class StepFn:
     if self._sync:
       jax.block_until_ready(out)
     return out
+
+  def scan(self, state: Any, batches: Any) -> Any:
+    """``lax.scan`` of this step over the leading axis of ``batches``, jitted once (``jdist.scan_steps``)."""
+    if self._scan is None:
+      # the step's own out_shardings (if any) apply to the stacked metrics as well: P() fits any shape
+      self._scan = StepFn(lambda s, bs: jax.lax.scan(self._fn, s, bs), self._mesh, **self._jit_kwargs)
+    return self._scan(state, batches)
+
+
+def scan_steps(strategy: Strategy, state: TrainState, batches: Batch) -> tuple[TrainState, Metrics]:
+  """Runs one step per leading slice of ``batches`` in a single jitted ``lax.scan``, for any strategy.
+
+  Equal to calling ``strategy.step`` on each slice in turn (the same traced step, inlined), without a
+  dispatch per step: for short steps (small models, the async emulator's ticks) the Python loop dominates.
+
+  Args:
+    strategy: any ``Strategy`` (its ``step`` a ``StepFn``).
+    state: from ``strategy.init`` (donated).
+    batches: the per-step batches stacked on a new leading axis: leaves ``[T, ...]`` where each
+      ``[...]`` is what ``strategy.step`` takes (a global batch; ``[num_workers, b, ...]`` for async SGD).
+      Host arrays are fine: each step's slice is laid out as its step needs inside the program.
+
+  Returns:
+    ``(state, metrics)`` with every metric stacked on a leading axis of ``T``.
+  """
+  if not isinstance(strategy, Strategy) or not isinstance(strategy.step, StepFn):
+    raise OptionTypeError("strategy", strategy, "a jdist Strategy (from jdist.data_parallel, jdist.sharded, ...)")
+  sizes = {np.shape(x)[0] if np.ndim(x) else None for x in jax.tree.leaves(batches)}
+  if len(sizes) != 1 or None in sizes or 0 in sizes:
+    raise BatchError(f"scan_steps needs batches stacked on a leading step axis of one size T >= 1 on every leaf, "
+                     f"got leading sizes {sorted(map(str, sizes))}.", {}, 1)
+  return strategy.step.scan(state, batches)
 
 
 def optimizer_shardings(optimizer: Any, opt_state: Any, params: Any, param_shardings: Any, mesh: Mesh) -> Any:

@@ -26,9 +26,9 @@ import optax  # noqa: E402
 
 import jdist  # noqa: E402
 import jdist.distributed  # noqa: E402
-from jdist.strategies.async_sgd import split_workers  # noqa: E402
 from jdist.data import ArrayLoader  # noqa: E402
 from jdist.models import mlp, resmlp  # noqa: E402
+from jdist.strategies.async_sgd import split_workers  # noqa: E402
 
 STEPS = 20  # steps of the equivalence runs
 FIT_STEPS = 12  # steps fit runs on 2 processes before the 1-process resume

@@ -6,9 +6,16 @@ import optax
 import pytest
 
 import jdist
-from jdist.strategies.async_sgd import DelayModel, async_sgd, fixed_speeds, geometric, split_workers, uniform
 from jdist.datasets import linear_regression
 from jdist.models import linear, mlp
+from jdist.strategies.async_sgd import (
+  DelayModel,
+  async_sgd,
+  fixed_speeds,
+  geometric,
+  split_workers,
+  uniform,
+)
 from tests.conftest import assert_trees_all_close
 
 MLP = mlp.init(jax.random.key(0), [6, 256, 3])  # the first layer big enough for the server to split it

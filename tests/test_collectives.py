@@ -6,9 +6,15 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import jdist
-from jdist.collectives import (REFERENCES, allreduce, bf16_allreduce, hierarchical_reference, int8_allreduce,
-                               ring_reference)
 from jdist.analysis import theory
+from jdist.collectives import (
+  REFERENCES,
+  allreduce,
+  bf16_allreduce,
+  hierarchical_reference,
+  int8_allreduce,
+  ring_reference,
+)
 
 SIZES = [(1,), (7,), (13, 3), (2, 5, 11), (64,)]  # 1 element, primes, not divisible by N
 

@@ -42,6 +42,7 @@ def test_another_mesh_s_devices_and_bad_meshes_or_axes():
   mesh = jdist.make_mesh(data=-1, devices=grid.devices)
   assert list(mesh.devices.flat) == list(grid.devices.flat)
   import optax
+
   from jdist.models import mlp
   for make in (jdist.data_parallel, jdist.local_sgd, jdist.sharded, jdist.model_parallel.fsdp):
     with pytest.raises(TypeError, match="mesh must be a jax.sharding.Mesh, e.g. jdist.make_mesh\\(data=-1\\), got NoneType"):

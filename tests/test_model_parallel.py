@@ -8,8 +8,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jdist
-from jdist.strategies.model_parallel import fsdp, partition_specs, tp_mlp
 from jdist.models import gpt, mlp
+from jdist.strategies.model_parallel import fsdp, partition_specs, tp_mlp
 from tests.conftest import assert_trees_all_close, single_device_reference
 
 CFG = gpt.GPTConfig(vocab_size=64, seq_len=16, d_model=32, n_layers=2, n_heads=8)

@@ -25,7 +25,6 @@ import pytest
 import jdist
 from jdist import distributed
 from jdist.cli._launch import free_port, process_env
-
 from tests import _multihost_worker as worker
 from tests.conftest import assert_trees_all_close
 

@@ -9,7 +9,12 @@ import pytest
 import jdist
 from jdist.analysis import comm_report
 from jdist.models import gpt
-from jdist.strategies.pipeline import device_layer_order, pipeline, pipeline_schedule, unstack_params
+from jdist.strategies.pipeline import (
+  device_layer_order,
+  pipeline,
+  pipeline_schedule,
+  unstack_params,
+)
 from tests.conftest import assert_trees_all_close, single_device_reference
 
 W, D_IN, LAYERS = 8, 5, 8

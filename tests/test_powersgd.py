@@ -14,7 +14,11 @@ from jdist.datasets import digits
 from jdist.experiment import ConfigError, build_strategy
 from jdist.models import gpt, mlp
 from tests.conftest import assert_trees_all_close, single_device_reference
-from tests.test_allreduce_training import PARAMS, _batches, _train  # the MLP [6, 16, 3] and its random batches
+from tests.test_allreduce_training import (  # the MLP [6, 16, 3] and its random batches
+  PARAMS,
+  _batches,
+  _train,
+)
 
 
 def powersgd_reference(grads, residuals, qs):

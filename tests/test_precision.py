@@ -9,8 +9,8 @@ import optax
 import pytest
 
 import jdist
-from jdist.models import gpt, mlp
 from jdist.analysis.perf import mfu, peak_flops
+from jdist.models import gpt, mlp
 from jdist.precision import mixed_precision
 from tests.conftest import assert_trees_all_close, benchmark_module
 

@@ -13,7 +13,15 @@ import pytest
 import jdist
 from jdist.data import ArrayLoader
 from jdist.models import mlp
-from jdist.train import Callback, CheckpointConfig, CheckpointError, NanGuard, PrintLogger, fit, read_jsonl
+from jdist.train import (
+  Callback,
+  CheckpointConfig,
+  CheckpointError,
+  NanGuard,
+  PrintLogger,
+  fit,
+  read_jsonl,
+)
 from tests.conftest import assert_trees_all_close
 
 
@@ -626,6 +634,7 @@ def test_a_plain_iterator_cannot_resume_from_a_checkpoint_older_than_the_state(t
 def test_a_fresh_run_purges_the_tensorboard_events_of_an_earlier_one(tmp_path):
   # metrics.jsonl is cut back to step 0; TensorBoard must drop the old run's events too, not overlay them
   import struct
+
   from tensorboardX.proto import event_pb2
 
   for seed in (0, 1):

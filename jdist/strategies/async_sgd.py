@@ -80,7 +80,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jdist import _checks as checks
-from jdist import batches
+from jdist import batches as batch_lib
 from jdist import mesh as mesh_lib
 from jdist._checks import (
   check_callable,
@@ -334,7 +334,7 @@ def split_workers(batch: Batch, num_workers: int, *, process_count: int | None =
                      f"number of workers. Use a multiple of {count} workers.")
   local = n // count
   what = "batch" if count == 1 else "process-local batch"
-  size = batches.batch_size(batch, what=what)
+  size = batch_lib.batch_size(batch, what=what)
   if size % local:
     workers = (f"num_workers={n}" if count == 1
                else f"this process's {local} workers (num_workers={n} / {count} processes)")
@@ -751,7 +751,7 @@ def async_sgd(
   def shard_batch(batch: Batch) -> Batch:
     # one process: [N, b, ...]; several: this process's workers [N/P, b, ...] (jdist.batches.put_batch)
     _check_worker_axis(batch, n, dim=0, what="batch", process_local=_process_local(batch))
-    return batches.put_batch(batch, per_worker)
+    return batch_lib.put_batch(batch, per_worker)
 
   def step_fn(state: TrainState, batch: Batch):
     _check_worker_axis(batch, n, dim=0, what="batch")  # runs at trace time only
@@ -796,7 +796,7 @@ def async_sgd(
                        "...] with T >= 1, e.g. split_workers(batch, num_workers)[None] for one batch.")
     sharding = NamedSharding(mesh, P(None, axis))
     if process_local:  # this process's workers [T, N/P, b, ...], at workers [p N/P, (p+1) N/P) of the mesh axis
-      batches.process_batch_rows(per_worker, n // jax.process_count())  # raises if the axis is laid out otherwise
+      batch_lib.process_batch_rows(per_worker, n // jax.process_count())  # raises if the axis is laid out otherwise
       batches = jax.tree.map(
           lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x), (x.shape[0], n, *x.shape[2:])),
           batches)

@@ -17,7 +17,8 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jdist import _checks as checks
-from jdist import batches, collectives
+from jdist import batches as batch_lib
+from jdist import collectives
 from jdist import mesh as mesh_lib
 from jdist._checks import (
   check_callable,
@@ -221,10 +222,10 @@ def data_parallel(
 
   def shard_batch(batch: Batch) -> Batch:
     # one process: the global batch; several: this process's share (jdist.batches.put_batch)
-    return batches.put_batch(batch, NamedSharding(mesh, P(axes)), multiple_of=n * k)
+    return batch_lib.put_batch(batch, NamedSharding(mesh, P(axes)), multiple_of=n * k)
 
   def step_fn(state: TrainState, batch: Batch):
-    batches.batch_size(batch, multiple_of=n * k)  # runs at trace time only
+    batch_lib.batch_size(batch, multiple_of=n * k)  # runs at trace time only
     residual = state.extra["residual"] if with_residual else None
     q = state.extra["q"] if compression == "powersgd" else None
     (loss, aux, grads), residual, q = sharded_grads(state.params, batch, residual, q)

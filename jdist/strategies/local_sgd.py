@@ -18,7 +18,8 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jdist import _checks as checks
-from jdist import batches, collectives
+from jdist import batches as batch_lib
+from jdist import collectives
 from jdist import mesh as mesh_lib
 from jdist._checks import (
   check_callable,
@@ -134,10 +135,10 @@ def local_sgd(
 
   def shard_batch(batch: Batch) -> Batch:
     # one process: the global batch; several: this process's share (jdist.batches.put_batch)
-    return batches.put_batch(batch, per_device, multiple_of=n)
+    return batch_lib.put_batch(batch, per_device, multiple_of=n)
 
   def step_fn(state: TrainState, batch: Batch):
-    batches.batch_size(batch, multiple_of=n)
+    batch_lib.batch_size(batch, multiple_of=n)
     ex = state.extra
     params, opt_state, replicas, inner, spread, (loss, aux, grad_norm, synced) = sharded(
         state.step, state.params, state.opt_state, ex["replicas"], ex["inner_opt_state"], ex["spread"], batch)

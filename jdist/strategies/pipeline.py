@@ -49,7 +49,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jdist import _checks as checks
-from jdist import batches
+from jdist import batches as batch_lib
 from jdist import mesh as mesh_lib
 from jdist._checks import (
   check_callable,
@@ -521,13 +521,13 @@ def pipeline(
     return sharded_state(params, shardings_of(params), optimizer, mesh, key)
 
   def check_batch(batch):
-    batches.batch_size(batch, multiple_of=n_data * m, what="batch")
+    batch_lib.batch_size(batch, multiple_of=n_data * m, what="batch")
 
   def shard_batch(batch: Batch) -> Batch:
     # one process: the global batch; several: this process's share (gathered on every host first when the
     # pipe axis spans the processes)
     try:
-      return batches.put_batch(batch, NamedSharding(mesh, batch_spec), multiple_of=n_data * m, gather=True)
+      return batch_lib.put_batch(batch, NamedSharding(mesh, batch_spec), multiple_of=n_data * m, gather=True)
     except ValueError as e:
       raise ValueError(f"{e} (the batch is split over {n_data} data replica(s), then into {m} micro-batches)") from None
 

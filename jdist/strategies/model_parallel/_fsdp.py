@@ -22,7 +22,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jdist import _checks as checks
-from jdist import batches
+from jdist import batches as batch_lib
 from jdist._checks import check_callable, check_optimizer, check_params
 from jdist._types import Batch, LossFn, Params, PRNGKey
 from jdist.state import TrainState
@@ -124,10 +124,10 @@ def fsdp(
 
   def shard_batch(batch: Batch) -> Batch:
     # one process: the global batch; several: this process's share (jdist.batches.put_batch)
-    return batches.put_batch(batch, batch_sharding, multiple_of=n)
+    return batch_lib.put_batch(batch, batch_sharding, multiple_of=n)
 
   def step_fn(state: TrainState, batch: Batch):
-    batches.batch_size(batch, multiple_of=n)
+    batch_lib.batch_size(batch, multiple_of=n)
     specs = specs_for(state.params)
     body = jax.shard_map(make_body(specs), mesh=mesh, in_specs=(specs, P(axis)), out_specs=(P(), P(), specs))
     loss, aux, grads = body(state.params, batch)

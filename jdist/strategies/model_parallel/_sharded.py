@@ -15,7 +15,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jdist import _checks as checks
-from jdist import batches
+from jdist import batches as batch_lib
 from jdist import mesh as mesh_lib
 from jdist._checks import check_callable, check_optimizer, check_params
 from jdist._types import Batch, LossFn, Params, PRNGKey
@@ -99,10 +99,10 @@ def sharded(
 
   def shard_batch(batch: Batch) -> Batch:
     # one process: the global batch; several: this process's share (jdist.batches.put_batch)
-    return batches.put_batch(batch, batch_sharding, multiple_of=n_batch)
+    return batch_lib.put_batch(batch, batch_sharding, multiple_of=n_batch)
 
   def step_fn(state: TrainState, batch: Batch):
-    batches.batch_size(batch, multiple_of=n_batch)
+    batch_lib.batch_size(batch, multiple_of=n_batch)
     batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
     (loss, aux), grads = vg(state.params, batch)
     updates, opt_state = optimizer_update(optimizer, grads, state.opt_state, state.params, loss)
