@@ -46,6 +46,12 @@ def test_delay_models_count_only_the_ticks_a_worker_computes():
   assert not _run(geometric(1.0), np.zeros((3, 2), bool), 3).any()
 
 
+def test_uniform_and_geometric_draw_the_stated_compute_times():
+  gaps = np.diff(np.flatnonzero(_run(uniform(2, 4), np.ones((1500, 2), bool), 1500)[:, 0]))
+  assert set(gaps) == {2, 3, 4} and abs(gaps.mean() - 3) < 0.2
+  assert abs(_run(geometric(0.25), np.ones((1500, 2), bool), 1500).mean() - 0.25) < 0.04
+
+
 def test_pauses_are_a_delay_model():
   done = _run(pauses(0.25), np.ones((4000, 2), bool), 4000)
   assert abs(done.mean() - 0.75) < 0.03
@@ -65,6 +71,11 @@ def test_deliveries_drop_the_dead_and_the_waiting():
   np.testing.assert_array_equal(sched.alive, [1, 0, 1, 1])
   np.testing.assert_array_equal(sched.computing, [1, 0, 0, 1])
   np.testing.assert_array_equal(sched.deliver, [1, 0, 0, 1])  # every_tick: all computing workers finish
+  # a plain function may say that any worker finishes: only those that compute deliver
+  anyone = AsyncConfig(num_workers=4, fail=(NEVER, 2, NEVER, NEVER),
+                       delay=as_delay_model(lambda key, tick, n: jnp.ones((n,), bool)))
+  np.testing.assert_array_equal(deliveries(anyone, B(1, 1, 1, 1), B(0, 0, 1, 0), (), KEY, jnp.int32(2)).deliver,
+                                [1, 0, 0, 1])
 
 
 def test_the_gate_lets_read_only_workers_within_s_of_the_slowest_alive():
