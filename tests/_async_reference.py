@@ -30,7 +30,7 @@ def numpy_server(batches, *, lr, apply, s=None, momentum=0.0, lam=0.0, inverse=F
 
   Returns:
     A dict of per-tick arrays: params [T, 2] (w, b after the tick), staleness [T, N] (-1: none), delivered,
-    pulled, waiting [T, N].
+    pulled, waiting [T, N], loss [T] (the mean over the workers computing the tick of each one's loss on its copy).
   """
   x, y = np.asarray(batches["x"], np.float64)[..., 0], np.asarray(batches["y"], np.float64)[..., 0]
   ticks, n = x.shape[:2]
@@ -41,7 +41,7 @@ def numpy_server(batches, *, lr, apply, s=None, momentum=0.0, lam=0.0, inverse=F
   copies = np.zeros((n, 2))
   pulled_version, clock, version = np.zeros(n, int), np.zeros(n, int), 0
   waiting, spent = np.zeros(n, bool), np.zeros(n, int)
-  out = {k: [] for k in ("params", "staleness", "delivered", "pulled", "waiting")}
+  out = {k: [] for k in ("params", "staleness", "delivered", "pulled", "waiting", "loss")}
 
   def step(g, scale):
     nonlocal trace, server, version
@@ -60,6 +60,8 @@ def numpy_server(batches, *, lr, apply, s=None, momentum=0.0, lam=0.0, inverse=F
       d = np.asarray(delivered[t], bool)
       assert not (d & ~computing).any(), f"tick {t}: a waiting or dead worker delivered: {d} vs {computing}"
     grads = {w: _grad(x[t, w], y[t, w], copies[w]) for w in np.flatnonzero(d)}
+    # the loss metric: the workers that compute this tick, each on its own copy
+    loss = np.mean([np.mean((x[t, w] * copies[w, 0] + copies[w, 1] - y[t, w]) ** 2) for w in np.flatnonzero(computing)])
     tau = np.where(d, version - pulled_version, -1)
     if apply == "mean" and d.any():
       g = np.mean([grads[w] + lam * grads[w] ** 2 * (server - copies[w]) for w in grads], 0)
@@ -74,6 +76,6 @@ def numpy_server(batches, *, lr, apply, s=None, momentum=0.0, lam=0.0, inverse=F
     pulled, waiting = idle & ok, idle & ~ok
     copies[pulled], pulled_version[pulled] = server, version
     for k, v in (("params", server.copy()), ("staleness", tau), ("delivered", d), ("pulled", pulled),
-                 ("waiting", waiting)):
+                 ("waiting", waiting), ("loss", loss)):
       out[k].append(v)
   return {k: np.array(v) for k, v in out.items()}

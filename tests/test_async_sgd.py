@@ -435,8 +435,8 @@ def test_strategy_seed_varies_the_schedule_not_the_parameters_through_the_cli(tm
   config = tmp_path / "async.toml"
   config.write_text('[model]\nhidden = [16]\n[data]\nbatch_size = 64\n[optimizer]\nname = "sgd"\nlr = 0.1\n'
                     '[strategy]\nname = "async_sgd"\nnum_workers = 4\npause_prob = 0.5\nmax_staleness = 1\nseed = 1\n'
-                    '[mesh]\nworkers = 1\nnum_devices = 1\n[train]\nsteps = 12\nlog_every = 1\neval_every = 12\nprogress = false\n'
-                    '[checkpoint]\nenabled = false\n')
+                    '[mesh]\nworkers = 1\nnum_devices = 1\n[train]\nsteps = 12\nlog_every = 1\neval_every = 12\n'
+                    'progress = false\n[checkpoint]\nenabled = false\n')
   runs = {}
   for name, sets in (("seed1", []), ("seed2", ["--set", "strategy.seed=2"])):
     assert main(["train", str(config), "--quiet", "--set", f"run_dir={tmp_path / name}", *sets]) == 0

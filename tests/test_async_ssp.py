@@ -123,12 +123,13 @@ def test_every_tick_matches_a_float64_numpy_parameter_server(schedule, s, apply,
     state, m = strategy.step(state, strategy.shard_batch(jax.tree.map(lambda x: x[t], batches)))
     params.append([float(state.params["w"][0, 0]), float(state.params["b"][0])])
     ms.append(jax.device_get(m))
-  m = {k: np.stack([x[k] for x in ms]) for k in ("delivered", "pulled", "waiting", "staleness")}
+  m = {k: np.stack([x[k] for x in ms]) for k in ("delivered", "pulled", "waiting", "staleness", "loss")}
   given = {"periods": [1, 2, 3]} if schedule == "fixed" else {"delivered": m["delivered"].astype(bool)}
   ref = numpy_server(batches, lr=lr, momentum=0.9, apply=apply, s=s, lam=lam, inverse=inverse, **given)
   for k in ("delivered", "pulled", "waiting", "staleness"):
     np.testing.assert_array_equal(m[k].astype(ref[k].dtype), ref[k], err_msg=k)
   np.testing.assert_allclose(np.array(params), ref["params"], rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(m["loss"], ref["loss"], rtol=1e-4)  # a waiting worker's stale copy does not count
   assert m["staleness"].max() >= 2 and 0 < m["delivered"].mean() < 1  # stale gradients, and not every tick
   if s is not None and schedule == "fixed":
     assert m["waiting"].any()  # the slow worker holds the fast ones back

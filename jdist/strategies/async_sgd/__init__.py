@@ -23,7 +23,7 @@ One tick ``t`` (``t = state.step`` before it), in this order (each step a module
 5. **Pull** (``pull``): the workers that pass copy the server's parameters as they are after the tick.
 
 This is SSP as Ho et al. (2013), "More Effective Distributed ML via a Stale Synchronous Parallel Parameter
-Server", define it (Section 2; the wording as we read it in the paper):
+Server", define it (Section 2):
 
     "(1) The slowest and fastest workers must be <= s clocks apart -- otherwise, the fastest worker is
     forced to wait for the slowest worker to catch up; (2) When a worker with clock c commits an update u,

@@ -18,7 +18,7 @@ from jdist.state import TrainState
 from jdist.strategies.async_sgd._batches import check_worker_axis, process_local
 from jdist.strategies.async_sgd._config import NEVER, AsyncConfig, describe, fail_ticks
 from jdist.strategies.async_sgd._delays import DelayModel, as_delay_model, check_delay_model, pauses
-from jdist.strategies.async_sgd._gate import deliveries, gate, slowest_clock
+from jdist.strategies.async_sgd._gate import Deliveries, deliveries, gate, slowest_clock
 from jdist.strategies.async_sgd._pull import pull
 from jdist.strategies.async_sgd._server import APPLY_RULES, is_spec, masked_mean, server_specs, workers_half
 from jdist.strategy import StepFn, Strategy, metrics_from, pin_layout, raw_key, value_and_grad
@@ -103,15 +103,16 @@ def tick(cfg: AsyncConfig, optimizer: Any, mesh: Mesh, vg: Callable, state: Trai
   }
   new = state.replace(step=t + 1, params=params, opt_state=opt_state, key=jax.random.key_data(key), extra=extra)
   mean_grad = jax.tree.map(lambda g: masked_mean(deliver, g), grads)
-  metrics = tick_metrics(ex, new.extra, deliver, pulls, staleness, losses, aux, mean_grad, new.step)
+  metrics = tick_metrics(ex, new.extra, sched, pulls, staleness, losses, aux, mean_grad, new.step)
   return place(cfg, mesh, optimizer, new), jax.lax.with_sharding_constraint(metrics, NamedSharding(mesh, P()))
 
 
-def tick_metrics(before: dict, after: dict, deliver: jax.Array, pulls: jax.Array, staleness: jax.Array,
+def tick_metrics(before: dict, after: dict, sched: Deliveries, pulls: jax.Array, staleness: jax.Array,
                  losses: jax.Array, aux: Any, mean_grad: Params, step: jax.Array) -> Metrics:
   """A tick's metrics (``async_sgd``'s docstring lists them)."""
-  alive, clock = after["alive"], after["clock"]
-  counted = alive | ~jnp.any(alive)  # the loss over the alive workers; over every worker if none is alive
+  alive, clock, deliver = after["alive"], after["clock"], sched.deliver
+  # the loss of the gradients in progress: a waiting worker's copy is stale and computes nothing
+  counted = sched.computing | ~jnp.any(sched.computing)
   num = jnp.sum(deliver.astype(jnp.int32))
   clock_staleness = jnp.where(deliver, before["clock"] - before["pulled_clock"], -1)
   sync = jnp.any(deliver) & jnp.all(deliver == alive) & jnp.all(~deliver | (before["pulled_version"]
@@ -225,13 +226,14 @@ def async_sgd(
     yet pulled), ``pulled_clock`` int32[N] (slowest alive clock at each worker's pull), ``version`` int32
     (server updates applied) and ``delay`` (the delay model's state).
 
-    Metrics per tick: ``loss`` (mean over alive workers of each one's loss on its own copy and batch slice;
-    over all workers if none is alive), ``grad_norm`` (of the mean delivered gradient; 0 if none), ``step``;
-    per worker ``delivered``, ``pulled``, ``waiting`` f32[N] (0/1), ``staleness`` and ``clock_staleness``
-    int32[N] (-1 where not delivered); scalars ``num_delivered``, ``max_staleness``, ``mean_staleness``,
-    ``max_clock_staleness`` (<= s; 0 when nothing is delivered), ``clock_spread`` (of the alive clocks,
-    <= s + 1), ``num_waiting``, ``num_alive``, ``version``, ``updates`` (applied this tick) and
-    ``sync_round`` (1 when every alive worker delivered a gradient of the current version).
+    Metrics per tick: ``loss`` (mean over the workers computing this tick, alive and not waiting, of each one's
+    loss on its own copy and batch slice; over all workers if none computes; likewise ``aux``), ``grad_norm``
+    (of the mean delivered gradient; 0 if none), ``step``; per worker ``delivered``, ``pulled``, ``waiting``
+    f32[N] (0/1), ``staleness`` and ``clock_staleness`` int32[N] (-1 where not delivered); scalars
+    ``num_delivered``, ``max_staleness``, ``mean_staleness``, ``max_clock_staleness`` (<= s; 0 when nothing is
+    delivered), ``clock_spread`` (of the alive clocks, <= s + 1), ``num_waiting``, ``num_alive``, ``version``,
+    ``updates`` (applied this tick) and ``sync_round`` (1 when every alive worker delivered a gradient of the
+    current version).
 
   Raises:
     OptionTypeError: pause_prob or delay_compensation not a real number, a delay that is not a model or
