@@ -14,8 +14,8 @@ Parallel bounds s = 0 (BSP), 1, 2, 4, 16 and none, with both update rules:
 Each configuration runs once per schedule key (the key given to ``init``; the batches and the initial
 parameters stay the same). It prints, per rule and bound, the median and range over keys of the final loss (the
 per-tick loss metric averaged over the last 10% of ticks), of the server's final train-set loss (the metric is
-each worker's loss on its own copy, which a worker waiting at the gate keeps stale, so the server's parameters are
-also measured directly, 20 times a run) and of the test accuracy; the runs that died (server train loss > 2, ln 10
+each computing worker's loss on its own, stale, copy, so the server's parameters are also measured directly, 20
+times a run) and of the test accuracy; the runs that died (server train loss > 2, ln 10
 being 2.30); the updates applied; the loss per update; the workers waiting at the gate; and draws the server's
 loss against ticks and against updates to a PNG. ``benchmarks/async_staleness.py`` runs the same study over 10
 keys and writes the table in benchmarks/RESULTS.md.
@@ -79,8 +79,8 @@ def digits_batches(ticks: int):
 
 def one_run(strategy, params, key: int, batches, train, test) -> dict:
   """One run, scanned in CHUNKS pieces; after each, the server's parameters are measured on the whole train set
-  (the per-tick ``loss`` metric is each worker's loss on its own copy, which a worker waiting at the gate keeps
-  stale: an unbiased view of the model needs the server's parameters)."""
+  (the per-tick ``loss`` metric is each computing worker's loss on its own copy, stale by the time its gradient
+  lands: the model itself is the server's parameters)."""
   loss_fn, accuracy = jax.jit(mlp.loss), jax.jit(mlp.accuracy)
   size = jax.tree.leaves(batches)[0].shape[0] // CHUNKS
   state = strategy.init(params, key=key)
@@ -202,7 +202,7 @@ def run(ticks: int = 600, out: str = "runs/async_sgd", verbose: bool = True, *, 
              "digits": staleness_runs(bounds, rules, keys, ticks, mesh=mesh)}
   if verbose:
     print_table(results["digits"], ticks)
-    print(f"final loss: the per-tick loss metric (each worker on its own copy) averaged over the last 10% of ticks; "
+    print(f"final loss: the per-tick loss metric (each computing worker on its own copy), last 10% of ticks; "
           f"server train loss: the final parameters on the whole train set; dead: server train loss > {DEAD} (ln 10 "
           f"= 2.30); train loss @ updates: the server's when the run had applied as many updates as the fewest of its "
           f"rule; waiting: workers held at the gate per tick. s counts clocks (gradients delivered); a bound of s "
