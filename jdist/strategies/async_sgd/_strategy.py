@@ -247,8 +247,9 @@ def async_sgd(
   Example:
     >>> strategy = async_sgd(linear.loss, optax.sgd(0.01), None, num_workers=4, pause_prob=0.05)  # doctest: +SKIP
     >>> state = strategy.init(linear.init(), key=0)                                                # doctest: +SKIP
-    >>> batch = split_workers(data, 4)                                                             # doctest: +SKIP
-    >>> state, metrics = jdist.scan_steps(strategy, state, np.broadcast_to(batch, (3000, ...)))    # doctest: +SKIP
+    >>> one = split_workers(data, 4)  # the same batch every tick, broadcast over 3000 ticks       # doctest: +SKIP
+    >>> batches = jax.tree.map(lambda x: np.broadcast_to(x, (3000, *x.shape)), one)                # doctest: +SKIP
+    >>> state, metrics = jdist.scan_steps(strategy, state, batches)                                # doctest: +SKIP
   """
   checks.check_callable(loss_fn, "loss_fn")
   checks.check_optimizer(optimizer)
