@@ -26,27 +26,6 @@ from jdist.strategy import StepFn, Strategy, metrics_from, pin_layout, raw_key, 
 EXTRA_REPLICATED = ("pulled_version", "clock", "alive", "waiting", "pulled_clock", "version", "delay")
 
 
-class TickFn(StepFn):
-  """The tick as a ``StepFn`` whose ``scan`` (``jdist.scan_steps``) also pins the final state to the tick's layout.
-
-  XLA lays out a scan's carry itself: on a split server adafactor's factored ``v_col`` came back split over the
-  workers axis where ``init`` and ``step`` keep it whole, and the next ``step`` would compile again for it.
-  """
-
-  def __init__(self, fn: Callable, mesh: Mesh, pin: Callable[[TrainState], TrainState]):
-    super().__init__(fn, mesh, donate_argnums=0)
-    self._pin = pin
-
-  def scan(self, state: TrainState, batches: Batch) -> tuple[TrainState, Metrics]:
-    if self._scan is None:
-      def run(s, bs):
-        s, metrics = jax.lax.scan(self._fn, s, bs)
-        return self._pin(s), metrics
-
-      self._scan = StepFn(run, self._mesh, **self._jit_kwargs)
-    return self._scan(state, batches)
-
-
 def place(cfg: AsyncConfig, mesh: Mesh, optimizer: Any, state: TrainState) -> TrainState:
   """``state`` constrained to its layout (inside jit): the server's params and optimizer state split as
   ``server_specs``, the worker copies over the workers axis, the rest replicated; a tick never moves it."""
@@ -279,7 +258,7 @@ def async_sgd(
     return tick(cfg, optimizer, mesh, vg, state, batch)
 
   name, info = describe(cfg, pause_prob, None if delay is None else model)
-  step_fn = TickFn(step, mesh, lambda state: place(cfg, mesh, optimizer, state))
+  step_fn = StepFn(step, mesh, donate_argnums=0)
   return Strategy(init, shard_batch, step_fn, name, mesh, types.MappingProxyType(info))
 
 
