@@ -31,9 +31,11 @@ Schedules (p devices on the pipe axis, m micro-batches, S stacked layers):
   compute per micro-batch), and on devices running in parallel a tick lasts as long as its slowest op,
   a backward: in the steady state half the devices run a forward and then wait.
 
-In GPipe and circular every device computes every tick (SPMD); idle ticks compute on zeros and are masked
-out, so the bubble is wasted compute, exactly what the schedule table predicts. In 1F1B idle devices skip
-the compute and only take part in the ``ppermute``. ``pipeline_schedule`` returns the table.
+In GPipe and circular every device runs its stage every tick (SPMD); an idle tick's output is dropped and
+its gradient gated to exact zeros, so the bubble is wasted compute, exactly what the schedule table
+predicts (the input function and the loss run only where needed). The weights stay loop constants: the
+backward pass keeps activations per tick, not copies of the weights. In 1F1B idle devices skip the
+compute and only take part in the ``ppermute``. ``pipeline_schedule`` returns the table.
 """
 from __future__ import annotations
 
@@ -343,7 +345,7 @@ def pipeline(
       raise TypeError(f"input_fn must return one array, the activations [micro-batch, ...], got "
                       f"{jax.tree.structure(x)}: the stages pass a single array from device to device. Pack "
                       f"several into one (e.g. concatenate them on the last axis).")
-    layer = jax.tree.map(lambda a: a[0, 0], params["stages"])  # this device's first layer
+    layer = jax.tree.map(lambda a: a[0], params["stages"])  # this device's first layer
     y = jax.eval_shape(lambda: stage_fn(layer, jnp.zeros(x.shape, x.dtype)))
     if not isinstance(y, jax.ShapeDtypeStruct) or (y.shape, y.dtype) != (x.shape, x.dtype):
       got = f"{y.dtype}{list(y.shape)}" if isinstance(y, jax.ShapeDtypeStruct) else str(jax.tree.structure(y))
@@ -353,35 +355,49 @@ def pipeline(
     return x
 
   def run_stage(local, lap, x):
-    # local: this device's layers [v, c, ...]; run the c layers of virtual stage `lap` in order
-    layers = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, lap, 0, keepdims=False), local)
+    # local: this device's layers [v c, ...]; run the c layers of virtual stage `lap` in order. One
+    # dynamic_slice (no squeeze after it) so that ``_weights_only`` sees the selection as one weight-only op
+    layers = local if v == 1 else jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, lap * (a.shape[0] // v),
+                                                                                         a.shape[0] // v, 0), local)
     return jax.lax.scan(lambda h, layer: (stage_fn(layer, h), None), x, layers)[0]
 
   def local_loss(params, batch):
-    # params["stages"]: [v, c, ...] this device's layers; other entries whole; batch: [B/n_data, ...]
+    # params["stages"]: [v c, ...] this device's layers; other entries whole; batch: [B/n_data, ...]
     d = jax.lax.axis_index(axis)
     micro = jax.tree.map(lambda x: x.reshape(m, x.shape[0] // m, *x.shape[1:]), batch)
     pick = lambda i: jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, jnp.maximum(i, 0), 0, keepdims=False), micro)
     x_shape = activation_type(params, pick(0))
 
-    def add_head(y, i, loss, aux):  # the last stage's output of micro-batch i: its loss and aux into the sums
+    def add_head(params, y, i, loss, aux):  # the last stage's output of micro-batch i: its loss and aux into the sums
       loss_i, aux_i = head(params, y, pick(i))
       return loss + loss_i.astype(loss.dtype), jax.tree.map(lambda acc, a: acc + a.astype(acc.dtype), aux, aux_i)
+
+    def compute(params, received, i, lap, loss, aux):
+      working = i >= 0
+      done = working & (d == p - 1) & (lap == v - 1)
+      x = jax.lax.cond(working & (d == 0) & (lap == 0), lambda: input_fn(params, pick(i)), lambda: received)
+      # Every tick runs the stage (idle ones on whatever arrived) and keeps its output only when working. A
+      # stage evaluated on zeros may have an infinite derivative there, and an idle tick's zero cotangent
+      # times that is NaN: the gates give the weights and the input exact zeros there (a select, not a
+      # product). Not a lax.cond: under jax.grad its saved values are outputs of the loop body (a copy of
+      # the weights per tick), and under jax.checkpoint a tick's activations were kept twice. The input and
+      # the loss stay under lax.cond: idle devices skip them.
+      y = run_stage(_gate(working, params["stages"]), lap, _gate(working, x))
+      y = jax.lax.select_n(working, zero_x, y)
+      loss, aux = jax.lax.cond(done, add_head, lambda params, y, i, loss, aux: (loss, aux), params, y, i, loss, aux)
+      return y, loss, aux
+
+    # jax.checkpoint keeps its inputs (the params, loop constants) as they are, and the policy recomputes
+    # what depends on the weights alone (the lap's slice, the gated weights, casts) in the backward instead
+    # of saving it once per tick (m v + p - 1 copies); activations are saved as without it.
+    compute = jax.checkpoint(compute, policy=_weights_only(params, v), prevent_cse=False)
 
     def tick(carry, t):
       received, loss, aux, active = carry
       i, lap = table[t, d], laps[t, d]
-      working = i >= 0
-      done = working & (d == p - 1) & (lap == v - 1)
-      # An idle tick computes nothing (lax.cond, not a jnp.where over computed values): a stage or loss
-      # evaluated on zeros may have an infinite derivative there, and its zero cotangent times that is NaN.
-      # The price, on XLA:CPU: about 8% more temporary memory for GPipe (74.5 MiB instead of 69.1 for
-      # benchmarks/pipeline.py's GPT at m = 16), the conds' saved values kept apart.
-      x = jax.lax.cond(working & (d == 0) & (lap == 0), lambda: input_fn(params, pick(i)), lambda: received)
-      y = jax.lax.cond(working, lambda: run_stage(params["stages"], lap, x), lambda: zero_x)
-      loss, aux = jax.lax.cond(done, add_head, lambda y, i, loss, aux: (loss, aux), y, i, loss, aux)
+      y, loss, aux = compute(params, received, i, lap, loss, aux)
       sent = jax.lax.ppermute(y, axis, [(j, (j + 1) % p) for j in range(p)])
-      return (sent, loss, aux, active + working.astype(jnp.int32)), None
+      return (sent, loss, aux, active + (i >= 0).astype(jnp.int32)), None
 
     all_axes = (axis,) + tuple(data_axes)
     varying = lambda x: jax.lax.pcast(x, all_axes, to="varying")
@@ -485,9 +501,7 @@ def pipeline(
     return loss / m, jax.tree.map(lambda a: a / m, aux), grads, active
 
   def local_grads(params, batch):
-    # this device's S / p layers [v c, ...] as its v virtual stages of c layers, [v, c, ...]
-    params = dict(params, stages=jax.tree.map(lambda x: x.reshape(v, x.shape[0] // v, *x.shape[1:]),
-                                              params["stages"]))
+    # params["stages"]: this device's S / p layers [v c, ...], its v virtual stages of c layers
     vary = lambda x, axes: jax.lax.pcast(x, axes, to="varying") if axes else x
     pipe_and_data = (axis,) + tuple(data_axes)
     params = {k: (jax.tree.map(lambda x: vary(x, tuple(data_axes)), val) if k == "stages" else
@@ -498,8 +512,7 @@ def pipeline(
       (loss, (active, aux)), grads = jax.value_and_grad(local_loss, has_aux=True)(params, batch)
     # the loss and aux live on the last device only: sum over the pipe; average over data replicas
     loss, aux = jax.lax.psum((loss, aux), axis)
-    grads = {k: (jax.tree.map(lambda g: g.reshape(-1, *g.shape[2:]), val) if k == "stages" else
-                 jax.lax.psum(val, axis)) for k, val in grads.items()}
+    grads = {k: (val if k == "stages" else jax.lax.psum(val, axis)) for k, val in grads.items()}
     if data_axes:
       loss, aux, grads = jax.lax.pmean((loss, aux, grads), data_axes)
     idle = p * sched.ticks - jax.lax.psum(active, axis)
@@ -550,6 +563,33 @@ def pipeline(
   strategy = Strategy(init=init, shard_batch=shard_batch, step=step, name=f"pipeline[{schedule}, p={p}, m={m}]",
                       mesh=mesh, info={"schedule": sched, "layer_layout": layout})
   return strategy
+
+
+def _gate(working: jax.Array, tree: Any) -> Any:
+  """``tree`` unchanged; its cotangent passes where ``working`` and is exactly zero elsewhere (NaN included)."""
+  return jax.tree.map(lambda a: jax.lax.select_n(working, jax.lax.stop_gradient(a), a), tree)
+
+
+def _weights_only(params: Params, v: int) -> Callable[..., bool]:
+  """A ``jax.checkpoint`` policy that saves every value except those computed from the parameters alone.
+
+  An operation whose array operands all have the shape of a parameter (this device's layers [v c, ...],
+  a virtual stage's [c, ...], a layer's [...], or another entry of ``params``), in any dtype, is taken to
+  compute from weights alone (the lap's slice, the gated weights, a cast to the compute dtype, a
+  transpose): the backward recomputes it from the weights, which stay loop constants, rather than keep
+  it once per tick. An activation of such a shape is recomputed too: compute, never correctness.
+  """
+  shapes = set()
+  for name, tree in params.items():
+    for a in jax.tree.leaves(tree):
+      shapes.add(a.shape)
+      if name == "stages":
+        shapes.update({a.shape[1:], (a.shape[0] // v, *a.shape[1:])})
+
+  def saveable(prim, *avals, **params) -> bool:
+    return not all(a.shape in shapes for a in avals if getattr(a, "shape", ()))
+
+  return saveable
 
 
 def device_layer_order(num_layers: int, num_stages: int, repeats: int) -> np.ndarray:
