@@ -11,6 +11,8 @@ from jdist.analysis import comm_report
 from jdist.errors import AxisError, BatchError, OptionError, OptionTypeError
 from jdist.models import gpt
 from jdist.strategies.pipeline import (
+  _gpipe,
+  _stage,
   device_layer_order,
   pipeline,
   pipeline_schedule,
@@ -230,6 +232,26 @@ def test_1f1b_gradients_equal_gpipe_and_sequential():
   assert float(metrics["1f1b"]["ticks"]) == 2 * float(metrics["gpipe"]["ticks"]) == 2 * (m + p - 1)
 
 
+@pytest.mark.parametrize("schedule,remat", [("gpipe", "full"), ("circular", "dots_saveable")])
+def test_gpt_with_its_own_remat_equals_sequential(schedule, remat):
+  # the stage's own jax.checkpoint (and its policy) nested in the pipeline's per-tick one: the same numbers
+  cfg = gpt.GPTConfig(vocab_size=64, seq_len=16, d_model=32, n_layers=4, n_heads=2)
+  params = gpt.init(jax.random.key(0), cfg)
+  batches = [jax.device_get(gpt.synthetic_tokens(jax.random.key(i), 16, cfg)) for i in range(3)]
+  opt = optax.sgd(0.5, momentum=0.9)
+  ref, _, ref_losses = single_device_reference(gpt.loss_fn(cfg), opt, params, batches)
+  stage, head_loss, embed, to_pipeline = gpt.pipeline_fns(gpt.GPTConfig(**{**cfg.__dict__, "remat": remat}))
+  strategy = pipeline(stage, head_loss, opt, jdist.make_mesh(pipe=2, devices=jax.devices()[:2]), microbatches=4,
+                      schedule=schedule, input_fn=embed)
+  state, losses = strategy.init(to_pipeline(params)), []
+  for b in batches:
+    state, metrics = strategy.step(state, strategy.shard_batch(b))
+    losses.append(float(metrics["loss"]))
+  np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+  assert_trees_all_close(unstack_params(jax.device_get(state.params), strategy.info["schedule"]), to_pipeline(ref),
+                         rtol=1e-5, atol=1e-6)
+
+
 def test_1f1b_gpt_equals_sequential():
   # the embedding runs on the first device and the tied head on the last: wte's gradient is the sum of both
   cfg = gpt.GPTConfig(vocab_size=64, seq_len=16, d_model=32, n_layers=4, n_heads=2)
@@ -275,11 +297,20 @@ def test_1f1b_memory_does_not_grow_with_microbatches():
   assert temp["1f1b", 32] < temp["gpipe", 32] / 4, temp
 
 
-@pytest.mark.parametrize("schedule,repeats", [("gpipe", 1), ("circular", 2), ("1f1b", 1)])
-def test_memory_grows_with_microbatches_by_activations_not_weights(schedule, repeats):
+def bf16_matmul_stage(layer, x):  # casts its weights inside, as a mixed-precision stage does
+  h = (x.astype(jnp.bfloat16) @ layer["w"].astype(jnp.bfloat16)).astype(x.dtype)
+  return x + jnp.tanh(h + layer["b"])
+
+
+@pytest.mark.parametrize("schedule,repeats,stage", [("gpipe", 1, stage_fn), ("circular", 2, stage_fn),
+                                                    ("1f1b", 1, stage_fn), ("gpipe", 1, bf16_matmul_stage),
+                                                    ("circular", 2, bf16_matmul_stage)],
+                         ids=["gpipe", "circular", "1f1b", "gpipe-bf16-cast", "circular-bf16-cast"])
+def test_memory_grows_with_microbatches_by_activations_not_weights(schedule, repeats, stage):
   # one 512 x 512 layer per virtual stage (1 MiB per layer), 1-row micro-batches (2 KiB activations), p = 4.
   # GPipe and circular used to keep a copy of each device's stage weights per tick: temporary memory grew
-  # by 1.008 MiB per micro-batch for GPipe and 2.018 MiB for circular (v = 2)
+  # by 1.008 MiB per micro-batch for GPipe and 2.018 MiB for circular (v = 2); a stage that casts its
+  # weights would add the casts' copies (1.5 MiB per micro-batch for GPipe without the recompute policy)
   width, p = 512, 4
   params = make_params(layers=p * repeats, width=width)
   act_bytes = width * 4
@@ -287,7 +318,7 @@ def test_memory_grows_with_microbatches_by_activations_not_weights(schedule, rep
   mesh = jdist.make_mesh(pipe=p, devices=jax.devices()[:p])
   temp = {}
   for m in (4, 32):
-    strategy = pipeline(stage_fn, loss_fn, optax.sgd(0.1), mesh, microbatches=m, schedule=schedule,
+    strategy = pipeline(stage, loss_fn, optax.sgd(0.1), mesh, microbatches=m, schedule=schedule,
                         repeats=repeats if schedule == "circular" else None, input_fn=input_fn)
     batch = strategy.shard_batch(make_batches(1, batch=m)[0])
     temp[m] = strategy.step.lower(strategy.init(params), batch).compile().memory_analysis().temp_size_in_bytes
@@ -463,3 +494,39 @@ def test_an_aux_key_named_like_a_pipeline_metric_is_an_error():
                       mesh, microbatches=2, input_fn=input_fn, has_aux=True)
   with pytest.raises(ValueError, match=r"\['bubble'\], which would overwrite"):
     strategy.step(strategy.init(make_params(layers=2)), strategy.shard_batch(make_batches(1, 8)[0]))
+
+
+# ---- the pieces, alone ------------------------------------------------------------------------------------
+
+
+def test_info_is_filled_at_construction_and_read_only():
+  strategy = pipeline(stage_fn, loss_fn, optax.sgd(0.1), jdist.make_mesh(pipe=2, devices=jax.devices()[:2]),
+                      microbatches=4, schedule="circular", input_fn=input_fn)
+  assert strategy.info["schedule"].ticks == pipeline_schedule(2, 4, "circular").ticks
+  assert strategy.info["layer_layout"] == {"schedule": "circular", "pipe": 2, "repeats": 2}
+  with pytest.raises(TypeError):
+    strategy.info["schedule"] = None
+
+
+def test_gate_passes_the_cotangent_only_where_working():
+  # 1 / |x| has an infinite derivative at 0: the idle entry's cotangent is an exact zero, not 0 * inf = NaN
+  f = lambda x, working: jnp.sum(jax.lax.select_n(working, 0.0, 1 / jnp.abs(_gpipe.gate(working, x))))
+  for working, expected in ((True, -1.0), (False, 0.0)):
+    np.testing.assert_array_equal(jax.grad(f)(jnp.float32(1.0 if working else 0.0), working), expected)
+
+
+def test_weights_only_policy_recomputes_what_has_only_parameter_shapes():
+  params = {"stages": {"w": jnp.zeros((4, 3, 3)), "b": jnp.zeros((4, 3))}, "w_out": jnp.zeros((3, 2))}
+  saveable = _gpipe.weights_only(params, v=2)
+  aval = lambda *shape: jax.core.ShapedArray(shape, jnp.float32)
+  for shapes in [(4, 3, 3), (2, 3, 3), (3, 3), (3,), (3, 2), ()]:  # device's layers, a lap's, a layer, w_out, none
+    assert not saveable(jax.lax.convert_element_type_p, aval(*shapes)), shapes
+  assert not saveable(jax.lax.dot_general_p, aval(3, 3), aval(3, 2))  # weights only
+  assert saveable(jax.lax.dot_general_p, aval(5, 3), aval(3, 3))  # an activation [5, 3] times a weight
+  assert saveable(jax.lax.tanh_p, aval(5, 3))
+
+
+def test_config_checks_its_callables():
+  with pytest.raises(OptionTypeError) as e:
+    _stage.PipelineConfig(stage_fn=stage_fn, loss_fn="mse", schedule=pipeline_schedule(2, 2))
+  assert e.value.name == "loss_fn"
