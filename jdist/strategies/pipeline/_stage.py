@@ -1,0 +1,103 @@
+"""What every pipeline executor shares: its frozen config, and the per-device pieces (run inside ``shard_map``)."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from jdist._checks import check_callable
+from jdist._types import Batch, Params
+from jdist.errors import BatchError
+from jdist.strategies.pipeline._schedules import Schedule
+from jdist.strategy import loss_and_aux
+
+
+def batch_x(params: Params, batch: Batch) -> jax.Array:
+  """The default ``input_fn``: the batch's "x"."""
+  if not (isinstance(batch, Mapping) and "x" in batch):
+    keys = list(batch) if isinstance(batch, Mapping) else type(batch).__name__
+    raise BatchError(f"The default input_fn reads batch['x'], but the batch has {keys}. Pass "
+                     f"input_fn=lambda params, batch: ... to make the first stage's input.", {})
+  return batch["x"]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PipelineConfig:
+  """What a pipeline step needs, fixed when the strategy is built (``pipeline``'s arguments, checked)."""
+
+  stage_fn: Callable[[Params, jax.Array], jax.Array]  # one layer: (layer params, x [mb, ...]) -> x, same type
+  loss_fn: Callable[..., Any]  # (params, y [mb, ...], micro-batch) -> scalar mean loss, or (loss, aux)
+  input_fn: Callable[[Params, Batch], jax.Array] = batch_x  # (params, micro-batch) -> x [mb, ...]
+  has_aux: bool = False  # loss_fn returns (loss, aux)
+  axis: str = "pipe"  # the mesh axis the layers are split over; its size is schedule.num_stages
+  data_axes: tuple[str, ...] = ()  # mesh axes the batch is split over (data replicas); never axis
+  schedule: Schedule  # the table the step runs: p devices, m micro-batches, v virtual stages
+
+  def __post_init__(self):
+    for name in ("stage_fn", "loss_fn", "input_fn"):
+      check_callable(getattr(self, name), name)
+
+  @property
+  def all_axes(self) -> tuple[str, ...]:
+    return (self.axis, *self.data_axes)
+
+  @property
+  def batch_spec(self) -> P:
+    """The batch split over the data axes on its leading (example) axis; replicated without them."""
+    return P(self.data_axes) if self.data_axes else P()
+
+  def varying(self, x: jax.Array) -> jax.Array:
+    """``x`` typed like the values the pipeline computes (varying over every mesh axis), for cond / scan."""
+    return jax.lax.pcast(x, self.all_axes, to="varying")
+
+  def head(self, params: Params, y: jax.Array, micro_batch: Batch) -> tuple[jax.Array, Any]:
+    """The loss of one micro-batch from the last layer's output: ``(scalar loss, aux or None)``."""
+    return loss_and_aux(self.loss_fn(params, y, micro_batch), self.has_aux)
+
+
+def micro_batches(batch: Batch, m: int) -> Callable[[jax.Array], Batch]:
+  """``pick(i)``: micro-batch i (a traced index; negative ones read micro-batch 0) of this device's batch."""
+  micro = jax.tree.map(lambda x: x.reshape(m, x.shape[0] // m, *x.shape[1:]), batch)
+  return lambda i: jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, jnp.maximum(i, 0), 0, keepdims=False),
+                                micro)
+
+
+def run_stage(cfg: PipelineConfig, local: Params, lap: jax.Array | int, x: jax.Array) -> jax.Array:
+  """Runs virtual stage ``lap`` of this device's layers ``local`` [v c, ...] (its c layers in order) on x.
+
+  One ``dynamic_slice`` per leaf, no squeeze after it: ``_gpipe.weights_only`` recomputes the selection
+  in the backward as a single weight-only op instead of keeping it per tick.
+  """
+  v = cfg.schedule.repeats
+  layers = local if v == 1 else jax.tree.map(
+      lambda a: jax.lax.dynamic_slice_in_dim(a, lap * (a.shape[0] // v), a.shape[0] // v, 0), local)
+  return jax.lax.scan(lambda h, layer: (cfg.stage_fn(layer, h), None), x, layers)[0]
+
+
+def activation_type(cfg: PipelineConfig, params: Params, micro_batch: Batch) -> jax.ShapeDtypeStruct:
+  """The activations' type after ``input_fn`` (traced, not run), checked to be one array that ``stage_fn``
+  returns unchanged in shape and dtype: each stage's output is the next one's input."""
+  x = jax.eval_shape(lambda: cfg.input_fn(params, micro_batch))
+  y = None
+  if isinstance(x, jax.ShapeDtypeStruct):
+    layer = jax.tree.map(lambda a: a[0], params["stages"])  # this device's first layer
+    y = jax.eval_shape(lambda: cfg.stage_fn(layer, jnp.zeros(x.shape, x.dtype)))
+  if not isinstance(y, jax.ShapeDtypeStruct) or (y.shape, y.dtype) != (x.shape, x.dtype):
+    show = lambda a: f"{a.dtype}{list(a.shape)}" if isinstance(a, jax.ShapeDtypeStruct) else str(jax.tree.structure(a))
+    raise TypeError(f"The activations must be one array that stage_fn returns in the shape and dtype it was given "
+                    f"(each stage's output is the next one's input): input_fn returned {show(x)}, stage_fn "
+                    f"{'-' if y is None else show(y)}. Pack several arrays into one in input_fn, and change the "
+                    f"width or dtype in input_fn or loss_fn, not in stage_fn.")
+  return x
+
+
+def zero_sums(tree_type: Any, cfg: PipelineConfig) -> Any:
+  """Zeros to sum values typed like ``tree_type`` into (float32 or wider), varying over every mesh axis."""
+  return jax.tree.map(lambda a: cfg.varying(jnp.zeros(a.shape, jnp.promote_types(a.dtype, jnp.float32))), tree_type)
+
+
+def add_sums(sums: Any, values: Any) -> Any:
+  return jax.tree.map(lambda acc, a: acc + a.astype(acc.dtype), sums, values)
