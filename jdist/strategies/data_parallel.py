@@ -154,8 +154,8 @@ def make_config(loss_fn, optimizer, mesh, *, axis, backend, accumulate_steps, ha
 def _check_pmap(mesh: Mesh, axes: tuple[str, ...]) -> None:
   if jax.process_count() > 1:
     raise OptionError("backend", "pmap", f"'shard_map' across {jax.process_count()} processes",
-                      "jax.pmap traced inside the jitted step maps over this process's devices only; shard_map "
-                      "computes the same numbers on a mesh over every process's devices.")
+                      "Use backend='shard_map' (the default): jax.pmap traced inside the jitted step maps over this "
+                      "process's devices only, where shard_map computes the same numbers over every process's.")
   if len(axes) != 1 or mesh_lib.axis_size(mesh, axes) != mesh.size:
     raise OptionError("axis", axes if len(axes) > 1 else axes[0],
                       f"one axis holding all {mesh.size} devices of the mesh {dict(mesh.shape)} for backend='pmap'",
