@@ -84,8 +84,9 @@ def local_sgd_from_config(loss_fn, optimizer, mesh, *, axis: str = "data", sync_
   """``local_sgd`` with its outer optimizer given as numbers (TOML cannot hold an optax object).
 
   ``outer_lr`` None is plain averaging; else the outer optimizer is SGD(outer_lr, outer_momentum,
-  nesterov), e.g. DiLoCo's 0.7 / 0.9 / true. ``reducer`` as for ``data_parallel_from_config``. ``outer_momentum`` and ``outer_nesterov`` without
-  ``outer_lr`` (and Nesterov without momentum) are errors: they would change nothing.
+  nesterov), e.g. DiLoCo's 0.7 / 0.9 / true. ``outer_momentum`` and ``outer_nesterov`` without ``outer_lr``
+  (and Nesterov without momentum) are errors: they would change nothing. ``reducer``: a name or a table
+  (``reducer_from_config``).
   """
   number = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)
   if outer_lr is not None and not (number(outer_lr) and outer_lr > 0):

@@ -299,13 +299,14 @@ def test_config_values_of_the_wrong_type_are_errors(override, match):
     ({"name": "data_parallel", "reducer": {"name": "int8", "algorithm": "ring"}},
      "Unknown key 'algorithm' in [strategy.reducer] for name = 'int8'. Valid keys: name; 'algorithm' is for name = "
      "'mean' or 'bf16' or 'powersgd'."),
-    ({"name": "data_parallel", "reducer": "powersdg"}, "Unknown strategy.reducer.name 'powersdg'. It needs to be one "
-                                                       "of ['mean', 'bf16', 'int8', 'powersgd']; did you mean 'powersgd'?"),
+    ({"name": "data_parallel", "reducer": "powersdg"},
+     "Unknown strategy.reducer.name 'powersdg'. It needs to be one of ['mean', 'bf16', 'int8', 'powersgd']; did you "
+     "mean 'powersgd'?"),
     ({"name": "data_parallel", "reducer": {"name": "powersgd", "rank": 0}}, "strategy.reducer.rank must be a positive "
                                                                             "int, got 0."),
-    ({"name": "data_parallel", "reducer": {"algorithm": "rign"}}, "strategy.reducer.algorithm must be one of "
-                                                                  "['halving_doubling', 'hierarchical', 'psum', 'ring', "
-                                                                  "'tree'], got 'rign'. Did you mean 'ring'?"),
+    ({"name": "data_parallel", "reducer": {"algorithm": "rign"}},
+     "strategy.reducer.algorithm must be one of ['halving_doubling', 'hierarchical', 'psum', 'ring', 'tree'], got "
+     "'rign'. Did you mean 'ring'?"),
     ({"name": "data_parallel", "compression": "int8"}, "Option 'compression' of strategy 'data_parallel' is now "
                                                        "strategy.reducer.name"),
     ({"name": "local_sgd", "reducer": {"algorithm": "hierarchical"}},

@@ -142,7 +142,8 @@ def _loss_with_count(params, batch):
 
 
 @pytest.mark.parametrize("kwargs", [{}, {"backend": "pmap"}, {"reducer": reducers.mean("ring")},
-                                    {"reducer": reducers.bf16()}, {"reducer": reducers.int8()}, {"accumulate_steps": 2}],
+                                    {"reducer": reducers.bf16()}, {"reducer": reducers.int8()},
+                                    {"accumulate_steps": 2}],
                          ids=lambda kw: "-".join(f"{k}={getattr(v, 'name', v)}" for k, v in kw.items()) or "psum")
 def test_integer_aux_is_averaged_like_any_metric_and_the_loss_stays_exact(kwargs):
   # integer and bool aux become float32 means over devices (and micro-batches); compressing the

@@ -311,7 +311,8 @@ def test_gpt_blocks_compressed_per_layer():
   mesh, r, L, D = jdist.make_mesh(data=8), 2, 2, 32
   reports = {}
   for stacked in ((), gpt.STACKED):
-    strategy = jdist.data_parallel(gpt.loss_fn(cfg), optax.sgd(0.1), mesh, reducer=reducers.powersgd(r, stacked=stacked))
+    strategy = jdist.data_parallel(gpt.loss_fn(cfg), optax.sgd(0.1), mesh,
+                                   reducer=reducers.powersgd(r, stacked=stacked))
     reports[stacked] = jdist.comm_report(strategy.step.lower(strategy.init(params), strategy.shard_batch(batch)))
   per_layer = [(D, 3 * D), (D, D), (D, 4 * D), (4 * D, D)]  # qkv, o, fc, proj of one block: [m, n]
   floats = (r * (64 + D) + r * (16 + D)  # wte and wpe: one matrix each
@@ -322,7 +323,8 @@ def test_gpt_blocks_compressed_per_layer():
   # without it each [L, ...] stack is one L x (everything else) matrix, and the stacked norms are compressed
   assert reports[()]["all-reduce"].payload_bytes > 4 * floats
   with pytest.raises(OptionError) as err:  # a pattern that matches nothing: found at init, with the paths
-    jdist.data_parallel(gpt.loss_fn(cfg), optax.sgd(0.1), mesh, reducer=reducers.powersgd(stacked=["^block/"])).init(params)
+    bad = reducers.powersgd(stacked=["^block/"])
+    jdist.data_parallel(gpt.loss_fn(cfg), optax.sgd(0.1), mesh, reducer=bad).init(params)
   assert (err.value.name, err.value.got) == ("stacked", "^block/") and "blocks/qkv" in str(err.value)
   with pytest.raises(OptionError) as err:
     reducers.powersgd(stacked=["(blocks"])

@@ -20,7 +20,8 @@ def check_algorithm(algorithm: str, axis: Axis | None = None) -> None:
   """Raises an ``OptionError`` for an unknown algorithm or one that cannot run over ``axis``."""
   if algorithm not in ALGORITHMS:
     hint = difflib.get_close_matches(str(algorithm), list(ALGORITHMS), n=1)
-    raise OptionError("algorithm", algorithm, f"one of {sorted(ALGORITHMS)}", f"Did you mean {hint[0]!r}?" if hint else "")
+    raise OptionError("algorithm", algorithm, f"one of {sorted(ALGORITHMS)}",
+                      f"Did you mean {hint[0]!r}?" if hint else "")
   axes = () if axis is None else (axis,) if isinstance(axis, str) else tuple(axis)
   if algorithm == "hierarchical" and axis is not None and len(axes) != 2:
     raise OptionError("axis", axis, "two mesh axes (outer, inner) for algorithm='hierarchical'",
