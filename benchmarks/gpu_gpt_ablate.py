@@ -42,7 +42,7 @@ from gpu_gpt import CONFIGS, compare, cudnn_attention_works, plain_setup  # noqa
 from jdist.analysis.perf import mfu, peak_flops  # noqa: E402
 from jdist.models import gpt  # noqa: E402
 
-dp_module = importlib.import_module("jdist.data_parallel")  # the module; jdist.data_parallel is the function
+dp_module = importlib.import_module("jdist.strategies.data_parallel")
 
 DEFAULT_VARIANTS = ("straight", "no_norm", "plain_emb", "lean", "optax_ce", "scan1", "scan1_dots_saveable",
                     "scan2_dots_saveable", "scan4", "scan1_full", "straight")

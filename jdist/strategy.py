@@ -56,6 +56,7 @@ class StepFn:
     self._sync = mesh.devices.flat[0].platform == "cpu" and mesh.size > 1
 
   def __call__(self, *args: Any) -> Any:
+    _check_state(args[0] if args else None)
     out = self.jitted(*args)
     if self._sync:
       jax.block_until_ready(out)
@@ -67,6 +68,18 @@ class StepFn:
       # the step's own out_shardings (if any) apply to the stacked metrics as well: P() fits any shape
       self._scan = StepFn(lambda s, bs: jax.lax.scan(self._fn, s, bs), self._mesh, **self._jit_kwargs)
     return self._scan(state, batches)
+
+
+def _check_state(state: Any) -> None:
+  """A step's first argument is a live ``TrainState``: not params, and not a state already given to a step
+  (its arrays were donated to that step and are gone; JAX's CPU backend can crash on them)."""
+  if not isinstance(state, TrainState):
+    raise OptionTypeError("a step's state", state, "a jdist.TrainState",
+                          "Pass the state from strategy.init(params), then the one each step returns.")
+  step = state.step
+  if isinstance(step, jax.Array) and step.is_deleted():
+    raise ValueError("This TrainState was already passed to a step, which took (donated) its arrays. Use the "
+                     "state that step returned: state, metrics = strategy.step(state, batch).")
 
 
 def scan_steps(strategy: Strategy, state: TrainState, batches: Batch) -> tuple[TrainState, Metrics]:
@@ -237,8 +250,10 @@ def loss_and_aux(out: Any, has_aux: bool) -> tuple[jax.Array, Any]:
   as float32 (they are averaged like every metric)."""
   if has_aux:
     if not (isinstance(out, tuple) and len(out) == 2):
-      raise TypeError(f"With has_aux=True, loss_fn must return (loss, aux); it returned a "
-                      f"{type(out).__name__}.")
+      got = (f"an array of shape {jnp.shape(out)}" if hasattr(out, "shape") else
+             f"a {type(out).__name__} of {len(out)}" if isinstance(out, (tuple, list)) else f"a {type(out).__name__}")
+      raise TypeError(f"With has_aux=True, loss_fn must return (loss, aux); it returned {got}. Return a pair, or "
+                      f"drop has_aux=True.")
     loss, aux = out
   else:
     if isinstance(out, tuple):

@@ -15,6 +15,18 @@ import pytest  # noqa: E402
 # tests check those failures themselves (as pyproject.toml's filterwarnings notes).
 logging.getLogger("asyncio").setLevel(logging.CRITICAL)
 
+# Property-based tests: the same few draws on every run ("ci", the default: derandomized, bounded, no example
+# database), or many random ones with HYPOTHESIS_PROFILE=explore. Each example compiles new programs, so no
+# per-example deadline.
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+_SLOW_OK = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.differing_executors]
+settings.register_profile("ci", derandomize=True, max_examples=6, deadline=None, database=None,
+                          suppress_health_check=_SLOW_OK, print_blob=True)
+settings.register_profile("explore", max_examples=60, deadline=None, database=None,
+                          suppress_health_check=_SLOW_OK, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
 
 def pytest_collection_modifyitems(config, items):
   if len(jax.devices()) < 8:

@@ -703,3 +703,13 @@ def test_an_interrupt_after_a_checkpoint_loses_no_evaluation(tmp_path):
   _, cut_dir = _interrupted_then_resumed(tmp_path, "cut", list, _InterruptAt("on_checkpoint", 8), **kw)
   assert [r["step"] for r in read_jsonl(cut_dir / "metrics.jsonl") if "eval_loss" in r] == [4, 8, 12]
   assert (cut_dir / "metrics.jsonl").read_bytes() == (full_dir / "metrics.jsonl").read_bytes()
+
+
+def test_fit_result_repr_is_short():
+  from jdist.models import linear
+
+  strategy = jdist.data_parallel(linear.loss, optax.sgd(0.01), jdist.make_mesh(data=2, devices=jax.devices()[:2]))
+  x = np.arange(8, dtype=np.float32).reshape(-1, 1)
+  result = fit(strategy, strategy.init(linear.init()), [{"x": x, "y": 2 * x + 1}] * 3, steps=3, tensorboard=False)
+  text = repr(result)
+  assert text.startswith("FitResult(steps 0 -> 3, loss ") and "3 history rows" in text and len(text) < 200, text

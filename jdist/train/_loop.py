@@ -14,7 +14,9 @@ import jax
 import numpy as np
 
 from jdist import distributed
+from jdist._checks import check_positive_int
 from jdist.batches import holds_global_arrays
+from jdist.errors import OptionError
 from jdist.mesh import replicate
 from jdist.state import TrainState
 from jdist.strategy import Strategy
@@ -32,7 +34,7 @@ from jdist.train._writers import (
 )
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(repr=False)
 class FitResult:
   """What ``fit`` returns.
 
@@ -51,6 +53,16 @@ class FitResult:
   start_step: int
   stop_reason: str | None = None
   failed: bool = False
+
+  def __repr__(self) -> str:  # short: the state and the histories would print tens of thousands of characters
+    last = self.history[-1] if self.history else {}
+    loss = f", loss {last['loss']:.4g}" if "loss" in last else ""
+    evals = self.eval_history[-1] if self.eval_history else {}
+    shown = ", ".join(f"{k} {v:.4g}" for k, v in evals.items() if k != "step")
+    return (f"FitResult(steps {self.start_step} -> {int(self.state.step)}{loss}"
+            + (f", last eval: {shown}" if shown else "")
+            + (f", stopped: {self.stop_reason}" if self.stop_reason else "") + (", failed" if self.failed else "")
+            + f"; {len(self.history)} history rows, {len(self.eval_history)} evaluations)")
 
 
 class LoopControl:
@@ -167,214 +179,286 @@ def fit(
     CheckpointError: the newest checkpoint cannot be read (unless ``checkpoint.fallback``).
     ValueError: bad arguments.
   """
-  if not isinstance(steps, int) or steps < 0:
-    raise ValueError(f"steps must be a non-negative int (the total number of steps), got {steps!r}.")
-  if not isinstance(log_every, int) or log_every < 1:
-    raise ValueError(f"log_every must be a positive int, got {log_every!r}.")
-  if eval_every is not None and (not isinstance(eval_every, int) or eval_every < 1):
-    raise ValueError(f"eval_every must be a positive int or None, got {eval_every!r}.")
-  positive = lambda x: isinstance(x, numbers.Real) and not isinstance(x, bool) and x > 0
-  if flops_per_step is not None and not positive(flops_per_step):
-    raise ValueError(f"flops_per_step must be a positive number (model FLOPs of one step), got {flops_per_step!r}.")
-  if peak_flops is not None and not positive(peak_flops):
-    raise ValueError(f"peak_flops must be a positive number (FLOP/s of one device), got {peak_flops!r}.")
-  flops_per_step = float(flops_per_step) if flops_per_step is not None else None
-  peak_flops = float(peak_flops) if peak_flops is not None else None
-  if (eval_fn is None) != (eval_data is None):
-    raise ValueError("Pass eval_fn and eval_data together (eval_fn(params, batch) -> dict of metrics).")
+  flops_per_step, peak_flops = _check_args(steps, log_every, eval_every, flops_per_step, peak_flops, eval_fn,
+                                           eval_data)
   run_path = pathlib.Path(run_dir) if run_dir is not None else None
   # how the state orders stacked layers, if not as the model does (a circular pipeline): recorded in every
   # checkpoint, and a checkpoint in another order is refused, never scrambled
   layout = strategy.info.get("layer_layout")
   checkpointer = Checkpointer(checkpoint, layer_layout=layout) if checkpoint is not None else None
-  meta: dict[str, Any] = {}
-  given_step = int(state.step)
-  restored = checkpointer.restore_latest(state) if checkpointer is not None else None
   keyed_callbacks = [(f"{i}.{type(cb).__name__}", cb) for i, cb in enumerate(callbacks)]
-  if restored is not None:
-    ckpt_step, state, meta = restored
-    checkpointer.last_saved_step = int(state.step)
-    for key, cb in keyed_callbacks:
-      if hasattr(cb, "set_state") and key in meta.get("callbacks", {}):
-        cb.set_state(meta["callbacks"][key])
+  state, batches = _resume(checkpointer, state, data, keyed_callbacks)
   start = int(state.step)
-  if restored is not None and "data" in meta:
-    if not hasattr(data, "set_state"):
-      raise CheckpointError("The checkpoint holds a data position but the data has no set_state(); resume "
-                            "with the same kind of data (e.g. jdist.data.ArrayLoader).")
-    data.set_state(meta["data"])
-    batches = iter(data)
-  elif restored is not None:
-    # no data position saved (the run that wrote it read a plain iterable): the data replays from where the
-    # state passed in was, so skip the batches the checkpoint covers
-    if start < given_step:
-      raise CheckpointError(
-          f"The state passed in is at step {given_step} but the newest checkpoint is at step {start}, and it holds "
-          f"no data position to move the data back to: resuming would skip {given_step - start} batch(es). "
-          f"Pass the state from strategy.init, use data with get_state/set_state (jdist.data.ArrayLoader) in the "
-          f"run that writes the checkpoints, or a checkpoint directory of this run.")
-    batches = itertools.islice(iter(data), start - given_step, None)
-  else:
-    batches = iter(data)  # the state passed in continues with the data as given
-
   control = LoopControl(strategy, steps, run_path, evaluates=eval_fn is not None)
   control.last_checkpoint_step = checkpointer.last_saved_step if checkpointer else None
   if start > steps:
     control.request_stop(f"the state is already at step {start}, past steps={steps}; nothing was run")
-  writers = []
-  log_here = run_path is not None and jax.process_index() == 0  # several processes: one writes the logs
-  if log_here:
-    metrics_log = JsonlWriter(run_path / METRICS_FILE, resume_step=start)
-    timing_log = JsonlWriter(run_path / TIMING_FILE, resume_step=start)
-    tb = TensorBoardWriter(run_path / "tensorboard", resume_step=start) if tensorboard else None
-    writers = [w for w in (metrics_log, timing_log, tb) if w is not None]
-  eval_step = jax.jit(eval_fn) if eval_fn is not None else None
-  # eval data is small and of any size: replicate it rather than split it over the data axis
-  eval_batch = replicate(eval_data, strategy.mesh) if eval_data is not None else None
-  if eval_step is not None:  # found now, not after the steps before the first evaluation
-    shape = jax.eval_shape(eval_fn, state.params, eval_batch)
-    if not isinstance(shape, dict):
-      raise ValueError(f"eval_fn(params, batch) must return a dict of scalar metrics, e.g. {{'loss': loss}}; it "
-                       f"returned {type(shape).__name__} {jax.tree.map(lambda x: x.shape, shape)}. A loss with "
-                       f"has_aux=True returns (loss, aux): wrap it, e.g. lambda p, b: {{'loss': loss_fn(p, b)[0]}}.")
-    not_scalar = {k: getattr(v, "shape", type(v).__name__) for k, v in shape.items() if getattr(v, "shape", None) != ()}
-    if not_scalar:  # they would be dropped from the logs and never seen by EarlyStopping
-      raise ValueError(f"eval_fn(params, batch) must return a dict of scalars; these are not: {not_scalar}. "
-                       f"Reduce them, e.g. jnp.mean(...).")
-
-  history: list[dict[str, float]] = []
-  eval_history: list[dict[str, float]] = []
-
-  def save(step, state):
-    # extra too: local SGD's replicas, async SGD's worker copies and compression residuals train between syncs
-    bad = nonfinite_leaves({"params": state.params, "opt_state": state.opt_state, "extra": state.extra})
-    if bad:  # a finite loss does not make the update after it finite: never keep such a checkpoint
-      control.fail(f"the state after step {step} is not finite (inf or nan in {', '.join(bad[:3])}"
-                   f"{', ...' if len(bad) > 3 else ''}); training stopped and step {step} was not checkpointed")
-      return
-    position = {"data": data.get_state()} if hasattr(data, "get_state") else {}
-    states = {key: cb.get_state() for key, cb in keyed_callbacks if hasattr(cb, "get_state")}
-    if states:  # callbacks that count (EarlyStopping) resume where they were
-      position["callbacks"] = states
-    path = checkpointer.save(step, state, position)
-    control.last_checkpoint_step = step
-    _call(callbacks, "on_checkpoint", control, step, path)
-
-  def evaluate(step, state):
-    metrics = {f"eval_{k}": v for k, v in _host(eval_step(state.params, eval_batch)).items()}
-    metrics["step"] = step
-    eval_history.append(metrics)
-    if log_here:
-      metrics_log.write(metrics)
-      if tb is not None:
-        tb.write(step, metrics)
-    _call(callbacks, "on_eval", control, step, metrics)
-
-  step = start
-  window_start, window_steps, examples = time.perf_counter(), 0, 0
+  # several processes: only process 0 writes the logs
   peak = _mesh_peak(strategy, peak_flops) if flops_per_step is not None else None
+  logs = (_Logs(run_path, start, tensorboard=tensorboard, flops_per_step=flops_per_step, peak=peak)
+          if run_path is not None and jax.process_index() == 0 else None)
+  run = _Run(strategy=strategy, state=state, steps=steps, start=start, control=control, callbacks=callbacks,
+             keyed_callbacks=keyed_callbacks, data=data, checkpointer=checkpointer, logs=logs,
+             evaluator=_evaluator(eval_fn, eval_data, state, strategy.mesh), eval_every=eval_every,
+             log_every=log_every, overlap=overlap)
   result = None
-  logged_step = None  # the last step written to the logs
-
-  def finish(k, metrics, n_examples):
-    # step k's metrics to the host: history, callbacks, logs (a failed step is not logged)
-    nonlocal window_start, window_steps, examples
-    window_steps += 1
-    examples += n_examples
-    host = _host(metrics, copy_ahead)
-    host["step"] = k
-    history.append(host)
-    _call(callbacks, "on_step", control, k, host)
-    if control.failed:
-      return
-    if k % log_every == 0 or k == steps:
-      log(k, host)
-
-  def log(k, host):
-    nonlocal window_start, window_steps, examples, logged_step
-    logged_step = k
-    if log_here:
-      elapsed = time.perf_counter() - window_start
-      metrics_log.write(host)
-      if tb is not None:
-        tb.write(k, host)
-      timing = {"step": k, "steps_per_s": window_steps / elapsed, "examples_per_s": examples / elapsed}
-      if flops_per_step is not None:
-        timing["model_tflops_per_s"] = flops_per_step * timing["steps_per_s"] / 1e12
-        if peak is not None:
-          timing["mfu"] = flops_per_step * timing["steps_per_s"] / peak
-      timing_log.write({**timing, "time": time.time()})
-      window_start, window_steps, examples = time.perf_counter(), 0, 0
-
-  pending = None  # (step, metrics on the device, examples) of the last step dispatched and not yet read
-  copy_ahead = strategy.mesh.devices.flat[0].platform != "cpu"
-  run_id = distributed.next_run("fit") if jax.process_count() > 1 else None
-  last_local = None  # examples in this process's last batch (several processes: checked when it changes)
   try:
     _call(callbacks, "on_start", control, start)  # inside: a callback failing here still ends the others
-    while True:
-      if pending is not None:
-        k, metrics, n_examples = pending
-        eval_due = eval_step is not None and ((eval_every and k % eval_every == 0) or k == steps)
-        save_due = checkpointer is not None and checkpointer.due(k)
-        # evaluation and checkpoints need step k's state, which the next (donating) step consumes
-        if not overlap or eval_due or save_due or k >= steps or control.stop_reason is not None:
-          pending = None
-          finish(k, metrics, n_examples)
-          if control.failed:
-            break
-          try:  # evaluation first, so the checkpoint holds what it did (its log line, EarlyStopping's count)
-            if eval_due:
-              evaluate(k, state)
-          finally:  # and a failing or interrupted evaluation does not cost the checkpoint
-            if save_due:
-              save(k, state)
-      if step >= steps or control.stop_reason is not None:
-        if pending is None:
-          break
-        continue  # read the step still running first
-      try:
-        batch = next(batches)
-        # several processes: each passes its share (jdist.batches.put_batch); count the global batch
-        n_local = len(jax.tree.leaves(batch)[0])
-        n_examples = n_local * jax.process_count()
-        if run_id is not None and n_local != last_local and not holds_global_arrays(batch):
-          # unequal shares would silently skew the average: compare them at the first batch and at each change
-          distributed.check_batch_sizes(n_local, f"fit {run_id}, step {step + 1}", timeout_s=(
-              distributed.FIRST_BATCH_TIMEOUT_S if last_local is None else distributed.DEFAULT_TIMEOUT_S))
-          last_local = n_local
-        state, metrics = strategy.step(state, strategy.shard_batch(batch))
-      except StopIteration:
-        control.request_stop(f"the data ran out after step {step}")
-        continue
-      except BaseException:
-        if pending is not None:  # the step before the failing one still gets its record
-          finish(*pending)
-        raise
-      step += 1
-      if pending is not None:  # overlap: read the previous step while this one runs on the devices
-        finish(*pending)
-      pending = (step, metrics, n_examples)
-    if not control.failed and step > start:  # ended early (data, a callback): its last step is logged too
-      if logged_step != step:
-        log(step, history[-1])
-      if eval_step is not None and (not eval_history or eval_history[-1]["step"] != step):
-        evaluate(step, state)
-    if (checkpointer is not None and not control.failed and checkpoint.save_at_end
-        and checkpointer.last_saved_step != step):
-      save(step, state)
-    result = FitResult(state=state, history=history, eval_history=eval_history, start_step=start,
-                       stop_reason=control.stop_reason, failed=control.failed)
+    run.loop(batches)
+    run.wrap_up(save_at_end=checkpoint is not None and checkpoint.save_at_end)
+    result = run.result()
   finally:
-    for w in writers:
-      w.close()
+    if logs is not None:
+      logs.close()
     if checkpointer is not None:
       checkpointer.close()
     if result is None:  # an exception (Ctrl-C, the data, a step): callbacks still end (a progress bar stops)
       error = sys.exc_info()[1]
-      control.request_stop(f"{type(error).__name__} at step {step}" if error else f"stopped at step {step}",
+      control.request_stop(f"{type(error).__name__} at step {run.step}" if error else f"stopped at step {run.step}",
                            failed=True)
-      result = FitResult(state=state, history=history, eval_history=eval_history, start_step=start,
-                         stop_reason=control.stop_reason, failed=True)
+      result = run.result()
     _call(callbacks, "on_end", control, result)
   return result
+
+def _check_args(steps, log_every, eval_every, flops_per_step, peak_flops, eval_fn, eval_data):
+  """``fit``'s arguments checked; returns ``(flops_per_step, peak_flops)`` as floats (or None)."""
+  if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
+    raise OptionError("steps", steps, "a non-negative int (the total number of steps)")
+  check_positive_int(log_every, "log_every")
+  if eval_every is not None:
+    check_positive_int(eval_every, "eval_every")
+  for name, value, what in (("flops_per_step", flops_per_step, "model FLOPs of one step"),
+                            ("peak_flops", peak_flops, "FLOP/s of one device")):
+    if value is not None and not (isinstance(value, numbers.Real) and not isinstance(value, bool) and value > 0):
+      raise OptionError(name, value, f"a positive number ({what})")
+  if (eval_fn is None) != (eval_data is None):
+    raise ValueError("Pass eval_fn and eval_data together (eval_fn(params, batch) -> dict of metrics).")
+  return (float(flops_per_step) if flops_per_step is not None else None,
+          float(peak_flops) if peak_flops is not None else None)
+
+
+def _resume(checkpointer, state, data, keyed_callbacks):
+  """The state to start from (the newest checkpoint's, else ``state``) and the batches that follow it;
+  restores the data position and the callbacks' state saved with the checkpoint."""
+  given_step = int(state.step)
+  restored = checkpointer.restore_latest(state) if checkpointer is not None else None
+  if restored is None:
+    return state, iter(data)  # the state passed in continues with the data as given
+  _, state, meta = restored
+  checkpointer.last_saved_step = int(state.step)
+  for key, cb in keyed_callbacks:
+    if hasattr(cb, "set_state") and key in meta.get("callbacks", {}):
+      cb.set_state(meta["callbacks"][key])
+  start = int(state.step)
+  if "data" in meta:
+    if not hasattr(data, "set_state"):
+      raise CheckpointError("The checkpoint holds a data position but the data has no set_state(); resume "
+                            "with the same kind of data (e.g. jdist.data.ArrayLoader).")
+    data.set_state(meta["data"])
+    return state, iter(data)
+  # no data position saved (the run that wrote it read a plain iterable): the data replays from where the
+  # state passed in was, so skip the batches the checkpoint covers
+  if start < given_step:
+    raise CheckpointError(
+        f"The state passed in is at step {given_step} but the newest checkpoint is at step {start}, and it holds "
+        f"no data position to move the data back to: resuming would skip {given_step - start} batch(es). "
+        f"Pass the state from strategy.init, use data with get_state/set_state (jdist.data.ArrayLoader) in the "
+        f"run that writes the checkpoints, or a checkpoint directory of this run.")
+  return state, itertools.islice(iter(data), start - given_step, None)
+
+
+def _evaluator(eval_fn, eval_data, state, mesh):
+  """``eval_fn`` jitted on ``eval_data`` (replicated: it is small and of any size), as ``params -> metrics``,
+  after checking it returns a dict of scalars (now, not after the steps before the first evaluation)."""
+  if eval_fn is None:
+    return None
+  eval_step = jax.jit(eval_fn)
+  eval_batch = replicate(eval_data, mesh)
+  shape = jax.eval_shape(eval_fn, state.params, eval_batch)
+  if not isinstance(shape, dict):
+    raise ValueError(f"eval_fn(params, batch) must return a dict of scalar metrics, e.g. {{'loss': loss}}; it "
+                     f"returned {type(shape).__name__} {jax.tree.map(lambda x: x.shape, shape)}. A loss with "
+                     f"has_aux=True returns (loss, aux): wrap it, e.g. lambda p, b: {{'loss': loss_fn(p, b)[0]}}.")
+  not_scalar = {k: getattr(v, "shape", type(v).__name__) for k, v in shape.items() if getattr(v, "shape", None) != ()}
+  if not_scalar:  # they would be dropped from the logs and never seen by EarlyStopping
+    raise ValueError(f"eval_fn(params, batch) must return a dict of scalars; these are not: {not_scalar}. "
+                     f"Reduce them, e.g. jnp.mean(...).")
+  return lambda params: eval_step(params, eval_batch)
+
+
+class _Logs:
+  """A run's ``metrics.jsonl``, ``timing.jsonl`` and TensorBoard events, and the timing window between logs."""
+
+  def __init__(self, run_path: pathlib.Path, start: int, *, tensorboard: bool, flops_per_step: float | None,
+               peak: float | None):
+    self.metrics_log = JsonlWriter(run_path / METRICS_FILE, resume_step=start)
+    self.timing_log = JsonlWriter(run_path / TIMING_FILE, resume_step=start)
+    self.tb = TensorBoardWriter(run_path / "tensorboard", resume_step=start) if tensorboard else None
+    self.flops_per_step, self.peak = flops_per_step, peak
+    self.window_start, self.window_steps, self.examples = time.perf_counter(), 0, 0
+
+  def count(self, n_examples: int) -> None:
+    self.window_steps += 1
+    self.examples += n_examples
+
+  def metrics(self, step: int, host: dict[str, float]) -> None:
+    self.metrics_log.write(host)
+    if self.tb is not None:
+      self.tb.write(step, host)
+
+  def timing(self, step: int) -> None:
+    """Steps and examples per second since the last call (and model TFLOP/s, MFU where known)."""
+    elapsed = time.perf_counter() - self.window_start
+    timing = {"step": step, "steps_per_s": self.window_steps / elapsed, "examples_per_s": self.examples / elapsed}
+    if self.flops_per_step is not None:
+      timing["model_tflops_per_s"] = self.flops_per_step * timing["steps_per_s"] / 1e12
+      if self.peak is not None:
+        timing["mfu"] = self.flops_per_step * timing["steps_per_s"] / self.peak
+    self.timing_log.write({**timing, "time": time.time()})
+    self.window_start, self.window_steps, self.examples = time.perf_counter(), 0, 0
+
+  def close(self) -> None:
+    for w in (self.metrics_log, self.timing_log, self.tb):
+      if w is not None:
+        w.close()
+
+
+@dataclasses.dataclass
+class _Run:
+  """One call of ``fit``: the loop's moving parts (the state, the step dispatched and not yet read, the
+  histories) and what it does at each step (read metrics, log, evaluate, checkpoint)."""
+
+  strategy: Strategy
+  state: TrainState
+  steps: int
+  start: int
+  control: LoopControl
+  callbacks: Sequence[Any]
+  keyed_callbacks: list[tuple[str, Any]]
+  data: Any
+  checkpointer: Checkpointer | None
+  logs: _Logs | None
+  evaluator: Callable[[Any], dict[str, Any]] | None
+  eval_every: int | None
+  log_every: int
+  overlap: bool
+
+  def __post_init__(self):
+    self.step = self.start
+    self.history: list[dict[str, float]] = []
+    self.eval_history: list[dict[str, float]] = []
+    self.pending = None  # (step, metrics on the device, examples) of the last step dispatched and not yet read
+    self.logged_step = None  # the last step written to the logs
+    self.copy_ahead = self.strategy.mesh.devices.flat[0].platform != "cpu"
+    self.run_id = distributed.next_run("fit") if jax.process_count() > 1 else None
+    self.last_local = None  # examples in this process's last batch (several processes: checked when it changes)
+
+  def loop(self, batches) -> None:
+    while True:
+      if self.pending is not None:
+        self.settle()
+        if self.control.failed:
+          return
+      if self.step >= self.steps or self.control.stop_reason is not None:
+        if self.pending is None:
+          return
+        continue  # read the step still running first
+      try:
+        batch = next(batches)
+        n_examples = self.global_examples(batch)
+        self.state, metrics = self.strategy.step(self.state, self.strategy.shard_batch(batch))
+      except StopIteration:
+        self.control.request_stop(f"the data ran out after step {self.step}")
+        continue
+      except BaseException:
+        if self.pending is not None:  # the step before the failing one still gets its record
+          self.finish(*self.pending)
+        raise
+      self.step += 1
+      if self.pending is not None:  # overlap: read the previous step while this one runs on the devices
+        self.finish(*self.pending)
+      self.pending = (self.step, metrics, n_examples)
+
+  def settle(self) -> None:
+    """Reads the pending step now if anything needs its exact state (evaluation, a checkpoint, the end)."""
+    k, metrics, n_examples = self.pending
+    eval_due = self.evaluator is not None and ((self.eval_every and k % self.eval_every == 0) or k == self.steps)
+    save_due = self.checkpointer is not None and self.checkpointer.due(k)
+    # evaluation and checkpoints need step k's state, which the next (donating) step consumes
+    if not (not self.overlap or eval_due or save_due or k >= self.steps or self.control.stop_reason is not None):
+      return
+    self.pending = None
+    self.finish(k, metrics, n_examples)
+    if self.control.failed:
+      return
+    try:  # evaluation first, so the checkpoint holds what it did (its log line, EarlyStopping's count)
+      if eval_due:
+        self.evaluate(k)
+    finally:  # and a failing or interrupted evaluation does not cost the checkpoint
+      if save_due:
+        self.save(k)
+
+  def global_examples(self, batch) -> int:
+    """Examples in the global batch; several processes each pass their share (jdist.batches.put_batch)."""
+    n_local = len(jax.tree.leaves(batch)[0])
+    if self.run_id is not None and n_local != self.last_local and not holds_global_arrays(batch):
+      # unequal shares would silently skew the average: compare them at the first batch and at each change
+      distributed.check_batch_sizes(n_local, f"fit {self.run_id}, step {self.step + 1}", timeout_s=(
+          distributed.FIRST_BATCH_TIMEOUT_S if self.last_local is None else distributed.DEFAULT_TIMEOUT_S))
+      self.last_local = n_local
+    return n_local * jax.process_count()
+
+  def finish(self, k: int, metrics: dict[str, Any], n_examples: int) -> None:
+    """Step k's metrics to the host: history, callbacks, logs (a failed step is not logged)."""
+    if self.logs is not None:
+      self.logs.count(n_examples)
+    host = _host(metrics, self.copy_ahead)
+    host["step"] = k
+    self.history.append(host)
+    _call(self.callbacks, "on_step", self.control, k, host)
+    if not self.control.failed and (k % self.log_every == 0 or k == self.steps):
+      self.log(k, host)
+
+  def log(self, k: int, host: dict[str, float]) -> None:
+    self.logged_step = k
+    if self.logs is not None:
+      self.logs.metrics(k, host)
+      self.logs.timing(k)
+
+  def evaluate(self, step: int) -> None:
+    metrics = {f"eval_{k}": v for k, v in _host(self.evaluator(self.state.params)).items()}
+    metrics["step"] = step
+    self.eval_history.append(metrics)
+    if self.logs is not None:
+      self.logs.metrics(step, metrics)
+    _call(self.callbacks, "on_eval", self.control, step, metrics)
+
+  def save(self, step: int) -> None:
+    # extra too: local SGD's replicas, async SGD's worker copies and compression residuals train between syncs
+    state = self.state
+    bad = nonfinite_leaves({"params": state.params, "opt_state": state.opt_state, "extra": state.extra})
+    if bad:  # a finite loss does not make the update after it finite: never keep such a checkpoint
+      self.control.fail(f"the state after step {step} is not finite (inf or nan in {', '.join(bad[:3])}"
+                        f"{', ...' if len(bad) > 3 else ''}); training stopped and step {step} was not checkpointed")
+      return
+    position = {"data": self.data.get_state()} if hasattr(self.data, "get_state") else {}
+    states = {key: cb.get_state() for key, cb in self.keyed_callbacks if hasattr(cb, "get_state")}
+    if states:  # callbacks that count (EarlyStopping) resume where they were
+      position["callbacks"] = states
+    path = self.checkpointer.save(step, state, position)
+    self.control.last_checkpoint_step = step
+    _call(self.callbacks, "on_checkpoint", self.control, step, path)
+
+  def wrap_up(self, *, save_at_end: bool) -> None:
+    """A run that ended early (data, a callback) logs and evaluates its last step too; then the final save."""
+    if not self.control.failed and self.step > self.start:
+      if self.logged_step != self.step:
+        self.log(self.step, self.history[-1])
+      if self.evaluator is not None and (not self.eval_history or self.eval_history[-1]["step"] != self.step):
+        self.evaluate(self.step)
+    if save_at_end and not self.control.failed and self.checkpointer.last_saved_step != self.step:
+      self.save(self.step)
+
+  def result(self) -> FitResult:
+    return FitResult(state=self.state, history=self.history, eval_history=self.eval_history, start_step=self.start,
+                     stop_reason=self.control.stop_reason, failed=self.control.failed)

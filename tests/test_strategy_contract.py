@@ -1,4 +1,4 @@
-"""jdist.scan_steps: T steps in one jitted scan equal T calls of strategy.step, for several strategies."""
+"""The contract every strategy keeps: scan_steps equals stepping, a step takes a live TrainState, clear loss errors."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -44,3 +44,22 @@ def test_scan_steps_bad_input():
     jdist.scan_steps(strategy, strategy.init(PARAMS), {"x": np.zeros((2, 8, 6)), "y": np.zeros((3, 8), int)})
   with pytest.raises(jdist.errors.OptionTypeError):
     jdist.scan_steps(strategy.step, None, _batches(2, 8))
+
+
+def test_a_step_refuses_params_and_a_donated_state():
+  strategy = jdist.data_parallel(mlp.loss, optax.sgd(0.1), jdist.make_mesh(data=-1))
+  batch = strategy.shard_batch(jax.tree.map(lambda b: b[0], _batches(1, 8)))
+  with pytest.raises(jdist.errors.OptionTypeError, match="TrainState"):
+    strategy.step(PARAMS, batch)
+  state = strategy.init(PARAMS)
+  new_state, _ = strategy.step(state, batch)
+  with pytest.raises(ValueError, match="already passed to a step"):  # was a segfault on JAX's CPU backend
+    strategy.step(state, batch)
+  strategy.step(new_state, batch)
+
+
+def test_has_aux_with_a_scalar_loss_names_the_shape():
+  strategy = jdist.data_parallel(mlp.loss, optax.sgd(0.1), jdist.make_mesh(data=-1), has_aux=True)
+  batch = strategy.shard_batch(jax.tree.map(lambda b: b[0], _batches(1, 8)))
+  with pytest.raises(TypeError, match=r"returned an array of shape \(\)"):
+    strategy.step(strategy.init(PARAMS), batch)
