@@ -11,8 +11,10 @@ and their ratio is data_parallel step time / tick time (goal: >= 0.8). Timing is
 (benchmarks/_common.time_interleaved). Emulator rows: every worker delivering every tick (each tick
 one synchronous round), half the workers pausing (the delivered gradients applied one by one, as a
 parameter server does), and the same on one device with the workers vmapped instead of one per device
-(the layout examples/async_sgd.py uses on a CPU). Every row has two ratios: to data_parallel on all the
-devices, and to data_parallel on the devices the row uses. They differ for the one-device row: there
+(the layout examples/async_sgd.py uses on a CPU). The rows with no pauses run ``apply="mean"`` (one averaged
+update a tick), those with pauses ``apply="each"`` (every delivered gradient its own update, the most work a
+tick). Every row has two ratios: to data_parallel on all the devices, and to data_parallel on the devices the
+row uses. They differ for the one-device row: there
 the emulator takes 8 gradients at 8 different copies of the weights on one device, where
 data_parallel on that device takes one gradient of the whole batch at one copy. Writes bench_results/async_sgd.json.
 
@@ -73,13 +75,13 @@ def main() -> None:
 
       fns[label] = run_dp
       baselines[d] = label
-    variants = {  # label: (the devices it runs on, async_sgd options)
-        f"async, {n} devices, no pauses": (n, dict(mesh=workers_mesh)),
-        f"async, {n} devices, pause 0.5": (n, dict(mesh=workers_mesh, pause_prob=0.5)),
-        "async, 1 device (vmap), pause 0.5": (1, dict(mesh=None, pause_prob=0.5)),
+    variants = {  # label: (the devices it runs on, the mesh, async_sgd options)
+        f"async, {n} devices, no pauses": (n, workers_mesh, dict(apply="mean")),
+        f"async, {n} devices, pause 0.5": (n, workers_mesh, dict(pause_prob=0.5, apply="each")),
+        "async, 1 device (vmap), pause 0.5": (1, None, dict(pause_prob=0.5, apply="each")),
     }
-    for label, (_, kw) in variants.items():
-      strategy = async_sgd(loss_fn, optimizer, num_workers=n, key=0, **kw)
+    for label, (_, mesh, kw) in variants.items():
+      strategy = async_sgd(loss_fn, optimizer, mesh, num_workers=n, **kw)
       box[label] = strategy.init(params)
       batch = strategy.shard_batch(split_workers(host_batch, n))
 
@@ -94,7 +96,7 @@ def main() -> None:
     for d, label in baselines.items():
       results[name][label] = {"step_ms": times[label] * 1e3, "grads_per_s": rate[label]}
       rows.append((name, label, times[label] * 1e3, rate[label], "", ""))
-    for label, (d, _) in variants.items():
+    for label, (d, _, _) in variants.items():
       to_all, to_same = rate[label] / rate[baselines[n]], rate[label] / rate[baselines[d]]
       rows.append((name, label, times[label] * 1e3, rate[label], to_all, to_same))
       results[name]["async"][label] = {"tick_ms": times[label] * 1e3, "worker_grads_per_s": rate[label],

@@ -101,6 +101,11 @@ class OptimizerConfig:
 class StrategyConfig:
   name: str = "data_parallel"  # a key of jdist.experiment.STRATEGIES
   options: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # keyword arguments of the strategy
+  seed: int | None = None  # the strategy's randomness (its init key: async SGD's schedule); None: train.seed
+
+  def __post_init__(self):
+    if self.seed is not None:
+      _non_negative("strategy.seed", self.seed)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -257,7 +262,7 @@ def from_dict(raw: Mapping[str, Any]) -> Config:
     elif key == "strategy":
       value = dict(value)
       name = _typed("strategy.name", value.pop("name", "data_parallel"), "str")
-      kwargs[key] = StrategyConfig(name=name, options=value)
+      kwargs[key] = StrategyConfig(name=name, seed=value.pop("seed", None), options=value)
     elif key == "mesh":
       value = dict(value)
       cpu = value.pop("cpu_devices", 8)

@@ -141,14 +141,14 @@ def fsdp_from_config(loss_fn, optimizer, mesh, *, axis: str = "fsdp", min_size: 
 
 
 def async_sgd_from_config(loss_fn, optimizer, mesh, *, num_workers: int = 8, pause_prob: float = 0.0,
-                          max_staleness: int = -1, staleness_lr: str = "", delay_compensation: float = 0.0,
-                          seed: int = 0) -> Strategy:
+                          max_staleness: int = -1, apply: str = "mean", staleness_lr: str = "",
+                          delay_compensation: float = 0.0) -> Strategy:
   """``async_sgd`` for configs: workers over the mesh's first axis, ``max_staleness = -1`` for no bound,
   ``staleness_lr = ""`` for none. Its ``shard_batch`` takes global batches (as ``ArrayLoader`` yields) and
-  splits them into one slice per worker."""
-  strategy = async_sgd(loss_fn, optimizer, num_workers=num_workers, mesh=mesh, axis=mesh.axis_names[0],
-                       pause_prob=pause_prob, max_staleness=None if max_staleness < 0 else max_staleness,
-                       staleness_lr=staleness_lr or None, delay_compensation=delay_compensation, key=seed)
+  splits them into one slice per worker. The schedule's seed is the config's ``strategy.seed`` (see ``build``)."""
+  strategy = async_sgd(loss_fn, optimizer, mesh, num_workers=num_workers, axis=mesh.axis_names[0],
+                       pause_prob=pause_prob, max_staleness=None if max_staleness < 0 else max_staleness, apply=apply,
+                       staleness_lr=staleness_lr or None, delay_compensation=delay_compensation)
   return strategy._replace(shard_batch=lambda batch: strategy.shard_batch(split_workers(batch, num_workers)))
 
 
@@ -279,7 +279,10 @@ def build(config: Config) -> Experiment:
     options["rules"] = [(p, [a or "" for a in spec]) for p, spec in mlp.tp_rules(len(config.model.widths) + 1)]
   try:  # what the strategy refuses (an option's value, rules that fit no parameter) is the config's error
     strategy = build_strategy(config.strategy.name, loss_fn, config.optimizer.build(), mesh, options)
-    state = strategy.init(params, key=config.train.seed)
+    # a strategy's randomness comes from its init key alone: strategy.seed varies it (async SGD's schedule) and
+    # leaves the parameters, drawn from train.seed, as they are
+    seed = config.train.seed if config.strategy.seed is None else config.strategy.seed
+    state = strategy.init(params, key=seed)
   except ConfigError:
     raise
   except IdleAxesError as e:  # the same, said in the config's terms

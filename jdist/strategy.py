@@ -51,8 +51,8 @@ class StepFn:
   def __init__(self, fn: Callable, mesh: Mesh, **jit_kwargs: Any):
     self.jitted = jax.jit(fn, **jit_kwargs)
     self.lower = self.jitted.lower
-    self._fn, self._mesh, self._jit_kwargs = fn, mesh, jit_kwargs
-    self._scan: StepFn | None = None
+    self._fn, self._mesh = fn, mesh
+    self._scans: dict[Any, StepFn] = {}
     self._sync = mesh.devices.flat[0].platform == "cpu" and mesh.size > 1
 
   def __call__(self, *args: Any) -> Any:
@@ -63,11 +63,17 @@ class StepFn:
     return out
 
   def scan(self, state: Any, batches: Any) -> Any:
-    """``lax.scan`` of this step over the leading axis of ``batches``, jitted once (``jdist.scan_steps``)."""
-    if self._scan is None:
-      # the step's own out_shardings (if any) apply to the stacked metrics as well: P() fits any shape
-      self._scan = StepFn(lambda s, bs: jax.lax.scan(self._fn, s, bs), self._mesh, **self._jit_kwargs)
-    return self._scan(state, batches)
+    """``lax.scan`` of this step over the leading axis of ``batches`` (``jdist.scan_steps``), jitted once per
+    state layout. The final state keeps the layout of the state given: XLA would otherwise lay out the scan's
+    carry itself (e.g. adafactor's factored moments split where the step keeps them whole), and the next
+    ``step`` would compile again for it."""
+    _check_state(state)
+    shardings = jax.tree.map(lambda x: x.sharding, state)
+    key = (jax.tree.structure(state), tuple(jax.tree.leaves(shardings)))
+    if key not in self._scans:
+      run = lambda s, bs: jax.lax.scan(self._fn, s, bs)
+      self._scans[key] = StepFn(run, self._mesh, donate_argnums=0, out_shardings=(shardings, None))
+    return self._scans[key](state, batches)
 
 
 def _check_state(state: Any) -> None:

@@ -73,12 +73,12 @@ def pipeline_strategy(data_axis: str | None = None, schedule: str = "gpipe", **a
 
 
 def async_strategy():
-  return jdist.async_sgd(mlp.loss, optax.adam(1e-2), num_workers=8, mesh=jdist.make_mesh(workers=-1), key=0)
+  return jdist.async_sgd(mlp.loss, optax.adam(1e-2), jdist.make_mesh(workers=-1), num_workers=8)
 
 
 class Case(NamedTuple):
   """A strategy to run for ``STEPS`` steps: its initial params, what it takes of a loader batch, and whether
-  the steps go through async_sgd's ``run`` (all in one jitted scan) instead of ``step``."""
+  the steps go through ``jdist.scan_steps`` (all in one jitted scan) instead of ``step``."""
 
   make: Callable[[], jdist.Strategy]
   params: Callable[[], object] = params
@@ -110,8 +110,10 @@ def run(case: Case, steps: int):
   state = strategy.init(case.params())
   batches = iter(loader())
   if case.scan:
-    stacked = jax.tree.map(lambda *x: np.stack(x), *[case.prepare(next(batches)) for _ in range(steps)])
-    state, metrics = strategy.run(state, stacked, steps)
+    # each process places its own share of every step's batch; the global batches are then stacked on the mesh
+    placed = [strategy.shard_batch(case.prepare(next(batches))) for _ in range(steps)]
+    stacked = jax.jit(lambda *bs: jax.tree.map(lambda *x: jax.numpy.stack(x), *bs))(*placed)
+    state, metrics = jdist.scan_steps(strategy, state, stacked)
     return gather(state.params), np.asarray(gather(metrics["loss"]))
   losses = []
   for _ in range(steps):
@@ -138,7 +140,7 @@ def errors() -> dict[str, str]:
       if jax.process_index() == 0 else None,
       "pmap": lambda: run(Case(lambda: jdist.data_parallel(mlp.loss, optax.adam(1e-2), jdist.make_mesh(data=-1),
                                                            backend="pmap")), 1),
-      "async_without_mesh": lambda: jdist.async_sgd(mlp.loss, optax.sgd(0.1), num_workers=8, key=0),
+      "async_without_mesh": lambda: jdist.async_sgd(mlp.loss, optax.sgd(0.1), None, num_workers=8),
       "async_all_workers": lambda: async_strategy().shard_batch(split_workers(next(iter(loader())), 8,
                                                                               process_count=1)),
   }

@@ -243,7 +243,7 @@ def test_a_mesh_axis_the_strategy_does_not_use_is_an_error():
   with pytest.raises(ValueError, match=r"fsdp uses mesh axes \('model',\), but the mesh also has 'data' of size 2"):
     fsdp(mlp.loss, optax.sgd(0.1), mesh, axis="model")
   with pytest.raises(ValueError, match=r"async_sgd uses mesh axes \('model',\), but the mesh also has 'data' of size 2"):
-    jdist.async_sgd(mlp.loss, optax.sgd(0.1), num_workers=4, mesh=mesh, axis="model", key=0)
+    jdist.async_sgd(mlp.loss, optax.sgd(0.1), mesh, num_workers=4, axis="model")
   with pytest.raises(ValueError, match=r"pipeline uses mesh axes \('model',\), .*name it in data_axis"):
     jdist.pipeline(lambda layer, x: x, lambda p, y, b: 0.0, optax.sgd(0.1), mesh, axis="model", microbatches=2)
   with pytest.raises(ValueError, match=r"sharded uses mesh axes \(\), .*jdist.make_mesh\(data=1, devices=jax.devices"):

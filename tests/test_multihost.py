@@ -102,7 +102,7 @@ def _one_process(name):
 @pytest.mark.parametrize("name", list(worker.CASES))
 def test_two_processes_equal_one_process(two_process_run, name):
   _, result = two_process_run
-  # async_sgd's run scans the same ticks as its step: one reference serves both (saves a compile)
+  # scan_steps scans the same ticks as async_sgd's step: one reference serves both (saves a compile)
   params, losses = _one_process("async_sgd" if name == "async_sgd_run" else name)
   assert len(losses) == worker.STEPS
   np.testing.assert_allclose(result[f"{name}/losses"], losses, rtol=1e-5)
@@ -133,7 +133,7 @@ def test_pmap_backend_and_async_misuse_are_clear_errors_across_processes(two_pro
       "processes and every process's devices must take part. Pass a mesh over all devices, e.g. "
       "mesh=jdist.make_mesh(workers=-1) (num_workers a multiple of its size).")
   assert errors["async_all_workers"].startswith(
-      "ValueError: async_sgd: process 0's batch leaf ['x'] has axis 0 of size 8 (shape (8, 4, 16)), but in a run of "
+      "BatchError: async_sgd: process 0's batch leaf ['x'] has axis 0 of size 8 (shape (8, 4, 16)), but in a run of "
       "2 processes each passes only the slices of its own 4 of the 8 workers"), errors["async_all_workers"]
 
 
