@@ -57,7 +57,8 @@ def train_with_each_algorithm(epochs: int = 100) -> dict[str, np.ndarray]:
       mesh, axis = jdist.make_mesh(node=2, device=2, devices=DEVICES[:4]), ("node", "device")
     else:
       mesh, axis = jdist.make_mesh(data=4, devices=DEVICES[:4]), "data"
-    strategy = jdist.data_parallel(linear.loss, optax.sgd(0.01), mesh, axis=axis, allreduce=algorithm)
+    strategy = jdist.data_parallel(linear.loss, optax.sgd(0.01), mesh, axis=axis,
+                                   reducer=jdist.reducers.mean(algorithm))
     state = strategy.init(linear.init())
     batch = strategy.shard_batch(data)
     for _ in range(epochs):

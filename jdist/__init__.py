@@ -11,6 +11,7 @@ from jdist import distributed as distributed
 from jdist import errors as errors
 from jdist import models as models
 from jdist import precision as precision
+from jdist import reducers as reducers
 from jdist import strategies as strategies
 from jdist import train as train
 from jdist.analysis import comm_report as comm_report
@@ -65,6 +66,7 @@ __all__ = [
     "pipeline_schedule",
     "precision",
     "put_batch",
+    "reducers",
     "replicate",
     "scan_steps",
     "shard_batch",

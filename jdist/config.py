@@ -286,11 +286,13 @@ def parse_value(text: str) -> Any:
 
 def apply_overrides(raw: dict[str, Any], overrides: Sequence[str], unset: Sequence[str] = ()) -> dict[str, Any]:
   """Removes the ``unset`` keys (``section.key``, as if the file did not set them), then applies
-  ``section.key=value`` overrides, on a copy of a nested dict."""
-  out = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+  ``section.key=value`` overrides, on a copy of a nested dict. A strategy option that is a table takes a third
+  part, ``strategy.reducer.rank=4`` (a reducer given by name, ``reducer = "powersgd"``, becomes the table
+  ``{name = "powersgd"}`` first)."""
+  out = _copy_tables(raw)
   for item in unset:
     *section, key = item.strip().split(".")
-    table = out.get(section[0]) if len(section) == 1 else out if not section else None
+    table = _table_at(out, section)
     if not isinstance(table, dict) or key not in table:
       raise ConfigError(f"--unset {item}: the config does not set {item!r}, so there is nothing to remove. Give a "
                         f"key the file sets, as section.key (e.g. optimizer.momentum).")
@@ -302,16 +304,37 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str], unset: Sequen
     parts = path.strip().split(".")
     if len(parts) == 1:
       out[parts[0]] = parse_value(value)
-    elif len(parts) == 2:
-      section, key = parts
+    elif len(parts) == 2 or (len(parts) == 3 and parts[0] == "strategy"):
+      section, *tables, key = parts
       if section not in SECTIONS and section not in OPEN_SECTIONS:
         raise _unknown("", section, _field_names(Config))
       if not isinstance(out.setdefault(section, {}), dict):
         raise ConfigError(f"{section} is not a section.")
-      out[section][key] = parse_value(value)
+      table = out[section]
+      for name in tables:  # strategy.reducer: a name given as a string becomes {name = ...}
+        current = table.get(name, {})
+        table[name] = {"name": current} if isinstance(current, str) else current
+        if not isinstance(table[name], dict):
+          raise ConfigError(f"Override {item!r}: {section}.{name} is {current!r}, not a table.")
+        table = table[name]
+      table[key] = parse_value(value)
     else:
-      raise ConfigError(f"Override {item!r}: keys have at most two parts (section.key).")
+      raise ConfigError(f"Override {item!r}: keys have at most two parts (section.key), three for a strategy "
+                        f"option's table (strategy.reducer.rank).")
   return out
+
+
+def _copy_tables(raw: Mapping[str, Any]) -> dict[str, Any]:
+  """A copy of ``raw`` in which every nested table is a new dict (overrides never touch the caller's)."""
+  return {k: _copy_tables(v) if isinstance(v, Mapping) else v for k, v in raw.items()}
+
+
+def _table_at(out: dict[str, Any], parts: Sequence[str]) -> Any:
+  """The table at ``parts`` (``["strategy", "reducer"]``; ``[]``: the top level), or None."""
+  table: Any = out
+  for part in parts:
+    table = table.get(part) if isinstance(table, dict) else None
+  return table
 
 
 def load(path: str | os.PathLike | None, overrides: Sequence[str] = (), unset: Sequence[str] = ()) -> Config:

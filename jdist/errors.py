@@ -66,4 +66,18 @@ class BatchError(ValueError):
     super().__init__(message)
 
 
-__all__ = ["AxisError", "BatchError", "IdleAxesError", "OptionError", "OptionTypeError"]
+class RuleError(ValueError):
+  """A sharding rule that cannot apply: malformed, naming an axis the mesh lacks, matching no parameter,
+  disagreeing with another rule on a parameter, or splitting a dimension unevenly.
+
+  Attributes:
+    rule: the rule's pattern (a tuple of patterns when several match nothing; the rule itself when it is not a
+      ``(pattern, spec)`` pair). param: the parameter path it failed on (``"blocks/qkv"``), or None.
+  """
+
+  def __init__(self, message: str, rule: Any, param: str | None = None):
+    self.rule, self.param = rule, param
+    super().__init__(message)
+
+
+__all__ = ["AxisError", "BatchError", "IdleAxesError", "OptionError", "OptionTypeError", "RuleError"]

@@ -6,20 +6,21 @@ entry to ``STRATEGIES``: ``name -> builder(loss_fn, optimizer, mesh, **options) 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import inspect
 import math
 import pathlib
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import jax
 import numpy as np
 import optax
 
-from jdist import datasets
+from jdist import datasets, reducers
 from jdist.config import Config, ConfigError
 from jdist.data import ArrayLoader
-from jdist.errors import IdleAxesError
+from jdist.errors import IdleAxesError, OptionError, OptionTypeError
 from jdist.mesh import make_mesh
 from jdist.models import linear, mlp, resmlp
 from jdist.strategies.async_sgd import async_sgd, split_workers
@@ -31,14 +32,61 @@ from jdist.strategy import Strategy
 from jdist.train import CheckpointConfig, NanGuard, PrintLogger, ProgressBar, fit
 
 
+# A [strategy.reducer] table: name, and the keys each reducer takes (algorithm and bucket_bytes are the exact mean's,
+# inside bf16 and powersgd too)
+REDUCER_KEYS = {"mean": ("algorithm", "bucket_bytes"), "bf16": ("algorithm", "bucket_bytes"), "int8": (),
+                "powersgd": ("rank", "stacked", "algorithm", "bucket_bytes")}
+# the options data_parallel had before reducers, and where each lives now
+MOVED_TO_REDUCER = {"allreduce": "algorithm", "bucket_bytes": "bucket_bytes", "compression": "name",
+                    "powersgd_rank": "rank", "powersgd_stacked": "stacked"}
+
+
+def reducer_from_config(spec: str | Mapping[str, Any]) -> reducers.Reducer:
+  """A reducer from a config's ``strategy.reducer``: a name (``"int8"``) or a table of ``name`` (default "mean")
+  and its keys (``REDUCER_KEYS``), e.g. ``{name = "powersgd", rank = 4, algorithm = "ring"}``."""
+  if not isinstance(spec, (str, Mapping)):
+    raise ConfigError(f"strategy.reducer must be a reducer's name ({', '.join(map(repr, REDUCER_KEYS))}) or a "
+                      f"[strategy.reducer] table, got {spec!r}.")
+  table = {"name": spec} if isinstance(spec, str) else dict(spec)
+  name = table.pop("name", "mean")
+  if name not in REDUCER_KEYS:
+    hint = difflib.get_close_matches(str(name), list(REDUCER_KEYS), n=1)
+    raise ConfigError(f"Unknown strategy.reducer.name {name!r}. It needs to be one of {list(REDUCER_KEYS)}"
+                      + (f"; did you mean {hint[0]!r}?" if hint else "."))
+  valid = ("name", *REDUCER_KEYS[name])
+  for key in table:
+    if key not in valid:
+      hint = difflib.get_close_matches(key, valid, n=1)
+      takers = [n for n, keys in REDUCER_KEYS.items() if key in keys]
+      raise ConfigError(f"Unknown key {key!r} in [strategy.reducer] for name = {name!r}. Valid keys: {', '.join(valid)}"
+                        + (f". Did you mean {hint[0]!r}?" if hint else
+                           f"; {key!r} is for name = {' or '.join(map(repr, takers))}." if takers else "."))
+  try:
+    inner = reducers.mean(table.get("algorithm", "psum"), bucket_bytes=table.get("bucket_bytes"))
+    if name == "powersgd":
+      return reducers.powersgd(table.get("rank", 1), stacked=table.get("stacked", ()), inner=inner)
+    return {"mean": lambda: inner, "bf16": lambda: reducers.bf16(inner), "int8": reducers.int8}[name]()
+  except (OptionError, OptionTypeError) as e:  # the message starts with the option's name: give its config key
+    raise ConfigError(f"strategy.reducer.{e}") from None
+
+
+def data_parallel_from_config(loss_fn, optimizer, mesh, *, axis: str | list[str] = "data", backend: str = "shard_map",
+                              accumulate_steps: int = 1, reducer: str | dict = "mean") -> Strategy:
+  """``data_parallel`` with its reducer given as a name or a table (``reducer_from_config``)."""
+  axis = tuple(axis) if isinstance(axis, list) else axis
+  return data_parallel(loss_fn, optimizer, mesh, axis=axis, backend=backend, accumulate_steps=accumulate_steps,
+                       reducer=reducer_from_config(reducer))
+
+
 def local_sgd_from_config(loss_fn, optimizer, mesh, *, axis: str = "data", sync_every: int = 4,
-                          allreduce: str = "psum", outer_lr: float | None = None,
+                          reducer: str | dict = "mean", outer_lr: float | None = None,
                           outer_momentum: float | None = None, outer_nesterov: bool | None = None) -> Strategy:
   """``local_sgd`` with its outer optimizer given as numbers (TOML cannot hold an optax object).
 
   ``outer_lr`` None is plain averaging; else the outer optimizer is SGD(outer_lr, outer_momentum,
-  nesterov), e.g. DiLoCo's 0.7 / 0.9 / true. ``outer_momentum`` and ``outer_nesterov`` without
-  ``outer_lr`` (and Nesterov without momentum) are errors: they would change nothing.
+  nesterov), e.g. DiLoCo's 0.7 / 0.9 / true. ``outer_momentum`` and ``outer_nesterov`` without ``outer_lr``
+  (and Nesterov without momentum) are errors: they would change nothing. ``reducer``: a name or a table
+  (``reducer_from_config``).
   """
   number = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)
   if outer_lr is not None and not (number(outer_lr) and outer_lr > 0):
@@ -64,7 +112,7 @@ def local_sgd_from_config(loss_fn, optimizer, mesh, *, axis: str = "data", sync_
   if outer_lr is not None:
     outer = optax.sgd(outer_lr, momentum=outer_momentum or None, nesterov=bool(outer_nesterov))
   return local_sgd(loss_fn, optimizer, mesh, axis=axis, sync_every=sync_every, outer_optimizer=outer,
-                   allreduce=allreduce)
+                   reducer=reducer_from_config(reducer))
 
 
 def sharded_from_config(loss_fn, optimizer, mesh, *, rules=(), data_axis: str = "data", fsdp_axis: str = "",
@@ -115,7 +163,7 @@ def pipeline_from_config(loss_fn, optimizer, mesh, *, microbatches: int = 4, sch
 STRATEGIES: dict[str, Callable[..., Strategy]] = {
     "pipeline": pipeline_from_config,
     "async_sgd": async_sgd_from_config,
-    "data_parallel": data_parallel,
+    "data_parallel": data_parallel_from_config,
     "local_sgd": local_sgd_from_config,
     "sharded": sharded_from_config,
     "fsdp": fsdp_from_config,
@@ -177,8 +225,6 @@ def _data(config: Config) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] 
 def build_strategy(name: str, loss_fn: Callable, optimizer, mesh, options: dict[str, Any]) -> Strategy:
   """Looks up ``name`` in ``STRATEGIES`` and calls it with ``options``, checking the option names."""
   if name not in STRATEGIES:
-    import difflib
-
     hint = difflib.get_close_matches(name, list(STRATEGIES), n=1)
     raise ConfigError(f"Unknown strategy {name!r}. It needs to be one of {sorted(STRATEGIES)}"
                       + (f"; did you mean {hint[0]!r}?" if hint else "."))
@@ -187,8 +233,10 @@ def build_strategy(name: str, loss_fn: Callable, optimizer, mesh, options: dict[
   valid = [p for p, v in params.items() if v.kind == inspect.Parameter.KEYWORD_ONLY]
   for key in options:
     if key not in valid:
-      import difflib
-
+      if key in MOVED_TO_REDUCER and "reducer" in valid:
+        raise ConfigError(f"Option {key!r} of strategy {name!r} is now strategy.reducer.{MOVED_TO_REDUCER[key]}: "
+                          f"write it in a [strategy.reducer] table, e.g. [strategy.reducer] name = \"powersgd\", "
+                          f"rank = 4 (CLI: --set strategy.reducer.{MOVED_TO_REDUCER[key]}=...).")
       hint = difflib.get_close_matches(key, valid, n=1)
       raise ConfigError(f"Unknown option {key!r} for strategy {name!r}. Valid options: {', '.join(valid)}"
                         + (f". Did you mean {hint[0]!r}?" if hint else "."))

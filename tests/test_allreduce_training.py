@@ -7,7 +7,9 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import jdist
+from jdist import reducers
 from jdist.collectives import int8_allreduce
+from jdist.errors import OptionError
 from jdist.models import mlp
 from tests.conftest import assert_trees_all_close, single_device_reference
 
@@ -33,8 +35,8 @@ PARAMS = mlp.init(jax.random.key(0), [6, 16, 3])
 def test_each_algorithm_trains_like_psum_and_one_device(algorithm, backend):
   mesh = jdist.make_mesh(data=8)
   batches = _batches()
-  ours, _ = _train(jdist.data_parallel(mlp.loss, optax.adam(1e-2), mesh, allreduce=algorithm, backend=backend),
-                   PARAMS, batches)
+  ours, _ = _train(jdist.data_parallel(mlp.loss, optax.adam(1e-2), mesh, reducer=reducers.mean(algorithm),
+                                       backend=backend), PARAMS, batches)
   ref, _ = _train(jdist.data_parallel(mlp.loss, optax.adam(1e-2), mesh), PARAMS, batches)
   assert_trees_all_close(ours.params, ref.params, rtol=1e-5)
   single, _, _ = single_device_reference(mlp.loss, optax.adam(1e-2), PARAMS, batches)
@@ -44,8 +46,8 @@ def test_each_algorithm_trains_like_psum_and_one_device(algorithm, backend):
 def test_halving_doubling_on_six_devices_and_tiny_buckets():
   mesh = jdist.make_mesh(data=6, devices=jax.devices()[:6])
   batches = _batches(batch=36)
-  ours, _ = _train(jdist.data_parallel(mlp.loss, optax.sgd(0.1), mesh, allreduce="halving_doubling",
-                                       bucket_bytes=100), PARAMS, batches)
+  ours, _ = _train(jdist.data_parallel(mlp.loss, optax.sgd(0.1), mesh,
+                                       reducer=reducers.mean("halving_doubling", bucket_bytes=100)), PARAMS, batches)
   single, _, _ = single_device_reference(mlp.loss, optax.sgd(0.1), PARAMS, batches)
   assert_trees_all_close(ours.params, single, rtol=1e-5)
 
@@ -54,28 +56,28 @@ def test_hierarchical_on_a_2x4_mesh():
   mesh = jdist.make_mesh(node=2, device=4)
   batches = _batches()
   ours, _ = _train(jdist.data_parallel(mlp.loss, optax.adam(1e-2), mesh, axis=("node", "device"),
-                                       allreduce="hierarchical"), PARAMS, batches)
+                                       reducer=reducers.mean("hierarchical")), PARAMS, batches)
   single, _, _ = single_device_reference(mlp.loss, optax.adam(1e-2), PARAMS, batches)
   assert_trees_all_close(ours.params, single, rtol=1e-5)
 
 
 def test_bad_algorithm_arguments():
   mesh = jdist.make_mesh(data=8)
-  with pytest.raises(ValueError, match=r"Unknown all-reduce algorithm: 'butterfly'. It needs to be one of"):
-    jdist.data_parallel(mlp.loss, optax.sgd(0.1), mesh, allreduce="butterfly")
-  with pytest.raises(ValueError, match="reduces over two mesh axes"):
-    jdist.data_parallel(mlp.loss, optax.sgd(0.1), mesh, allreduce="hierarchical")
-  with pytest.raises(ValueError, match=r"Unknown compression: 'fp4'"):
-    jdist.data_parallel(mlp.loss, optax.sgd(0.1), mesh, compression="fp4")
+  with pytest.raises(OptionError) as err:
+    reducers.mean("butterfly")
+  assert (err.value.name, err.value.got) == ("algorithm", "butterfly")
+  with pytest.raises(OptionError) as err:  # hierarchical reduces over two mesh axes
+    jdist.data_parallel(mlp.loss, optax.sgd(0.1), mesh, reducer=reducers.mean("hierarchical"))
+  assert (err.value.name, err.value.got) == ("axis", "data")
 
 
 def test_compression_off_equals_no_compression_and_bf16_is_close():
   mesh = jdist.make_mesh(data=8)
   batches = _batches()
   plain, _ = _train(jdist.data_parallel(mlp.loss, optax.sgd(0.1), mesh), PARAMS, batches)
-  off, _ = _train(jdist.data_parallel(mlp.loss, optax.sgd(0.1), mesh, compression=None), PARAMS, batches)
+  off, _ = _train(jdist.data_parallel(mlp.loss, optax.sgd(0.1), mesh, reducer=reducers.mean()), PARAMS, batches)
   assert_trees_all_close(off.params, plain.params, rtol=0, atol=0)
-  bf16, _ = _train(jdist.data_parallel(mlp.loss, optax.sgd(0.1), mesh, compression="bf16", allreduce="ring"),
+  bf16, _ = _train(jdist.data_parallel(mlp.loss, optax.sgd(0.1), mesh, reducer=reducers.bf16(reducers.mean("ring"))),
                    PARAMS, batches)
   assert_trees_all_close(bf16.params, plain.params, rtol=2e-2, atol=2e-2)
 
@@ -106,14 +108,14 @@ def test_int8_error_feedback_identity_and_exact_sum():
 def test_bf16_gradients_keep_a_float32_residual_and_small_coordinates_arrive():
   # a coordinate 1e-5 of the largest is below int8's step (1/127 of it): error feedback accumulates it until it
   # is sent. In a bf16 residual it stalled (1e-5 is under half a bf16 step there) and never arrived
-  for compression in ("int8", "powersgd"):
-    strategy = jdist.data_parallel(mlp.loss, optax.adam(0.1), jdist.make_mesh(data=8), compression=compression)
+  for compression in (reducers.int8(), reducers.powersgd()):
+    strategy = jdist.data_parallel(mlp.loss, optax.adam(0.1), jdist.make_mesh(data=8), reducer=compression)
     state = strategy.init(jax.tree.map(lambda x: x.astype(jnp.bfloat16), PARAMS))
-    assert {leaf.dtype for leaf in jax.tree.leaves(state.extra["residual"])} == {jnp.dtype(jnp.float32)}
+    assert {leaf.dtype for leaf in jax.tree.leaves(state.extra["reducer"].per_device)} == {jnp.dtype(jnp.float32)}
     # a step keeps every dtype of the state (else it compiles again and its checkpoints fit no fresh state)
     dtypes = jax.tree.map(lambda x: x.dtype, state)
     state, _ = strategy.step(state, strategy.shard_batch(_batches(steps=1)[0]))
-    assert jax.tree.map(lambda x: x.dtype, state) == dtypes, compression
+    assert jax.tree.map(lambda x: x.dtype, state) == dtypes, compression.name
   g = jnp.array([1.0, 1e-5], jnp.bfloat16)
 
   def body(r):  # 600 steps of the same bf16 gradient on each of 2 devices, summed
@@ -136,9 +138,9 @@ def test_bf16_gradients_keep_a_float32_residual_and_small_coordinates_arrive():
 def test_int8_training_keeps_residual_per_device_and_converges():
   mesh = jdist.make_mesh(data=8)
   batches = _batches(steps=60)
-  strategy = jdist.data_parallel(mlp.loss, optax.sgd(0.1), mesh, compression="int8")
+  strategy = jdist.data_parallel(mlp.loss, optax.sgd(0.1), mesh, reducer=reducers.int8())
   state, loss = _train(strategy, PARAMS, batches)
-  res = state.extra["residual"]
+  res = state.extra["reducer"].per_device
   leaf = jax.tree.leaves(res)[0]
   assert leaf.shape[0] == 8 and leaf.sharding.spec == P(("data",))
   assert float(jnp.abs(leaf).max()) > 0

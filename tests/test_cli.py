@@ -292,6 +292,25 @@ def test_config_values_of_the_wrong_type_are_errors(override, match):
     ({"name": "local_sgd", "outer_lr": 0.7, "outer_nesterov": True}, "outer_nesterov = true needs strategy.outer_momentum"),
     ({"name": "sharded", "fsdp_min_size": 4096}, "applies with strategy.fsdp_axis"),
     ({"name": "local_sgd", "outer_nesterov": True}, "strategy.outer_nesterov = true configures the outer optimizer"),
+    # the reducer table: the failing key, a suggestion, and where the options of before reducers went
+    ({"name": "data_parallel", "reducer": {"name": "powersgd", "rnak": 4}},
+     "Unknown key 'rnak' in [strategy.reducer] for name = 'powersgd'. Valid keys: name, rank, stacked, algorithm, "
+     "bucket_bytes. Did you mean 'rank'?"),
+    ({"name": "data_parallel", "reducer": {"name": "int8", "algorithm": "ring"}},
+     "Unknown key 'algorithm' in [strategy.reducer] for name = 'int8'. Valid keys: name; 'algorithm' is for name = "
+     "'mean' or 'bf16' or 'powersgd'."),
+    ({"name": "data_parallel", "reducer": "powersdg"},
+     "Unknown strategy.reducer.name 'powersdg'. It needs to be one of ['mean', 'bf16', 'int8', 'powersgd']; did you "
+     "mean 'powersgd'?"),
+    ({"name": "data_parallel", "reducer": {"name": "powersgd", "rank": 0}}, "strategy.reducer.rank must be a positive "
+                                                                            "int, got 0."),
+    ({"name": "data_parallel", "reducer": {"algorithm": "rign"}},
+     "strategy.reducer.algorithm must be one of ['halving_doubling', 'hierarchical', 'psum', 'ring', 'tree'], got "
+     "'rign'. Did you mean 'ring'?"),
+    ({"name": "data_parallel", "compression": "int8"}, "Option 'compression' of strategy 'data_parallel' is now "
+                                                       "strategy.reducer.name"),
+    ({"name": "local_sgd", "reducer": {"algorithm": "hierarchical"}},
+     "strategy 'local_sgd': axis must be two mesh axes (outer, inner) for algorithm='hierarchical', got 'data'."),
 ])
 def test_strategy_options_are_checked(options, match):
   from jdist import experiment
@@ -343,8 +362,34 @@ def test_config_overrides_parse_toml_values(tmp_path):
 
 
 def test_example_configs_load():
+  import optax
+
+  from jdist import experiment
+  from jdist.mesh import make_mesh
+  from jdist.models import mlp
   for path in (pathlib.Path(__file__).resolve().parents[1] / "examples" / "configs").glob("*.toml"):
-    config_lib.load(path)
+    cfg = config_lib.load(path)
+    if cfg.strategy.name in ("data_parallel", "local_sgd"):  # their reducer tables build (no training)
+      devices = jax.devices()[:cfg.mesh.num_devices or None]
+      strategy = experiment.build_strategy(cfg.strategy.name, mlp.loss, optax.sgd(0.1),
+                                           make_mesh(**cfg.mesh.axes, devices=devices), dict(cfg.strategy.options))
+      assert strategy.info["reducer"] == {"ring_allreduce": "ring", "local_sgd": "ring",
+                                          "powersgd": "powersgd-r4"}.get(path.stem, "psum"), path.name
+
+
+def test_a_reducer_option_can_be_set_from_the_command_line(tmp_path):
+  path = tmp_path / "c.toml"
+  path.write_text('[strategy]\nname = "data_parallel"\nreducer = "powersgd"\n')
+  cfg = config_lib.load(path, ["strategy.reducer.rank=4", "strategy.reducer.algorithm=ring"])
+  assert dict(cfg.strategy.options) == {"reducer": {"name": "powersgd", "rank": 4, "algorithm": "ring"}}
+  cfg = config_lib.load(None, ["strategy.reducer.name=int8"])
+  assert dict(cfg.strategy.options) == {"reducer": {"name": "int8"}}
+  with pytest.raises(config_lib.ConfigError, match="keys have at most two parts"):
+    config_lib.load(None, ["optimizer.adam.b1=0.8"])
+  table = tmp_path / "t.toml"
+  table.write_text('[strategy.reducer]\nname = "powersgd"\nrank = 4\n')
+  assert dict(config_lib.load(table, [], unset=["strategy.reducer.rank"]).strategy.options) == {
+      "reducer": {"name": "powersgd"}}
 
 
 def test_demo_prints_table_and_writes_png(tmp_path, capsys):

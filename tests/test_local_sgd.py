@@ -5,6 +5,7 @@ import optax
 import pytest
 
 import jdist
+from jdist.errors import OptionError, OptionTypeError
 from jdist.models import mlp
 from tests.conftest import assert_trees_all_close
 
@@ -30,7 +31,8 @@ def _train(strategy, batches):
 def test_sync_every_1_with_sgd_equals_data_parallel(algorithm):
   mesh = jdist.make_mesh(data=8)
   batches = _batches()
-  local, hist = _train(jdist.local_sgd(mlp.loss, optax.sgd(0.1), mesh, sync_every=1, allreduce=algorithm), batches)
+  local, hist = _train(jdist.local_sgd(mlp.loss, optax.sgd(0.1), mesh, sync_every=1,
+                                       reducer=jdist.reducers.mean(algorithm)), batches)
   dp, dp_hist = _train(jdist.data_parallel(mlp.loss, optax.sgd(0.1), mesh), batches)
   assert_trees_all_close(local.params, dp.params, rtol=1e-5)
   np.testing.assert_allclose([h["loss"] for h in hist], [h["loss"] for h in dp_hist], rtol=1e-5)
@@ -83,12 +85,17 @@ def test_bad_arguments():
   mesh = jdist.make_mesh(data=8)
   with pytest.raises(ValueError, match="sync_every must be a positive int, got 0"):
     jdist.local_sgd(mlp.loss, optax.sgd(0.1), mesh, sync_every=0)
-  with pytest.raises(ValueError, match="Unknown all-reduce algorithm"):
-    jdist.local_sgd(mlp.loss, optax.sgd(0.1), mesh, allreduce="nope")
+  with pytest.raises(OptionError) as err:
+    jdist.local_sgd(mlp.loss, optax.sgd(0.1), mesh, reducer=jdist.reducers.mean("rnig"))
+  assert (err.value.name, err.value.got) == ("algorithm", "rnig") and "Did you mean 'ring'?" in str(err.value)
+  with pytest.raises(OptionTypeError) as err:
+    jdist.local_sgd(mlp.loss, optax.sgd(0.1), mesh, reducer="ring")
+  assert err.value.name == "reducer"
   with pytest.raises(TypeError, match="optax.GradientTransformation"):
     jdist.local_sgd(mlp.loss, optax.sgd(0.1), mesh, outer_optimizer="sgd")
-  with pytest.raises(ValueError, match="local_sgd averages over one mesh axis, and allreduce='hierarchical' needs two"):
-    jdist.local_sgd(mlp.loss, optax.sgd(0.1), mesh, allreduce="hierarchical")
+  with pytest.raises(OptionError) as err:  # hierarchical reduces over two axes; local SGD's replicas lie on one
+    jdist.local_sgd(mlp.loss, optax.sgd(0.1), mesh, reducer=jdist.reducers.mean("hierarchical"))
+  assert (err.value.name, err.value.got) == ("axis", "data")
   mesh2 = jdist.make_mesh(node=2, device=4)
   with pytest.raises(ValueError, match=r"local_sgd runs over one mesh axis, got axis=\('node', 'device'\) \(2 names\)"
                                        r"\. Pass one name, e.g. axis='node'.*jdist.make_mesh\(data=-1"):
@@ -96,7 +103,8 @@ def test_bad_arguments():
   with pytest.raises(TypeError, match="axis must be a mesh axis name"):
     jdist.local_sgd(mlp.loss, optax.sgd(0.1), mesh, axis=0)
   one = jdist.make_mesh(node=1, device=4, devices=jax.devices()[:4])
-  assert jdist.local_sgd(mlp.loss, optax.sgd(0.1), one, axis=["device"]).info == {"sync_every": 1}  # one name
+  info = jdist.local_sgd(mlp.loss, optax.sgd(0.1), one, axis=["device"]).info  # one name
+  assert dict(info) == {"sync_every": 1, "axis": "device", "devices": 4, "reducer": "psum"}
 
 
 def test_bf16_parameters_train():
@@ -112,3 +120,22 @@ def test_bf16_parameters_train():
     losses.append(float(metrics["loss"]))
   assert all(x.dtype == jax.numpy.bfloat16 for x in jax.tree.leaves(state.params))
   assert np.isfinite(losses).all() and np.isfinite(float(metrics["replica_spread"]))
+
+
+def test_averaging_through_a_compressing_reducer():
+  # the reducer carries the averaging: int8 sends the replicas (DiLoCo: their outer gradients) as int8 with error
+  # feedback, its residual kept per device; plain averaging with H=1 stays close to the exact average
+  mesh = jdist.make_mesh(data=8)
+  batches = _batches(steps=8)
+  exact, _ = _train(jdist.local_sgd(mlp.loss, optax.sgd(0.1), mesh, sync_every=2), batches)
+  for outer in (None, optax.sgd(1.0)):
+    strategy = jdist.local_sgd(mlp.loss, optax.sgd(0.1), mesh, sync_every=2, outer_optimizer=outer,
+                               reducer=jdist.reducers.int8())
+    state, hist = _train(strategy, batches)
+    assert strategy.name.endswith("[H=2,int8]")
+    residual = jax.tree.leaves(state.extra["reducer"].per_device)[0]
+    assert residual.shape[0] == 8 and float(abs(residual).max()) > 0
+    assert_trees_all_close(state.params, exact.params, rtol=0.05, atol=0.02)
+    assert [h["synced"] for h in hist] == [0, 1] * 4
+  report = jdist.comm_report(strategy.step.lower(state, strategy.shard_batch(batches[0])))
+  assert report["all-to-all"].count >= 1  # int8's own sum

@@ -8,6 +8,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jdist
+from jdist.errors import AxisError, OptionError, OptionTypeError, RuleError
 from jdist.models import gpt, mlp
 from jdist.strategies.model_parallel import fsdp, partition_specs, tp_mlp
 from tests.conftest import assert_trees_all_close, single_device_reference
@@ -45,46 +46,59 @@ def test_rules_give_specs_and_report_without_devices():
   assert "blocks/qkv" in report.table()
 
 
+def _rule_error(call):
+  with pytest.raises(RuleError) as err:
+    call()
+  return err.value
+
+
 def test_malformed_rules_are_clear_errors_without_devices():
   mesh = {"data": 2, "model": 4}
-  with pytest.raises(ValueError, match=r"Rule 'fc\$' has spec \('model', 'model'\), which uses mesh axis 'model' "
-                                       r"more than once"):
-    partition_specs(GPT_PARAMS, [(r"fc$", ("model", "model"))], mesh)
-  with pytest.raises(TypeError, match=r"whose entry 1 is not a mesh axis name"):
-    partition_specs(GPT_PARAMS, [(r"fc$", (None, 1))], mesh)
-  with pytest.raises(ValueError, match=r"Rule pattern '\[fc' is not a valid regular expression"):
-    partition_specs(GPT_PARAMS, [(r"[fc", (None, "model"))], mesh)
+  err = _rule_error(lambda: partition_specs(GPT_PARAMS, [(r"fc$", ("model", "model"))], mesh))
+  assert err.rule == "fc$" and "uses mesh axis 'model' more than once" in str(err)
+  err = _rule_error(lambda: partition_specs(GPT_PARAMS, [(r"fc$", (None, 1))], mesh))
+  assert err.rule == "fc$" and "entry 1 (1) is not a mesh axis name" in str(err)
+  assert _rule_error(lambda: partition_specs(GPT_PARAMS, [(r"[fc", (None, "model"))], mesh)).rule == "[fc"
+  assert _rule_error(lambda: partition_specs(GPT_PARAMS, ["fc"], mesh)).rule == "fc"  # not a pair
   for bad in ({"model": 0}, {"model": -1}, {"model": 2.0}):  # a ZeroDivisionError, or accepted, before
-    with pytest.raises(ValueError, match=r"mesh as a dict maps axis names to their sizes \(positive ints\)"):
+    with pytest.raises(OptionError) as err:
       partition_specs(GPT_PARAMS, gpt.TP_RULES, bad)
-  with pytest.raises(TypeError, match=r"mesh must be a jax.sharding.Mesh or a dict of axis sizes"):
+    assert (err.value.name, err.value.got) == ("mesh", bad)
+  with pytest.raises(OptionTypeError) as err:
     partition_specs(GPT_PARAMS, gpt.TP_RULES, ["model", 2])
+  assert err.value.name == "mesh"
   for bad in ("1k", None, -1, True):  # raw comparison errors, before
-    with pytest.raises(ValueError, match=r"fsdp_min_size must be a non-negative int"):
-      partition_specs(GPT_PARAMS, (), {"fsdp": 2}, fsdp_axis="fsdp", fsdp_min_size=bad)
-    with pytest.raises(ValueError, match=r"fsdp_min_size must be a non-negative int"):
-      jdist.sharded(gpt.loss_fn(gpt.GPTConfig()), optax.sgd(0.1), jdist.make_mesh(fsdp=8), fsdp_axis="fsdp",
-                    fsdp_min_size=bad)
-    with pytest.raises(ValueError, match=r"min_size must be a non-negative int"):
-      fsdp(gpt.loss_fn(gpt.GPTConfig()), optax.sgd(0.1), jdist.make_mesh(fsdp=8), min_size=bad)
+    for name, call in (("fsdp_min_size", lambda: partition_specs(GPT_PARAMS, (), {"fsdp": 2}, fsdp_axis="fsdp",
+                                                                  fsdp_min_size=bad)),
+                       ("fsdp_min_size", lambda: jdist.sharded(gpt.loss_fn(gpt.GPTConfig()), optax.sgd(0.1),
+                                                               jdist.make_mesh(fsdp=8), fsdp_axis="fsdp",
+                                                               fsdp_min_size=bad)),
+                       ("min_size", lambda: fsdp(gpt.loss_fn(gpt.GPTConfig()), optax.sgd(0.1), jdist.make_mesh(fsdp=8),
+                                                 min_size=bad))):
+      with pytest.raises(OptionError) as err:
+        call()
+      assert (err.value.name, err.value.got) == (name, bad)
+  with pytest.raises(AxisError) as err:
+    partition_specs(GPT_PARAMS, (), {"data": 2}, fsdp_axis="fsdp")
+  assert err.value.axis == "fsdp" and err.value.mesh_axes == {"data": 2}
 
 
 def test_rule_naming_an_axis_not_in_the_mesh():
-  with pytest.raises(ValueError, match=r"Rule '\^blocks/qkv\$' -> \(None, None, None, 'model'\) names mesh axis "
-                                       r"'model', but the mesh has axes \{'data': 8\}"):
-    partition_specs(GPT_PARAMS, gpt.TP_RULES, {"data": 8})
+  err = _rule_error(lambda: partition_specs(GPT_PARAMS, gpt.TP_RULES, {"data": 8}))
+  assert err.rule == "^blocks/qkv$"
+  assert "names mesh axis 'model', but the mesh has axes {'data': 8}" in str(err)
 
 
 def test_non_divisible_dimension_names_the_parameter():
-  with pytest.raises(ValueError, match=r"Parameter blocks/fc has shape \(2, 32, 128\); dimension 2 \(size 128\) is "
-                                       r"sharded over \('model',\) of sizes \[3\]"):
-    partition_specs(GPT_PARAMS, gpt.TP_RULES, {"model": 3})
+  err = _rule_error(lambda: partition_specs(GPT_PARAMS, gpt.TP_RULES, {"model": 3}))
+  assert (err.rule, err.param) == ("^blocks/fc$", "blocks/fc")
+  assert "dimension 2 (size 128) is sharded over ('model',) of sizes [3]" in str(err)
 
 
 def test_conflicting_rules_name_the_parameter():
   rules = [("qkv", (None, "model")), ("blocks/(qkv|fc)", (None, None, "model"))]
-  with pytest.raises(ValueError, match=r"Parameter blocks/qkv \(2, 32, 3, 32\) is matched by rules with different specs"):
-    partition_specs(GPT_PARAMS, rules, {"model": 2})
+  err = _rule_error(lambda: partition_specs(GPT_PARAMS, rules, {"model": 2}))
+  assert (err.rule, err.param) == ("qkv", "blocks/qkv") and "matched by rules with different specs" in str(err)
 
 
 def test_equivalent_rules_agree_and_a_rule_matching_nothing_is_an_error():
@@ -92,14 +106,14 @@ def test_equivalent_rules_agree_and_a_rule_matching_nothing_is_an_error():
   specs, _ = partition_specs({"w": np.zeros((8, 4))}, [("w", ("model",)), ("^w$", ("model", None))], {"model": 2})
   assert specs["w"] == P("model")
   # a typo would leave the weights it meant replicated, silently
-  with pytest.raises(ValueError, match=r"Sharding rule\(s\) \['\^block/qkv\$'\] match no parameter. The parameter "
-                                       r"paths are: blocks/fc, blocks/ln1"):
-    partition_specs(GPT_PARAMS, [("^block/qkv$", (None, None, None, "model")), *gpt.TP_RULES[1:]], {"model": 2})
+  err = _rule_error(lambda: partition_specs(GPT_PARAMS, [("^block/qkv$", (None, None, None, "model")),
+                                                         *gpt.TP_RULES[1:]], {"model": 2}))
+  assert err.rule == ("^block/qkv$",) and "The parameter paths are: blocks/fc, blocks/ln1" in str(err)
 
 
 def test_spec_longer_than_the_parameter():
-  with pytest.raises(ValueError, match=r"gives \(None, None, 'model'\) \(3 entries\) for parameter lnf of shape \(32,\)"):
-    partition_specs(GPT_PARAMS, [("^lnf$", (None, None, "model"))], {"model": 2})
+  err = _rule_error(lambda: partition_specs(GPT_PARAMS, [("^lnf$", (None, None, "model"))], {"model": 2}))
+  assert (err.rule, err.param) == ("^lnf$", "lnf") and "(3 entries) for parameter lnf of shape (32,)" in str(err)
 
 
 def test_explain_sharding_prints_a_table(capsys):
@@ -350,3 +364,17 @@ def test_aux_of_sharded_is_the_global_batch_s_and_of_fsdp_the_mean_over_devices(
                              (fsdp(loss, optax.sgd(0.1), mesh, has_aux=True), count / 8)):
     _, metrics = strategy.step(strategy.init(MLP_PARAMS), strategy.shard_batch(batch))
     np.testing.assert_allclose(float(metrics["count"]), expected, rtol=1e-6)
+
+
+def test_info_is_filled_at_construction_and_never_changes():
+  # info is documented read-only: sharded used to add its specs to it while tracing, so its keys changed after init
+  strategy = jdist.sharded(mlp.loss, optax.sgd(0.1), jdist.make_mesh(data=2, model=4), rules=MLP_RULES)
+  before = dict(strategy.info)
+  assert before == {"rules": tuple(MLP_RULES), "fsdp_axis": None, "fsdp_min_size": 1024, "batch_axes": ("data",)}
+  state = strategy.init(MLP_PARAMS)
+  strategy.step(state, strategy.shard_batch(_mlp_batches(1)[0]))
+  assert dict(strategy.info) == before
+  with pytest.raises(TypeError):
+    strategy.info["rules"] = ()
+  explicit = fsdp(mlp.loss, optax.sgd(0.1), jdist.make_mesh(fsdp=8), min_size=64, regather=False)
+  assert dict(explicit.info) == {"fsdp_axis": "fsdp", "devices": 8, "min_size": 64, "regather": False}

@@ -125,7 +125,8 @@ def test_pmap_backend_and_async_misuse_are_clear_errors_across_processes(two_pro
   _, result = two_process_run
   errors = {name: str(result[f"error/{name}"]) for name in ("pmap", "async_without_mesh", "async_all_workers")}
   # jax.pmap traced inside the jitted step maps over this process's devices only: it must not run
-  assert errors["pmap"].startswith("ValueError: backend='pmap' cannot run across 2 processes"), errors["pmap"]
+  assert errors["pmap"].startswith("OptionError: backend must be 'shard_map' across 2 processes, got 'pmap'."), \
+      errors["pmap"]
   assert "Use backend='shard_map'" in errors["pmap"]
   assert errors["async_without_mesh"] == (
       "ValueError: async_sgd with mesh=None runs every worker on one device, jax.devices()[0], but this run has 2 "

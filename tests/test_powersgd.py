@@ -9,8 +9,10 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import jdist
+from jdist import reducers
 from jdist.collectives import powersgd_allreduce, powersgd_compressible, powersgd_init
 from jdist.datasets import digits
+from jdist.errors import OptionError, OptionTypeError
 from jdist.experiment import ConfigError, build_strategy
 from jdist.models import gpt, mlp
 from tests.conftest import assert_trees_all_close, single_device_reference
@@ -210,18 +212,18 @@ def test_data_parallel_at_full_rank_equals_plain_and_pmap_equals_shard_map():
   mesh = jdist.make_mesh(data=8)
   batches = _batches(5)
   # rank 6 = the largest min(m, n): no matrix is worth compressing, every leaf is all-reduced exactly
-  full, _ = _train(jdist.data_parallel(mlp.loss, optax.adam(1e-2), mesh, compression="powersgd", powersgd_rank=6),
-                   PARAMS, batches)
-  assert all(q is None for q in jax.tree.leaves(full.extra["q"], is_leaf=lambda x: x is None))
+  full, _ = _train(jdist.data_parallel(mlp.loss, optax.adam(1e-2), mesh, reducer=reducers.powersgd(6)), PARAMS, batches)
+  assert all(q is None for q in jax.tree.leaves(full.extra["reducer"].shared["q"], is_leaf=lambda x: x is None))
   single, _, _ = single_device_reference(mlp.loss, optax.adam(1e-2), PARAMS, batches)
   assert_trees_all_close(full.params, single, rtol=1e-5)
-  low = jdist.data_parallel(mlp.loss, optax.adam(1e-2), mesh, compression="powersgd", powersgd_rank=2)
+  low = jdist.data_parallel(mlp.loss, optax.adam(1e-2), mesh, reducer=reducers.powersgd(2))
   ours, _ = _train(low, PARAMS, batches)
-  pmapped, _ = _train(jdist.data_parallel(mlp.loss, optax.adam(1e-2), mesh, compression="powersgd", powersgd_rank=2,
+  pmapped, _ = _train(jdist.data_parallel(mlp.loss, optax.adam(1e-2), mesh, reducer=reducers.powersgd(2),
                                           backend="pmap"), PARAMS, batches)
   assert_trees_all_close(pmapped.params, ours.params, rtol=1e-5)
   assert low.name == "data_parallel[powersgd-r2]"
-  res, q = ours.extra["residual"]["layers"][0]["w"], ours.extra["q"]["layers"][0]["w"]
+  rstate = ours.extra["reducer"]
+  res, q = rstate.per_device["residual"]["layers"][0]["w"], rstate.shared["q"]["layers"][0]["w"]
   assert res.shape == (8, 6, 16) and res.sharding.spec == P(("data",)) and float(jnp.abs(res).max()) > 0
   assert q.shape == (16, 2) and q.sharding.spec == P()
 
@@ -240,8 +242,7 @@ def test_low_rank_trains_digits_about_as_well_as_uncompressed():
                                                                for _ in range(100))]
   mesh = jdist.make_mesh(data=8)
   plain, _ = _train(jdist.data_parallel(mlp.loss, optax.sgd(0.3), mesh), params, batches)
-  low, _ = _train(jdist.data_parallel(mlp.loss, optax.sgd(0.3), mesh, compression="powersgd", powersgd_rank=2),
-                  params, batches)
+  low, _ = _train(jdist.data_parallel(mlp.loss, optax.sgd(0.3), mesh, reducer=reducers.powersgd(2)), params, batches)
   plain_loss, low_loss = float(mlp.loss(plain.params, train)), float(mlp.loss(low.params, train))
   assert plain_loss < 0.35 and low_loss < plain_loss + 0.05
   assert float(mlp.accuracy(low.params, test)) > float(mlp.accuracy(plain.params, test)) - 0.02
@@ -254,7 +255,7 @@ def test_bytes_sent_are_the_factors_plus_the_vectors():
   batch = {"x": np.zeros((64, 64), np.float32), "y": np.zeros(64, np.int32)}
   reports = {}
   for rank in (None, 2):
-    kw = {"compression": "powersgd", "powersgd_rank": rank} if rank else {}
+    kw = {"reducer": reducers.powersgd(rank)} if rank else {}
     strategy = jdist.data_parallel(mlp.loss, optax.sgd(0.1), mesh, **kw)
     reports[rank] = jdist.comm_report(strategy.step.lower(strategy.init(params), strategy.shard_batch(batch)))
   floats = 2 * (64 + 32) + 2 * (32 + 10) + 32 + 10 + 1  # P and Q of both matrices, both biases, the loss
@@ -266,15 +267,11 @@ def test_bytes_sent_are_the_factors_plus_the_vectors():
 def test_bad_input():
   mesh = jdist.make_mesh(data=8)
   for bad in (0, -2, 1.5, True, "4"):
-    with pytest.raises(ValueError, match=r"powersgd_rank must be a positive int, got " + repr(bad).replace(".", r"\.")):
-      jdist.data_parallel(mlp.loss, optax.sgd(0.1), mesh, compression="powersgd", powersgd_rank=bad)
-  with pytest.raises(ValueError, match=r"powersgd_rank=4 applies only with compression='powersgd', got "
-                                       r"compression='int8'"):
-    jdist.data_parallel(mlp.loss, optax.sgd(0.1), mesh, compression="int8", powersgd_rank=4)
-  with pytest.raises(ValueError, match=r"Unknown compression: 'powerSGD'.*'powersgd'"):
-    jdist.data_parallel(mlp.loss, optax.sgd(0.1), mesh, compression="powerSGD")
-  with pytest.raises(ConfigError, match=r"Unknown option 'powersgd_rnak'.*Did you mean 'powersgd_rank'"):
-    build_strategy("data_parallel", mlp.loss, optax.sgd(0.1), mesh, {"powersgd_rnak": 4})
+    with pytest.raises(OptionError) as err:
+      reducers.powersgd(bad)
+    assert (err.value.name, err.value.got) == ("rank", bad)
+  with pytest.raises(ConfigError, match=r"Unknown key 'rnak' in \[strategy.reducer\].*Did you mean 'rank'"):
+    build_strategy("data_parallel", mlp.loss, optax.sgd(0.1), mesh, {"reducer": {"name": "powersgd", "rnak": 4}})
   f = _collective(_mesh(2))
   g = {"w": np.ones((2, 5, 4), np.float32)}
   with pytest.raises(ValueError, match=r"leaf 0 of shape \(5, 4\) \(a 5 x 4 matrix\) needs Q of shape \(4, r\) "
@@ -314,8 +311,8 @@ def test_gpt_blocks_compressed_per_layer():
   mesh, r, L, D = jdist.make_mesh(data=8), 2, 2, 32
   reports = {}
   for stacked in ((), gpt.STACKED):
-    strategy = jdist.data_parallel(gpt.loss_fn(cfg), optax.sgd(0.1), mesh, compression="powersgd",
-                                   powersgd_rank=r, powersgd_stacked=stacked)
+    strategy = jdist.data_parallel(gpt.loss_fn(cfg), optax.sgd(0.1), mesh,
+                                   reducer=reducers.powersgd(r, stacked=stacked))
     reports[stacked] = jdist.comm_report(strategy.step.lower(strategy.init(params), strategy.shard_batch(batch)))
   per_layer = [(D, 3 * D), (D, D), (D, 4 * D), (4 * D, D)]  # qkv, o, fc, proj of one block: [m, n]
   floats = (r * (64 + D) + r * (16 + D)  # wte and wpe: one matrix each
@@ -325,12 +322,13 @@ def test_gpt_blocks_compressed_per_layer():
   assert reports[gpt.STACKED]["all-reduce"].payload_bytes == 4 * floats
   # without it each [L, ...] stack is one L x (everything else) matrix, and the stacked norms are compressed
   assert reports[()]["all-reduce"].payload_bytes > 4 * floats
-  with pytest.raises(ValueError, match="powersgd_stacked: '\\^block/' matches no parameter"):
-    jdist.data_parallel(gpt.loss_fn(cfg), optax.sgd(0.1), mesh, compression="powersgd",
-                        powersgd_stacked=["^block/"]).init(params)
-  with pytest.raises(ValueError, match="powersgd_stacked: '\\(blocks' is not a regular expression"):
-    jdist.data_parallel(gpt.loss_fn(cfg), optax.sgd(0.1), mesh, compression="powersgd", powersgd_stacked=["(blocks"])
-  with pytest.raises(TypeError, match="wrap it in a list"):
-    jdist.data_parallel(gpt.loss_fn(cfg), optax.sgd(0.1), mesh, compression="powersgd", powersgd_stacked="^blocks/")
-  with pytest.raises(ValueError, match="powersgd_stacked applies only with compression='powersgd'"):
-    jdist.data_parallel(gpt.loss_fn(cfg), optax.sgd(0.1), mesh, powersgd_stacked=gpt.STACKED)
+  with pytest.raises(OptionError) as err:  # a pattern that matches nothing: found at init, with the paths
+    bad = reducers.powersgd(stacked=["^block/"])
+    jdist.data_parallel(gpt.loss_fn(cfg), optax.sgd(0.1), mesh, reducer=bad).init(params)
+  assert (err.value.name, err.value.got) == ("stacked", "^block/") and "blocks/qkv" in str(err.value)
+  with pytest.raises(OptionError) as err:
+    reducers.powersgd(stacked=["(blocks"])
+  assert (err.value.name, err.value.got) == ("stacked", "(blocks")
+  with pytest.raises(OptionTypeError) as err:  # one string is not a list of patterns
+    reducers.powersgd(stacked="^blocks/")
+  assert (err.value.name, err.value.got) == ("stacked", "^blocks/")

@@ -153,11 +153,11 @@ def test_data_parallel_equals_one_device(data, n, algorithm, accumulate, opt):
   params = data.draw(param_trees())
   batches = stacked_batches(data.draw, n * accumulate * data.draw(st.sampled_from([1, 2])))
   mesh = jdist.make_mesh(data=n, devices=devices(n))
-  strategy = jdist.data_parallel(loss_fn, opt[1](), mesh, allreduce=algorithm, accumulate_steps=accumulate)
+  strategy = jdist.data_parallel(loss_fn, opt[1](), mesh, reducer=jdist.reducers.mean(algorithm),
+                                 accumulate_steps=accumulate)
   assert_equal_to_reference(strategy, params, batches, opt[1]())
 
 
-@pytest.mark.xfail(strict=True, reason="pmap maps the wrong leaves (issue 18, defect 1); fixed on its branch")
 @given(data=st.data(), n=st.sampled_from([1, 2, 4, 8]), opt=optimizers())
 def test_pmap_equals_one_device(data, n, opt):
   params = data.draw(param_trees())
@@ -171,7 +171,8 @@ def test_hierarchical_allreduce_equals_one_device(data, outer, inner, opt):
   params = data.draw(param_trees())
   batches = stacked_batches(data.draw, outer * inner)
   mesh = jdist.make_mesh(node=outer, device=inner, devices=devices(outer * inner))
-  strategy = jdist.data_parallel(loss_fn, opt[1](), mesh, axis=("node", "device"), allreduce="hierarchical")
+  strategy = jdist.data_parallel(loss_fn, opt[1](), mesh, axis=("node", "device"),
+                                 reducer=jdist.reducers.mean("hierarchical"))
   assert_equal_to_reference(strategy, params, batches, opt[1]())
 
 

@@ -597,11 +597,11 @@ def test_state_kept_per_device_resumes_only_on_as_many_devices_and_says_so(tmp_p
   params = mlp.init(jax.random.key(0), [6, 16, 3])
   ck = CheckpointConfig(directory=tmp_path, every_steps=2)
   on = lambda n: jdist.data_parallel(mlp.loss, optax.adam(1e-2), jdist.make_mesh(data=n, devices=jax.devices()[:n]),
-                                     compression="int8")  # one error-feedback residual row per device
+                                     reducer=jdist.reducers.int8())  # one error-feedback residual row per device
   four = on(4)
   fit(four, four.init(params), ArrayLoader(_data(), 32), steps=2, checkpoint=ck)
   two = on(2)
-  with pytest.raises(CheckpointError, match=r"number of devices .* extra/residual/.* one row each, and that "
+  with pytest.raises(CheckpointError, match=r"number of devices .* extra/reducer/per_device/.* one row each, and that "
                                             r"checkpoint has 4, this run 2"):
     fit(two, two.init(params), ArrayLoader(_data(), 32), steps=4, checkpoint=ck)
 

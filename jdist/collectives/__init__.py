@@ -2,7 +2,8 @@
 
 Inside ``jax.shard_map``: ``allreduce(tree, axis_name, algorithm=..., op=...)``. Each algorithm is a
 function of one flat payload in ``ALGORITHMS``, with a numpy simulation in ``REFERENCES`` (hierarchical's,
-over two axes, is ``hierarchical_reference(xs, outer, inner)``).
+over two axes, is ``hierarchical_reference(xs, outer, inner)``). The compressed all-reduces (bf16, int8,
+PowerSGD) are here too; strategies take them as reducers (``jdist.reducers``, built in ``_reducers.py``).
 """
 from jdist.collectives._algorithms import ALGORITHMS as ALGORITHMS
 from jdist.collectives._algorithms import halving_doubling as halving_doubling
@@ -15,7 +16,6 @@ from jdist.collectives._algorithms import tree as tree
 from jdist.collectives._allreduce import DEFAULT_BUCKET_BYTES as DEFAULT_BUCKET_BYTES
 from jdist.collectives._allreduce import allreduce as allreduce
 from jdist.collectives._allreduce import check_algorithm as check_algorithm
-from jdist.collectives._compression import COMPRESSIONS as COMPRESSIONS
 from jdist.collectives._compression import bf16_allreduce as bf16_allreduce
 from jdist.collectives._compression import int8_allreduce as int8_allreduce
 from jdist.collectives._compression import powersgd_allreduce as powersgd_allreduce
@@ -29,7 +29,7 @@ from jdist.collectives._reference import (
 )
 from jdist.collectives._reference import ring_reference as ring_reference
 
-__all__ = ["ALGORITHMS", "COMPRESSIONS", "bf16_allreduce", "int8_allreduce", "powersgd_allreduce",
+__all__ = ["ALGORITHMS", "bf16_allreduce", "int8_allreduce", "powersgd_allreduce",
            "powersgd_compressible", "powersgd_init", "DEFAULT_BUCKET_BYTES", "REFERENCES",
            "allreduce", "check_algorithm", "halving_doubling", "hierarchical",
            "hierarchical_reference", "psum", "ring", "ring_all_gather", "ring_reduce_scatter", "ring_reference",

@@ -7,27 +7,26 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from jdist._checks import check_choice, check_positive_int
 from jdist._types import PyTree
 from jdist.collectives._algorithms import ALGORITHMS, Axis, axis_size
+from jdist.errors import OptionError
 
 DEFAULT_BUCKET_BYTES = 25 * 2**20  # PyTorch DDP's default bucket
 
 
 def check_algorithm(algorithm: str, axis: Axis | None = None) -> None:
-  """Raises a clear error for an unknown algorithm or one that cannot run over ``axis``."""
+  """Raises an ``OptionError`` for an unknown algorithm or one that cannot run over ``axis``."""
   if algorithm not in ALGORITHMS:
     hint = difflib.get_close_matches(str(algorithm), list(ALGORITHMS), n=1)
-    raise ValueError(f"Unknown all-reduce algorithm: {algorithm!r}. It needs to be one of {sorted(ALGORITHMS)}"
-                     + (f"; did you mean {hint[0]!r}?" if hint else "."))
-  if axis is None:
-    return
-  axes = (axis,) if isinstance(axis, str) else tuple(axis)
-  if algorithm == "hierarchical" and len(axes) != 2:
-    raise ValueError(f"algorithm='hierarchical' reduces over two mesh axes (outer, inner), got {axis!r}. Use a "
-                     f"2-D mesh, e.g. jdist.make_mesh(node=2, device=4), with axis=('node', 'device') (in a config: "
-                     f"mesh.node=2, mesh.device=4, strategy.axis=[\"node\", \"device\"]).")
+    raise OptionError("algorithm", algorithm, f"one of {sorted(ALGORITHMS)}",
+                      f"Did you mean {hint[0]!r}?" if hint else "")
+  axes = () if axis is None else (axis,) if isinstance(axis, str) else tuple(axis)
+  if algorithm == "hierarchical" and axis is not None and len(axes) != 2:
+    raise OptionError("axis", axis, "two mesh axes (outer, inner) for algorithm='hierarchical'",
+                      "Use a 2-D mesh, e.g. jdist.make_mesh(node=2, device=4), with axis=('node', 'device') (in a "
+                      "config: mesh.node=2, mesh.device=4, strategy.axis=[\"node\", \"device\"]).")
 
 
 def _buckets(leaves: list[jax.Array], bucket_bytes: int) -> list[list[int]]:
@@ -69,10 +68,8 @@ def allreduce(tree: PyTree, axis_name: Axis, *, algorithm: str = "psum",
     ...                   in_specs=P("data"), out_specs=P("data"))  # doctest: +SKIP
   """
   check_algorithm(algorithm, axis_name)
-  if op not in ("sum", "mean"):
-    raise ValueError(f"Unknown op: {op!r}. It needs to be one of ['sum', 'mean'].")
-  if not isinstance(bucket_bytes, (int, np.integer)) or bucket_bytes < 1:
-    raise ValueError(f"bucket_bytes must be a positive int, got {bucket_bytes!r}.")
+  check_choice(op, "op", ("sum", "mean"))
+  check_positive_int(bucket_bytes, "bucket_bytes")
   leaves, treedef = jax.tree.flatten(tree)
   if not leaves:
     return tree

@@ -13,29 +13,26 @@ from step to step (warm start): r(m + n) numbers per m x n matrix instead of mn.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jdist._checks import check_choice
 from jdist._types import PyTree
 from jdist.collectives._algorithms import Axis, axis_size
 from jdist.collectives._allreduce import DEFAULT_BUCKET_BYTES, allreduce
 
-COMPRESSIONS = (None, "bf16", "int8", "powersgd")
-
-
-def check_compression(compression) -> None:
-  if compression not in COMPRESSIONS:
-    raise ValueError(f"Unknown compression: {compression!r}. It needs to be one of {list(COMPRESSIONS)}.")
+def bf16_cast(tree: PyTree) -> PyTree:
+  """``tree`` with its floating leaves in bfloat16 (the others as they are)."""
+  return jax.tree.map(lambda x: x.astype(jnp.bfloat16) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
 
 def bf16_allreduce(tree: PyTree, axis: Axis, *, algorithm: str = "psum", op: str = "mean", **kwargs) -> PyTree:
   """All-reduce with floating leaves sent (and summed) in bf16, returned in their own dtype."""
-  dtypes = jax.tree.map(lambda x: x.dtype, tree)
-  low = jax.tree.map(lambda x: x.astype(jnp.bfloat16) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
-  out = allreduce(low, axis, algorithm=algorithm, op=op, **kwargs)
-  return jax.tree.map(lambda x, d: x.astype(d), out, dtypes)
+  out = allreduce(bf16_cast(tree), axis, algorithm=algorithm, op=op, **kwargs)
+  return jax.tree.map(lambda x, g: x.astype(g.dtype), out, tree)
 
 
 def int8_quantize(x: jax.Array, axis: Axis) -> tuple[jax.Array, jax.Array]:
@@ -95,8 +92,7 @@ def int8_allreduce(tree: PyTree, residual: PyTree, axis: Axis, *, op: str = "mea
   Raises:
     ValueError: an unknown ``op``, or a ``residual`` not shaped like ``tree``.
   """
-  if op not in ("sum", "mean"):
-    raise ValueError(f"Unknown op: {op!r}. It needs to be one of ['sum', 'mean'].")
+  check_choice(op, "op", ("sum", "mean"))
   n = axis_size(axis)
   leaves, treedef = jax.tree.flatten(tree)
   res_leaves = _like_tree(treedef, leaves, residual, "residual")
@@ -222,6 +218,13 @@ def powersgd_allreduce(tree: PyTree, residual: PyTree, qs: PyTree, axis: Axis, *
   Raises:
     ValueError: a Q on a leaf that is not a matrix, or of the wrong shape.
   """
+  mean = lambda t: allreduce(t, axis, algorithm=algorithm, op="mean", bucket_bytes=bucket_bytes)
+  return powersgd_reduce(tree, residual, qs, mean)
+
+
+def powersgd_reduce(tree: PyTree, residual: PyTree, qs: PyTree,
+                    mean: Callable[[PyTree], PyTree]) -> tuple[PyTree, PyTree, PyTree]:
+  """``powersgd_allreduce`` with its two exact all-reduces done by ``mean(tree) -> tree`` (a reducer's)."""
   leaves, treedef = jax.tree.flatten(tree)
   res_leaves = _like_tree(treedef, leaves, residual, "residual")
   q_leaves = treedef.flatten_up_to(qs)
@@ -236,12 +239,10 @@ def powersgd_allreduce(tree: PyTree, residual: PyTree, qs: PyTree, axis: Axis, *
   batched_qs = [q_leaves[i].reshape(m.shape[0], -1, q_leaves[i].shape[-1]) for m, i in zip(mats, comp)]
   ps = [jnp.matmul(m, q, precision=hi) for m, q in zip(mats, batched_qs)]  # P = M Q: f32[b, m, r]
   # exact leaves go in their own dtype (a float32 residual must not double a bf16 leaf's bytes)
-  exact_mean, ps = allreduce(([ms[i].astype(leaves[i].dtype) for i in exact], ps), axis, algorithm=algorithm,
-                             op="mean", bucket_bytes=bucket_bytes)
+  exact_mean, ps = mean(([ms[i].astype(leaves[i].dtype) for i in exact], ps))
   # QR, not Gram-Schmidt: orthonormal columns even when P is rank-deficient (a zero gradient, say)
   ps = [jnp.linalg.qr(p)[0] for p in ps]
-  new_qs = allreduce([jnp.matmul(m.mT, p, precision=hi) for m, p in zip(mats, ps)], axis,
-                     algorithm=algorithm, op="mean", bucket_bytes=bucket_bytes)  # Q' = M^T P: f32[b, n, r]
+  new_qs = mean([jnp.matmul(m.mT, p, precision=hi) for m, p in zip(mats, ps)])  # Q' = M^T P: f32[b, n, r]
   out, new_res, q_out = [None] * len(leaves), [None] * len(leaves), [None] * len(leaves)
   # the outputs keep the leaves' dtypes, the new residuals the residuals' (the state's types never change)
   for i, g in zip(exact, exact_mean):

@@ -30,7 +30,7 @@ from jdist._types import Batch, Params
 
 REMAT_POLICIES = ("none", "dots_saveable", "full")
 _SAVE_DOTS = jax.checkpoint_policies.dots_with_no_batch_dims_saveable  # "dots_saveable", inside ``block``
-STACKED = (r"^blocks/",)  # parameters whose leading axis stacks the layers (e.g. data_parallel's powersgd_stacked)
+STACKED = (r"^blocks/",)  # parameters whose leading axis stacks the layers (e.g. jdist.reducers.powersgd(stacked=...))
 ATTENTION_IMPLS = ("auto", "cudnn", "xla", None)
 
 # Megatron tensor parallelism over a "model" mesh axis: attention split by heads (qkv by output

@@ -1,45 +1,73 @@
 """Synchronous data parallelism: every device holds the whole model and takes the same step.
 
-Each device computes the gradient of its shard of the global batch; an AllReduce averages the
-gradients, so every replica applies the identical update. For a loss that is a mean over examples
-this is exactly single-device training on the global batch (tested to 1e-5).
+Each device computes the gradient of its shard of the global batch; a reducer (``jdist.reducers``) averages
+the gradients, so every replica applies the identical update. For a loss that is a mean over examples and
+an exact reducer (``mean``, any algorithm) this is exactly single-device training on the global batch
+(tested to 1e-5); the compressing reducers trade that for fewer bytes.
+
+The factory checks its arguments into a small frozen ``DataParallelConfig``; the pieces of the step are
+module-level functions of it (``local_grads``, ``grads_fn``, ``init``, ``step``), each readable alone.
 """
 from __future__ import annotations
 
-import re
-from typing import Literal, Sequence
+import dataclasses
+import functools
+import types
+from typing import Callable, Literal
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jdist import _checks as checks
 from jdist import batches as batch_lib
-from jdist import collectives
 from jdist import mesh as mesh_lib
-from jdist._checks import (
-  check_callable,
-  check_optimizer,
-  check_params,
-  check_positive_int,
-)
 from jdist._types import Batch, LossFn, Params, PRNGKey
-from jdist.collectives._compression import check_compression
+from jdist.collectives import _reducers as reducers
+from jdist.collectives._reducers import Reducer, ReducerState
+from jdist.errors import OptionError
 from jdist.state import TrainState
 from jdist.strategy import (
   StepFn,
   Strategy,
   accumulate,
+  apply_update,
   metrics_from,
-  optimizer_update,
   raw_key,
   value_and_grad,
 )
 
 BACKENDS = ("shard_map", "pmap")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataParallelConfig:
+  """What a data-parallel step needs, checked and fixed when the strategy is built."""
+
+  loss_fn: LossFn  # loss_fn(params, batch) -> scalar mean loss ((loss, aux) with has_aux)
+  optimizer: optax.GradientTransformation
+  mesh: Mesh  # parameters replicated over all of it
+  axes: tuple[str, ...]  # the mesh axes the batch is split over (one or more names)
+  backend: str  # "shard_map" or "pmap" (one axis holding every device)
+  accumulate_steps: int  # micro-batches per device per step, >= 1
+  has_aux: bool
+  reducer: Reducer  # how the per-device gradients become their mean
+
+  @property
+  def n(self) -> int:
+    """Devices along the data axes: the global batch must divide by ``n * accumulate_steps``."""
+    return mesh_lib.axis_size(self.mesh, self.axes)
+
+  @property
+  def reduce_axis(self) -> str | tuple[str, ...]:
+    """The axis name collectives take: one name, or the tuple of several."""
+    return self.axes if len(self.axes) > 1 else self.axes[0]
+
+  @property
+  def replicated(self) -> NamedSharding:
+    return NamedSharding(self.mesh, P())
 
 
 def data_parallel(
@@ -51,11 +79,7 @@ def data_parallel(
     backend: Literal["shard_map", "pmap"] = "shard_map",
     accumulate_steps: int = 1,
     has_aux: bool = False,
-    allreduce: str = "psum",
-    bucket_bytes: int = collectives.DEFAULT_BUCKET_BYTES,
-    compression: str | None = None,
-    powersgd_rank: int = 1,
-    powersgd_stacked: Sequence[str] = (),
+    reducer: Reducer = reducers.mean(),
 ) -> Strategy:
   """Synchronous data-parallel SGD (any optax optimizer) over ``axis`` of ``mesh``.
 
@@ -66,39 +90,31 @@ def data_parallel(
     optimizer: any ``optax.GradientTransformation``.
     mesh: the device mesh; parameters are replicated over all of it.
     axis: the mesh axis (or tuple of axes) the batch is split over.
-    backend: ``"shard_map"`` (the core) or ``"pmap"`` (the same computation through ``jax.pmap``).
+    backend: ``"shard_map"`` (the core) or ``"pmap"`` (the same computation through ``jax.pmap``; one axis
+      holding every device of the mesh, one process).
     accumulate_steps: split each device's batch into this many micro-batches and average their
-      gradients before the one AllReduce (for memory); the result equals one full-batch step.
+      gradients before the one reduction (for memory); the result equals one full-batch step.
     has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
-    allreduce: how gradients are averaged, a key of ``jdist.collectives.ALGORITHMS`` (``psum``, ``ring``,
-      ``halving_doubling``, ``tree``, ``hierarchical`` with ``axis=(outer, inner)``).
-    bucket_bytes: with an ``allreduce`` other than ``psum``, gradients are flattened into buckets of at most
-      this many bytes per collective (``psum`` leaves that to XLA and takes no ``bucket_bytes``).
-    compression: ``None``; ``"bf16"`` (gradients sent and summed in bf16); ``"int8"`` (int8 with error
-      feedback; the per-device residual is kept in ``state.extra["residual"]``, leading axis = devices; the
-      int8 sum is an all-to-all and an all-gather of its own, so neither ``allreduce`` nor ``bucket_bytes``
-      applies); or
-      ``"powersgd"`` (each gradient matrix, seen as [shape[0], prod(rest)] = [m, n], replaced by a rank-r
-      approximation P Q^T, with error feedback in ``state.extra["residual"]`` and Q kept replicated in
-      ``state.extra["q"]`` as the next step's warm start; one device sends r(m + n) floats per matrix
-      instead of mn, in two all-reduces. Vectors and matrices with r(m + n) >= mn are all-reduced exactly).
-    powersgd_rank: the rank r of PowerSGD's approximation (with ``compression="powersgd"`` only).
-    powersgd_stacked: regular expressions over parameter paths (``"blocks/qkv"``) of leaves whose leading
-      axis stacks layers, as ``lax.scan`` models keep them (``jdist.models.gpt.STACKED``): each layer's
-      matrix is approximated on its own (r(m + n) per layer, not r(L + mn/L) for the whole stack) and
-      stacked vectors (per-layer norms) are sent exactly. Every expression must match a parameter.
+    reducer: how gradients are averaged (``jdist.reducers``): ``mean()`` (psum, the default),
+      ``mean("ring" | "halving_doubling" | "tree" | "hierarchical", bucket_bytes=...)``, ``bf16(inner)``,
+      ``int8()``, ``powersgd(rank, stacked=..., inner=...)`` or your own ``Reducer``. Its state is
+      ``state.extra["reducer"]``: a ``ReducerState`` whose ``per_device`` part (error-feedback residuals) has
+      a leading axis of one row per device, split over ``axis``, and whose ``shared`` part is replicated.
+      The reported loss and aux are exact means whatever the reducer.
 
   Returns:
     A ``Strategy``: ``init(params, *, key=None)``, ``shard_batch(host_batch)``,
     ``step(state, batch) -> (state, metrics)`` with metrics ``loss`` (global mean), ``grad_norm``
-    (of the averaged gradient) and ``step`` (updates applied, after this one).
+    (of the averaged gradient) and ``step`` (updates applied, after this one). ``info``: ``axis``,
+    ``devices``, ``backend``, ``reducer`` (its name) and ``accumulate_steps``. The reducer's key is split
+    off ``key`` at ``init``.
 
   Raises:
-    ValueError / TypeError: an axis not in the mesh, an unknown backend, a bad ``accumulate_steps`` or
-    ``powersgd_rank``, ``compression="int8"`` with an ``allreduce`` other than ``"psum"`` or a
-    ``bucket_bytes`` other than the default.
-    At the first step: a global batch not divisible by (devices on ``axis``) x ``accumulate_steps``,
-    batch leaves with different leading sizes, or a ``loss_fn`` that does not return a scalar.
+    OptionError / OptionTypeError / AxisError / IdleAxesError (``ValueError`` / ``TypeError``): an axis not
+    in the mesh, an unknown backend, a bad ``accumulate_steps``, a reducer that cannot run over ``axis``,
+    ``backend="pmap"`` on several processes or axes. At the first step: a global batch not divisible by
+    (devices on ``axis``) x ``accumulate_steps``, batch leaves with different leading sizes, or a
+    ``loss_fn`` that does not return a scalar.
 
   Example:
     >>> mesh = jdist.make_mesh(data=-1)
@@ -106,172 +122,135 @@ def data_parallel(
     >>> state = strategy.init(params)                                   # doctest: +SKIP
     >>> state, metrics = strategy.step(state, strategy.shard_batch(batch))  # doctest: +SKIP
   """
-  check_callable(loss_fn, "loss_fn")
-  check_optimizer(optimizer)
+  cfg = make_config(loss_fn, optimizer, mesh, axis=axis, backend=backend, accumulate_steps=accumulate_steps,
+                    has_aux=has_aux, reducer=reducer)
+  step = StepFn(functools.partial(step_fn, cfg, grads_fn(cfg)), mesh, donate_argnums=0,
+                out_shardings=(state_shardings(cfg), cfg.replicated))
+  tags = [t for t in (backend if backend != "shard_map" else None, cfg.reducer.name) if t and t != "psum"]
+  info = {"axis": cfg.reduce_axis, "devices": cfg.n, "backend": backend, "reducer": cfg.reducer.name,
+          "accumulate_steps": cfg.accumulate_steps}
+  return Strategy(init=functools.partial(init, cfg), shard_batch=functools.partial(shard_batch, cfg), step=step,
+                  name="data_parallel" + (f"[{','.join(tags)}]" if tags else ""), mesh=mesh,
+                  info=types.MappingProxyType(info))
+
+
+def make_config(loss_fn, optimizer, mesh, *, axis, backend, accumulate_steps, has_aux, reducer) -> DataParallelConfig:
+  """``data_parallel``'s arguments, checked (every check before anything compiles)."""
+  checks.check_callable(loss_fn, "loss_fn")
+  checks.check_optimizer(optimizer)
   axes = checks.check_axes(mesh, axis, what="data axis")
-  if backend not in BACKENDS:
-    raise ValueError(f"Unknown backend {backend!r}. It needs to be one of {list(BACKENDS)}.")
-  k = check_positive_int(accumulate_steps, "accumulate_steps")
-  collectives.check_algorithm(allreduce, axes if len(axes) > 1 else axes[0])
-  check_compression(compression)
-  if compression == "int8" and allreduce != "psum":
-    raise ValueError(f"compression='int8' sums its int8 payload with its own all-to-all and all-gather, so it "
-                     f"takes no all-reduce algorithm, got allreduce={allreduce!r}. Drop allreduce=, or use "
-                     f"compression='bf16' or 'powersgd', which run through it.")
-  if compression == "int8" and bucket_bytes != collectives.DEFAULT_BUCKET_BYTES:
-    raise ValueError(f"compression='int8' sends every gradient in one payload with one shared scale, so it takes "
-                     f"no bucket_bytes, got bucket_bytes={bucket_bytes!r}. Drop bucket_bytes=.")
-  if not isinstance(bucket_bytes, (int, np.integer)) or isinstance(bucket_bytes, bool) or bucket_bytes < 1:
-    raise ValueError(f"bucket_bytes must be a positive int (the largest bucket, in bytes), got {bucket_bytes!r}.")
-  if allreduce == "psum" and bucket_bytes != collectives.DEFAULT_BUCKET_BYTES:
-    raise ValueError(f"bucket_bytes sizes the buckets of the algorithms written from ppermute (ring, "
-                     f"halving_doubling, tree, hierarchical); allreduce='psum' hands every gradient to one psum, "
-                     f"which XLA combines itself, so bucket_bytes={bucket_bytes!r} would change nothing. Drop "
-                     f"bucket_bytes=, or pick one of those algorithms, e.g. allreduce='ring'.")
-  rank = check_positive_int(powersgd_rank, "powersgd_rank")
-  if rank != 1 and compression != "powersgd":
-    raise ValueError(f"powersgd_rank={powersgd_rank!r} applies only with compression='powersgd', got "
-                     f"compression={compression!r}. Pass compression='powersgd' or drop powersgd_rank.")
-  if powersgd_stacked and compression != "powersgd":
-    raise ValueError(f"powersgd_stacked applies only with compression='powersgd', got compression={compression!r}.")
-  stacked_patterns = _compile_patterns(powersgd_stacked, "powersgd_stacked")
-  with_residual = compression in ("int8", "powersgd")  # error feedback: a residual per device
-  n = mesh_lib.axis_size(mesh, axes)
+  checks.check_choice(backend, "backend", BACKENDS)
+  k = checks.check_positive_int(accumulate_steps, "accumulate_steps")
+  reducer = reducers.check_reducer(reducer)
+  reducer.check(axes if len(axes) > 1 else axes[0])
   if backend == "pmap":
-    if jax.process_count() > 1:
-      raise ValueError(
-          f"backend='pmap' cannot run across {jax.process_count()} processes: the pmap runs inside the jitted "
-          f"step, and jax.pmap traced inside jax.jit maps over this process's devices only. Use "
-          f"backend='shard_map' (the default), which computes the same numbers on a mesh over every process's "
-          f"devices.")
-    if len(axes) != 1 or n != mesh.size:
-      raise ValueError(
-          f"backend='pmap' maps over one axis holding every device of the mesh, but axis {axis!r} has {n} "
-          f"of the mesh's {mesh.size} devices ({dict(mesh.shape)}). Use a 1-D mesh, e.g. "
-          f"jdist.make_mesh({axes[0]}={mesh.size}), or backend='shard_map'.")
+    _check_pmap(mesh, axes)
   checks.check_no_idle_axes(mesh, axes, who="data_parallel", fix="To split the batch over it too, name it in "
-                              "axis (a tuple of axes)")
-  replicated = NamedSharding(mesh, P())
-  vg = value_and_grad(loss_fn, has_aux=has_aux)
+                            "axis (a tuple of axes)")
+  return DataParallelConfig(loss_fn=loss_fn, optimizer=optimizer, mesh=mesh, axes=axes, backend=backend,
+                            accumulate_steps=k, has_aux=has_aux, reducer=reducer)
 
-  reduce_axis = axes if len(axes) > 1 else axes[0]
 
-  def reduce(tree, residual, q):
-    # tree: this device's (loss, aux, grads); returns their mean over the data axis, identical everywhere
-    if compression is None:  # one bucketed all-reduce for all three
-      return (collectives.allreduce(tree, reduce_axis, algorithm=allreduce, op="mean", bucket_bytes=bucket_bytes),
-              residual, q)
-    # compressed: the gradients only; the reported loss and aux stay exact
-    (loss, aux), grads = jax.lax.pmean(tree[:2], reduce_axis), tree[2]
-    if compression == "bf16":
-      grads = collectives.bf16_allreduce(grads, reduce_axis, algorithm=allreduce, bucket_bytes=bucket_bytes)
-    elif compression == "int8":
-      grads, residual = collectives.int8_allreduce(grads, residual, reduce_axis)
-    else:
-      grads, residual, q = collectives.powersgd_allreduce(grads, residual, q, reduce_axis, algorithm=allreduce,
-                                                          bucket_bytes=bucket_bytes)
-    return (loss, aux, grads), residual, q
+def _check_pmap(mesh: Mesh, axes: tuple[str, ...]) -> None:
+  if jax.process_count() > 1:
+    raise OptionError("backend", "pmap", f"'shard_map' across {jax.process_count()} processes",
+                      "Use backend='shard_map' (the default): jax.pmap traced inside the jitted step maps over this "
+                      "process's devices only, where shard_map computes the same numbers over every process's.")
+  if len(axes) != 1 or mesh_lib.axis_size(mesh, axes) != mesh.size:
+    raise OptionError("axis", axes if len(axes) > 1 else axes[0],
+                      f"one axis holding all {mesh.size} devices of the mesh {dict(mesh.shape)} for backend='pmap'",
+                      f"Use a 1-D mesh, e.g. jdist.make_mesh({axes[0]}={mesh.size}), or backend='shard_map'.")
 
-  def local_grads(params, batch, residual, q):
-    # params: replicated; batch: [B/N, ...] on this device; residual: [1, ...] (error feedback) or None;
-    # q: PowerSGD's replicated Q tree or None.
-    # Mark params device-varying first: grad w.r.t. an invariant input comes back already psum'ed
-    # over the axis (docs/pitfalls.md, pitfall 1), and the mean below would then be N times too big.
-    params = jax.lax.pcast(params, axes, to="varying")
-    loss, aux, grads = accumulate(vg, params, batch, k)
-    residual = jax.tree.map(lambda r: r[0], residual)
-    out, residual, q = reduce((loss, aux, grads), residual, q)
-    return out, jax.tree.map(lambda r: r[None], residual), q
 
-  # psum results are provably replicated; results assembled from ppermute / all-to-all are equal on every
-  # device by construction but the type system cannot see it, so those run with check_vma=False
-  check_vma = allreduce == "psum" and compression is None
-  if backend == "shard_map" and n == 1 and compression is None:
+def local_grads(cfg: DataParallelConfig, params: Params, batch: Batch, rstate: ReducerState):
+  """One device's work: its gradient, averaged over the data axis by the reducer.
+
+  params: replicated; batch: [B/N, ...] this device's; rstate: this device's reducer state (``per_device``
+  without its leading axis). Returns ``((loss, aux, mean_grads), rstate)``, the first three the same on
+  every device.
+  """
+  # Mark params device-varying first: grad w.r.t. an invariant input comes back already psum'ed
+  # over the axis (docs/pitfalls.md, pitfall 1), and the mean below would then be N times too big.
+  params = jax.lax.pcast(params, cfg.axes, to="varying")
+  vg = value_and_grad(cfg.loss_fn, has_aux=cfg.has_aux)
+  loss, aux, grads = accumulate(vg, params, batch, cfg.accumulate_steps)
+  # the reported loss and aux are exact whatever the reducer (with psum XLA fuses this into the gradients' one)
+  loss, aux = jax.lax.pmean((loss, aux), cfg.reduce_axis)
+  grads, rstate = cfg.reducer.reduce(grads, rstate, cfg.reduce_axis)
+  return (loss, aux, grads), rstate
+
+
+GradsFn = Callable[[Params, Batch, ReducerState], tuple[tuple, ReducerState]]
+
+
+def grads_fn(cfg: DataParallelConfig) -> GradsFn:
+  """``(params, batch, stored reducer state) -> ((loss, aux, mean_grads), reducer state)`` over the global batch,
+  through ``cfg.backend``."""
+  if cfg.backend == "pmap":
+    return _pmapped_grads(cfg)
+  if cfg.n == 1 and cfg.reducer.exact:
     # one device on the data axis: nothing to average. Without a shard_map boundary XLA fuses the
     # gradient's consumers (bf16 -> fp32 casts, the norm, the optimizer) as in a plain jitted step.
-    def sharded_grads(params, batch, residual, q):
-      return accumulate(vg, params, batch, k), residual, q
-  elif backend == "shard_map":
-    sharded_grads = jax.shard_map(local_grads, mesh=mesh, in_specs=(P(), P(axes), P(axes), P()),
-                                  out_specs=(P(), P(axes), P()), check_vma=check_vma)
-  else:
-    pmapped = jax.pmap(local_grads, axis_name=axes[0], in_axes=(None, 0, 0, None), out_axes=(None, 0, None),
-                       devices=list(mesh.devices.flat))
+    vg = value_and_grad(cfg.loss_fn, has_aux=cfg.has_aux)
+    return lambda params, batch, rstate: (accumulate(vg, params, batch, cfg.accumulate_steps), rstate)
 
-    def sharded_grads(params, batch, residual, q):
-      # batch: [B, ...] -> [N, B/N, ...], the leading axis mapped over devices; residual: [N, 1, ...]
-      split = lambda x: x.reshape(n, x.shape[0] // n, *x.shape[1:])
-      out, residual, q = pmapped(params, jax.tree.map(split, batch), jax.tree.map(split, residual), q)
-      return out, jax.tree.map(lambda r: r.reshape(n, *r.shape[2:]), residual), q
+  def body(params, batch, rstate):  # per_device leaves of rstate: [1, ...] on this device
+    out, rstate = local_grads(cfg, params, batch, reducers.local_view(rstate))
+    return out, reducers.stored_view(rstate)
 
-  def init(params: Params, *, key: PRNGKey | int | None = None) -> TrainState:
-    params = mesh_lib.replicate(check_params(params), mesh)
-    opt_state = jax.jit(optimizer.init, out_shardings=replicated)(params)
-    extra, key = None, raw_key(key)
-    if with_residual:  # one residual per device: leading axis of size N, split over the data axis
-      # float32 or wider whatever the parameters' dtype: a bf16 residual would round small gradients away
-      zeros = lambda p: jnp.zeros((n,) + p.shape, jnp.promote_types(p.dtype, jnp.float32))
-      extra = {"residual": jax.jit(lambda p: jax.tree.map(zeros, p), out_shardings=NamedSharding(mesh, P(axes)))(params)}
-    if compression == "powersgd":  # Q from a key of its own, the same on every device
-      key, q_key = jax.random.split(key)
-      stacked = _stacked_leaves(params, stacked_patterns)
-      extra["q"] = jax.jit(lambda k: collectives.powersgd_init(params, rank, key=k, stacked=stacked),
-                           out_shardings=replicated)(q_key)
-    step, key = mesh_lib.replicate((jnp.zeros((), jnp.int32), key), mesh)
-    return TrainState(step=step, params=params, opt_state=opt_state, key=key, extra=extra)
-
-  def shard_batch(batch: Batch) -> Batch:
-    # one process: the global batch; several: this process's share (jdist.batches.put_batch)
-    return batch_lib.put_batch(batch, NamedSharding(mesh, P(axes)), multiple_of=n * k)
-
-  def step_fn(state: TrainState, batch: Batch):
-    batch_lib.batch_size(batch, multiple_of=n * k)  # runs at trace time only
-    residual = state.extra["residual"] if with_residual else None
-    q = state.extra["q"] if compression == "powersgd" else None
-    (loss, aux, grads), residual, q = sharded_grads(state.params, batch, residual, q)
-    updates, opt_state = optimizer_update(optimizer, grads, state.opt_state, state.params, loss)
-    params = optax.apply_updates(state.params, updates)
-    extra = None
-    if with_residual:
-      extra = {"residual": residual, "q": q} if compression == "powersgd" else {"residual": residual}
-    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, extra=extra)
-    return new_state, metrics_from(loss, grads, aux, new_state.step)
-
-  state_shardings = replicated
-  if with_residual:
-    extra_shardings = {"residual": NamedSharding(mesh, P(axes))}
-    if compression == "powersgd":
-      extra_shardings["q"] = replicated
-    state_shardings = TrainState(step=replicated, params=replicated, opt_state=replicated, key=replicated,
-                                 extra=extra_shardings)
-  step = StepFn(step_fn, mesh, donate_argnums=0, out_shardings=(state_shardings, replicated))
-  tags = [t for t in (backend if backend != "shard_map" else None, allreduce if allreduce != "psum" else None,
-                      compression if compression != "powersgd" else f"powersgd-r{rank}") if t]
-  name = "data_parallel" + (f"[{','.join(tags)}]" if tags else "")
-  return Strategy(init=init, shard_batch=shard_batch, step=step, name=name, mesh=mesh)
+  # A reducer may assemble its result from ppermute or all-to-all: equal on every device by construction, which
+  # the varying-axes types cannot see, so no check_vma (for psum the compiled program is the same either way).
+  rspec = ReducerState(per_device=P(cfg.axes), shared=P())
+  return jax.shard_map(body, mesh=cfg.mesh, in_specs=(P(), P(cfg.axes), rspec), out_specs=(P(), rspec),
+                       check_vma=False)
 
 
-def _compile_patterns(patterns: Sequence[str], what: str) -> list[re.Pattern]:
-  if isinstance(patterns, str):
-    raise TypeError(f"{what} must be a sequence of regular expressions, got the string {patterns!r}; wrap it in "
-                    f"a list: [{patterns!r}].")
-  compiled = []
-  for pattern in patterns:
-    try:
-      compiled.append(re.compile(pattern))
-    except (re.error, TypeError) as e:
-      raise ValueError(f"{what}: {pattern!r} is not a regular expression ({e}).") from None
-  return compiled
+def _pmapped_grads(cfg: DataParallelConfig) -> GradsFn:
+  """``grads_fn`` through ``jax.pmap`` over the one data axis."""
+  n = cfg.n
+  # One grouped argument, its in_axes a 1-tuple holding the structure: jax.pmap (JAX 0.10) reads a flat in_axes
+  # tuple as one entry per *leaf* whenever the number of arguments equals the number of leaves, which
+  # (params, batch, state) can meet by chance (empty states count 0 leaves), and then maps the wrong leaves
+  # silently (issue 18). A tuple whose one entry is itself a tuple never takes that path.
+  rstate_axes = ReducerState(per_device=0, shared=None)
+  pmapped = jax.pmap(lambda args: local_grads(cfg, *args), axis_name=cfg.axes[0],
+                     in_axes=((None, 0, rstate_axes),), out_axes=(None, rstate_axes),
+                     devices=list(cfg.mesh.devices.flat))
+
+  def grads(params, batch, rstate):
+    # batch: [B, ...] -> [N, B/N, ...], the leading axis mapped over devices; rstate.per_device: [N, ...] already
+    split = lambda x: x.reshape(n, x.shape[0] // n, *x.shape[1:])
+    return pmapped((params, jax.tree.map(split, batch), rstate))
+
+  return grads
 
 
-def _stacked_leaves(params: Params, patterns: list[re.Pattern]) -> Params:
-  """A tree of bools like ``params``: True where a pattern matches the leaf's path ("blocks/qkv")."""
-  from jdist.strategies.model_parallel import path_str
+def state_shardings(cfg: DataParallelConfig) -> TrainState:
+  """Where the step leaves the state: everything replicated but the reducer's per-device rows."""
+  rep = cfg.replicated
+  return TrainState(step=rep, params=rep, opt_state=rep, key=rep,
+                    extra={"reducer": reducers.state_shardings(cfg.mesh, cfg.axes)})
 
-  flat, treedef = jax.tree_util.tree_flatten_with_path(params)
-  paths = [path_str(path) for path, _ in flat]
-  for pattern in patterns:
-    if not any(pattern.search(p) for p in paths):
-      raise ValueError(f"powersgd_stacked: {pattern.pattern!r} matches no parameter. The parameter paths are: "
-                       f"{', '.join(paths)}.")
-  return jax.tree.unflatten(treedef, [any(pt.search(p) for pt in patterns) for p in paths])
+
+def init(cfg: DataParallelConfig, params: Params, *, key: PRNGKey | int | None = None) -> TrainState:
+  """Replicated params and optimizer state; the reducer's state from a key split off ``key``."""
+  params = mesh_lib.replicate(checks.check_params(params), cfg.mesh)
+  opt_state = jax.jit(cfg.optimizer.init, out_shardings=cfg.replicated)(params)
+  key, reducer_key = jax.random.split(raw_key(key))
+  rstate = reducers.init_state(cfg.reducer, params, reducer_key, cfg.mesh, cfg.axes)
+  step, key = mesh_lib.replicate((jnp.zeros((), jnp.int32), key), cfg.mesh)
+  return TrainState(step=step, params=params, opt_state=opt_state, key=key, extra={"reducer": rstate})
+
+
+def shard_batch(cfg: DataParallelConfig, batch: Batch) -> Batch:
+  """One process: the global batch split over the data axes; several: this process's share
+  (``jdist.batches.put_batch``)."""
+  return batch_lib.put_batch(batch, NamedSharding(cfg.mesh, P(cfg.axes)), multiple_of=cfg.n * cfg.accumulate_steps)
+
+
+def step_fn(cfg: DataParallelConfig, grads: GradsFn, state: TrainState, batch: Batch):
+  """One update: the mean gradient of the global batch (``grads``), then the shared step ending."""
+  batch_lib.batch_size(batch, multiple_of=cfg.n * cfg.accumulate_steps)  # runs at trace time only
+  (loss, aux, mean_grads), rstate = grads(state.params, batch, state.extra["reducer"])
+  state = apply_update(state, mean_grads, loss, cfg.optimizer, extra={"reducer": rstate})
+  return state, metrics_from(loss, mean_grads, aux, state.step)

@@ -2,14 +2,19 @@
 
 This is the article's AllReduce in its original form, theta = 1/N (w1 + ... + wN): each device
 trains its own copy of the model on its own data; every ``sync_every`` steps the copies are averaged
-with an AllReduce. Between syncs nothing is communicated, so the bytes per step fall by H.
+by a reducer (``jdist.reducers``: an exact mean by default, or a compressing one). Between syncs nothing is
+communicated, so the bytes per step fall by H.
 
-With ``outer_optimizer`` the average is not taken as is: the change ``global - mean(replicas)`` is
-treated as a gradient for the outer optimizer (DiLoCo: Douillard et al. 2023, with
-``optax.sgd(0.7, momentum=0.9, nesterov=True)``). An outer SGD of lr 1 without momentum is plain
+With ``outer_optimizer`` the average is not taken as is: the change ``global - replica`` of each device is
+the outer gradient, averaged by the reducer and applied by the outer optimizer (DiLoCo: Douillard et al.
+2023, with ``optax.sgd(0.7, momentum=0.9, nesterov=True)``). An outer SGD of lr 1 without momentum is plain
 averaging; with H = 1 and plain SGD inside, local SGD is synchronous data parallelism (tested).
 """
 from __future__ import annotations
+
+import dataclasses
+import functools
+import types
 
 import jax
 import jax.numpy as jnp
@@ -19,24 +24,33 @@ from jax.sharding import PartitionSpec as P
 
 from jdist import _checks as checks
 from jdist import batches as batch_lib
-from jdist import collectives
 from jdist import mesh as mesh_lib
-from jdist._checks import (
-  check_callable,
-  check_optimizer,
-  check_params,
-  check_positive_int,
-)
 from jdist._types import Batch, LossFn, Params, PRNGKey
+from jdist.collectives import _reducers as reducers
+from jdist.collectives._reducers import Reducer, ReducerState
 from jdist.state import TrainState
-from jdist.strategy import (
-  StepFn,
-  Strategy,
-  metrics_from,
-  optimizer_update,
-  raw_key,
-  value_and_grad,
-)
+from jdist.strategy import StepFn, Strategy, metrics_from, optimizer_update, raw_key, value_and_grad
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalSGDConfig:
+  """What a local SGD step needs, checked and fixed when the strategy is built."""
+
+  loss_fn: LossFn  # loss_fn(params, batch) -> scalar mean loss ((loss, aux) with has_aux)
+  optimizer: optax.GradientTransformation  # the inner optimizer, one state per replica
+  mesh: Mesh
+  axis: str  # the mesh axis holding the replicas, one per device
+  sync_every: int  # H >= 1: steps between averagings
+  outer_optimizer: optax.GradientTransformation | None  # None: plain averaging; else DiLoCo's outer step
+  has_aux: bool
+  reducer: Reducer  # how the replicas (or DiLoCo's outer gradients) are averaged
+
+  @property
+  def n(self) -> int:
+    return self.mesh.shape[self.axis]
+
+  def sharding(self, spec: P) -> NamedSharding:
+    return NamedSharding(self.mesh, spec)
 
 
 def local_sgd(
@@ -47,8 +61,8 @@ def local_sgd(
     axis: str = "data",
     sync_every: int = 1,
     outer_optimizer: optax.GradientTransformation | None = None,
-    allreduce: str = "psum",
     has_aux: bool = False,
+    reducer: Reducer = reducers.mean(),
 ) -> Strategy:
   """Local SGD / DiLoCo over ``axis`` of ``mesh``: one step trains every replica once.
 
@@ -60,96 +74,141 @@ def local_sgd(
     sync_every: H, the steps between averagings (>= 1).
     outer_optimizer: None for plain averaging, or an optax optimizer applied to the outer gradient
       ``global - mean(replicas)`` (DiLoCo).
-    allreduce: the AllReduce algorithm for the averaging (``jdist.collectives.ALGORITHMS``, except
-      "hierarchical", which needs two mesh axes).
+    reducer: how the averaging communicates (``jdist.reducers``; default ``mean()``, psum): the replicas
+      themselves are reduced for plain averaging, each replica's outer gradient ``global - replica`` for
+      DiLoCo; e.g. ``mean("ring")``, or ``int8()`` to send a quarter of the bytes (with error feedback).
+      "hierarchical" needs two mesh axes and so cannot run here.
 
   Returns:
     A ``Strategy``. ``state.params`` are the global (last averaged) parameters, replicated;
-    ``state.extra`` holds ``replicas`` and ``inner_opt_state`` (leading axis: one per device) and the
-    last measured ``spread``. Metrics: ``loss`` (mean over replicas), ``grad_norm`` (mean over replicas),
-    ``synced`` (1 on averaging steps) and ``replica_spread``: sqrt(mean_i ||theta_i - mean||^2) of
-    the replicas before the last averaging.
+    ``state.extra`` holds ``replicas`` and ``inner_opt_state`` (leading axis: one per device), the
+    last measured ``spread`` and the reducer's state (``reducer``). Metrics: ``loss`` (mean over replicas),
+    ``grad_norm`` (mean over replicas), ``synced`` (1 on averaging steps) and ``replica_spread``:
+    sqrt(mean_i ||theta_i - mean||^2) of the replicas before the last averaging. ``info``: ``sync_every``,
+    ``axis``, ``devices`` and ``reducer`` (its name).
   """
-  check_callable(loss_fn, "loss_fn")
-  check_optimizer(optimizer)
+  cfg = make_config(loss_fn, optimizer, mesh, axis=axis, sync_every=sync_every, outer_optimizer=outer_optimizer,
+                    has_aux=has_aux, reducer=reducer)
+  step = StepFn(functools.partial(step_fn, cfg, _sharded_step(cfg)), mesh, donate_argnums=0,
+                out_shardings=(state_shardings(cfg), cfg.sharding(P())))
+  kind = "diloco" if outer_optimizer is not None else "local_sgd"
+  tags = [f"H={cfg.sync_every}"] + ([cfg.reducer.name] if cfg.reducer.name != "psum" else [])
+  info = {"sync_every": cfg.sync_every, "axis": cfg.axis, "devices": cfg.n, "reducer": cfg.reducer.name}
+  return Strategy(init=functools.partial(init, cfg), shard_batch=functools.partial(shard_batch, cfg), step=step,
+                  name=f"{kind}[{','.join(tags)}]", mesh=mesh, info=types.MappingProxyType(info))
+
+
+def make_config(loss_fn, optimizer, mesh, *, axis, sync_every, outer_optimizer, has_aux, reducer) -> LocalSGDConfig:
+  """``local_sgd``'s arguments, checked."""
+  checks.check_callable(loss_fn, "loss_fn")
+  checks.check_optimizer(optimizer)
   if outer_optimizer is not None:
-    check_optimizer(outer_optimizer)
+    checks.check_optimizer(outer_optimizer)
   axis = checks.check_axis(mesh, axis, who="local_sgd", what="data axis")
   checks.check_no_idle_axes(mesh, (axis,), who="local_sgd", fix="Its replicas run over one axis: put all of "
-                              "them on it")
-  h = check_positive_int(sync_every, "sync_every")
-  collectives.check_algorithm(allreduce)
-  if allreduce == "hierarchical":
-    raise ValueError("local_sgd averages over one mesh axis, and allreduce='hierarchical' needs two (outer, inner). "
-                     "Use one of 'psum', 'ring', 'halving_doubling' or 'tree'.")
-  n = mesh.shape[axis]
-  replicated = NamedSharding(mesh, P())
-  per_device = NamedSharding(mesh, P(axis))
-  vg = value_and_grad(loss_fn, has_aux=has_aux)
+                            "them on it")
+  h = checks.check_positive_int(sync_every, "sync_every")
+  reducer = reducers.check_reducer(reducer)
+  reducer.check(axis)
+  return LocalSGDConfig(loss_fn=loss_fn, optimizer=optimizer, mesh=mesh, axis=axis, sync_every=h,
+                        outer_optimizer=outer_optimizer, has_aux=has_aux, reducer=reducer)
 
-  def local_step(step, params, opt_state, replicas, inner_state, spread, batch):
-    # params, opt_state: global, replicated; replicas, inner_state: [1, ...] this device's; batch: [B/N, ...]
-    mine = jax.tree.map(lambda r: r[0], replicas)
-    inner = jax.tree.map(lambda r: r[0], inner_state)
-    (loss, aux), grads = vg(mine, batch)
-    updates, inner = optimizer_update(optimizer, grads, inner, mine, loss)  # each replica its own loss
-    mine = optax.apply_updates(mine, updates)
 
-    def average(_):
-      mean = collectives.allreduce(mine, axis, algorithm=allreduce, op="mean")
-      sq = sum(jnp.sum(jnp.square(a.astype(jnp.float32) - b.astype(jnp.float32)))  # f32 whatever the params
-               for a, b in zip(jax.tree.leaves(mine), jax.tree.leaves(mean)))
-      new_spread = jnp.sqrt(jax.lax.pmean(sq, axis))
-      if outer_optimizer is None:
-        new_params, new_opt = mean, opt_state
-      else:
-        outer_grad = jax.tree.map(jnp.subtract, params, mean)
-        outer_updates, new_opt = optimizer_update(outer_optimizer, outer_grad, opt_state, params,
-                                                  jax.lax.pmean(loss, axis))  # the replicas' mean loss
-        new_params = optax.apply_updates(params, outer_updates)
-      return new_params, new_opt, new_params, new_spread, jnp.float32(1)
+def average(cfg: LocalSGDConfig, params: Params, opt_state, mine: Params, rstate: ReducerState, loss: jax.Array):
+  """The sync, inside ``shard_map``: the new global params and outer state from every device's replica ``mine``.
 
-    def keep(_):
-      return params, opt_state, mine, spread, jnp.float32(0)
+  Returns ``(params, opt_state, rstate, spread)``; ``spread`` is sqrt(mean_i ||theta_i - mean||^2).
+  """
+  if cfg.outer_optimizer is None:
+    mean, rstate = cfg.reducer.reduce(mine, rstate, cfg.axis)  # the model average itself
+    new_params = mean
+  else:
+    # DiLoCo: each replica's change is its outer gradient; their mean (through the reducer) drives the outer step
+    outer_grad, rstate = cfg.reducer.reduce(jax.tree.map(jnp.subtract, params, mine), rstate, cfg.axis)
+    mean = jax.tree.map(jnp.subtract, params, outer_grad)
+    updates, opt_state = optimizer_update(cfg.outer_optimizer, outer_grad, opt_state, params,
+                                          jax.lax.pmean(loss, cfg.axis))  # the replicas' mean loss
+    new_params = optax.apply_updates(params, updates)
+  sq = sum(jnp.sum(jnp.square(a.astype(jnp.float32) - b.astype(jnp.float32)))  # f32 whatever the params
+           for a, b in zip(jax.tree.leaves(mine), jax.tree.leaves(mean)))
+  return new_params, opt_state, rstate, jnp.sqrt(jax.lax.pmean(sq, cfg.axis))
 
-    params, opt_state, mine, spread, synced = jax.lax.cond((step + 1) % h == 0, average, keep, None)
-    loss, aux, grad_norm = jax.lax.pmean((loss, aux, optax.tree.norm(grads)), axis)
-    expand = lambda t: jax.tree.map(lambda x: x[None], t)
-    return params, opt_state, expand(mine), expand(inner), spread, (loss, aux, grad_norm, synced)
 
-  sharded = jax.shard_map(
-      local_step, mesh=mesh, in_specs=(P(), P(), P(), P(axis), P(axis), P(), P(axis)),
-      out_specs=(P(), P(), P(axis), P(axis), P(), P()), check_vma=False)
+def local_step(cfg: LocalSGDConfig, step: jax.Array, params: Params, opt_state, extra: dict, batch: Batch):
+  """One device's step inside ``shard_map``: train its replica once, average every H-th step.
 
-  def init(params: Params, *, key: PRNGKey | int | None = None) -> TrainState:
-    params = mesh_lib.replicate(check_params(params), mesh)
-    stack = jax.jit(lambda p: jax.tree.map(lambda x: jnp.broadcast_to(x, (n,) + x.shape), p), out_shardings=per_device)
-    replicas = stack(params)
-    inner_state = jax.jit(jax.vmap(optimizer.init), out_shardings=per_device)(replicas)
-    opt_state = (jax.jit(outer_optimizer.init, out_shardings=replicated)(params)
-                 if outer_optimizer is not None else optax.EmptyState())
-    return TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), replicated), params=params, opt_state=opt_state,
-                      key=jax.device_put(raw_key(key), replicated),
-                      extra={"replicas": replicas, "inner_opt_state": inner_state,
-                             "spread": jax.device_put(jnp.zeros((), jnp.float32), replicated)})
+  params, opt_state: global, replicated; extra's ``replicas``, ``inner_opt_state`` and the reducer's
+  ``per_device`` part: [1, ...] this device's; batch: [B/N, ...].
+  """
+  first = lambda t: jax.tree.map(lambda x: x[0], t)
+  mine, inner, rstate = first(extra["replicas"]), first(extra["inner_opt_state"]), reducers.local_view(extra["reducer"])
+  (loss, aux), grads = value_and_grad(cfg.loss_fn, has_aux=cfg.has_aux)(mine, batch)
+  updates, inner = optimizer_update(cfg.optimizer, grads, inner, mine, loss)  # each replica its own loss
+  mine = optax.apply_updates(mine, updates)
 
-  def shard_batch(batch: Batch) -> Batch:
-    # one process: the global batch; several: this process's share (jdist.batches.put_batch)
-    return batch_lib.put_batch(batch, per_device, multiple_of=n)
+  def sync():
+    new_params, new_opt, new_rstate, spread = average(cfg, params, opt_state, mine, rstate, loss)
+    return new_params, new_opt, new_params, new_rstate, spread, jnp.float32(1)
 
-  def step_fn(state: TrainState, batch: Batch):
-    batch_lib.batch_size(batch, multiple_of=n)
-    ex = state.extra
-    params, opt_state, replicas, inner, spread, (loss, aux, grad_norm, synced) = sharded(
-        state.step, state.params, state.opt_state, ex["replicas"], ex["inner_opt_state"], ex["spread"], batch)
-    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                              extra={"replicas": replicas, "inner_opt_state": inner, "spread": spread})
-    return new_state, metrics_from(loss, {}, aux, new_state.step, grad_norm=grad_norm, synced=synced,
-                                   replica_spread=spread)
+  def keep():
+    return params, opt_state, mine, rstate, extra["spread"], jnp.float32(0)
 
-  shardings = TrainState(step=replicated, params=replicated, opt_state=replicated, key=replicated,
-                         extra={"replicas": per_device, "inner_opt_state": per_device, "spread": replicated})
-  step = StepFn(step_fn, mesh, donate_argnums=0, out_shardings=(shardings, replicated))
-  kind = "diloco" if outer_optimizer is not None else "local_sgd"
-  return Strategy(init=init, shard_batch=shard_batch, step=step, name=f"{kind}[H={h}]", mesh=mesh,
-                  info={"sync_every": h})
+  params, opt_state, mine, rstate, spread, synced = jax.lax.cond((step + 1) % cfg.sync_every == 0, sync, keep)
+  loss, aux, grad_norm = jax.lax.pmean((loss, aux, optax.tree.norm(grads)), cfg.axis)
+  expand = lambda t: jax.tree.map(lambda x: x[None], t)
+  extra = {"replicas": expand(mine), "inner_opt_state": expand(inner), "spread": spread,
+           "reducer": reducers.stored_view(rstate)}
+  return params, opt_state, extra, (loss, aux, grad_norm, synced)
+
+
+def _extra_specs(axis: str) -> dict:
+  return {"replicas": P(axis), "inner_opt_state": P(axis), "spread": P(),
+          "reducer": ReducerState(per_device=P(axis), shared=P())}
+
+
+def _sharded_step(cfg: LocalSGDConfig):
+  # the averages come from reducers (ppermute-built for ring) and the cond's branches: equal on every device by
+  # construction, which the varying-axes types cannot see
+  return jax.shard_map(functools.partial(local_step, cfg), mesh=cfg.mesh,
+                       in_specs=(P(), P(), P(), _extra_specs(cfg.axis), P(cfg.axis)),
+                       out_specs=(P(), P(), _extra_specs(cfg.axis), P()), check_vma=False)
+
+
+def state_shardings(cfg: LocalSGDConfig) -> TrainState:
+  """Global params and outer state replicated; replicas, inner states and reducer rows one per device."""
+  rep = cfg.sharding(P())
+  extra = jax.tree.map(cfg.sharding, _extra_specs(cfg.axis), is_leaf=lambda x: isinstance(x, P))
+  return TrainState(step=rep, params=rep, opt_state=rep, key=rep, extra=extra)
+
+
+def init(cfg: LocalSGDConfig, params: Params, *, key: PRNGKey | int | None = None) -> TrainState:
+  """Every replica starts as ``params``; the reducer's state from a key split off ``key``."""
+  rep, per_device = cfg.sharding(P()), cfg.sharding(P(cfg.axis))
+  params = mesh_lib.replicate(checks.check_params(params), cfg.mesh)
+  stack = jax.jit(lambda p: jax.tree.map(lambda x: jnp.broadcast_to(x, (cfg.n,) + x.shape), p),
+                  out_shardings=per_device)
+  replicas = stack(params)
+  inner_state = jax.jit(jax.vmap(cfg.optimizer.init), out_shardings=per_device)(replicas)
+  opt_state = (jax.jit(cfg.outer_optimizer.init, out_shardings=rep)(params)
+               if cfg.outer_optimizer is not None else optax.EmptyState())
+  key, reducer_key = jax.random.split(raw_key(key))
+  extra = {"replicas": replicas, "inner_opt_state": inner_state,
+           "spread": jax.device_put(jnp.zeros((), jnp.float32), rep),
+           "reducer": reducers.init_state(cfg.reducer, params, reducer_key, cfg.mesh, (cfg.axis,))}
+  return TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), rep), params=params, opt_state=opt_state,
+                    key=jax.device_put(key, rep), extra=extra)
+
+
+def shard_batch(cfg: LocalSGDConfig, batch: Batch) -> Batch:
+  """One process: the global batch split over the replicas; several: this process's share."""
+  return batch_lib.put_batch(batch, cfg.sharding(P(cfg.axis)), multiple_of=cfg.n)
+
+
+def step_fn(cfg: LocalSGDConfig, sharded, state: TrainState, batch: Batch):
+  """Every replica trains once; every H-th step they are averaged into ``state.params``."""
+  batch_lib.batch_size(batch, multiple_of=cfg.n)
+  params, opt_state, extra, (loss, aux, grad_norm, synced) = sharded(state.step, state.params, state.opt_state,
+                                                                      state.extra, batch)
+  state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, extra=extra)
+  return state, metrics_from(loss, {}, aux, state.step, grad_norm=grad_norm, synced=synced,
+                             replica_spread=extra["spread"])

@@ -14,13 +14,14 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import jax
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from jdist._types import Params, PyTree
+from jdist.errors import AxisError, OptionError, OptionTypeError, RuleError
 
 Rule = tuple[str, Any]  # (regex on the path, PartitionSpec or tuple of axis names / None / tuples)
 DEFAULT_FSDP_MIN_SIZE = 1024  # parameters with fewer elements stay replicated under FSDP
@@ -44,20 +45,18 @@ def _axis_sizes(mesh: Any) -> dict[str, int]:
     bad = {k: v for k, v in mesh.items() if not isinstance(k, str) or isinstance(v, bool)
            or not isinstance(v, (int, np.integer)) or v < 1}
     if bad:
-      raise ValueError(f"mesh as a dict maps axis names to their sizes (positive ints), e.g. {{'model': 4}}; got "
-                       f"{bad}.")
+      raise OptionError("mesh", bad, "a dict of axis names to their sizes (positive ints), e.g. {'model': 4}")
     return dict(mesh)
   if not isinstance(getattr(mesh, "shape", None), Mapping):
-    raise TypeError(f"mesh must be a jax.sharding.Mesh or a dict of axis sizes, e.g. {{'model': 4}}; got "
-                    f"{type(mesh).__name__} {mesh!r}.")
+    raise OptionTypeError("mesh", mesh, "a jax.sharding.Mesh or a dict of axis sizes, e.g. {'model': 4}")
   return dict(mesh.shape)
 
 
 def check_min_size(value: Any, what: str = "fsdp_min_size") -> int:
   """``value`` as the smallest number of elements a parameter needs to be sharded by FSDP (an int >= 0)."""
   if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-    raise ValueError(f"{what} must be a non-negative int (the fewest elements a parameter needs to be split over "
-                     f"the FSDP axis; smaller ones stay whole), got {value!r}. The default is {DEFAULT_FSDP_MIN_SIZE}.")
+    raise OptionError(what, value, "a non-negative int (the fewest elements a parameter needs to be split over the "
+                      "FSDP axis; smaller ones stay whole)", f"The default is {DEFAULT_FSDP_MIN_SIZE}.")
   return int(value)
 
 
@@ -105,24 +104,25 @@ class ShardingReport:
 def _normalise(spec: Any, rule: str) -> P:
   """``spec`` as a ``PartitionSpec``, each entry None, an axis name or a tuple of names, no axis twice."""
   if not isinstance(spec, (P, tuple, list)):
-    raise TypeError(f"Rule {rule!r} has spec {spec!r}; expected a PartitionSpec or a tuple of mesh axis names / None.")
-  for entry in spec:
+    raise RuleError(f"Rule {rule!r} has spec {spec!r}, not a PartitionSpec; give a tuple of mesh axis names or None "
+                    f"per dimension.", rule)
+  for i, entry in enumerate(spec):
     if not (entry is None or isinstance(entry, str)
             or (isinstance(entry, (tuple, list)) and all(isinstance(a, str) for a in entry))):
-      raise TypeError(f"Rule {rule!r} has spec {tuple(spec)}, whose entry {entry!r} is not a mesh axis name; each "
-                      f"entry is None (replicated), an axis name or a tuple of axis names.")
+      raise RuleError(f"Rule {rule!r} has spec {tuple(spec)}, whose entry {i} ({entry!r}) is not a mesh axis name; "
+                      f"make each entry None (replicated), an axis name or a tuple of axis names.", rule)
   named = [a for entry in spec for a in _entry_axes(entry)]
   twice = sorted({a for a in named if named.count(a) > 1})
   if twice:
-    raise ValueError(f"Rule {rule!r} has spec {tuple(spec)}, which uses mesh axis {twice[0]!r} more than once; a "
-                     f"mesh axis can split one dimension of a parameter only.")
+    raise RuleError(f"Rule {rule!r} has spec {tuple(spec)}, which uses mesh axis {twice[0]!r} more than once; name "
+                    f"each axis once (a mesh axis splits one dimension of a parameter).", rule)
   return spec if isinstance(spec, P) else P(*spec)
 
 
 def _pattern_and_spec(rule: Any) -> tuple[str, P]:
-  """A rule's pattern and its spec as a ``PartitionSpec`` (``_normalise``), or a TypeError for a malformed rule."""
+  """A rule's pattern and its spec as a ``PartitionSpec`` (``_normalise``), or a ``RuleError`` for a malformed rule."""
   if not (isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str)):
-    raise TypeError(f"Each rule must be a (pattern, spec) pair, got {rule!r}.")
+    raise RuleError(f"Rule {rule!r} is not a (pattern, spec) pair; write it as (regex, (axis or None, ...)).", rule)
   return rule[0], _normalise(rule[1], rule[0])
 
 
@@ -154,9 +154,10 @@ def partition_specs(params: Params, rules: Sequence[Rule], mesh: Any, *, fsdp_ax
     ``(specs, report)``: a pytree of ``PartitionSpec`` shaped like ``params`` and a ``ShardingReport``.
 
   Raises:
-    ValueError: a rule names an axis not in the mesh, has more entries than the parameter has
-      dimensions, shards a dimension that is not divisible, or matches no parameter; two matching rules
-      disagree; the FSDP axis is not in the mesh.
+    RuleError: a malformed rule; a rule that names an axis not in the mesh, has more entries than the parameter
+      has dimensions, shards a dimension that is not divisible, or matches no parameter; two matching rules
+      that disagree. AxisError: the FSDP axis is not in the mesh. OptionError / OptionTypeError: a bad mesh or
+      ``fsdp_min_size``.
 
   Example:
     >>> specs, report = partition_specs({"w": np.zeros((8, 4))}, [("w", (None, "model"))], {"model": 4})
@@ -165,71 +166,86 @@ def partition_specs(params: Params, rules: Sequence[Rule], mesh: Any, *, fsdp_ax
   """
   sizes = _axis_sizes(mesh)
   fsdp_min_size = check_min_size(fsdp_min_size)
+  compiled = _compile_rules(rules, sizes)
+  if fsdp_axis is not None and fsdp_axis not in sizes:
+    raise AxisError(f"fsdp_axis {fsdp_axis!r} is not an axis of the mesh {sizes}; pass one of {list(sizes)}.",
+                    fsdp_axis, sizes)
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+  decisions = [_decide(path_str(path), leaf, compiled, sizes, fsdp_axis, fsdp_min_size) for path, leaf in leaves]
+  shapes = {d.name: d.shape for d in decisions}
+  used = {pattern for d in decisions for pattern in d.hits}
+  unused = [pattern for pattern, _, _ in compiled if pattern not in used]
+  if unused:  # a typo or a rule for another model: the weights it meant would silently stay replicated
+    raise RuleError(f"Sharding rule(s) {unused} match no parameter. The parameter paths are: {', '.join(shapes)}. "
+                    f"Fix the pattern (a regular expression searched in the path) or drop the rule.", tuple(unused))
+  report = ShardingReport(specs={d.name: d.spec for d in decisions}, shapes=shapes,
+                          itemsizes={d.name: d.itemsize for d in decisions},
+                          matched_by={d.name: d.hits[0] if d.hits else None for d in decisions},
+                          unmatched=[d.name for d in decisions if not d.hits],
+                          fsdp_added=[d.name for d in decisions if d.fsdp_added], axis_sizes=sizes)
+  return jax.tree.unflatten(treedef, [d.spec for d in decisions]), report
+
+
+def _compile_rules(rules: Sequence[Rule], sizes: dict[str, int]) -> list[tuple[str, re.Pattern, P]]:
+  """``(pattern, compiled regex, spec)`` per rule, each checked against the mesh's axes."""
   compiled = []
   for rule in rules:
     pattern, spec = _pattern_and_spec(rule)
     for entry in spec:
       for a in _entry_axes(entry):
         if a not in sizes:
-          raise ValueError(f"Rule {pattern!r} -> {tuple(spec)} names mesh axis {a!r}, but the mesh has axes "
-                           f"{sizes}. Use one of {list(sizes)} or add the axis to the mesh.")
+          raise RuleError(f"Rule {pattern!r} -> {tuple(spec)} names mesh axis {a!r}, but the mesh has axes {sizes}. "
+                          f"Use one of {list(sizes)} or add the axis to the mesh.", pattern)
     try:
       compiled.append((pattern, re.compile(pattern), spec))
     except re.error as e:
-      raise ValueError(f"Rule pattern {pattern!r} is not a valid regular expression ({e}).") from None
-  if fsdp_axis is not None and fsdp_axis not in sizes:
-    raise ValueError(f"fsdp_axis {fsdp_axis!r} is not an axis of the mesh {sizes}.")
+      raise RuleError(f"Rule pattern {pattern!r} is not a valid regular expression ({e}); fix or escape it.",
+                      pattern) from None
+  return compiled
 
-  leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
-  specs, shapes, itemsizes, matched_by, unmatched, fsdp_added = {}, {}, {}, {}, [], []
-  matched_rules: set[str] = set()
-  out = []
-  for path, leaf in leaves:
-    name = path_str(path)
-    shape = tuple(int(d) for d in np.shape(leaf))
-    shapes[name] = shape
-    itemsizes[name] = np.dtype(leaf.dtype).itemsize
-    hits = [(pattern, spec) for pattern, regex, spec in compiled if regex.search(name)]
-    matched_rules.update(pattern for pattern, _ in hits)
-    distinct = {_canonical(s) for _, s in hits}
-    if len(distinct) > 1:
-      listing = "; ".join(f"{p!r} -> {tuple(s)}" for p, s in hits)
-      raise ValueError(f"Parameter {name} {shape} is matched by rules with different specs: {listing}. Make the "
-                       f"patterns disjoint (e.g. anchor them with ^...$).")
-    spec = hits[0][1] if hits else P()
-    matched_by[name] = hits[0][0] if hits else None
-    if not hits:
-      unmatched.append(name)
-    if len(spec) > len(shape):
-      raise ValueError(f"Rule {hits[0][0]!r} gives {tuple(spec)} ({len(spec)} entries) for parameter {name} of "
-                       f"shape {shape} ({len(shape)} dimensions).")
-    entries = list(spec) + [None] * (len(shape) - len(spec))
-    if fsdp_axis is not None and math.prod(shape) >= fsdp_min_size:
-      used = {a for e in entries for a in _entry_axes(e)}
-      if fsdp_axis not in used:
-        free = [d for d in range(len(shape)) if entries[d] is None and shape[d] % sizes[fsdp_axis] == 0]
-        if free:
-          d = max(free, key=lambda i: shape[i])
-          entries[d] = fsdp_axis
-          fsdp_added.append(name)
-    for d, entry in enumerate(entries):
-      div = math.prod(sizes[a] for a in _entry_axes(entry))
-      if shape[d] % div:
-        raise ValueError(f"Parameter {name} has shape {shape}; dimension {d} (size {shape[d]}) is sharded over "
-                         f"{_entry_axes(entry)} of sizes {[sizes[a] for a in _entry_axes(entry)]} (= {div}), "
-                         f"which does not divide it. Change the rule or the mesh.")
-    while entries and entries[-1] is None:
-      entries.pop()
-    spec = P(*entries)
-    specs[name] = spec
-    out.append(spec)
-  unused = [pattern for pattern, _, _ in compiled if pattern not in matched_rules]
-  if unused:  # a typo or a rule for another model: the weights it meant would silently stay replicated
-    raise ValueError(f"Sharding rule(s) {unused} match no parameter. The parameter paths are: "
-                     f"{', '.join(shapes)}. Fix the pattern (a regular expression searched in the path) or drop "
-                     f"the rule.")
-  report = ShardingReport(specs, shapes, itemsizes, matched_by, unmatched, fsdp_added, sizes)
-  return jax.tree.unflatten(treedef, out), report
+
+class _Decision(NamedTuple):
+  """What ``partition_specs`` decided for one parameter."""
+
+  name: str  # its path, "blocks/qkv"
+  shape: tuple[int, ...]
+  itemsize: int
+  hits: tuple[str, ...]  # the patterns of the rules that match it (all give the same spec)
+  spec: P
+  fsdp_added: bool  # FSDP split one more dimension over its axis
+
+
+def _decide(name: str, leaf: Any, compiled: list, sizes: dict[str, int], fsdp_axis: str | None,
+            fsdp_min_size: int) -> _Decision:
+  """One parameter's spec: the matching rules' (which must agree), plus the FSDP axis on its largest free
+  dimension that divides, if it is big enough; every split checked to divide its dimension."""
+  shape = tuple(int(d) for d in np.shape(leaf))
+  hits = [(pattern, spec) for pattern, regex, spec in compiled if regex.search(name)]
+  if len({_canonical(s) for _, s in hits}) > 1:
+    listing = "; ".join(f"{p!r} -> {tuple(s)}" for p, s in hits)
+    raise RuleError(f"Parameter {name} {shape} is matched by rules with different specs: {listing}. Make the "
+                    f"patterns disjoint (e.g. anchor them with ^...$).", hits[0][0], name)
+  rule, spec = hits[0] if hits else (None, P())
+  if len(spec) > len(shape):
+    raise RuleError(f"Rule {rule!r} gives {tuple(spec)} ({len(spec)} entries) for parameter {name} of shape {shape} "
+                    f"({len(shape)} dimensions); give at most one entry per dimension.", rule, name)
+  entries = list(spec) + [None] * (len(shape) - len(spec))
+  added = False
+  if fsdp_axis is not None and math.prod(shape) >= fsdp_min_size and fsdp_axis not in (
+      a for e in entries for a in _entry_axes(e)):
+    free = [d for d in range(len(shape)) if entries[d] is None and shape[d] % sizes[fsdp_axis] == 0]
+    if free:
+      entries[max(free, key=lambda i: shape[i])] = fsdp_axis
+      added = True
+  for d, entry in enumerate(entries):
+    div = math.prod(sizes[a] for a in _entry_axes(entry))
+    if shape[d] % div:
+      raise RuleError(f"Parameter {name} has shape {shape}; dimension {d} (size {shape[d]}) is sharded over "
+                      f"{_entry_axes(entry)} of sizes {[sizes[a] for a in _entry_axes(entry)]} (= {div}), which does "
+                      f"not divide it. Change the rule or the mesh.", rule, name)
+  while entries and entries[-1] is None:
+    entries.pop()
+  return _Decision(name, shape, np.dtype(leaf.dtype).itemsize, tuple(p for p, _ in hits), P(*entries), added)
 
 
 def explain_sharding(params: Params, rules: Sequence[Rule], mesh: Any, *, fsdp_axis: str | None = None,

@@ -7,6 +7,7 @@ are fixed, so a step never changes the layout, and the state is donated.
 """
 from __future__ import annotations
 
+import types
 from typing import Sequence
 
 import jax
@@ -19,6 +20,7 @@ from jdist import batches as batch_lib
 from jdist import mesh as mesh_lib
 from jdist._checks import check_callable, check_optimizer, check_params
 from jdist._types import Batch, LossFn, Params, PRNGKey
+from jdist.errors import OptionTypeError
 from jdist.state import TrainState
 from jdist.strategies.model_parallel._rules import (
   DEFAULT_FSDP_MIN_SIZE,
@@ -27,15 +29,7 @@ from jdist.strategies.model_parallel._rules import (
   partition_specs,
   rule_axes,
 )
-from jdist.strategy import (
-  StepFn,
-  Strategy,
-  metrics_from,
-  optimizer_update,
-  pin_layout,
-  sharded_state,
-  value_and_grad,
-)
+from jdist.strategy import StepFn, Strategy, apply_update, metrics_from, sharded_state, value_and_grad
 
 
 def sharded(
@@ -63,10 +57,11 @@ def sharded(
       this axis as well; the batch is split over it too (ZeRO-3).
 
   Returns:
-    A ``Strategy``; ``strategy.info["param_specs"]`` holds the parameter specs and ``["report"]`` the
-    ``ShardingReport`` after ``init``. With ``has_aux`` the aux values are those of the loss on the global
-    batch, as on one device (the loss runs once, partitioned by GSPMD), not means over devices as the
-    ``shard_map`` strategies report them.
+    A ``Strategy``; ``info`` (filled here, read-only): ``rules``, ``fsdp_axis``, ``fsdp_min_size`` and
+    ``batch_axes``. The parameters' specs and the report follow from them:
+    ``jdist.explain_sharding(params, info["rules"], mesh, fsdp_axis=..., fsdp_min_size=...)``. With ``has_aux``
+    the aux values are those of the loss on the global batch, as on one device (the loss runs once,
+    partitioned by GSPMD), not means over devices as the ``shard_map`` strategies report them.
   """
   check_callable(loss_fn, "loss_fn")
   check_optimizer(optimizer)
@@ -74,6 +69,9 @@ def sharded(
   if fsdp_axis is not None:
     checks.check_axes(mesh, fsdp_axis, what="fsdp_axis")
   fsdp_min_size = check_min_size(fsdp_min_size)
+  if not isinstance(rules, (tuple, list)):
+    raise OptionTypeError("rules", rules, "a sequence of (pattern, spec) pairs, e.g. jdist.models.gpt.TP_RULES")
+  rules = tuple(rules)
   data_axes = () if data_axis is None else mesh_lib.as_axes(data_axis)
   if data_axes != ("data",):
     data_axes = checks.check_axes(mesh, data_axis, what="data_axis") if data_axes else ()
@@ -84,13 +82,12 @@ def sharded(
   n_batch = mesh_lib.axis_size(mesh, batch_axes) if batch_axes else 1
   batch_sharding = NamedSharding(mesh, P(batch_axes if batch_axes else None))
   vg = value_and_grad(loss_fn, has_aux=has_aux)
-  info: dict = {"rules": tuple(rules), "fsdp_axis": fsdp_axis, "batch_axes": batch_axes}
+  info = {"rules": rules, "fsdp_axis": fsdp_axis, "fsdp_min_size": fsdp_min_size, "batch_axes": batch_axes}
 
   def param_shardings_of(params):
     """The parameters' shardings by the rules (the optimizer state follows them in ``sharded_state`` and
     ``pin_layout``); works on arrays, shapes and tracers alike."""
-    specs, report = partition_specs(params, rules, mesh, fsdp_axis=fsdp_axis, fsdp_min_size=fsdp_min_size)
-    info["param_specs"], info["report"] = specs, report
+    specs, _ = partition_specs(params, rules, mesh, fsdp_axis=fsdp_axis, fsdp_min_size=fsdp_min_size)
     return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
 
   def init(params: Params, *, key: PRNGKey | int | None = None) -> TrainState:
@@ -105,13 +102,11 @@ def sharded(
     batch_lib.batch_size(batch, multiple_of=n_batch)
     batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
     (loss, aux), grads = vg(state.params, batch)
-    updates, opt_state = optimizer_update(optimizer, grads, state.opt_state, state.params, loss)
-    params = optax.apply_updates(state.params, updates)
     # pin the layout: the step's outputs have exactly the shardings init gave (rules evaluated at trace time)
-    params, opt_state = pin_layout(params, opt_state, param_shardings_of(params), optimizer, mesh)
-    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
-    return new_state, metrics_from(loss, grads, aux, new_state.step)
+    state = apply_update(state, grads, loss, optimizer, layout=(param_shardings_of(state.params), mesh))
+    return state, metrics_from(loss, grads, aux, state.step)
 
   name = "sharded" + (f"[fsdp={fsdp_axis}]" if fsdp_axis else "") + (f"[{len(rules)} rules]" if rules else "")
   step = StepFn(step_fn, mesh, donate_argnums=0)
-  return Strategy(init=init, shard_batch=shard_batch, step=step, name=name, mesh=mesh, info=info)
+  return Strategy(init=init, shard_batch=shard_batch, step=step, name=name, mesh=mesh,
+                  info=types.MappingProxyType(info))
