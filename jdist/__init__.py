@@ -35,6 +35,8 @@ from jdist.strategies.pipeline import pipeline as pipeline
 from jdist.strategies.pipeline import pipeline_schedule as pipeline_schedule
 from jdist.strategy import Strategy as Strategy
 from jdist.strategy import scan_steps as scan_steps
+from jdist.strategy import shard_key as shard_key
+from jdist.strategy import takes_key as takes_key
 from jdist.train import CheckpointConfig as CheckpointConfig
 from jdist.train import fit as fit
 
@@ -71,8 +73,10 @@ __all__ = [
     "scan_steps",
     "shard_batch",
     "sharded",
+    "shard_key",
     "split_workers",
     "strategies",
+    "takes_key",
     "theory",
     "train",
 ]

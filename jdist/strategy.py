@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+from jdist._checks import check_callable
 from jdist._types import Batch, LossFn, Metrics, Params, PRNGKey
 from jdist.errors import BatchError, OptionTypeError
 from jdist.state import TrainState
@@ -241,14 +242,52 @@ def raw_key(key: PRNGKey | int | None, what: str = "key") -> jax.Array:
                   f"(jax.random.key_data(key), {data.dtype}{list(data.shape)}) or an int seed, got {got}.")
 
 
-def value_and_grad(loss_fn: LossFn, *, has_aux: bool) -> Callable[[Params, Batch], tuple[tuple[jax.Array, Any], Params]]:
+class KeyedLoss(NamedTuple):
+  """A loss that draws random numbers (dropout): ``fn(params, batch, key)``; made by ``jdist.takes_key``."""
+
+  fn: Callable[..., Any]
+
+  def __call__(self, params: Params, batch: Batch, key: jax.Array) -> Any:
+    return self.fn(params, batch, key)
+
+
+def takes_key(loss_fn: LossFn) -> KeyedLoss:
+  """Marks ``loss_fn(params, batch, key)`` as taking a PRNG key, for any strategy (opt-in: a plain
+  ``loss_fn(params, batch)`` gets none).
+
+  The key comes from ``state.key`` (the one place a strategy's randomness comes from, set by ``init``'s
+  ``key``) and is new every step: the piece of the global batch numbered ``shard`` (the equal pieces in
+  batch order: devices along the data axes, then micro-batches) gets ``shard_key(state.key, step, shard)``.
+  So a run on any number of devices equals one device that splits the batch into the same pieces.
+  """
+  if isinstance(loss_fn, KeyedLoss):
+    return loss_fn
+  check_callable(loss_fn, "loss_fn")
+  return KeyedLoss(loss_fn)
+
+
+def shard_key(key_data: jax.Array, step: jax.Array, shard: jax.Array | int) -> jax.Array:
+  """The key a ``takes_key`` loss gets for piece ``shard`` of step ``step``'s batch (see ``takes_key``):
+  ``fold_in(fold_in(key, step), shard)`` of the state's raw key data."""
+  return jax.random.fold_in(jax.random.fold_in(jax.random.wrap_key_data(key_data), step), shard)
+
+
+def value_and_grad(loss_fn: LossFn, *, has_aux: bool) -> Callable[..., tuple[tuple[jax.Array, Any], Params]]:
   """``jax.value_and_grad`` that always returns ``((loss, aux), grads)`` and checks the loss is a scalar.
 
-  Integer and bool leaves of ``aux`` become float32: strategies report aux as a mean over devices and
-  micro-batches (e.g. a count of 14 on one device is 1.75 per device on 8), as ``lax.pmean`` would.
+  The result takes ``(params, batch, key=None)``; ``key`` reaches a ``takes_key`` loss (and must be given for
+  one), a plain loss ignores it. Integer and bool leaves of ``aux`` become float32: strategies report aux as a
+  mean over devices and micro-batches (e.g. a count of 14 on one device is 1.75 per device on 8), as
+  ``lax.pmean`` would.
   """
-
-  return jax.value_and_grad(lambda params, batch: loss_and_aux(loss_fn(params, batch), has_aux), has_aux=True)
+  if isinstance(loss_fn, KeyedLoss):
+    def call(params, batch, key=None):
+      if key is None:
+        raise TypeError("This strategy has no key to give a takes_key loss.")  # a strategy's bug, not the user's
+      return loss_and_aux(loss_fn.fn(params, batch, key), has_aux)
+  else:
+    call = lambda params, batch, key=None: loss_and_aux(loss_fn(params, batch), has_aux)
+  return jax.value_and_grad(call, has_aux=True)
 
 
 def loss_and_aux(out: Any, has_aux: bool) -> tuple[jax.Array, Any]:
