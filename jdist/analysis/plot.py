@@ -156,7 +156,7 @@ def _draw_band(ax, runs: list[list[dict]], metric: str, label: str) -> None:
   if by_step:
     steps = sorted(by_step)
     ax.fill_between(steps, [min(by_step[s]) for s in steps], [max(by_step[s]) for s in steps], color="0.6",
-                    alpha=0.45, linewidth=1.5, edgecolor="0.45", label=f"{label} ({len(runs)} runs)")
+                    alpha=0.45, linewidth=4, edgecolor="0.7", label=f"{label} ({len(runs)} runs)")
 
 
 def _axes_style(ax, metric: str) -> None:

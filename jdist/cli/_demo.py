@@ -150,7 +150,8 @@ def demo(*, quick: bool = False, steps: int | None = None, out: str = "runs/demo
   for row in rows:
     table.add_row(*row)
   console.print(table)
-  png = plot_families(*_families(ran, run_dirs), out_dir / "loss_curves.png", metrics=["loss", "eval_accuracy"],
+  families, band = _families(ran, run_dirs)
+  png = plot_families(families, out_dir / "loss_curves.png", metrics=["loss", "eval_accuracy"], band=band,
                       title=f"jdist demo: digits MLP and res-MLP on {used} {devices[0].platform} devices")
   console.print(f"Loss curves: {png}   (per-run logs under {out_dir}/; plot any of them with `jdist plot`)")
   console.print("Rows marked '= 1 device' compute single-device training's mathematics, so their losses agree up "
