@@ -481,8 +481,9 @@ class _Run:
     _call(self.callbacks, "on_checkpoint", self.control, step, path)
 
   def wrap_up(self, *, save_at_end: bool) -> None:
-    """A run that ended early (data, a callback) logs and evaluates its last step too; then the final save."""
-    if not self.control.failed and self.step > self.start:
+    """A run that ended early (data, a callback) logs and evaluates its last step too; then the final save. An
+    interrupted one only saves: its logs stay those of the uninterrupted run, which the resumed run continues."""
+    if not self.control.failed and self.step > self.start and not self.interrupted:
       if self.logged_step != self.step:
         self.log(self.step, self.history[-1])
       if self.evaluator is not None and (not self.eval_history or self.eval_history[-1]["step"] != self.step):
