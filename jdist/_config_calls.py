@@ -135,8 +135,9 @@ def check_keys(where: str, section: str, sig: Signature, kwargs: Mapping[str, An
       raise ConfigError(f"{error}{_elsewhere(key, where, section, namespace)}")
   missing = [n for n in sig.required if n not in kwargs and n not in given]
   if missing:
-    raise ConfigError(f"[{section}] {where} needs {', '.join(map(repr, missing))}: add "
-                      f"{'it' if len(missing) == 1 else 'them'} to [{section}] (CLI: --set {section}.{missing[0]}=...).")
+    it = "it" if len(missing) == 1 else "them"
+    raise ConfigError(f"[{section}] {where} needs {', '.join(map(repr, missing))}: add {it} to [{section}] (CLI: "
+                      f"--set {section}.{missing[0]}=...).")
   if sig.var_positional and sig.var_positional in kwargs and not isinstance(kwargs[sig.var_positional], list):
     raise ConfigError(f"{section}.{sig.var_positional} must be a list (the positional arguments of {where}), got "
                       f"{kwargs[sig.var_positional]!r}.")

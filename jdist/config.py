@@ -11,7 +11,8 @@ their other keys are its keyword arguments (``jdist._config_calls``):
 
     [optimizer]
     name = "adamw"                # any function of optax, or an import path
-    learning_rate = { name = "warmup_cosine_decay_schedule", init_value = 0.0, peak_value = 3e-3, warmup_steps = 20, decay_steps = 400 }
+    weight_decay = 0.01           # optax.adamw(learning_rate=..., weight_decay=0.01)
+    learning_rate = { name = "cosine_decay_schedule", init_value = 3e-3, decay_steps = 400 }
 
 Unknown keys are errors that list the valid keys (a callable's parameters) and suggest the closest one. See
 examples/configs/ for one file per strategy, and ``jdist.experiment`` for how the callables are called.
@@ -117,7 +118,7 @@ def _name_and_kwargs(section: str, name: Any, kwargs: Any) -> None:
 class StrategyConfig:
   name: str = "data_parallel"  # a key of jdist.experiment.STRATEGIES
   options: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # keyword arguments of the strategy
-  seed: int | None = None  # the strategy's randomness (its init key: async SGD's schedule); None: train.seed
+  seed: int | None = None  # the strategy's init key: async SGD's schedule, a takes_key loss's keys; None: train.seed
 
   def __post_init__(self):
     if self.seed is not None:

@@ -314,7 +314,8 @@ def _strategy_inputs(config: Config, model: Model) -> tuple[Any, Any, dict[str, 
       raise ConfigError(f"strategy.rules = 'tp' uses the model's tensor-parallel rules, and model.name = "
                         f"{config.model.name!r} declares none (Model.rules). Give the rules as a list of [pattern, "
                         f"[axis or \"\" per dimension]] pairs.")
-    options["rules"] = [(p, [a if isinstance(a, str) else list(a) if a else "" for a in spec]) for p, spec in model.rules]
+    as_toml = lambda entry: entry if isinstance(entry, str) else list(entry) if entry else ""
+    options["rules"] = [(p, [as_toml(a) for a in spec]) for p, spec in model.rules]
   if config.strategy.name != "pipeline":
     return model.loss, model.params, options
   if model.pipeline is None:
@@ -339,7 +340,7 @@ def _eval_fn(config: Config, model: Model, strategy: Strategy) -> Callable | Non
   return lambda params, batch: eval_fn(back(unstack_params(params, schedule)), batch)
 
 
-def _check_runs(strategy: Strategy, state: Any, loss_fn: Any, loader: ArrayLoader, config: Config) -> None:
+def _check_runs(strategy: Strategy, state: Any, loader: ArrayLoader, config: Config) -> None:
   """Traces one step on the first batch (nothing runs): a model that does not fit the data is the config's error
   now, not a trace from the first step."""
   batch = strategy.shard_batch(next(iter(ArrayLoader(loader.arrays, loader.batch_size, seed=loader.seed))))
@@ -378,7 +379,7 @@ def build(config: Config) -> Experiment:
     loader = ArrayLoader(train_data, config.data.batch_size, seed=config.data.seed)
   except (ValueError, TypeError) as e:
     raise ConfigError(f"data.name = {config.data.name!r}: {e}") from None
-  _check_runs(strategy, state, loss_fn, loader, config)
+  _check_runs(strategy, state, loader, config)
   num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(model.params))
   per_example = model.flops_per_example or 6.0 * num_params  # dense-model 6 N per example
   return Experiment(config, strategy, state, loader, _eval_fn(config, model, strategy) if test_data is not None
@@ -409,7 +410,7 @@ def run(config: Config, *, callbacks=(), quiet: bool = False, allow_config_chang
 
 
 CONFIG_FILE = "config.toml"  # the resolved config of the run, in its run_dir
-EVENTS_FILE = "events.jsonl"  # one line per start, resume, accepted config change and interrupt
+EVENTS_FILE = "events.jsonl"  # one line per end of a run (ended, failed, interrupted) and accepted config change
 
 
 def guard_run_dir(config: Config, run_dir: pathlib.Path, *, allow_change: bool) -> None:
@@ -432,7 +433,9 @@ def guard_run_dir(config: Config, run_dir: pathlib.Path, *, allow_change: bool) 
   if jax.process_index() != 0:
     return
   run_dir.mkdir(parents=True, exist_ok=True)
-  saved_path.write_text(config_lib.dumps(new))
+  partial = saved_path.with_suffix(".toml.partial")  # renamed into place: other processes never read half a file
+  partial.write_text(config_lib.dumps(new))
+  partial.replace(saved_path)
   if changes:
     record_event(run_dir, "config_change", changes={k: list(v) for k, v in changes.items()})
 

@@ -481,3 +481,11 @@ def test_bench_reports_a_benchmark_killed_by_a_signal(monkeypatch, capsys):
   codes = iter([0, -9])  # the second benchmark dies of SIGKILL: a shell would say 137
   monkeypatch.setattr(_bench.subprocess, "call", lambda cmd, env: next(codes))
   assert _bench.bench(["allreduce", "pipeline"], quick=True) == 137
+
+
+def test_version(capsys):
+  import jdist
+  with pytest.raises(SystemExit) as done:
+    main(["--version"])
+  assert done.value.code == 0
+  assert capsys.readouterr().out.startswith(f"jdist {jdist.__version__} (jax {jax.__version__}, Python ")

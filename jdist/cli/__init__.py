@@ -24,7 +24,8 @@ class _Version(argparse.Action):
 
     import jdist
 
-    parser.exit(message=f"jdist {jdist.__version__} (jax {jax.__version__}, Python {platform.python_version()})\n")
+    print(f"jdist {jdist.__version__} (jax {jax.__version__}, Python {platform.python_version()})")
+    parser.exit()
 
 
 def _parser() -> argparse.ArgumentParser:

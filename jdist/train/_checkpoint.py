@@ -2,8 +2,9 @@
 
 A checkpoint is one orbax step directory holding two items: ``state`` (the whole ``TrainState``,
 sharded arrays included) and ``meta`` (JSON: jdist's bookkeeping, a checksum per state leaf, and, apart
-under ``"meta"``, the caller's own dict: ``fit`` keeps the data position and the callbacks' state there). orbax writes each step to a temporary directory and renames it when complete, so a
-crash mid-save leaves the earlier checkpoints as they were. On restore the checksums are recomputed:
+under ``"meta"``, the caller's own dict: ``fit`` keeps the data position and the callbacks' state there).
+orbax writes each step to a temporary directory and renames it when complete, so a crash mid-save leaves the
+earlier checkpoints as they were. On restore the checksums are recomputed:
 a truncated or corrupted checkpoint is reported by name instead of being loaded or ignored.
 """
 from __future__ import annotations
@@ -267,7 +268,8 @@ class Checkpointer:
     try:
       json.dumps(user)
     except TypeError as e:
-      raise TypeError(f"Checkpointer.save's meta must be a JSON-able dict (numbers, strings, lists, dicts): {e}.") from None
+      raise TypeError(f"Checkpointer.save's meta must be a JSON-able dict (numbers, strings, lists, dicts): "
+                      f"{e}.") from None
     if not isinstance(user, dict):
       raise TypeError(f"Checkpointer.save's meta must be a dict, got {type(user).__name__}.")
     record = {"step": int(step), "checksums": tree_checksums(state), "format": FORMAT_VERSION, "meta": user}
