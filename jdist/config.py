@@ -334,6 +334,7 @@ def check_calls(config: Config) -> Config:
   import optax
 
   from jdist import experiment  # the bundled models and data sets (it imports JAX and starts no backend)
+  from jdist.strategy import KeyedLoss
 
   m = config.model
   fn = calls.resolve("model.name", m.name, experiment.MODELS, what="a bundled model")
@@ -345,7 +346,7 @@ def check_calls(config: Config) -> Config:
                    given=("seed",) if sig.takes("seed") else ())
   if config.loss.name is not None:
     fn = calls.resolve("loss.name", config.loss.name, {}, what="an import path")
-    keyed = hasattr(fn, "fn") and type(fn).__name__ == "KeyedLoss"  # jdist.takes_key(loss): params, batch, key
+    keyed = isinstance(fn, KeyedLoss)  # jdist.takes_key(loss): called with params, batch, key
     calls.check_keys(f"name = {config.loss.name!r}", "loss", calls.Signature(fn.fn if keyed else fn, 3 if keyed else 2),
                      config.loss.kwargs, ("name",))
   o = config.optimizer

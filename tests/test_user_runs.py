@@ -266,3 +266,41 @@ def _step(runs, name):
   state, metrics = exp.strategy.step(state, exp.strategy.shard_batch(next(batches)))
   runs[name] = exp, state, batches
   return metrics
+
+
+PLAIN_PY = '''
+import jax
+import jax.numpy as jnp
+
+import jdist
+
+
+def init(key, *, width=8):  # the params alone: the loss comes from [loss]
+  return {"w": jax.random.normal(key, (16, width)) * 0.1, "v": jnp.zeros((width, 4))}
+
+
+@jdist.takes_key
+def loss(params, batch, key, *, scale=1.0, rate=0.5):
+  h = jnp.tanh(batch["x"] @ params["w"])
+  h = jnp.where(jax.random.bernoulli(key, 1 - rate, h.shape), h / (1 - rate), 0.0)
+  logits = h @ params["v"]
+  return scale * -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(len(logits)), batch["y"]])
+'''
+
+
+def test_a_loss_section_names_the_loss_and_binds_its_keys(user_dir):
+  (user_dir / "mypkg" / "plain.py").write_text(textwrap.dedent(PLAIN_PY))
+  raw = {"model": {"name": "mypkg.plain:init", "width": 8}, "data": {"name": "mypkg.data:load", "batch_size": 64},
+         "loss": {"name": "mypkg.plain:loss", "rate": 0.25}, "checkpoint": {"enabled": False},
+         "strategy": {"name": "local_sgd", "sync_every": 2}}
+  losses = []
+  for scale in (1.0, 3.0):
+    exp = build(config_lib.from_dict({**raw, "loss": {**raw["loss"], "scale": scale}}))
+    assert exp.eval_fn is None  # a loss with a key and no Model.eval: no evaluation (dropout would be on)
+    _, metrics = exp.strategy.step(exp.state, exp.strategy.shard_batch(next(iter(exp.loader))))
+    losses.append(float(metrics["loss"]))
+  np.testing.assert_allclose(losses[1], 3 * losses[0], rtol=1e-6)
+  with pytest.raises(config_lib.ConfigError, match=r"Unknown key in \[loss\]: 'scal'. .* Did you mean 'scale'\?"):
+    config_lib.from_dict({**raw, "loss": {**raw["loss"], "scal": 2.0}})
+  with pytest.raises(config_lib.ConfigError, match="returned no loss: return a jdist.models.Model with loss="):
+    build(config_lib.from_dict({**raw, "loss": {}}))
