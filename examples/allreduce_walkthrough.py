@@ -69,9 +69,15 @@ def train_with_each_algorithm(epochs: int = 100) -> dict[str, np.ndarray]:
   return results
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+  import argparse
+
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--epochs", type=int, default=100,
+                      help="full-batch SGD epochs of the article's regression per algorithm (default 100)")
+  args = parser.parse_args(argv)
   show_ring()
-  results = train_with_each_algorithm()
+  results = train_with_each_algorithm(args.epochs)
   for algorithm, values in results.items():
     if not np.allclose(values, results["psum"], rtol=1e-6, atol=0):
       sys.exit(f"FAILED: {algorithm} trained to {values}, psum to {results['psum']} (rtol 1e-6).")

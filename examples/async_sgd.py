@@ -213,9 +213,10 @@ def run(ticks: int = 600, out: str = "runs/async_sgd", verbose: bool = True, *, 
 
 if __name__ == "__main__":
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--ticks", type=int, default=600)
+  parser.add_argument("--ticks", type=int, default=600, help="server ticks per run (default 600)")
   parser.add_argument("--keys", type=int, default=3, help="schedule keys per configuration")
-  parser.add_argument("--out", default="runs/async_sgd")
+  parser.add_argument("--out", default="runs/async_sgd",
+                      help="directory for the plot (OUT/async_sgd.png) and the results (default runs/async_sgd)")
   parser.add_argument("--devices", action="store_true", help="one worker per emulated device")
   args = parser.parse_args()
   run(args.ticks, args.out, keys=tuple(range(args.keys)), devices=args.devices)

@@ -39,5 +39,5 @@ def train(steps: int = 400, *, batch_size: int = 128, lr: float = 3e-3, seed: in
 
 if __name__ == "__main__":
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--steps", type=int, default=400)
+  parser.add_argument("--steps", type=int, default=400, help="Adam steps (default 400)")
   train(parser.parse_args().steps)

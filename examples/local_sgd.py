@@ -64,7 +64,8 @@ def run(steps: int = 400, out: str = "runs/local_sgd", verbose: bool = True) -> 
 
 if __name__ == "__main__":
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--steps", type=int, default=400)
-  parser.add_argument("--out", default="runs/local_sgd")
+  parser.add_argument("--steps", type=int, default=400, help="steps of each run (default 400)")
+  parser.add_argument("--out", default="runs/local_sgd",
+                      help="directory for each run's logs and the plot OUT/local_sgd.png (default runs/local_sgd)")
   args = parser.parse_args()
   run(args.steps, args.out)

@@ -57,8 +57,9 @@ class BatchError(ValueError):
   """A batch that cannot be split as the strategy needs.
 
   Attributes:
-    sizes: the leading size of each leaf, by path (``{"['x']": 12}``). multiple_of: what the global batch
-    size must divide by (devices x micro-batches), 1 when only the structure was wrong.
+    sizes: the leading size of each leaf, by path (``{"['x']": 12}``).
+    multiple_of: what the global batch size must divide by (devices x micro-batches), 1 when only the
+      structure was wrong.
   """
 
   def __init__(self, message: str, sizes: Mapping[str, int], multiple_of: int = 1):

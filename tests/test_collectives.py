@@ -255,12 +255,14 @@ def test_theory():
   assert theory.allreduce_bytes(800, 8, "halving_doubling") == 1400
   assert theory.allreduce_bytes(800, 6, "halving_doubling") == 2 * 3 / 4 * 800 + 800
   assert theory.allreduce_bytes(800, 8, "tree") == 3 * 800  # the root, in the broadcast
-  with pytest.raises(ValueError, match="hierarchical needs inner"):
+  with pytest.raises(jdist.errors.OptionError) as e:
     theory.allreduce_bytes(800, 8, "hierarchical", inner=0)
+  assert (e.value.name, e.value.got) == ("inner", 0)
   assert theory.allreduce_bytes(800, 8, "hierarchical", inner=4) == 2 * 3 / 4 * 800 + 2 * 1 / 8 * 800
   assert theory.allreduce_bytes(800, 1) == 0
-  with pytest.raises(ValueError, match="Unknown all-reduce algorithm"):
+  with pytest.raises(jdist.errors.OptionError) as e:
     theory.allreduce_bytes(1, 2, "magic")
+  assert (e.value.name, e.value.got) == ("algorithm", "magic")
 
 
 @pytest.mark.parametrize("algorithm", ["ring", "halving_doubling"])

@@ -93,6 +93,32 @@ def test_linear_regression_example_exits_non_zero_when_the_equivalence_fails(mon
 def test_allreduce_walkthrough_exits_non_zero_when_an_algorithm_differs(monkeypatch, capsys):
   example = load_example("allreduce_walkthrough")
   monkeypatch.setattr(example, "show_ring", lambda: None)
-  monkeypatch.setattr(example, "train_with_each_algorithm", lambda: {"psum": np.ones(2), "ring": np.ones(2) * 1.01})
+  monkeypatch.setattr(example, "train_with_each_algorithm",
+                      lambda epochs: {"psum": np.ones(2), "ring": np.ones(2) * 1.01})
   with pytest.raises(SystemExit, match="FAILED: ring trained to"):
-    example.main()
+    example.main([])
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in EXAMPLES.glob("*.py")))
+def test_every_example_explains_its_options(script):
+  """``--help`` exits 0 without running the example, and every option has help text."""
+  import os
+  import re
+  import subprocess
+  import sys
+
+  root = EXAMPLES.parent
+  done = subprocess.run([sys.executable, str(EXAMPLES / script), "--help"], capture_output=True, text=True,
+                        timeout=120, env=dict(os.environ, PYTHONPATH=str(root), JAX_PLATFORMS="cpu"))
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert done.stdout.startswith("usage:"), done.stdout[:500]
+  lines = done.stdout.splitlines()
+  silent = []
+  for i, line in enumerate(lines):
+    if re.match(r"^  -", line) and not line.strip().startswith("-h, --help"):
+      # "  --steps STEPS   Adam steps ..." or the help on the next, deeper-indented line
+      has_help = len(re.split(r"\s{2,}", line.strip())) > 1 or (
+          i + 1 < len(lines) and re.match(r"^ {6,}\S", lines[i + 1]) is not None)
+      if not has_help:
+        silent.append(line.strip())
+  assert not silent, f"{script}: options without help text: {silent}"

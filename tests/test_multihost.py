@@ -356,8 +356,9 @@ def test_single_process_helpers_and_errors():
   np.testing.assert_array_equal(
       np.concatenate([jdist.split_workers(s, 4, process_count=2)["x"] for s in shares]), workers["x"])
   assert workers["x"].shape == (4, 2, 2)
-  with pytest.raises(ValueError, match=r"num_workers \(3\) is not divisible by the 2 processes"):
+  with pytest.raises(jdist.errors.OptionError) as e:
     jdist.split_workers(full, 3, process_count=2)
+  assert (e.value.name, e.value.got) == ("num_workers", 3)
   mesh = jdist.make_mesh(data=-1)
   start, stop, size = jdist.batches.process_batch_rows(jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")),
                                                     16)

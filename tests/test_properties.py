@@ -117,25 +117,32 @@ def stacked_batches(draw, size: int):
   return [jax.tree.map(lambda x, k=k: jax.random.normal(k, x.shape), first) for k in keys]
 
 
-def tolerance(tree):
-  """1e-5 in fp32; bfloat16 parameters round their updates to 8 bits, so those leaves get bf16's ulp."""
-  return [dict(rtol=3e-2, atol=3e-2) if x.dtype == jnp.bfloat16 else dict(rtol=2e-5, atol=2e-6)
-          for x in jax.tree.leaves(tree)]
+def tolerance(tree, optimizer):
+  """1e-5 in fp32. A bfloat16 parameter is rounded to 8 bits after every update, and a gradient averaged over
+  devices is rounded differently from one computed whole: SGD's leaves may end an ulp or two apart, and Adam,
+  whose step is about lr times the gradient's sign, may step the other way where a gradient is near zero."""
+  adam = optimizer[0] == "adam"
+  bf16 = dict(rtol=3e-2, atol=3e-2 + (0.05 * STEPS if adam else 0.0))
+  return [bf16 if x.dtype == jnp.bfloat16 else dict(rtol=2e-5, atol=2e-6) for x in jax.tree.leaves(tree)]
 
 
-def assert_equal_to_reference(strategy, params, batches, optimizer, *, to_host=lambda p: p):
-  """``STEPS`` steps of ``strategy`` equal ``STEPS`` steps of plain optax on one device: losses and params."""
-  ref_params, _, ref_losses = single_device_reference(loss_fn, optimizer, params, batches)
+def assert_equal_to_reference(strategy, params, batches, optimizer):
+  """``STEPS`` steps of ``strategy`` equal ``STEPS`` steps of plain optax on one device: losses and params.
+
+  ``optimizer``: a (name, factory) pair from ``optimizers()``. The first step's loss is compared to 1e-5 even
+  for bfloat16 trees (the parameters are still equal then); later ones within bfloat16's rounding."""
+  ref_params, _, ref_losses = single_device_reference(loss_fn, optimizer[1](), params, batches)
   state = strategy.init(params)
   losses = []
   for batch in batches:
     state, metrics = strategy.step(state, strategy.shard_batch(batch))
     losses.append(float(metrics["loss"]))
-  got = to_host(state.params)
+  got = state.params
   assert jax.tree.structure(got) == jax.tree.structure(params)
-  # a bfloat16 parameter one ulp (2^-8 relative) apart moves the loss by about as much
-  np.testing.assert_allclose(losses, ref_losses, rtol=1e-2 if _has_bf16(params) else 2e-5)
-  for i, (a, e, tol) in enumerate(zip(jax.tree.leaves(got), jax.tree.leaves(ref_params), tolerance(params))):
+  np.testing.assert_allclose(losses[0], ref_losses[0], rtol=2e-5)
+  np.testing.assert_allclose(losses, ref_losses, rtol=5e-2 if _has_bf16(params) else 2e-5)
+  for i, (a, e, tol) in enumerate(zip(jax.tree.leaves(got), jax.tree.leaves(ref_params),
+                                      tolerance(params, optimizer))):
     assert a.dtype == e.dtype and a.shape == e.shape, f"leaf {i}: {a.dtype}{a.shape} vs {e.dtype}{e.shape}"
     np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(e, np.float32), err_msg=f"leaf {i}", **tol)
 
@@ -147,15 +154,22 @@ def _has_bf16(tree):
 # ---- data parallelism --------------------------------------------------------------------------------------
 
 
-@given(data=st.data(), n=st.sampled_from([1, 2, 3, 4, 8]), algorithm=st.sampled_from(
-    ["psum", "ring", "halving_doubling", "tree"]), accumulate=st.sampled_from([1, 2]), opt=optimizers())
-def test_data_parallel_equals_one_device(data, n, algorithm, accumulate, opt):
+def mean_reducers():
+  """The exact reducers: every all-reduce algorithm, with XLA's buckets or small ones that split the leaves."""
+  ppermute = st.sampled_from(["ring", "halving_doubling", "tree"])
+  return st.one_of(st.just(jdist.reducers.mean()),
+                   st.builds(jdist.reducers.mean, ppermute),
+                   st.builds(lambda a, b: jdist.reducers.mean(a, bucket_bytes=b), ppermute, st.sampled_from([16, 64])))
+
+
+@given(data=st.data(), n=st.sampled_from([1, 2, 3, 4, 8]), reducer=mean_reducers(),
+       accumulate=st.sampled_from([1, 2]), opt=optimizers())
+def test_data_parallel_equals_one_device(data, n, reducer, accumulate, opt):
   params = data.draw(param_trees())
   batches = stacked_batches(data.draw, n * accumulate * data.draw(st.sampled_from([1, 2])))
   mesh = jdist.make_mesh(data=n, devices=devices(n))
-  strategy = jdist.data_parallel(loss_fn, opt[1](), mesh, reducer=jdist.reducers.mean(algorithm),
-                                 accumulate_steps=accumulate)
-  assert_equal_to_reference(strategy, params, batches, opt[1]())
+  strategy = jdist.data_parallel(loss_fn, opt[1](), mesh, reducer=reducer, accumulate_steps=accumulate)
+  assert_equal_to_reference(strategy, params, batches, opt)
 
 
 @given(data=st.data(), n=st.sampled_from([1, 2, 4, 8]), opt=optimizers())
@@ -163,7 +177,7 @@ def test_pmap_equals_one_device(data, n, opt):
   params = data.draw(param_trees())
   batches = stacked_batches(data.draw, n * data.draw(st.sampled_from([1, 2])))
   strategy = jdist.data_parallel(loss_fn, opt[1](), jdist.make_mesh(data=n, devices=devices(n)), backend="pmap")
-  assert_equal_to_reference(strategy, params, batches, opt[1]())
+  assert_equal_to_reference(strategy, params, batches, opt)
 
 
 @given(data=st.data(), outer=st.sampled_from([2]), inner=st.sampled_from([2, 4]), opt=optimizers())
@@ -173,16 +187,29 @@ def test_hierarchical_allreduce_equals_one_device(data, outer, inner, opt):
   mesh = jdist.make_mesh(node=outer, device=inner, devices=devices(outer * inner))
   strategy = jdist.data_parallel(loss_fn, opt[1](), mesh, axis=("node", "device"),
                                  reducer=jdist.reducers.mean("hierarchical"))
-  assert_equal_to_reference(strategy, params, batches, opt[1]())
+  assert_equal_to_reference(strategy, params, batches, opt)
 
 
-@given(data=st.data(), n=st.sampled_from([1, 2, 3, 4, 8]))
-def test_local_sgd_sync_every_step_equals_one_device(data, n):
+@given(data=st.data(), n=st.sampled_from([1, 2, 3, 4, 8]), reducer=mean_reducers())
+def test_local_sgd_sync_every_step_equals_one_device(data, n, reducer):
   # H = 1 with plain SGD: averaging the replicas after each step is averaging their gradients
   params = data.draw(param_trees())
   batches = stacked_batches(data.draw, n * data.draw(st.sampled_from([1, 2])))
-  strategy = jdist.local_sgd(loss_fn, optax.sgd(0.3), jdist.make_mesh(data=n, devices=devices(n)), sync_every=1)
-  assert_equal_to_reference(strategy, params, batches, optax.sgd(0.3))
+  mesh = jdist.make_mesh(data=n, devices=devices(n))
+  strategy = jdist.local_sgd(loss_fn, optax.sgd(0.3), mesh, sync_every=1, reducer=reducer)
+  assert_equal_to_reference(strategy, params, batches, ("sgd", lambda: optax.sgd(0.3)))
+
+
+@given(data=st.data(), workers=st.sampled_from([1, 2, 3, 4, 8]), on_mesh=st.booleans(), opt=optimizers())
+def test_async_sgd_without_pauses_equals_one_device(data, workers, on_mesh, opt):
+  # no pauses, apply="mean": every tick averages one gradient per worker, a synchronous step on their union
+  params = data.draw(param_trees())
+  batches = stacked_batches(data.draw, workers * data.draw(st.sampled_from([1, 2])))
+  mesh = jdist.make_mesh(workers=workers, devices=devices(workers)) if on_mesh else None
+  strategy = jdist.async_sgd(loss_fn, opt[1](), mesh, num_workers=workers, max_staleness=0)
+  shard_batch = strategy.shard_batch
+  strategy = strategy._replace(shard_batch=lambda batch: shard_batch(jdist.split_workers(batch, workers)))
+  assert_equal_to_reference(strategy, params, batches, opt)
 
 
 # ---- model parallelism -------------------------------------------------------------------------------------
@@ -211,7 +238,7 @@ def test_sharded_with_fitting_rules_equals_one_device(data, layout, opt):
     with pytest.raises(jdist.errors.IdleAxesError):
       jdist.sharded(loss_fn, opt[1](), mesh, rules=rules)
     return
-  assert_equal_to_reference(jdist.sharded(loss_fn, opt[1](), mesh, rules=rules), params, batches, opt[1]())
+  assert_equal_to_reference(jdist.sharded(loss_fn, opt[1](), mesh, rules=rules), params, batches, opt)
 
 
 @given(data=st.data(), n=st.sampled_from([2, 4, 8]), opt=optimizers(), gspmd=st.booleans())
@@ -223,7 +250,7 @@ def test_fsdp_equals_one_device(data, n, opt, gspmd):
     strategy = jdist.sharded(loss_fn, opt[1](), mesh, data_axis=None, fsdp_axis="fsdp", fsdp_min_size=1)
   else:
     strategy = jdist.model_parallel.fsdp(loss_fn, opt[1](), mesh, min_size=1)
-  assert_equal_to_reference(strategy, params, batches, opt[1]())
+  assert_equal_to_reference(strategy, params, batches, opt)
 
 
 # ---- pipeline ----------------------------------------------------------------------------------------------

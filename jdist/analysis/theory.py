@@ -3,6 +3,11 @@ from __future__ import annotations
 
 import math
 
+from jdist._checks import check_positive_int
+from jdist.errors import OptionError
+
+ALGORITHMS = ("halving_doubling", "hierarchical", "psum", "ring", "tree")
+
 
 def allreduce_bytes(n_bytes: float, num_devices: int, algorithm: str = "ring", *, inner: int | None = None) -> float:
   """Bytes each device sends to all-reduce a payload of ``n_bytes`` over ``num_devices``.
@@ -14,25 +19,22 @@ def allreduce_bytes(n_bytes: float, num_devices: int, algorithm: str = "ring", *
   the broadcast). ``hierarchical``
   with ``inner`` devices per group: 2(Ni-1)/Ni n + 2(No-1)/(No Ni) n.
   """
-  n = num_devices
-  if n < 1:
-    raise ValueError(f"num_devices must be >= 1, got {n}.")
+  n = check_positive_int(num_devices, "num_devices")
+  if algorithm not in ALGORITHMS:
+    raise OptionError("algorithm", algorithm, f"one of {list(ALGORITHMS)}")
+  if algorithm == "hierarchical" and (inner is None or inner < 1 or n % inner):
+    raise OptionError("inner", inner, f"the devices per group of hierarchical, dividing num_devices={n}")
   if n == 1:
     return 0.0
-  if algorithm in ("ring", "psum"):
-    return 2 * (n - 1) / n * n_bytes
   if algorithm == "halving_doubling":
     p = 1 << (n.bit_length() - 1)
     return 2 * (p - 1) / p * n_bytes + (n_bytes if p != n else 0.0)
   if algorithm == "tree":
     return math.ceil(math.log2(n)) * n_bytes
   if algorithm == "hierarchical":
-    if inner is None or inner < 1 or n % inner:
-      raise ValueError(f"hierarchical needs inner, the devices per group, dividing {n}; got inner={inner}.")
     outer = n // inner
     return 2 * (inner - 1) / inner * n_bytes + 2 * (outer - 1) / (outer * inner) * n_bytes
-  raise ValueError(f"Unknown all-reduce algorithm: {algorithm!r}. It needs to be one of "
-                   f"['halving_doubling', 'hierarchical', 'psum', 'ring', 'tree'].")
+  return 2 * (n - 1) / n * n_bytes  # ring and psum
 
 
 def ring_minimum_bytes(n_bytes: float, num_devices: int) -> float:

@@ -85,7 +85,7 @@ def demo(*, quick: bool = False, steps: int | None = None, out: str = "runs/demo
   from rich.table import Table
 
   from jdist.analysis import comm_report
-  from jdist.analysis.plot import plot_runs
+  from jdist.analysis.plot import plot_families
   from jdist.config import (
     Config,
     DataConfig,
@@ -108,7 +108,7 @@ def demo(*, quick: bool = False, steps: int | None = None, out: str = "runs/demo
                 f"on scikit-learn's 8x8 digits, {steps} Adam steps, global batch 128, on {used} "
                 f"{devices[0].platform} device(s)" + (f" of {len(devices)}." if used != len(devices) else "."))
   out_dir = pathlib.Path(out)
-  rows, run_dirs, labels = [], [], []
+  rows, run_dirs, ran = [], [], []
   for entry in ENTRIES:
     if entry.num_devices > 1 and entry.num_devices != used:
       continue  # layouts drawn for 8 devices
@@ -141,7 +141,7 @@ def demo(*, quick: bool = False, steps: int | None = None, out: str = "runs/demo
                  f"{train_loss:.4f}", f"{final['eval_loss']:.4f}", f"{final['eval_accuracy']:.2%}",
                  f"{sent / 1e3:,.1f}", f"{max(stale):.0f}", "yes" if entry.exact else "no"))
     run_dirs.append(config.run_dir)
-    labels.append(entry.label)
+    ran.append(entry)
 
   table = Table(title=f"digits, the MLP (rows marked res-MLP: 8 residual layers), {steps} steps, global batch 128")
   for col in ("strategy", "devices", "steps/s", "train loss", "test loss", "test acc", "KB sent/dev/step",
@@ -150,11 +150,29 @@ def demo(*, quick: bool = False, steps: int | None = None, out: str = "runs/demo
   for row in rows:
     table.add_row(*row)
   console.print(table)
-  png = plot_runs(run_dirs, out_dir / "loss_curves.png", metrics=["loss", "eval_loss", "eval_accuracy"],
-                  labels=labels, title=f"jdist demo: digits MLP and res-MLP on {used} {devices[0].platform} devices")
+  families, band = _families(ran, run_dirs)
+  png = plot_families(families, out_dir / "loss_curves.png", metrics=["loss", "eval_accuracy"], band=band,
+                      title=f"jdist demo: digits MLP and res-MLP on {used} {devices[0].platform} devices")
   console.print(f"Loss curves: {png}   (per-run logs under {out_dir}/; plot any of them with `jdist plot`)")
   console.print("Rows marked '= 1 device' compute single-device training's mathematics, so their losses agree up "
                 "to float rounding; the others trade it for less communication (KB sent per device per step).")
   console.print("The train loss of the async SGD rows with pauses is the mean over their last 10% of ticks (a tick's "
                 "reading depends on which workers delivered); strategy.seed draws another pause schedule, same params.")
   return 0
+
+
+def _families(entries: list[DemoEntry], run_dirs: list[str]) -> tuple[dict, dict]:
+  """The demo's runs as panels a person can read: the rows that compute one device's mathematics agree to
+  rounding, so they are one grey band (per model) behind every panel; each other family is a few lines."""
+  family = lambda e: ("pipeline (res-MLP)" if e.model == "resmlp" else "exact strategies" if e.exact else
+                      {"async_sgd": "async SGD", "local_sgd": "local SGD / DiLoCo"}.get(e.strategy, "compressed"))
+  families: dict[str, list] = {}
+  band: dict[str, list] = {}
+  for entry, run_dir in zip(entries, run_dirs):
+    name = family(entry)
+    families.setdefault(name, [])
+    if entry.exact:
+      band.setdefault(entry.model, []).append(run_dir)
+    if not entry.exact or entry.label.endswith("single device"):
+      families[name].append((entry.label, run_dir))
+  return families, {name: band.get("resmlp" if name.startswith("pipeline") else "mlp", []) for name in families}

@@ -183,8 +183,9 @@ def powersgd(rank: int = 1, *, stacked: Sequence[str] = (), inner: Reducer | Non
     inner: the exact mean the factors travel through (default ``mean()``; e.g. ``mean("ring")``).
 
   Raises:
-    OptionError / OptionTypeError: a bad rank, a pattern that is not a regular expression (or a bare string),
-    an ``inner`` that is not an exact mean.
+    OptionError: a bad rank, a pattern that is not a regular expression, an ``inner`` that is not an exact
+      mean.
+    OptionTypeError: ``stacked`` given as a bare string.
   """
   rank = check_positive_int(rank, "rank")
   patterns = _compile_patterns(stacked, "stacked")

@@ -113,11 +113,13 @@ def data_parallel(
     off ``key`` at ``init``.
 
   Raises:
-    OptionError / OptionTypeError / AxisError / IdleAxesError (``ValueError`` / ``TypeError``): an axis not
-    in the mesh, an unknown backend, a bad ``accumulate_steps``, a reducer that cannot run over ``axis``,
-    ``backend="pmap"`` on several processes or axes. At the first step: a global batch not divisible by
-    (devices on ``axis``) x ``accumulate_steps``, batch leaves with different leading sizes, or a
-    ``loss_fn`` that does not return a scalar.
+    ValueError: (``OptionError``, ``AxisError``, ``IdleAxesError``) an axis not in the mesh, an unknown
+      backend, a bad ``accumulate_steps``, a reducer that cannot run over ``axis``, ``backend="pmap"`` on
+      several processes or axes.
+    BatchError: at the first step, a global batch not divisible by (devices on ``axis``) x
+      ``accumulate_steps``, or batch leaves with different leading sizes.
+    TypeError: (``OptionTypeError``) a ``loss_fn`` or optimizer of the wrong kind, or a loss that does not
+      return a scalar.
 
   Example:
     >>> mesh = jdist.make_mesh(data=-1)
