@@ -30,6 +30,7 @@ from jdist.strategies.data_parallel import data_parallel as data_parallel
 from jdist.strategies.local_sgd import local_sgd as local_sgd
 from jdist.strategies.model_parallel import explain_sharding as explain_sharding
 from jdist.strategies.model_parallel import partition_specs as partition_specs
+from jdist.strategies.model_parallel import rules_from_flax as rules_from_flax
 from jdist.strategies.model_parallel import sharded as sharded
 from jdist.strategies.pipeline import pipeline as pipeline
 from jdist.strategies.pipeline import pipeline_schedule as pipeline_schedule
@@ -70,6 +71,7 @@ __all__ = [
     "put_batch",
     "reducers",
     "replicate",
+    "rules_from_flax",
     "scan_steps",
     "shard_batch",
     "sharded",

@@ -1,107 +1,124 @@
 """Run configuration: TOML files read with the standard library into frozen dataclasses.
 
-A file names the model, data, optimizer, strategy, mesh, steps, checkpointing and logging;
-``--set section.key=value`` overrides any entry. Unknown keys are errors that list the valid keys and
-suggest the closest one. See examples/configs/ for one file per strategy.
+A file names the model, data, loss, optimizer, strategy, mesh, steps, checkpointing and logging;
+``--set section.key=value`` overrides any entry (``--set optimizer.args.1.learning_rate.peak_value=1e-3`` reaches
+into tables and lists). ``[model]``, ``[data]``, ``[loss]`` and ``[optimizer]`` each name a Python callable, and
+their other keys are its keyword arguments (``jdist._config_calls``):
+
+    [model]
+    name = "mypkg.models:build"   # or a bundled one: mlp, resmlp, linear, gpt
+    hidden = 256                  # build(key=..., hidden=256)
+
+    [optimizer]
+    name = "adamw"                # any function of optax, or an import path
+    weight_decay = 0.01           # optax.adamw(learning_rate=..., weight_decay=0.01)
+    learning_rate = { name = "cosine_decay_schedule", init_value = 3e-3, decay_steps = 400 }
+
+Unknown keys are errors that list the valid keys (a callable's parameters) and suggest the closest one. See
+examples/configs/ for one file per strategy, and ``jdist.experiment`` for how the callables are called.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
+import math
 import os
 import pathlib
 import sys
 from typing import Any, Mapping, Sequence
+
+from jdist import _config_calls as calls
+from jdist._config_calls import ConfigError, unknown_key
 
 if sys.version_info >= (3, 11):
   import tomllib
 else:  # pragma: no cover
   import tomli as tomllib
 
+DEFAULT_LR = 3e-3  # optimizer.learning_rate when an optimizer that takes one is given none
 
-class ConfigError(ValueError):
-  """A configuration file or override is invalid; the message says what to change."""
+
+def _kwargs_field():
+  return dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ModelConfig:
-  name: str = "mlp"  # "mlp" or "resmlp" (digits classifiers) or "linear" (regression)
-  hidden: tuple[int, ...] | None = None  # hidden widths (default [128]); for "resmlp" one per residual layer, all equal
+  name: str = "mlp"  # a bundled model (jdist.experiment.MODELS) or an import path "package.module:function"
+  kwargs: Mapping[str, Any] = _kwargs_field()  # its keyword arguments: the other keys of [model]
 
   def __post_init__(self):
-    _one_of("model.name", self.name, ("mlp", "resmlp", "linear"))
-    if self.hidden is None:
-      return
-    if self.name == "linear":  # no hidden layers: only [] says that
-      if self.hidden not in ([], ()):
-        shown = list(self.hidden) if isinstance(self.hidden, (list, tuple)) else repr(self.hidden)
-        raise ConfigError(f"model.hidden = {shown} is for the classifiers (model.name = 'mlp' or 'resmlp'); the "
-                          f"'linear' model has no hidden layers. Drop model.hidden (CLI: --unset model.hidden, or "
-                          f"--set model.hidden=[]) or pick a classifier.")
-      object.__setattr__(self, "hidden", ())
-      return
-    if not isinstance(self.hidden, (list, tuple)):
-      raise ConfigError(f"model.hidden must be a list of positive ints, e.g. [128, 64], got {self.hidden!r}.")
-    if self.name == "resmlp" and len(set(self.hidden)) != 1:
-      raise ConfigError(f"model.hidden for 'resmlp' lists one equal width per residual layer, got {list(self.hidden)}.")
-    object.__setattr__(self, "hidden", tuple(self.hidden))
-    if any((not isinstance(h, int)) or h < 1 for h in self.hidden):
-      raise ConfigError(f"model.hidden must be a list of positive ints, got {list(self.hidden)}.")
-
-  @property
-  def widths(self) -> tuple[int, ...]:
-    """The hidden widths the model is built with: ``hidden``, or (128,) when not given."""
-    return (128,) if self.hidden is None else self.hidden
+    _name_and_kwargs("model", self.name, self.kwargs)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DataConfig:
-  name: str = "digits"  # "digits" (sklearn's 8x8 digits) or "linear_regression" (x = 1..8, y = 2x + 1)
+  name: str = "digits"  # a bundled data set (jdist.experiment.DATASETS) or an import path
   batch_size: int = 128  # global batch, examples per step; divisible by the data-axis devices
-  seed: int = 0  # shuffle and train/test split seed
+  seed: int = 0  # shuffle seed (and the data function's `seed`, if it takes one)
+  kwargs: Mapping[str, Any] = _kwargs_field()  # the data function's keyword arguments: the other keys of [data]
 
   def __post_init__(self):
-    _one_of("data.name", self.name, ("digits", "linear_regression"))
+    _name_and_kwargs("data", self.name, self.kwargs)
     _positive("data.batch_size", self.batch_size)
     _non_negative("data.seed", self.seed)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class OptimizerConfig:
-  name: str = "adam"  # "sgd", "momentum", "adam" or "adamw"
-  lr: float = 3e-3  # learning rate, > 0
-  momentum: float | None = None  # for "momentum" (default 0.9)
-  weight_decay: float | None = None  # for "adamw" (default 1e-4)
+class LossConfig:
+  name: str | None = None  # None: the model's own loss; else an import path to loss(params, batch[, key], **kwargs)
+  kwargs: Mapping[str, Any] = _kwargs_field()  # bound to the loss: the other keys of [loss]
 
   def __post_init__(self):
-    _one_of("optimizer.name", self.name, ("sgd", "momentum", "adam", "adamw"))
-    if not self.lr > 0:
-      raise ConfigError(f"optimizer.lr must be > 0, got {self.lr}.")
-    for key, owner in (("momentum", "momentum"), ("weight_decay", "adamw")):
-      if getattr(self, key) is not None and self.name != owner:
-        raise ConfigError(f"optimizer.{key} is used by optimizer.name = {owner!r} only, but the name is "
-                          f"{self.name!r}, which would ignore it. Set name = {owner!r}, or drop {key} (CLI: "
-                          f"--unset optimizer.{key}).")
-    if self.momentum is not None and not 0 <= self.momentum < 1:
-      raise ConfigError(f"optimizer.momentum must be in [0, 1), got {self.momentum}.")
-    if self.weight_decay is not None and not self.weight_decay >= 0:
-      raise ConfigError(f"optimizer.weight_decay must be >= 0, got {self.weight_decay}.")
+    if self.name is not None or self.kwargs:
+      _name_and_kwargs("loss", self.name, self.kwargs)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class OptimizerConfig:
+  name: str = "adam"  # any function of optax ("adamw", "chain", "contrib.muon") or an import path
+  kwargs: Mapping[str, Any] = _kwargs_field()  # its keyword arguments; a table with a name is a call (a schedule)
+
+  def __post_init__(self):
+    _name_and_kwargs("optimizer", self.name, self.kwargs)
 
   def build(self):
+    """The ``optax.GradientTransformation`` (nested calls made first; a learning rate defaults to ``DEFAULT_LR``)."""
     import optax
 
-    momentum = 0.9 if self.momentum is None else self.momentum
-    weight_decay = 1e-4 if self.weight_decay is None else self.weight_decay
-    return {"sgd": lambda: optax.sgd(self.lr), "momentum": lambda: optax.sgd(self.lr, momentum=momentum),
-            "adam": lambda: optax.adam(self.lr),
-            "adamw": lambda: optax.adamw(self.lr, weight_decay=weight_decay)}[self.name]()
+    fn = calls.resolve("optimizer.name", self.name, {}, what="a function of optax", namespace=optax)
+    kwargs = with_default_lr(fn, self.kwargs)
+    return calls.call(fn, {k: calls.build_optax_tree(v, optax) for k, v in kwargs.items()})
+
+
+def with_default_lr(fn, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+  """``kwargs`` with ``lr`` spelt ``learning_rate``, and ``DEFAULT_LR`` added when ``fn`` takes a learning rate and
+  none is given."""
+  kwargs = dict(kwargs)
+  sig = calls.Signature(fn)
+  if "learning_rate" in sig.names:
+    if "lr" in kwargs:
+      if "learning_rate" in kwargs:
+        raise ConfigError("optimizer.lr and optimizer.learning_rate are the same argument; give one.")
+      kwargs["learning_rate"] = kwargs.pop("lr")
+    kwargs.setdefault("learning_rate", DEFAULT_LR)
+  return kwargs
+
+
+def _name_and_kwargs(section: str, name: Any, kwargs: Any) -> None:
+  if not isinstance(name, str) or not name.strip():
+    raise ConfigError(f"{section}.name must be a string: a name or an import path 'package.module:function', got "
+                      f"{name!r}.")
+  if not isinstance(kwargs, Mapping):
+    raise ConfigError(f"{section}.kwargs must be a table of keyword arguments, got {kwargs!r}.")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class StrategyConfig:
   name: str = "data_parallel"  # a key of jdist.experiment.STRATEGIES
   options: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # keyword arguments of the strategy
-  seed: int | None = None  # the strategy's randomness (its init key: async SGD's schedule); None: train.seed
+  seed: int | None = None  # the strategy's init key: async SGD's schedule, a takes_key loss's keys; None: train.seed
 
   def __post_init__(self):
     if self.seed is not None:
@@ -165,6 +182,7 @@ class Config:
   run_dir: str = "runs/default"  # metric logs, TensorBoard files and checkpoints go here
   model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
   data: DataConfig = dataclasses.field(default_factory=DataConfig)
+  loss: LossConfig = dataclasses.field(default_factory=LossConfig)
   optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
   strategy: StrategyConfig = dataclasses.field(default_factory=StrategyConfig)
   mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
@@ -172,16 +190,9 @@ class Config:
   checkpoint: CheckpointSection = dataclasses.field(default_factory=CheckpointSection)
 
 
-SECTIONS = {"model": ModelConfig, "data": DataConfig, "optimizer": OptimizerConfig, "train": TrainConfig,
-            "checkpoint": CheckpointSection}
+SECTIONS = {"train": TrainConfig, "checkpoint": CheckpointSection}  # fixed keys
+CALL_SECTIONS = {"model": ModelConfig, "data": DataConfig, "loss": LossConfig, "optimizer": OptimizerConfig}
 OPEN_SECTIONS = ("strategy", "mesh")  # keys beyond the fixed ones are strategy options / mesh axes
-
-
-def _one_of(name: str, value: Any, valid: Sequence[str]) -> None:
-  if value not in valid:
-    hint = difflib.get_close_matches(str(value), valid, n=1)
-    raise ConfigError(f"Unknown {name}: {value!r}. It needs to be one of {list(valid)}"
-                      + (f"; did you mean {hint[0]!r}?" if hint else "."))
 
 
 def _positive(name: str, value: Any) -> None:
@@ -194,16 +205,18 @@ def _non_negative(name: str, value: Any) -> None:
     raise ConfigError(f"{name} must be an int >= 0, got {value!r}.")
 
 
-_ALIASES = {"learning_rate": "lr", "num_steps": "steps"}  # names from other libraries
+_ALIASES = {"num_steps": "steps", "lr": "learning_rate"}  # names from other libraries
+_TOP_LEVEL_HINTS = {"learning_rate": "optimizer.learning_rate", "batch_size": "data.batch_size"}
 
 
 def _unknown(where: str, key: str, valid: Sequence[str]) -> ConfigError:
   name = _ALIASES.get(key, key)
   hint = [name] if name in valid and name != key else difflib.get_close_matches(key, list(valid), n=1)
   if not where and not hint:  # a section's key given at the top level: steps=5 for train.steps=5
-    hint = [f"{section}.{name}" for section, cls in SECTIONS.items() if name in _field_names(cls)]
-  return ConfigError(f"Unknown key {where}{key!r}. Valid keys: {', '.join(sorted(valid))}"
-                     + (f". Did you mean {' or '.join(map(repr, hint))}?" if hint else "."))
+    hint = sorted(f"{section}.{name}" for section, cls in {**SECTIONS, **CALL_SECTIONS}.items()
+                  if name in _field_names(cls) and name not in ("name", "kwargs"))
+    hint = hint or ([_TOP_LEVEL_HINTS[name]] if name in _TOP_LEVEL_HINTS else [])
+  return unknown_key(where, key, valid, hint)
 
 
 def _field_names(cls) -> list[str]:
@@ -247,8 +260,21 @@ def _section(cls, name: str, raw: Any):
     raise ConfigError(f"[{name}]: {e}") from None
 
 
+def _call_section(name: str, raw: Any):
+  """A section that names a callable: jdist's own keys (``name``, ``data.batch_size``, ...) typed, the rest the
+  callable's keyword arguments (checked against it by ``check_calls``)."""
+  if not isinstance(raw, dict):
+    raise ConfigError(f"[{name}] must be a table of keys, got {raw!r}; set one of its keys instead, e.g. "
+                      f"{name}.name=...")
+  cls = CALL_SECTIONS[name]
+  own = {f.name: f.type for f in dataclasses.fields(cls) if f.name != "kwargs"}
+  given = {key: _typed(f"{name}.{key}", value, own[key]) for key, value in raw.items() if key in own}
+  return cls(**given, kwargs={key: value for key, value in raw.items() if key not in own})
+
+
 def from_dict(raw: Mapping[str, Any]) -> Config:
-  """Builds a ``Config`` from a nested dict (as read from TOML), rejecting unknown keys."""
+  """Builds a ``Config`` from a nested dict (as read from TOML), rejecting unknown keys; the callables the
+  sections name are imported and their keyword arguments checked (``check_calls``)."""
   valid_top = _field_names(Config)
   kwargs: dict[str, Any] = {}
   for key, value in raw.items():
@@ -256,6 +282,8 @@ def from_dict(raw: Mapping[str, Any]) -> Config:
       raise _unknown("", key, valid_top)
     if key in SECTIONS:
       kwargs[key] = _section(SECTIONS[key], key, value)
+    elif key in CALL_SECTIONS:
+      kwargs[key] = _call_section(key, value)
     elif key in OPEN_SECTIONS and not isinstance(value, dict):
       raise ConfigError(f"[{key}] must be a table of keys, got {value!r}; set one of its keys instead, e.g. "
                         + ("strategy.name=data_parallel." if key == "strategy" else "mesh.data=8."))
@@ -273,11 +301,147 @@ def from_dict(raw: Mapping[str, Any]) -> Config:
       if not kwargs[key].strip():  # "" would put the logs and checkpoints in whatever directory jdist runs in
         raise ConfigError(f"run_dir must name a directory for the run's logs and checkpoints, got {value!r}; "
                           f"e.g. run_dir = \"runs/my_run\" (--set run_dir=runs/my_run).")
-  return Config(**kwargs)
+  return check_calls(Config(**kwargs))
+
+
+# hyperparameters checked wherever an [optimizer] table gives them: (low, low included, high) and the words
+_RANGES = {"learning_rate": (0.0, False, math.inf, "> 0"), "lr": (0.0, False, math.inf, "> 0"),
+           "momentum": (0.0, True, 1.0, "in [0, 1)"), "weight_decay": (0.0, True, math.inf, ">= 0"),
+           "b1": (0.0, True, 1.0, "in [0, 1)"), "b2": (0.0, True, 1.0, "in [0, 1)"),
+           "max_norm": (0.0, False, math.inf, "> 0")}
+
+
+def _check_hyperparameters(section: str, kwargs: Mapping[str, Any]) -> None:
+  for key, value in kwargs.items():
+    if key in _RANGES and not calls.is_call(value):
+      low, closed, high, words = _RANGES[key]
+      if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{section}.{key} must be a number" + (" or a schedule table (name = ...)"
+                          if key in ("learning_rate", "lr") else "") + f", got {value!r}.")
+      if not ((value >= low if closed else value > low) and value < high):
+        raise ConfigError(f"{section}.{key} must be {words}, got {value!r}.")
+    elif calls.is_call(value):
+      _check_hyperparameters(f"{section}.{key}", {k: v for k, v in value.items() if k != "name"})
+    elif isinstance(value, list):
+      for i, item in enumerate(value):
+        if calls.is_call(item):
+          _check_hyperparameters(f"{section}.{key}.{i}", {k: v for k, v in item.items() if k != "name"})
+
+
+def check_calls(config: Config) -> Config:
+  """Imports the callables ``config`` names and checks their keyword arguments; returns the config with the
+  optimizer's learning rate spelt ``learning_rate`` (``lr`` is accepted) and defaulted (``DEFAULT_LR``)."""
+  import optax
+
+  from jdist import experiment  # the bundled models and data sets (it imports JAX and starts no backend)
+  from jdist.strategy import KeyedLoss
+
+  m = config.model
+  fn = calls.resolve("model.name", m.name, experiment.MODELS, what="a bundled model")
+  sig = calls.Signature(fn)
+  calls.check_keys(f"name = {m.name!r}", "model", sig, m.kwargs, ("name",), given=("key",) if sig.takes("key") else ())
+  d = config.data
+  sig = calls.Signature(calls.resolve("data.name", d.name, experiment.DATASETS, what="a bundled data set"))
+  calls.check_keys(f"name = {d.name!r}", "data", sig, d.kwargs, ("name", "batch_size", "seed"),
+                   given=("seed",) if sig.takes("seed") else ())
+  if config.loss.name is not None:
+    fn = calls.resolve("loss.name", config.loss.name, {}, what="an import path")
+    keyed = isinstance(fn, KeyedLoss)  # jdist.takes_key(loss): called with params, batch, key
+    calls.check_keys(f"name = {config.loss.name!r}", "loss", calls.Signature(fn.fn if keyed else fn, 3 if keyed else 2),
+                     config.loss.kwargs, ("name",))
+  o = config.optimizer
+  fn = calls.resolve("optimizer.name", o.name, {}, what="a function of optax (e.g. 'adam', 'adamw', 'sgd', "
+                     "'chain')", namespace=optax)
+  _check_hyperparameters("optimizer", o.kwargs)
+  kwargs = with_default_lr(fn, o.kwargs)
+  calls.check_keys(f"name = {o.name!r}", "optimizer", calls.Signature(fn), kwargs, ("name",), namespace=optax)
+  for key, value in kwargs.items():
+    calls.check_optax_tree(f"optimizer.{key}", value, optax)
+  return dataclasses.replace(config, optimizer=OptimizerConfig(name=o.name, kwargs=kwargs))
+
+
+def to_dict(config: Config) -> dict[str, Any]:
+  """``config`` as the nested dict a TOML file would give (``from_dict(to_dict(c)) == c``), every default filled
+  in: what ``jdist train`` saves as ``run_dir/config.toml``."""
+  out: dict[str, Any] = {"run_dir": config.run_dir}
+  for name in CALL_SECTIONS:
+    section = getattr(config, name)
+    if name == "loss" and section.name is None:
+      continue
+    own = {f: getattr(section, f) for f in _field_names(type(section)) if f != "kwargs"}
+    out[name] = {**own, **section.kwargs}
+  s = config.strategy
+  out["strategy"] = {"name": s.name, **({"seed": s.seed} if s.seed is not None else {}), **s.options}
+  out["mesh"] = {**config.mesh.axes, "cpu_devices": config.mesh.cpu_devices, "num_devices": config.mesh.num_devices}
+  out["train"] = dataclasses.asdict(config.train)
+  out["checkpoint"] = dataclasses.asdict(config.checkpoint)
+  return _plain(out)
+
+
+def _plain(value: Any) -> Any:
+  """Mappings as dicts and tuples as lists (as TOML reads them back)."""
+  if isinstance(value, Mapping):
+    return {str(k): _plain(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_plain(v) for v in value]
+  return value
+
+
+def dumps(raw: Mapping[str, Any]) -> str:
+  """A nested dict as TOML: top-level values, then one ``[section]`` per table (deeper tables inline)."""
+  lines = [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in raw.items() if not isinstance(v, Mapping)]
+  for k, v in raw.items():
+    if isinstance(v, Mapping):
+      lines += ["", f"[{_toml_key(k)}]", *(f"{_toml_key(kk)} = {_toml_value(vv)}" for kk, vv in v.items())]
+  return "\n".join(lines) + "\n"
+
+
+def _toml_key(key: str) -> str:
+  return key if key and all(c.isalnum() or c in "_-" for c in key) else json.dumps(key)
+
+
+def _toml_value(value: Any) -> str:
+  if isinstance(value, bool):
+    return "true" if value else "false"
+  if isinstance(value, int):
+    return str(value)
+  if isinstance(value, float):
+    return "nan" if value != value else ("inf" if value > 0 else "-inf") if math.isinf(value) else repr(value)
+  if isinstance(value, str):
+    return json.dumps(value)
+  if isinstance(value, (list, tuple)):
+    return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+  if isinstance(value, Mapping):
+    return "{ " + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()) + " }"
+  raise ConfigError(f"A config value of type {type(value).__name__} ({value!r}) cannot be written as TOML.")
+
+
+# what may change when a run resumes without --allow-config-change: how long, how often it logs and saves, how many
+# CPU devices are emulated (the mesh is fixed by its axes); everything else changes what is computed
+RESUMABLE = ("run_dir", "train.steps", "train.log_every", "train.eval_every", "train.progress", "checkpoint.",
+             "mesh.cpu_devices")
+
+
+def differences(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> dict[str, tuple[Any, Any]]:
+  """``{dotted key: (old, new)}`` for every key whose value differs (a key only on one side: None on the other)."""
+  out: dict[str, tuple[Any, Any]] = {}
+  for key in sorted(set(old) | set(new)):
+    a, b = old.get(key), new.get(key)
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+      out.update(differences(a, b, f"{prefix}{key}."))
+    elif a != b:
+      out[f"{prefix}{key}"] = (a, b)
+  return out
+
+
+def run_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
+  """The ``differences`` that change what a resumed run computes (all but ``RESUMABLE``)."""
+  return {k: v for k, v in differences(old, new).items()
+          if not any(k == r or (r.endswith(".") and k.startswith(r)) for r in RESUMABLE)}
 
 
 def parse_value(text: str) -> Any:
-  """A TOML value (``0.1``, ``true``, ``[64, 64]``, ``"adam"``), or the bare text as a string."""
+  """A TOML value (``0.1``, ``true``, ``[64, 64]``, ``"adam"``, ``{name = "x"}``), or the bare text as a string."""
   try:
     return tomllib.loads(f"v = {text}")["v"]
   except tomllib.TOMLDecodeError:
@@ -286,13 +450,16 @@ def parse_value(text: str) -> Any:
 
 def apply_overrides(raw: dict[str, Any], overrides: Sequence[str], unset: Sequence[str] = ()) -> dict[str, Any]:
   """Removes the ``unset`` keys (``section.key``, as if the file did not set them), then applies
-  ``section.key=value`` overrides, on a copy of a nested dict. A strategy option that is a table takes a third
-  part, ``strategy.reducer.rank=4`` (a reducer given by name, ``reducer = "powersgd"``, becomes the table
-  ``{name = "powersgd"}`` first)."""
+  ``section.key=value`` overrides, on a copy of a nested dict. A path reaches into tables and lists (numbers index
+  a list): ``optimizer.args.1.learning_rate.peak_value=1e-3``; a string where a table is needed becomes the table
+  ``{name = string}`` (``reducer = "powersgd"`` then ``strategy.reducer.rank=4``)."""
   out = _copy_tables(raw)
   for item in unset:
-    *section, key = item.strip().split(".")
-    table = _table_at(out, section)
+    *parents, key = item.strip().split(".")
+    table = _table_at(out, parents)
+    if isinstance(table, list) and key.isdigit() and int(key) < len(table):
+      del table[int(key)]
+      continue
     if not isinstance(table, dict) or key not in table:
       raise ConfigError(f"--unset {item}: the config does not set {item!r}, so there is nothing to remove. Give a "
                         f"key the file sets, as section.key (e.g. optimizer.momentum).")
@@ -301,56 +468,76 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str], unset: Sequen
     if "=" not in item:
       raise ConfigError(f"Override {item!r} is not of the form section.key=value, e.g. optimizer.lr=0.1.")
     path, value = item.split("=", 1)
-    parts = path.strip().split(".")
-    if len(parts) == 1:
-      out[parts[0]] = parse_value(value)
-    elif len(parts) == 2 or (len(parts) == 3 and parts[0] == "strategy"):
-      section, *tables, key = parts
-      if section not in SECTIONS and section not in OPEN_SECTIONS:
-        raise _unknown("", section, _field_names(Config))
-      if not isinstance(out.setdefault(section, {}), dict):
-        raise ConfigError(f"{section} is not a section.")
-      table = out[section]
-      for name in tables:  # strategy.reducer: a name given as a string becomes {name = ...}
-        current = table.get(name, {})
-        table[name] = {"name": current} if isinstance(current, str) else current
-        if not isinstance(table[name], dict):
-          raise ConfigError(f"Override {item!r}: {section}.{name} is {current!r}, not a table.")
-        table = table[name]
-      table[key] = parse_value(value)
+    *parents, key = path.strip().split(".")
+    if parents and parents[0] not in (*SECTIONS, *CALL_SECTIONS, *OPEN_SECTIONS):
+      raise _unknown("", parents[0], _field_names(Config))
+    table: Any = out
+    for i, name in enumerate(parents):
+      table = _child(table, name, f"Override {item!r}: {'.'.join(parents[:i + 1])}")
+    if isinstance(table, list):
+      _index(table, key, f"Override {item!r}")
+      table[int(key)] = parse_value(value)
     else:
-      raise ConfigError(f"Override {item!r}: keys have at most two parts (section.key), three for a strategy "
-                        f"option's table (strategy.reducer.rank).")
+      table[key] = parse_value(value)
   return out
 
 
-def _copy_tables(raw: Mapping[str, Any]) -> dict[str, Any]:
-  """A copy of ``raw`` in which every nested table is a new dict (overrides never touch the caller's)."""
-  return {k: _copy_tables(v) if isinstance(v, Mapping) else v for k, v in raw.items()}
+def _child(table: Any, name: str, where: str) -> Any:
+  """The table (or list) under ``name`` in ``table``, made if missing; a string there becomes ``{name = ...}``."""
+  if isinstance(table, list):
+    return table[_index(table, name, where)]
+  current = table.get(name, {})
+  if isinstance(current, str):
+    current = {"name": current}
+  if not isinstance(current, (dict, list)):
+    raise ConfigError(f"{where} is {current!r}, not a table.")
+  table[name] = current
+  return current
+
+
+def _index(items: list, name: str, where: str) -> int:
+  if not name.isdigit() or int(name) >= len(items):
+    raise ConfigError(f"{where}: {name!r} is not an index of the list there (0 to {len(items) - 1}).")
+  return int(name)
+
+
+def _copy_tables(raw: Any) -> Any:
+  """A copy of ``raw`` in which every nested table and list is new (overrides never touch the caller's)."""
+  if isinstance(raw, Mapping):
+    return {k: _copy_tables(v) for k, v in raw.items()}
+  if isinstance(raw, list):
+    return [_copy_tables(v) for v in raw]
+  return raw
 
 
 def _table_at(out: dict[str, Any], parts: Sequence[str]) -> Any:
-  """The table at ``parts`` (``["strategy", "reducer"]``; ``[]``: the top level), or None."""
+  """The table or list at ``parts`` (``["strategy", "reducer"]``; ``[]``: the top level), or None."""
   table: Any = out
   for part in parts:
-    table = table.get(part) if isinstance(table, dict) else None
+    if isinstance(table, list):
+      table = table[int(part)] if part.isdigit() and int(part) < len(table) else None
+    else:
+      table = table.get(part) if isinstance(table, dict) else None
   return table
+
+
+def read_toml(path: str | os.PathLike) -> dict[str, Any]:
+  """A TOML file as a dict; a missing file, a directory or bad TOML is a ``ConfigError``."""
+  p = pathlib.Path(path)
+  if p.is_dir():
+    raise ConfigError(f"Config file {str(path)!r} is a directory. Pass a TOML file, e.g. "
+                      f"examples/configs/data_parallel.toml.")
+  if not p.is_file():
+    raise ConfigError(f"Config file {str(path)!r} does not exist. Pass a TOML file, e.g. "
+                      f"examples/configs/data_parallel.toml.")
+  try:
+    return tomllib.loads(p.read_text())
+  except tomllib.TOMLDecodeError as e:
+    raise ConfigError(f"{path} is not valid TOML: {e}.") from None
 
 
 def load(path: str | os.PathLike | None, overrides: Sequence[str] = (), unset: Sequence[str] = ()) -> Config:
   """Reads a TOML config file (or the defaults when ``path`` is None), removes the ``unset`` keys and applies
   the overrides."""
-  raw: dict[str, Any] = {}
-  if path is not None:
-    p = pathlib.Path(path)
-    if p.is_dir():
-      raise ConfigError(f"Config file {str(path)!r} is a directory. Pass a TOML file, e.g. "
-                        f"examples/configs/data_parallel.toml.")
-    if not p.is_file():
-      raise ConfigError(f"Config file {str(path)!r} does not exist. Pass a TOML file, e.g. "
-                        f"examples/configs/data_parallel.toml.")
-    try:
-      raw = tomllib.loads(p.read_text())
-    except tomllib.TOMLDecodeError as e:
-      raise ConfigError(f"{path} is not valid TOML: {e}.") from None
+  raw = read_toml(path) if path is not None else {}
   return from_dict(apply_overrides(raw, overrides, unset))

@@ -1,7 +1,20 @@
 """From a ``Config`` to a finished run: builds the model, data, optimizer, mesh and strategy, then fits.
 
 The CLI only parses arguments into a ``Config`` and calls ``run``. New strategies plug in by adding an
-entry to ``STRATEGIES``: ``name -> builder(loss_fn, optimizer, mesh, **options) -> Strategy``.
+entry to ``STRATEGIES``: ``name -> builder(loss_fn, optimizer, mesh, **options) -> Strategy`` (the pipeline's
+builder gets the model's ``Pipelined`` in place of the loss).
+
+How a config's callables are called (names checked when the config is read, ``jdist.config.check_calls``):
+
+- ``[model]``: ``fn(key=jax.random.key(train.seed), **kwargs)`` (``key`` only if ``fn`` takes it) returns a
+  ``jdist.models.Model``, a pair ``(params, loss)``, or the params alone (then ``[loss]`` names the loss).
+- ``[loss]``: ``fn(params, batch, **kwargs)``, or ``fn(params, batch, key, **kwargs)`` when ``fn`` is marked
+  ``jdist.takes_key``; it replaces the model's own loss.
+- ``[data]``: ``fn(seed=data.seed, **kwargs)`` (``seed`` only if ``fn`` takes it) returns the training arrays
+  (a dict of arrays with one leading example axis), or a pair ``(train, test)``; ``test`` (or None) is the one
+  batch ``Model.eval`` runs on.
+- ``[optimizer]``: ``optax.<name>(**kwargs)`` (or the import path's callable), nested ``{name = ...}`` tables
+  called first.
 """
 from __future__ import annotations
 
@@ -17,19 +30,24 @@ import jax
 import numpy as np
 import optax
 
+from jdist import _config_calls as calls
 from jdist import datasets, reducers
-from jdist.config import Config, ConfigError
+from jdist.config import Config, ConfigError, check_calls
 from jdist.data import ArrayLoader
 from jdist.errors import IdleAxesError, OptionError, OptionTypeError
 from jdist.mesh import make_mesh
-from jdist.models import linear, mlp, resmlp
+from jdist.models import Model, Pipelined
+from jdist.models._bundled import MODELS
 from jdist.strategies.async_sgd import async_sgd, split_workers
 from jdist.strategies.data_parallel import data_parallel
 from jdist.strategies.local_sgd import local_sgd
 from jdist.strategies.model_parallel import DEFAULT_FSDP_MIN_SIZE, fsdp, sharded
 from jdist.strategies.pipeline import pipeline
-from jdist.strategy import Strategy
+from jdist.strategy import KeyedLoss, Strategy, takes_key
 from jdist.train import CheckpointConfig, NanGuard, PrintLogger, ProgressBar, fit
+
+DATASETS = datasets.BUNDLED  # the data sets a config names by name (``[data] name = "text"``)
+__all__ = ["DATASETS", "MODELS", "STRATEGIES", "Experiment", "Model", "Pipelined", "build", "run"]
 
 
 # A [strategy.reducer] table: name, and the keys each reducer takes (algorithm and bucket_bytes are the exact mean's,
@@ -152,12 +170,12 @@ def async_sgd_from_config(loss_fn, optimizer, mesh, *, num_workers: int = 8, pau
   return strategy._replace(shard_batch=lambda batch: strategy.shard_batch(split_workers(batch, num_workers)))
 
 
-def pipeline_from_config(loss_fn, optimizer, mesh, *, microbatches: int = 4, schedule: str = "gpipe",
+def pipeline_from_config(model: Pipelined, optimizer, mesh, *, microbatches: int = 4, schedule: str = "gpipe",
                          repeats: int | None = None, data_axis: str = "") -> Strategy:
-  """``pipeline`` of the residual MLP (model.name = "resmlp"): its residual layers are the stages."""
-  stage_fn, head_loss, input_fn = resmlp.pipeline_fns()
-  return pipeline(stage_fn, head_loss, optimizer, mesh, axis="pipe", microbatches=microbatches, schedule=schedule,
-                  repeats=repeats, data_axis=data_axis or None, input_fn=input_fn)
+  """``pipeline`` of the model's stages (``Model.pipeline``: the residual MLP's layers, the GPT's blocks); it is
+  given the model's ``Pipelined`` in place of a loss."""
+  return pipeline(model.stage_fn, model.loss_fn, optimizer, mesh, axis="pipe", microbatches=microbatches,
+                  schedule=schedule, repeats=repeats, data_axis=data_axis or None, input_fn=model.input_fn)
 
 
 STRATEGIES: dict[str, Callable[..., Strategy]] = {
@@ -181,45 +199,66 @@ class Experiment:
   eval_fn: Callable | None
   eval_data: Any
   num_params: int
+  flops_per_step: float | None = None
 
 
-def _model(config: Config, key) -> tuple[Any, Callable, Callable | None]:
-  """(params, loss_fn, eval_fn) for the configured model and data."""
-  if config.model.name in ("mlp", "resmlp"):
-    if config.data.name != "digits":
-      raise ConfigError(f"model.name = {config.model.name!r} is a classifier and needs data.name = 'digits', got "
-                        f"{config.data.name!r}.")
-    if config.model.name == "mlp":
-      params, model = mlp.init(key, [64, *config.model.widths, 10]), mlp
-    else:
-      params = resmlp.init(key, 64, config.model.widths[0], len(config.model.widths), 10)
-      model = resmlp
-      if config.strategy.name == "pipeline":  # its state may hold the layers in device order: build() binds
-        return params, model.loss, _pipeline_eval  # the schedule that undoes it
-
-    def eval_fn(params, batch):
-      loss, aux = model.loss_and_accuracy(params, batch)
-      return {"loss": loss, **aux}
-
-    return params, model.loss, eval_fn
-  if config.data.name != "linear_regression":
-    raise ConfigError(f"model.name = 'linear' needs data.name = 'linear_regression', got {config.data.name!r}.")
-  return linear.init(in_features=1), linear.loss, lambda p, b: {"loss": linear.loss(p, b)}
+def _model(config: Config) -> Model:
+  """The ``Model`` the config's ``[model]`` callable returns (its ``loss`` replaced by ``[loss]``'s, if given)."""
+  fn = calls.resolve("model.name", config.model.name, MODELS, what="a bundled model")
+  given = {"key": jax.random.key(config.train.seed)} if calls.Signature(fn).takes("key") else {}
+  out = _calling(f"model.name = {config.model.name!r}", fn, {**config.model.kwargs, **given})
+  if isinstance(out, Model):
+    model = out
+  elif isinstance(out, tuple) and len(out) == 2 and callable(out[1]):
+    model = Model(params=out[0], loss=out[1])
+  else:
+    model = Model(params=out)
+  if config.loss.name is not None:
+    model = dataclasses.replace(model, loss=_loss(config))
+  if model.loss is None:
+    raise ConfigError(f"model.name = {config.model.name!r} returned no loss: return a jdist.models.Model with loss=, "
+                      f"or a pair (params, loss), or name one in [loss] (name = \"package.module:loss\").")
+  return model
 
 
-def _pipeline_eval(params, batch, schedule):
-  """resmlp loss and accuracy from pipeline params (the layers in the order of ``schedule``'s devices)."""
-  from jdist.strategies.pipeline import unstack_params
+def _loss(config: Config) -> Callable:
+  """``[loss]``'s function with its keyword arguments bound (still a ``takes_key`` loss if it was one)."""
+  fn = calls.resolve("loss.name", config.loss.name, {}, what="an import path")
+  kwargs = dict(config.loss.kwargs)
+  if isinstance(fn, KeyedLoss):
+    return takes_key(functools.partial(fn.fn, **kwargs)) if kwargs else fn
+  return functools.partial(fn, **kwargs) if kwargs else fn
 
-  loss, aux = resmlp.loss_and_accuracy(unstack_params(params, schedule), batch)
-  return {"loss": loss, "accuracy": aux["accuracy"]}
+
+def _data(config: Config) -> tuple[Any, Any]:
+  """``(train, test or None)`` from the config's ``[data]`` callable."""
+  fn = calls.resolve("data.name", config.data.name, datasets.BUNDLED, what="a bundled data set")
+  given = {"seed": config.data.seed} if calls.Signature(fn).takes("seed") else {}
+  out = _calling(f"data.name = {config.data.name!r}", fn, {**config.data.kwargs, **given})
+  train, test = out if isinstance(out, tuple) and len(out) == 2 else (out, None)
+  if not isinstance(train, Mapping):
+    raise ConfigError(f"data.name = {config.data.name!r} returned a {type(train).__name__}; return the training "
+                      f"arrays as a dict of arrays (name -> [examples, ...]), or a pair (train, test).")
+  return train, test
 
 
-def _data(config: Config) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]:
-  if config.data.name == "digits":
-    return datasets.digits(seed=config.data.seed)
-  data = datasets.linear_regression()
-  return data, data
+def _calling(what: str, fn: Callable, kwargs: Mapping[str, Any]) -> Any:
+  """``fn(**kwargs)``; a ``ValueError`` / ``TypeError`` it raises is the config's error, said in one line."""
+  try:
+    return calls.call(fn, kwargs)
+  except ConfigError:
+    raise
+  except (ValueError, TypeError) as e:
+    raise ConfigError(f"{what}: {type(e).__name__}: {e}") from None
+
+
+def _optimizer(config: Config) -> Any:
+  try:
+    return config.optimizer.build()
+  except ConfigError:
+    raise
+  except (ValueError, TypeError) as e:  # optax's constructors check some arguments themselves
+    raise ConfigError(f"optimizer.name = {config.optimizer.name!r}: {type(e).__name__}: {e}") from None
 
 
 def build_strategy(name: str, loss_fn: Callable, optimizer, mesh, options: dict[str, Any]) -> Strategy:
@@ -243,8 +282,7 @@ def build_strategy(name: str, loss_fn: Callable, optimizer, mesh, options: dict[
   return factory(loss_fn, optimizer, mesh, **options)
 
 
-def build(config: Config) -> Experiment:
-  """Builds the mesh, strategy, initial state and data of ``config``."""
+def _mesh(config: Config):
   devices = jax.devices()
   if config.mesh.num_devices:
     if config.mesh.num_devices > len(devices):
@@ -263,24 +301,68 @@ def build(config: Config) -> Experiment:
     raise ConfigError(f"mesh {axes} needs {total} devices but only {len(devices)} are available "
                       f"({devices[0].platform}). Use smaller axes.{more}")
   try:
-    mesh = make_mesh(devices=devices, **axes)
+    return make_mesh(devices=devices, **axes)
   except ValueError as e:
     raise ConfigError(f"mesh {axes}: {e}") from None
-  key = jax.random.key(config.train.seed)
-  params, loss_fn, eval_fn = _model(config, key)
-  train_data, test_data = _data(config)
+
+
+def _strategy_inputs(config: Config, model: Model) -> tuple[Any, Any, dict[str, Any]]:
+  """What the strategy is built from: the loss (the pipeline: the model's stages), the initial params, options."""
   options = dict(config.strategy.options)
-  if config.strategy.name == "pipeline" and config.model.name != "resmlp":
-    raise ConfigError(f"strategy 'pipeline' needs a stack of identical layers: use model.name = 'resmlp', got "
-                      f"{config.model.name!r}.")
-  if options.get("rules") == "tp":  # the model's own tensor-parallel rules
-    if config.model.name != "mlp":
-      raise ConfigError(f"strategy.rules = 'tp' is defined for model.name = 'mlp', got {config.model.name!r}.")
-    options["rules"] = [(p, [a or "" for a in spec]) for p, spec in mlp.tp_rules(len(config.model.widths) + 1)]
+  if options.get("rules") == "tp":  # the model's own tensor-parallel rules, in the config's form
+    if not model.rules:
+      raise ConfigError(f"strategy.rules = 'tp' uses the model's tensor-parallel rules, and model.name = "
+                        f"{config.model.name!r} declares none (Model.rules). Give the rules as a list of [pattern, "
+                        f"[axis or \"\" per dimension]] pairs.")
+    as_toml = lambda entry: entry if isinstance(entry, str) else list(entry) if entry else ""
+    options["rules"] = [(p, [as_toml(a) for a in spec]) for p, spec in model.rules]
+  if config.strategy.name != "pipeline":
+    return model.loss, model.params, options
+  if model.pipeline is None:
+    raise ConfigError(f"strategy 'pipeline' needs a model made of identical stacked layers (Model.pipeline): "
+                      f"model.name = 'resmlp' or 'gpt', got {config.model.name!r}.")
+  to_pipeline = model.pipeline.to_pipeline or (lambda p: p)
+  return model.pipeline, to_pipeline(model.params), options
+
+
+def _eval_fn(config: Config, model: Model, strategy: Strategy) -> Callable | None:
+  """``Model.eval`` (on the pipeline's params: back in the model's layout), else the loss if it takes no key."""
+  eval_fn = model.eval
+  if eval_fn is None:
+    if isinstance(model.loss, KeyedLoss):
+      return None  # dropout in evaluation: the model must say how to switch it off (Model.eval)
+    eval_fn = lambda params, batch: {"loss": model.loss(params, batch)}
+  if config.strategy.name != "pipeline":
+    return eval_fn
+  from jdist.strategies.pipeline import unstack_params
+
+  schedule, back = strategy.info["schedule"], model.pipeline.from_pipeline or (lambda p: p)
+  return lambda params, batch: eval_fn(back(unstack_params(params, schedule)), batch)
+
+
+def _check_runs(strategy: Strategy, state: Any, loader: ArrayLoader, config: Config) -> None:
+  """Traces one step on the first batch (nothing runs): a model that does not fit the data is the config's error
+  now, not a trace from the first step."""
+  batch = strategy.shard_batch(next(iter(ArrayLoader(loader.arrays, loader.batch_size, seed=loader.seed))))
+  try:
+    jax.eval_shape(strategy.step.jitted if hasattr(strategy.step, "jitted") else strategy.step, state, batch)
+  except (ValueError, TypeError) as e:
+    raise ConfigError(f"model.name = {config.model.name!r} cannot train on data.name = {config.data.name!r} "
+                      f"({type(e).__name__}: {' '.join(str(e).split())[:600]})") from None
+
+
+def build(config: Config) -> Experiment:
+  """Builds the mesh, model, data, optimizer, strategy and initial state of ``config``."""
+  config = check_calls(config)  # a Config made in Python is checked as a file is
+  mesh = _mesh(config)
+  model = _model(config)
+  train_data, test_data = _data(config)
+  loss_fn, params, options = _strategy_inputs(config, model)
+  optimizer = _optimizer(config)
   try:  # what the strategy refuses (an option's value, rules that fit no parameter) is the config's error
-    strategy = build_strategy(config.strategy.name, loss_fn, config.optimizer.build(), mesh, options)
-    # a strategy's randomness comes from its init key alone: strategy.seed varies it (async SGD's schedule) and
-    # leaves the parameters, drawn from train.seed, as they are
+    strategy = build_strategy(config.strategy.name, loss_fn, optimizer, mesh, options)
+    # a strategy's randomness comes from its init key alone: strategy.seed varies it (async SGD's schedule, a
+    # takes_key loss's dropout) and leaves the parameters, drawn from train.seed, as they are
     seed = config.train.seed if config.strategy.seed is None else config.strategy.seed
     state = strategy.init(params, key=seed)
   except ConfigError:
@@ -293,25 +375,80 @@ def build(config: Config) -> Experiment:
                       f"(--set mesh.num_devices={n}).") from None
   except (ValueError, TypeError) as e:
     raise ConfigError(f"strategy {config.strategy.name!r}: {e}") from None
-  if config.strategy.name == "pipeline":
-    eval_fn = functools.partial(eval_fn, schedule=strategy.info["schedule"])
-  loader = ArrayLoader(train_data, config.data.batch_size, seed=config.data.seed)
-  num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
-  return Experiment(config, strategy, state, loader, eval_fn, test_data, num_params)
+  try:
+    loader = ArrayLoader(train_data, config.data.batch_size, seed=config.data.seed)
+  except (ValueError, TypeError) as e:
+    raise ConfigError(f"data.name = {config.data.name!r}: {e}") from None
+  _check_runs(strategy, state, loader, config)
+  num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(model.params))
+  per_example = model.flops_per_example or 6.0 * num_params  # dense-model 6 N per example
+  return Experiment(config, strategy, state, loader, _eval_fn(config, model, strategy) if test_data is not None
+                    else None, test_data, num_params, per_example * config.data.batch_size)
 
 
-def run(config: Config, *, callbacks=(), quiet: bool = False):
-  """Builds and trains ``config``; resumes from ``run_dir/checkpoints`` when checkpoints exist."""
+def run(config: Config, *, callbacks=(), quiet: bool = False, allow_config_change: bool = False):
+  """Builds and trains ``config``; resumes from ``run_dir/checkpoints`` when checkpoints exist.
+
+  The resolved config is saved as ``run_dir/config.toml``; a resume whose config computes something else (any key
+  but ``jdist.config.RESUMABLE``) is refused, naming the keys, unless ``allow_config_change``, which records the
+  change in ``run_dir/events.jsonl``.
+  """
   exp = build(config)
   run_dir = pathlib.Path(config.run_dir)
   c = config.checkpoint
   checkpoint = CheckpointConfig(directory=run_dir / "checkpoints", every_steps=c.every_steps,
                                 every_seconds=c.every_seconds or None, keep=c.keep,
                                 fallback=c.fallback) if c.enabled else None
+  guard_run_dir(exp.config, run_dir, allow_change=allow_config_change)
   cbs = [NanGuard(), *callbacks]
   if not quiet:
     cbs.append(ProgressBar(exp.strategy.name) if config.train.progress else PrintLogger(config.train.log_every))
   return exp, fit(exp.strategy, exp.state, exp.loader, steps=config.train.steps, callbacks=cbs,
                   checkpoint=checkpoint, eval_fn=exp.eval_fn, eval_data=exp.eval_data,
                   eval_every=config.train.eval_every, log_every=config.train.log_every, run_dir=run_dir,
-                  flops_per_step=6.0 * exp.num_params * config.data.batch_size)  # dense-model 6 N per example
+                  flops_per_step=exp.flops_per_step)
+
+
+CONFIG_FILE = "config.toml"  # the resolved config of the run, in its run_dir
+EVENTS_FILE = "events.jsonl"  # one line per end of a run (ended, failed, interrupted) and accepted config change
+
+
+def guard_run_dir(config: Config, run_dir: pathlib.Path, *, allow_change: bool) -> None:
+  """Saves the resolved config in ``run_dir``; a run dir with checkpoints whose saved config differs in what it
+  computes is refused (``ConfigError`` naming the keys) unless ``allow_change`` (then recorded in the events).
+  In a multi-process run only process 0 writes."""
+  from jdist import config as config_lib
+
+  new = config_lib.to_dict(config)
+  saved_path = run_dir / CONFIG_FILE
+  resuming = any(p.name.isdigit() for p in (run_dir / "checkpoints").glob("*")) if config.checkpoint.enabled else False
+  changes = {}
+  if resuming and saved_path.is_file():
+    changes = config_lib.run_changes(config_lib.read_toml(saved_path), new)
+  if changes and not allow_change:
+    shown = "; ".join(f"{k}: {_short(a)} -> {_short(b)}" for k, a, b in ((k, *v) for k, v in changes.items()))
+    raise ConfigError(f"{run_dir} holds checkpoints of a run with another config ({shown}). Resuming would mix the "
+                      f"two. Use another run_dir (--set run_dir=...), or pass --allow-config-change to continue with "
+                      f"the new config (recorded in {run_dir / EVENTS_FILE}).")
+  if jax.process_index() != 0:
+    return
+  run_dir.mkdir(parents=True, exist_ok=True)
+  partial = saved_path.with_suffix(".toml.partial")  # renamed into place: other processes never read half a file
+  partial.write_text(config_lib.dumps(new))
+  partial.replace(saved_path)
+  if changes:
+    record_event(run_dir, "config_change", changes={k: list(v) for k, v in changes.items()})
+
+
+def record_event(run_dir: pathlib.Path, event: str, **fields: Any) -> None:
+  """Appends ``{"time", "event", **fields}`` to ``run_dir/events.jsonl``."""
+  import json
+  import time
+
+  with open(run_dir / EVENTS_FILE, "a") as f:
+    f.write(json.dumps({"time": time.time(), "event": event, **fields}) + "\n")
+
+
+def _short(value: Any) -> str:
+  text = "(unset)" if value is None else repr(value)
+  return text if len(text) <= 60 else text[:57] + "..."

@@ -272,6 +272,15 @@ def shard_key(key_data: jax.Array, step: jax.Array, shard: jax.Array | int) -> j
   return jax.random.fold_in(jax.random.fold_in(jax.random.wrap_key_data(key_data), step), shard)
 
 
+def shard_keys(loss_fn: LossFn, key_data: jax.Array, step: jax.Array, first: jax.Array | int,
+               count: int) -> jax.Array | None:
+  """The keys of ``count`` consecutive pieces from ``first`` (``shard_key`` of each, a key array ``[count]``) for a
+  ``takes_key`` loss; None for a plain one, which gets no key (and costs nothing)."""
+  if not isinstance(loss_fn, KeyedLoss):
+    return None
+  return jax.vmap(lambda j: shard_key(key_data, step, first + j))(jnp.arange(count))
+
+
 def value_and_grad(loss_fn: LossFn, *, has_aux: bool) -> Callable[..., tuple[tuple[jax.Array, Any], Params]]:
   """``jax.value_and_grad`` that always returns ``((loss, aux), grads)`` and checks the loss is a scalar.
 
@@ -313,25 +322,29 @@ def loss_and_aux(out: Any, has_aux: bool) -> tuple[jax.Array, Any]:
   return loss, aux
 
 
-def accumulate(vg: Callable, params: Params, batch: Batch, steps: int) -> tuple[jax.Array, Any, Params]:
+def accumulate(vg: Callable, params: Params, batch: Batch, steps: int,
+               keys: jax.Array | None = None) -> tuple[jax.Array, Any, Params]:
   """Mean loss, aux and gradient over ``steps`` equal micro-batches of ``batch``, via ``lax.scan``.
 
-  Returns ``(loss, aux, grads)``, equal to one ``vg`` on the whole batch (for mean losses).
+  ``keys``: None, or one key per micro-batch (a key array ``[steps]``, from ``shard_keys``) for a ``takes_key``
+  loss. Returns ``(loss, aux, grads)``, equal to one ``vg`` on the whole batch (for mean losses and no keys).
   """
+  key = lambda i: None if keys is None else keys[i]
   if steps == 1:
-    (loss, aux), grads = vg(params, batch)
+    (loss, aux), grads = vg(params, batch, key(0))
     return loss, aux, grads
   micro = jax.tree.map(lambda x: x.reshape(steps, x.shape[0] // steps, *x.shape[1:]), batch)
   first = jax.tree.map(lambda x: x[0], micro)
   rest = jax.tree.map(lambda x: x[1:], micro)
-  (loss0, aux0), grads0 = vg(params, first)
+  (loss0, aux0), grads0 = vg(params, first, key(0))
 
-  def body(carry, mb):
+  def body(carry, xs):
     loss, grads = carry
-    (l, a), g = vg(params, mb)
+    mb, k = xs
+    (l, a), g = vg(params, mb, k)
     return (loss + l, jax.tree.map(jnp.add, grads, g)), a
 
-  (loss, grads), auxes = jax.lax.scan(body, (loss0, grads0), rest)
+  (loss, grads), auxes = jax.lax.scan(body, (loss0, grads0), (rest, None if keys is None else keys[1:]))
   aux = jax.tree.map(lambda a0, a: (a0 + a.sum(0)) / steps, aux0, auxes)
   return loss / steps, aux, jax.tree.map(lambda g: g / steps, grads)
 

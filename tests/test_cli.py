@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import threading
+import tomllib
 
 import jax
 import numpy as np
@@ -232,28 +233,48 @@ def test_cli_nan_exits_nonzero(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("bad,match", [
-    ({"model": {"hiden": [3]}}, "Unknown key in [model]: 'hiden'. Valid keys: hidden, name. Did you mean 'hidden'?"),
+    ({"model": {"hiden": [3]}}, "Unknown key in [model]: 'hiden'. Valid keys: classes, hidden, in_features, name. "
+                                "Did you mean 'hidden'?"),  # the keys are the bundled mlp's parameters
     ({"optimiser": {}}, "Unknown key 'optimiser'"),
     ({"optimizer": {"name": "adamm"}}, "did you mean 'adam'?"),
     ({"train": {"steps": 0}}, "train.steps must be a positive int, got 0"),
-    ({"steps": 5}, "Unknown key 'steps'. Valid keys: checkpoint, data, mesh, model, optimizer, run_dir, strategy, "
-                   "train. Did you mean 'train.steps'?"),  # a section's key at the top level
-    ({"optimizer": {"learning_rate": 0.1}}, "Did you mean 'lr'?"),
-    ({"learning_rate": 0.1}, "Did you mean 'optimizer.lr'?"),
+    ({"steps": 5}, "Unknown key 'steps'. Valid keys: checkpoint, data, loss, mesh, model, optimizer, run_dir, "
+                   "strategy, train. Did you mean 'train.steps'?"),  # a section's key at the top level
+    ({"learning_rate": 0.1}, "Did you mean 'optimizer.learning_rate'?"),
+    ({"lr": 0.1}, "Did you mean 'optimizer.learning_rate'?"),
     ({"seed": 1}, "Did you mean 'data.seed' or 'train.seed'?"),
     ({"mesh": {"num_devices": True}}, "mesh.num_devices must be an int >= 0 (0: all devices), got True"),
     # a misspelt option would become a mesh axis of size 4: every step computed 4 times over
     ({"mesh": {"num_device": 4}}, "mesh.num_device looks like a misspelt mesh.num_devices"),
     ({"mesh": {"nun_devices": 4}}, "mesh.nun_devices looks like a misspelt mesh.num_devices"),
     ({"mesh": {"devices": 8}}, "mesh.devices cannot name a mesh axis"),
-    ({"optimizer": {"name": "momentum", "momentum": 1.5}}, "optimizer.momentum must be in [0, 1), got 1.5"),
+    ({"optimizer": {"name": "sgd", "momentum": 1.5}}, "optimizer.momentum must be in [0, 1), got 1.5"),
+    ({"optimizer": {"name": "adamm"}}, "Unknown optimizer.name: 'adamm'. It needs to be a function of optax"),
+    ({"optimizer": {"weight_decy": 0.1}}, "Did you mean 'weight_decay'? It is an argument of optax.adamw"),
+    ({"optimizer": {"name": "adamw", "learning_rate": {"name": "warmup_cosine_decay_schedule", "peak_valu": 1}}},
+     "Unknown key in [optimizer.learning_rate]: 'peak_valu'. Valid keys: decay_steps, end_value, exponent, "
+     "init_value, name, peak_value, warmup_steps. Did you mean 'peak_value'?"),  # a schedule's keys too
+    ({"optimizer": {"name": "chain", "args": [{"name": "clip_by_global_nrm"}]}},
+     "Unknown optimizer.args.0.name: 'clip_by_global_nrm'. It needs to be a function of optax or an import path "
+     "'package.module:function'; did you mean 'clip_by_global_norm'?"),
+    ({"optimizer": {"name": "adamw", "learning_rate": {"name": "warmup_cosine_decay_schedule", "init_value": 0.0}}},
+     "[optimizer.learning_rate] name = 'warmup_cosine_decay_schedule' needs 'peak_value', 'warmup_steps', "
+     "'decay_steps'"),
+    ({"model": {"name": "gpt", "d_modle": 64}}, "Did you mean 'd_model'?"),
+    ({"model": {"name": "mypkg_that_is_not_there.models:build"}}, "no module named 'mypkg_that_is_not_there'"),
+    ({"model": {"name": "jdist.models.mlp:inti"}}, "jdist.models.mlp has no attribute 'inti'; did you mean "
+                                                    "'jdist.models.mlp:init'?"),
+    ({"data": {"name": "txt"}}, "Unknown data.name: 'txt'. It needs to be one of ['digits', 'linear_regression', "
+                                "'text'] or an import path 'package.module:function'; did you mean 'text'?"),
+    ({"loss": {"name": "optax:l2_loss", "foo": 1}}, "Unknown key in [loss]: 'foo'"),
     ({"optimizer": {"name": "adamw", "weight_decay": -0.1}}, "optimizer.weight_decay must be >= 0, got -0.1"),
     # options another choice would ignore: the run would silently train something else than written
-    ({"optimizer": {"momentum": 0.5}}, "optimizer.momentum is used by optimizer.name = 'momentum' only, but the "
-                                       "name is 'adam'"),
-    ({"optimizer": {"name": "sgd", "weight_decay": 0.1}}, "optimizer.weight_decay is used by optimizer.name = "
-                                                          "'adamw' only"),
-    ({"model": {"name": "linear", "hidden": [512]}}, "the 'linear' model has no hidden layers"),
+    ({"optimizer": {"momentum": 0.5}}, "'momentum' is an argument of optax.adafactor, optax.sgd, optax.sm3, not of "
+                                       "optax.adam: change optimizer.name, or drop it (CLI: --unset "
+                                       "optimizer.momentum)."),
+    ({"optimizer": {"name": "sgd", "weight_decay": 0.1}}, "'weight_decay' is an argument of"),
+    ({"model": {"name": "linear", "hidden": [512]}}, "Unknown key in [model]: 'hidden'. Valid keys: name. Drop it "
+                                                     "(CLI: --unset model.hidden)."),
 ])
 def test_config_errors(bad, match):
   with pytest.raises(config_lib.ConfigError) as err:
@@ -268,13 +289,12 @@ def test_config_errors(bad, match):
     ("checkpoint.enabled=0", "checkpoint.enabled must be true or false"),
     ("checkpoint.every_seconds=abc", "checkpoint.every_seconds must be a number, got 'abc'"),
     ("checkpoint.every_seconds=-5", "checkpoint.every_seconds must be >= 0 (0: off), got -5.0"),
-    ("optimizer.lr=true", "optimizer.lr must be a number, got True"),
+    ("optimizer.lr=true", "optimizer.lr must be a number or a schedule table (name = ...), got True"),
     ("data.seed=-1", "data.seed must be an int >= 0, got -1"),
     ("train.seed=1.5", "train.seed must be an integer, got 1.5"),
     ("run_dir=5", "run_dir must be a string"),
     ("strategy=foo", "[strategy] must be a table of keys, got 'foo'"),
     ("strategy.name=5", "strategy.name must be a string"),
-    ("model.hidden=5", "model.hidden must be a list of positive ints"),
 ])
 def test_config_values_of_the_wrong_type_are_errors(override, match):
   with pytest.raises(config_lib.ConfigError) as err:
@@ -320,30 +340,45 @@ def test_strategy_options_are_checked(options, match):
 
 
 def test_optional_numbers_are_type_checked_and_a_file_key_can_be_unset(tmp_path):
-  for overrides, match in ((["optimizer.name=momentum", "optimizer.momentum=abc"], "must be a number, got 'abc'"),
+  for overrides, match in ((["optimizer.name=sgd", "optimizer.momentum=abc"], "must be a number, got 'abc'"),
                            (["optimizer.name=adamw", "optimizer.weight_decay=false"], "must be a number, got False")):
     with pytest.raises(config_lib.ConfigError, match=match):
       config_lib.load(None, overrides)
-  assert config_lib.load(None, ["optimizer.name=adamw", "optimizer.weight_decay=1"]).optimizer.weight_decay == 1.0
+  cfg = config_lib.load(None, ["optimizer.name=adamw", "optimizer.weight_decay=1"])
+  assert cfg.optimizer.kwargs == {"weight_decay": 1, "learning_rate": config_lib.DEFAULT_LR}
+  # lr is learning_rate's short name; both are an error
+  assert config_lib.from_dict({"optimizer": {"learning_rate": 0.1}}).optimizer.kwargs == {"learning_rate": 0.1}
+  with pytest.raises(config_lib.ConfigError, match="optimizer.lr and optimizer.learning_rate are the same argument"):
+    config_lib.from_dict({"optimizer": {"learning_rate": 0.1, "lr": 0.2}})
   # the file sets model.hidden and optimizer.momentum; switching choices from the command line drops them
   path = tmp_path / "c.toml"
-  path.write_text('[model]\nhidden = [16]\n[optimizer]\nname = "momentum"\nmomentum = 0.5\n')
-  switch = ["model.name=linear", "data.name=linear_regression", "optimizer.name=sgd"]
+  path.write_text('[model]\nhidden = [16]\n[optimizer]\nname = "sgd"\nmomentum = 0.5\n')
+  switch = ["model.name=linear", "data.name=linear_regression", "optimizer.name=adam"]
   with pytest.raises(config_lib.ConfigError, match="--unset model.hidden"):
     config_lib.load(path, switch)
   cfg = config_lib.load(path, switch, unset=["model.hidden", "optimizer.momentum"])
-  assert cfg.model.name == "linear" and cfg.optimizer.momentum is None
-  assert config_lib.load(path, switch + ["model.hidden=[]"], unset=["optimizer.momentum"]).model.hidden == ()
+  assert cfg.model.name == "linear" and "momentum" not in cfg.optimizer.kwargs
   with pytest.raises(config_lib.ConfigError, match="does not set 'optimizer.lr', so there is nothing to remove"):
     config_lib.load(path, [], unset=["optimizer.lr"])
 
 
 def test_cli_unset_drops_a_file_key(tmp_path, capsys):
   cfg = _write_config(tmp_path, "x")
-  err = _cli_error(capsys, ["train", str(cfg), "--set", "optimizer.name=sgd", "--set", "optimizer.momentum=0.5"])
-  assert "optimizer.momentum is used by optimizer.name = 'momentum' only" in err and "--unset optimizer.momentum" in err
+  err = _cli_error(capsys, ["train", str(cfg), "--set", "optimizer.momentum=0.5"])
+  assert "'momentum' is an argument of" in err and "--unset optimizer.momentum" in err
   err = _cli_error(capsys, ["train", str(cfg), "--unset", "optimizer.nope"])
   assert "does not set 'optimizer.nope'" in err
+
+
+def test_bundled_model_values_are_checked_when_built():
+  from jdist import experiment
+  for overrides, match in ((["model.hidden=5"], "model.hidden must be a list of positive ints"),
+                           (["model.name=resmlp", "model.hidden=[8, 16]"], "one equal width per residual layer"),
+                           (["model.name=gpt", "data.name=text", "model.n_heads=3", "data.seq_len=64"],
+                            r"d_model \(128\) must be divisible by n_heads \(3\)"),
+                           (["model.name=linear"], "model.name = 'linear' cannot train on data.name = 'digits'")):
+    with pytest.raises(config_lib.ConfigError, match=match):
+      experiment.build(config_lib.load(None, overrides + ["train.steps=1"]))
 
 
 def test_cli_wrong_type_override_is_exit_2(tmp_path, capsys):
@@ -356,9 +391,18 @@ def test_cli_wrong_type_override_is_exit_2(tmp_path, capsys):
 def test_config_overrides_parse_toml_values(tmp_path):
   cfg = config_lib.load(_write_config(tmp_path, "x"), ["optimizer.lr=0.1", "model.hidden=[8, 8]", "run_dir=elsewhere",
                                                        "strategy.accumulate_steps=2", "mesh.data=4", "mesh.model=2"])
-  assert cfg.optimizer.lr == 0.1 and cfg.model.hidden == (8, 8) and cfg.run_dir == "elsewhere"
+  assert cfg.optimizer.kwargs == {"learning_rate": 0.1} and cfg.model.kwargs == {"hidden": [8, 8]}
+  assert cfg.run_dir == "elsewhere"
   assert dict(cfg.strategy.options) == {"accumulate_steps": 2}
   assert dict(cfg.mesh.axes) == {"data": 4, "model": 2}
+  # a path reaches into tables and lists, and the saved config reads back as the same config
+  gpt = pathlib.Path(__file__).resolve().parents[1] / "examples" / "configs" / "gpt_data_parallel.toml"
+  cfg = config_lib.load(gpt, ["optimizer.args.1.learning_rate.peak_value=1e-3", "optimizer.args.0.max_norm=0.5"])
+  clip, adamw = cfg.optimizer.kwargs["args"]
+  assert clip["max_norm"] == 0.5 and adamw["learning_rate"]["peak_value"] == 1e-3
+  assert config_lib.from_dict(tomllib.loads(config_lib.dumps(config_lib.to_dict(cfg)))) == cfg
+  with pytest.raises(config_lib.ConfigError, match="'2' is not an index of the list there"):
+    config_lib.load(gpt, ["optimizer.args.2.max_norm=1"])
 
 
 def test_example_configs_load():
@@ -384,7 +428,7 @@ def test_a_reducer_option_can_be_set_from_the_command_line(tmp_path):
   assert dict(cfg.strategy.options) == {"reducer": {"name": "powersgd", "rank": 4, "algorithm": "ring"}}
   cfg = config_lib.load(None, ["strategy.reducer.name=int8"])
   assert dict(cfg.strategy.options) == {"reducer": {"name": "int8"}}
-  with pytest.raises(config_lib.ConfigError, match="keys have at most two parts"):
+  with pytest.raises(config_lib.ConfigError, match=r"Unknown key in \[optimizer\]: 'adam'"):
     config_lib.load(None, ["optimizer.adam.b1=0.8"])
   table = tmp_path / "t.toml"
   table.write_text('[strategy.reducer]\nname = "powersgd"\nrank = 4\n')
@@ -437,3 +481,11 @@ def test_bench_reports_a_benchmark_killed_by_a_signal(monkeypatch, capsys):
   codes = iter([0, -9])  # the second benchmark dies of SIGKILL: a shell would say 137
   monkeypatch.setattr(_bench.subprocess, "call", lambda cmd, env: next(codes))
   assert _bench.bench(["allreduce", "pipeline"], quick=True) == 137
+
+
+def test_version(capsys):
+  import jdist
+  with pytest.raises(SystemExit) as done:
+    main(["--version"])
+  assert done.value.code == 0
+  assert capsys.readouterr().out.startswith(f"jdist {jdist.__version__} (jax {jax.__version__}, Python ")

@@ -713,3 +713,71 @@ def test_fit_result_repr_is_short():
   result = fit(strategy, strategy.init(linear.init()), [{"x": x, "y": 2 * x + 1}] * 3, steps=3, tensorboard=False)
   text = repr(result)
   assert text.startswith("FitResult(steps 0 -> 3, loss ") and "3 history rows" in text and len(text) < 200, text
+
+
+class _SignalAt(Callback):
+  """Sends ``sig`` to this process after step ``at`` (as a scheduler or Ctrl-C would)."""
+
+  def __init__(self, sig, at):
+    self.sig, self.at = sig, at
+
+  def on_step(self, loop, step, metrics):
+    if step == self.at:
+      import os
+      os.kill(os.getpid(), self.sig)
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_a_signal_finishes_the_step_saves_it_and_raises(tmp_path, capsys, sig):
+  import signal
+
+  from jdist.train import Interrupted, Terminated
+  sig = getattr(signal, sig)
+  before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+  strategy, state, loader = _setup()
+  full = fit(strategy, state, loader, steps=12)
+  strategy, state, loader = _setup()
+  ckpt = CheckpointConfig(directory=tmp_path / "ck", every_steps=100)
+  with pytest.raises(Terminated if sig == signal.SIGTERM else Interrupted) as stopped:
+    fit(strategy, state, loader, steps=12, checkpoint=ckpt, callbacks=[_SignalAt(sig, 4)])
+  assert isinstance(stopped.value, SystemExit if sig == signal.SIGTERM else KeyboardInterrupt)
+  if sig == signal.SIGTERM:
+    assert stopped.value.code == 143
+  k = stopped.value.step  # the step running when the signal came (with overlap, the one dispatched after step 4)
+  assert k in (4, 5, 6) and stopped.value.checkpoint == str(tmp_path / "ck" / str(k))
+  assert (tmp_path / "ck" / str(k)).is_dir()
+  assert f"finished step {k} and saved it ({tmp_path / 'ck' / str(k)}); run again to resume from step {k}" in (
+      capsys.readouterr().err)
+  assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before  # handlers put back
+  strategy, state, loader = _setup()
+  resumed = fit(strategy, state, loader, steps=12, checkpoint=ckpt)
+  assert resumed.start_step == k
+  for a, b in zip(jax.tree.leaves(jax.device_get(resumed.state)), jax.tree.leaves(jax.device_get(full.state))):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_a_signal_without_checkpoints_says_nothing_was_saved(capsys):
+  import signal
+
+  from jdist.train import Terminated
+  strategy, state, loader = _setup()
+  with pytest.raises(Terminated) as stopped:
+    fit(strategy, state, loader, steps=10, callbacks=[_SignalAt(signal.SIGTERM, 2)], overlap=False)
+  assert stopped.value.step == 3 and stopped.value.checkpoint is None  # the step after the signal finished
+  assert "no checkpoint was written (fit has no checkpoint=)" in capsys.readouterr().err
+
+
+def test_checkpointer_meta_is_the_callers_alone(tmp_path):
+  from jdist.train import Checkpointer
+  from jdist.train._checkpoint import _caller_meta
+  strategy, state, _ = _setup()
+  ckpt = Checkpointer(CheckpointConfig(directory=tmp_path / "own"))
+  ckpt.save(7, state, {"step": "mine", "epoch": 3, "checksums": [1]})  # keys jdist also uses, kept apart
+  step, restored, meta = ckpt.restore_latest(state)
+  assert step == 7 and meta == {"step": "mine", "epoch": 3, "checksums": [1]}
+  assert int(restored.step) == int(state.step)
+  with pytest.raises(TypeError, match="JSON-able"):
+    ckpt.save(8, state, {"array": np.zeros(2)})
+  ckpt.close()
+  # a checkpoint of format 1 (before 2026-12) kept fit's position beside jdist's keys
+  assert _caller_meta({"step": 3, "checksums": [], "format": 1, "data": {"epoch": 0}}) == {"data": {"epoch": 0}}

@@ -11,8 +11,26 @@ import sys
 from typing import Sequence
 
 
+class _Version(argparse.Action):
+  """``jdist --version``: jdist's version, and JAX's and Python's (jdist is imported only when asked)."""
+
+  def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+    super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+  def __call__(self, parser, namespace, values, option_string=None):
+    import platform
+
+    import jax
+
+    import jdist
+
+    print(f"jdist {jdist.__version__} (jax {jax.__version__}, Python {platform.python_version()})")
+    parser.exit()
+
+
 def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="jdist", description="Distributed training in JAX, equal to one device.")
+  parser.add_argument("--version", action=_Version, help="print the versions of jdist, JAX and Python, and exit")
   sub = parser.add_subparsers(dest="command", required=True)
 
   demo = sub.add_parser("demo", help="train the digits MLP with every strategy and compare them")
@@ -29,6 +47,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="drop an entry the config file sets, as if it were not there, e.g. --unset "
                           "optimizer.momentum (repeatable; applied before --set)")
   train.add_argument("--quiet", action="store_true", help="no progress bar or log lines")
+  train.add_argument("--allow-config-change", action="store_true",
+                     help="resume a run dir whose checkpoints were written with another config (the change is "
+                          "recorded in RUN_DIR/events.jsonl); without it such a resume is refused")
 
   plot = sub.add_parser("plot", help="plot logged metrics of run directories as a PNG")
   plot.add_argument("run_dirs", nargs="+")
@@ -114,7 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _emulate(cfg.mesh.cpu_devices)
       from jdist.cli._train import train
 
-      return train(cfg, quiet=args.quiet)
+      return train(cfg, quiet=args.quiet, allow_config_change=args.allow_config_change)
     if args.command == "plot":
       from jdist.analysis.plot import plot_runs
 

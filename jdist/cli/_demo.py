@@ -114,7 +114,7 @@ def demo(*, quick: bool = False, steps: int | None = None, out: str = "runs/demo
       continue  # layouts drawn for 8 devices
     hidden = (128,) * 8 if entry.model == "resmlp" else (128,)
     config = Config(run_dir=str(out_dir / _slug(entry.label)), data=DataConfig(batch_size=128),
-                    model=ModelConfig(name=entry.model, hidden=hidden),
+                    model=ModelConfig(name=entry.model, kwargs={"hidden": list(hidden)}),
                     strategy=StrategyConfig(name=entry.strategy, options=entry.options),
                     mesh=MeshConfig(axes=entry.axes, num_devices=entry.num_devices or used),
                     train=TrainConfig(steps=steps, log_every=max(1, steps // 100), eval_every=max(10, steps // 8)))

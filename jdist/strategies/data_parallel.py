@@ -36,6 +36,7 @@ from jdist.strategy import (
   apply_update,
   metrics_from,
   raw_key,
+  shard_keys,
   value_and_grad,
 )
 
@@ -46,7 +47,7 @@ BACKENDS = ("shard_map", "pmap")
 class DataParallelConfig:
   """What a data-parallel step needs, checked and fixed when the strategy is built."""
 
-  loss_fn: LossFn  # loss_fn(params, batch) -> scalar mean loss ((loss, aux) with has_aux)
+  loss_fn: LossFn  # loss_fn(params, batch) -> scalar mean loss ((loss, aux) with has_aux); or a takes_key loss
   optimizer: optax.GradientTransformation
   mesh: Mesh  # parameters replicated over all of it
   axes: tuple[str, ...]  # the mesh axes the batch is split over (one or more names)
@@ -86,7 +87,9 @@ def data_parallel(
   Args:
     loss_fn: ``loss_fn(params, batch) -> scalar``, the mean loss over the examples in ``batch``
       (``(loss, aux)`` with ``has_aux=True``; a dict ``aux`` is averaged over devices and merged into
-      the metrics).
+      the metrics). ``jdist.takes_key(fn)`` for ``fn(params, batch, key)`` (dropout): device d's micro-batch j
+      gets ``jdist.shard_key(state.key, state.step, d * accumulate_steps + j)``, as on one device splitting
+      the global batch into the same pieces.
     optimizer: any ``optax.GradientTransformation``.
     mesh: the device mesh; parameters are replicated over all of it.
     axis: the mesh axis (or tuple of axes) the batch is split over.
@@ -164,46 +167,52 @@ def _check_pmap(mesh: Mesh, axes: tuple[str, ...]) -> None:
                       f"Use a 1-D mesh, e.g. jdist.make_mesh({axes[0]}={mesh.size}), or backend='shard_map'.")
 
 
-def local_grads(cfg: DataParallelConfig, params: Params, batch: Batch, rstate: ReducerState):
+def local_grads(cfg: DataParallelConfig, params: Params, batch: Batch, rstate: ReducerState, key_data: jax.Array,
+                step: jax.Array):
   """One device's work: its gradient, averaged over the data axis by the reducer.
 
   params: replicated; batch: [B/N, ...] this device's; rstate: this device's reducer state (``per_device``
-  without its leading axis). Returns ``((loss, aux, mean_grads), rstate)``, the first three the same on
-  every device.
+  without its leading axis); key_data, step: the state's (replicated). Returns ``((loss, aux, mean_grads),
+  rstate)``, the first three the same on every device.
   """
   # Mark params device-varying first: grad w.r.t. an invariant input comes back already psum'ed
   # over the axis (docs/pitfalls.md, pitfall 1), and the mean below would then be N times too big.
   params = jax.lax.pcast(params, cfg.axes, to="varying")
   vg = value_and_grad(cfg.loss_fn, has_aux=cfg.has_aux)
-  loss, aux, grads = accumulate(vg, params, batch, cfg.accumulate_steps)
+  k = cfg.accumulate_steps
+  # a takes_key loss: this device's micro-batches are pieces d k .. d k + k - 1 of the global batch
+  keys = shard_keys(cfg.loss_fn, key_data, step, jax.lax.axis_index(cfg.reduce_axis) * k, k)
+  loss, aux, grads = accumulate(vg, params, batch, k, keys)
   # the reported loss and aux are exact whatever the reducer (with psum XLA fuses this into the gradients' one)
   loss, aux = jax.lax.pmean((loss, aux), cfg.reduce_axis)
   grads, rstate = cfg.reducer.reduce(grads, rstate, cfg.reduce_axis)
   return (loss, aux, grads), rstate
 
 
-GradsFn = Callable[[Params, Batch, ReducerState], tuple[tuple, ReducerState]]
+GradsFn = Callable[[Params, Batch, ReducerState, jax.Array, jax.Array], tuple[tuple, ReducerState]]
 
 
 def grads_fn(cfg: DataParallelConfig) -> GradsFn:
-  """``(params, batch, stored reducer state) -> ((loss, aux, mean_grads), reducer state)`` over the global batch,
-  through ``cfg.backend``."""
+  """``(params, batch, stored reducer state, key data, step) -> ((loss, aux, mean_grads), reducer state)`` over the
+  global batch, through ``cfg.backend``."""
   if cfg.backend == "pmap":
     return _pmapped_grads(cfg)
   if cfg.n == 1 and cfg.reducer.exact:
     # one device on the data axis: nothing to average. Without a shard_map boundary XLA fuses the
     # gradient's consumers (bf16 -> fp32 casts, the norm, the optimizer) as in a plain jitted step.
     vg = value_and_grad(cfg.loss_fn, has_aux=cfg.has_aux)
-    return lambda params, batch, rstate: (accumulate(vg, params, batch, cfg.accumulate_steps), rstate)
+    k = cfg.accumulate_steps
+    return lambda params, batch, rstate, key_data, step: (
+        accumulate(vg, params, batch, k, shard_keys(cfg.loss_fn, key_data, step, 0, k)), rstate)
 
-  def body(params, batch, rstate):  # per_device leaves of rstate: [1, ...] on this device
-    out, rstate = local_grads(cfg, params, batch, reducers.local_view(rstate))
+  def body(params, batch, rstate, key_data, step):  # per_device leaves of rstate: [1, ...] on this device
+    out, rstate = local_grads(cfg, params, batch, reducers.local_view(rstate), key_data, step)
     return out, reducers.stored_view(rstate)
 
   # A reducer may assemble its result from ppermute or all-to-all: equal on every device by construction, which
   # the varying-axes types cannot see, so no check_vma (for psum the compiled program is the same either way).
   rspec = ReducerState(per_device=P(cfg.axes), shared=P())
-  return jax.shard_map(body, mesh=cfg.mesh, in_specs=(P(), P(cfg.axes), rspec), out_specs=(P(), rspec),
+  return jax.shard_map(body, mesh=cfg.mesh, in_specs=(P(), P(cfg.axes), rspec, P(), P()), out_specs=(P(), rspec),
                        check_vma=False)
 
 
@@ -216,13 +225,13 @@ def _pmapped_grads(cfg: DataParallelConfig) -> GradsFn:
   # silently (issue 18). A tuple whose one entry is itself a tuple never takes that path.
   rstate_axes = ReducerState(per_device=0, shared=None)
   pmapped = jax.pmap(lambda args: local_grads(cfg, *args), axis_name=cfg.axes[0],
-                     in_axes=((None, 0, rstate_axes),), out_axes=(None, rstate_axes),
+                     in_axes=((None, 0, rstate_axes, None, None),), out_axes=(None, rstate_axes),
                      devices=list(cfg.mesh.devices.flat))
 
-  def grads(params, batch, rstate):
+  def grads(params, batch, rstate, key_data, step):
     # batch: [B, ...] -> [N, B/N, ...], the leading axis mapped over devices; rstate.per_device: [N, ...] already
     split = lambda x: x.reshape(n, x.shape[0] // n, *x.shape[1:])
-    return pmapped((params, jax.tree.map(split, batch), rstate))
+    return pmapped((params, jax.tree.map(split, batch), rstate, key_data, step))
 
   return grads
 
@@ -253,6 +262,6 @@ def shard_batch(cfg: DataParallelConfig, batch: Batch) -> Batch:
 def step_fn(cfg: DataParallelConfig, grads: GradsFn, state: TrainState, batch: Batch):
   """One update: the mean gradient of the global batch (``grads``), then the shared step ending."""
   batch_lib.batch_size(batch, multiple_of=cfg.n * cfg.accumulate_steps)  # runs at trace time only
-  (loss, aux, mean_grads), rstate = grads(state.params, batch, state.extra["reducer"])
+  (loss, aux, mean_grads), rstate = grads(state.params, batch, state.extra["reducer"], state.key, state.step)
   state = apply_update(state, mean_grads, loss, cfg.optimizer, extra={"reducer": rstate})
   return state, metrics_from(loss, mean_grads, aux, state.step)

@@ -29,7 +29,7 @@ from jdist._types import Batch, LossFn, Params, PRNGKey
 from jdist.collectives import _reducers as reducers
 from jdist.collectives._reducers import Reducer, ReducerState
 from jdist.state import TrainState
-from jdist.strategy import StepFn, Strategy, metrics_from, optimizer_update, raw_key, value_and_grad
+from jdist.strategy import StepFn, Strategy, metrics_from, optimizer_update, raw_key, shard_keys, value_and_grad
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,7 +67,8 @@ def local_sgd(
   """Local SGD / DiLoCo over ``axis`` of ``mesh``: one step trains every replica once.
 
   Args:
-    loss_fn: ``loss_fn(params, batch) -> scalar`` mean loss (``(loss, aux)`` with ``has_aux``).
+    loss_fn: ``loss_fn(params, batch) -> scalar`` mean loss (``(loss, aux)`` with ``has_aux``); a
+      ``jdist.takes_key`` loss gets ``jdist.shard_key(state.key, state.step, d)`` on device d of the axis.
     optimizer: the inner optimizer; each replica has its own state (never averaged).
     mesh: the device mesh; one replica per device along ``axis``.
     axis: the mesh axis holding the replicas: one name (several axes are a ``ValueError``).
@@ -134,15 +135,18 @@ def average(cfg: LocalSGDConfig, params: Params, opt_state, mine: Params, rstate
   return new_params, opt_state, rstate, jnp.sqrt(jax.lax.pmean(sq, cfg.axis))
 
 
-def local_step(cfg: LocalSGDConfig, step: jax.Array, params: Params, opt_state, extra: dict, batch: Batch):
+def local_step(cfg: LocalSGDConfig, step: jax.Array, key_data: jax.Array, params: Params, opt_state, extra: dict,
+               batch: Batch):
   """One device's step inside ``shard_map``: train its replica once, average every H-th step.
 
-  params, opt_state: global, replicated; extra's ``replicas``, ``inner_opt_state`` and the reducer's
-  ``per_device`` part: [1, ...] this device's; batch: [B/N, ...].
+  step, key_data: the state's; params, opt_state: global, replicated; extra's ``replicas``, ``inner_opt_state``
+  and the reducer's ``per_device`` part: [1, ...] this device's; batch: [B/N, ...].
   """
   first = lambda t: jax.tree.map(lambda x: x[0], t)
   mine, inner, rstate = first(extra["replicas"]), first(extra["inner_opt_state"]), reducers.local_view(extra["reducer"])
-  (loss, aux), grads = value_and_grad(cfg.loss_fn, has_aux=cfg.has_aux)(mine, batch)
+  # a takes_key loss: this device's batch is piece d of the global batch
+  keys = shard_keys(cfg.loss_fn, key_data, step, jax.lax.axis_index(cfg.axis), 1)
+  (loss, aux), grads = value_and_grad(cfg.loss_fn, has_aux=cfg.has_aux)(mine, batch, None if keys is None else keys[0])
   updates, inner = optimizer_update(cfg.optimizer, grads, inner, mine, loss)  # each replica its own loss
   mine = optax.apply_updates(mine, updates)
 
@@ -170,7 +174,7 @@ def _sharded_step(cfg: LocalSGDConfig):
   # the averages come from reducers (ppermute-built for ring) and the cond's branches: equal on every device by
   # construction, which the varying-axes types cannot see
   return jax.shard_map(functools.partial(local_step, cfg), mesh=cfg.mesh,
-                       in_specs=(P(), P(), P(), _extra_specs(cfg.axis), P(cfg.axis)),
+                       in_specs=(P(), P(), P(), P(), _extra_specs(cfg.axis), P(cfg.axis)),
                        out_specs=(P(), P(), _extra_specs(cfg.axis), P()), check_vma=False)
 
 
@@ -207,8 +211,8 @@ def shard_batch(cfg: LocalSGDConfig, batch: Batch) -> Batch:
 def step_fn(cfg: LocalSGDConfig, sharded, state: TrainState, batch: Batch):
   """Every replica trains once; every H-th step they are averaged into ``state.params``."""
   batch_lib.batch_size(batch, multiple_of=cfg.n)
-  params, opt_state, extra, (loss, aux, grad_norm, synced) = sharded(state.step, state.params, state.opt_state,
-                                                                      state.extra, batch)
+  params, opt_state, extra, (loss, aux, grad_norm, synced) = sharded(state.step, state.key, state.params,
+                                                                      state.opt_state, state.extra, batch)
   state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, extra=extra)
   return state, metrics_from(loss, {}, aux, state.step, grad_norm=grad_norm, synced=synced,
                              replica_spread=extra["spread"])

@@ -10,7 +10,9 @@ from jdist.train._checkpoint import CheckpointError as CheckpointError
 from jdist.train._loop import FitResult as FitResult
 from jdist.train._loop import LoopControl as LoopControl
 from jdist.train._loop import fit as fit
+from jdist.train._signals import Interrupted as Interrupted
+from jdist.train._signals import Terminated as Terminated
 from jdist.train._writers import read_jsonl as read_jsonl
 
 __all__ = ["Callback", "CheckpointConfig", "CheckpointError", "Checkpointer", "EarlyStopping", "FitResult",
-           "LoopControl", "NanGuard", "PrintLogger", "ProgressBar", "fit", "read_jsonl"]
+           "Interrupted", "LoopControl", "NanGuard", "PrintLogger", "ProgressBar", "Terminated", "fit", "read_jsonl"]

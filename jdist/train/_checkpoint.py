@@ -1,15 +1,17 @@
 """Checkpoints with orbax-checkpoint that resume exactly and never lose or overwrite data.
 
 A checkpoint is one orbax step directory holding two items: ``state`` (the whole ``TrainState``,
-sharded arrays included) and ``meta`` (JSON: the data position, a checksum per state leaf, and
-bookkeeping). orbax writes each step to a temporary directory and renames it when complete, so a
-crash mid-save leaves the earlier checkpoints as they were. On restore the checksums are recomputed:
+sharded arrays included) and ``meta`` (JSON: jdist's bookkeeping, a checksum per state leaf, and, apart
+under ``"meta"``, the caller's own dict: ``fit`` keeps the data position and the callbacks' state there).
+orbax writes each step to a temporary directory and renames it when complete, so a crash mid-save leaves the
+earlier checkpoints as they were. On restore the checksums are recomputed:
 a truncated or corrupted checkpoint is reported by name instead of being loaded or ignored.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import pathlib
 import re
@@ -25,7 +27,7 @@ import numpy as np
 
 from jdist._types import PyTree
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the caller's meta under "meta", apart from jdist's keys (1: side by side)
 
 
 def _reason(error: BaseException) -> str:
@@ -178,8 +180,29 @@ def _leaf_types(tree: PyTree, is_leaf=None) -> dict[str, tuple[tuple[int, ...], 
           for path, x in jax.tree_util.tree_leaves_with_path(tree, is_leaf=is_leaf)}
 
 
+def _caller_meta(record: dict[str, Any]) -> dict[str, Any]:
+  """The caller's meta of a checkpoint's record (format 1 kept it beside jdist's keys)."""
+  if record.get("format", 1) >= 2:
+    return dict(record.get("meta") or {})
+  return {k: v for k, v in record.items() if k not in ("step", "checksums", "format", "layer_layout")}
+
+
 class Checkpointer:
   """Saves and restores ``(state, meta)`` under ``config.directory`` with an orbax CheckpointManager.
+
+  For a loop of your own (``jdist.fit`` uses it the same way)::
+
+    ckpt = Checkpointer(CheckpointConfig(directory="runs/x/checkpoints", every_steps=100, keep=3))
+    restored = ckpt.restore_latest(state)          # None, or (step, state, meta): into state's shapes and shardings
+    if restored is not None:
+      _, state, meta = restored
+    ...
+    if ckpt.due(step):
+      ckpt.save(step, state, {"epoch": epoch})      # meta: your own JSON-able dict, given back as it was saved
+    ckpt.close()
+
+  ``meta`` is yours alone: jdist's own record (the step, the checksums, the format, the layer layout) is kept
+  beside it and never mixed in.
 
   ``layer_layout``: how the state orders its stacked layers when not as the model does (a circular
   pipeline's ``strategy.info["layer_layout"]``; None: the model's order), as ``jdist.fit`` passes it. Given,
@@ -237,13 +260,23 @@ class Checkpointer:
     by_time = time.monotonic() - self.last_save_time >= c.every_seconds
     return bool(multihost_utils.broadcast_one_to_all(np.bool_(by_time)))
 
-  def save(self, step: int, state: PyTree, meta: dict[str, Any]) -> pathlib.Path:
+  def save(self, step: int, state: PyTree, meta: dict[str, Any] | None = None) -> pathlib.Path:
+    """Writes ``state`` (any pytree of arrays) and ``meta`` (a JSON-able dict of yours) as checkpoint ``step``;
+    returns its directory. Every process of a multi-process run must call it (the save is collective)."""
     ocp = self._ocp
-    meta = dict(meta, step=int(step), checksums=tree_checksums(state), format=FORMAT_VERSION)
+    user = {} if meta is None else meta
+    try:
+      json.dumps(user)
+    except TypeError as e:
+      raise TypeError(f"Checkpointer.save's meta must be a JSON-able dict (numbers, strings, lists, dicts): "
+                      f"{e}.") from None
+    if not isinstance(user, dict):
+      raise TypeError(f"Checkpointer.save's meta must be a dict, got {type(user).__name__}.")
+    record = {"step": int(step), "checksums": tree_checksums(state), "format": FORMAT_VERSION, "meta": user}
     if self.layer_layout is not _NOT_GIVEN:
-      meta["layer_layout"] = self.layer_layout
+      record["layer_layout"] = self.layer_layout
     self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                     meta=ocp.args.JsonSave(meta)), force=True)
+                                                     meta=ocp.args.JsonSave(record)), force=True)
     self._manager.wait_until_finished()
     self.last_saved_step = step
     self.last_save_time = time.monotonic()
@@ -263,7 +296,9 @@ class Checkpointer:
     return state, meta
 
   def restore_latest(self, template: PyTree) -> tuple[int, PyTree, dict[str, Any]] | None:
-    """The newest readable checkpoint as ``(step, state, meta)``, or None if the directory has none.
+    """The newest readable checkpoint as ``(step, state, meta)``, or None if the directory has none; ``state``
+    has the shapes and shardings of ``template`` (arrays or ``jax.ShapeDtypeStruct``s), ``meta`` is the dict given
+    to ``save``.
 
     Raises:
       CheckpointError: the newest checkpoint cannot be read and ``fallback`` is off (or none can).
@@ -310,7 +345,7 @@ class Checkpointer:
             f"Nothing was moved or overwritten. Resume with the schedule, pipe size and repeats that wrote it; to "
             f"change them, convert the parameters with unstack_params (from jdist.strategies.pipeline import unstack_params) "
             f"and start a new run.")
-      return step, state, meta
+      return step, state, _caller_meta(meta)
     if steps:
       raise CheckpointError(f"None of the checkpoints in {self.directory} ({steps}) can be read; they were moved "
                             f"to {self.directory / 'unreadable'}. Nothing was overwritten.")

@@ -26,6 +26,7 @@ from jdist.train._checkpoint import (
   CheckpointError,
   nonfinite_leaves,
 )
+from jdist.train._signals import Interrupts
 from jdist.train._writers import (
   METRICS_FILE,
   TIMING_FILE,
@@ -45,6 +46,7 @@ class FitResult:
     start_step: the step training started (or resumed) from.
     stop_reason: why the loop ended before ``steps`` (a callback, exhausted data), else None.
     failed: True when it ended on a failure (e.g. a NaN loss); the failing step was not checkpointed.
+    resumed_from: the checkpoint the run resumed from (its directory), or None.
   """
 
   state: TrainState
@@ -53,6 +55,7 @@ class FitResult:
   start_step: int
   stop_reason: str | None = None
   failed: bool = False
+  resumed_from: str | None = None
 
   def __repr__(self) -> str:  # short: the state and the histories would print tens of thousands of characters
     last = self.history[-1] if self.history else {}
@@ -172,12 +175,19 @@ def fit(
       model FLOPs per second over the peak of all the mesh's devices.
     peak_flops: the peak FLOP/s of one device (default: ``jdist.analysis.perf.peak_flops`` of the mesh's devices).
 
+  Resuming prints ``resumed from step N (checkpoint PATH)`` (process 0). SIGINT and SIGTERM make the loop
+  finish the step it is running, checkpoint it (with ``checkpoint``), print where the run resumes and raise
+  (``jdist.train._signals`` has the contract; several processes agree on the step through JAX's preemption sync
+  point).
+
   Returns:
     A ``FitResult``.
 
   Raises:
     CheckpointError: the newest checkpoint cannot be read (unless ``checkpoint.fallback``).
     ValueError: bad arguments.
+    jdist.train.Interrupted (a ``KeyboardInterrupt``) / jdist.train.Terminated (a ``SystemExit``, code 143): SIGINT
+      / SIGTERM, after the current step was finished and saved.
   """
   flops_per_step, peak_flops = _check_args(steps, log_every, eval_every, flops_per_step, peak_flops, eval_fn,
                                            eval_data)
@@ -187,8 +197,20 @@ def fit(
   layout = strategy.info.get("layer_layout")
   checkpointer = Checkpointer(checkpoint, layer_layout=layout) if checkpoint is not None else None
   keyed_callbacks = [(f"{i}.{type(cb).__name__}", cb) for i, cb in enumerate(callbacks)]
-  state, batches = _resume(checkpointer, state, data, keyed_callbacks)
+  with Interrupts() as interrupts:
+    return _fit(strategy, state, data, steps, callbacks, keyed_callbacks, checkpoint, checkpointer, run_path,
+                interrupts, eval_fn=eval_fn, eval_data=eval_data, eval_every=eval_every, log_every=log_every,
+                tensorboard=tensorboard, overlap=overlap, flops_per_step=flops_per_step, peak_flops=peak_flops)
+
+
+def _fit(strategy, state, data, steps, callbacks, keyed_callbacks, checkpoint, checkpointer, run_path, interrupts, *,
+         eval_fn, eval_data, eval_every, log_every, tensorboard, overlap, flops_per_step, peak_flops) -> FitResult:
+  """``fit`` after its arguments were checked, with the interrupt handlers installed."""
+  state, batches, resumed_from = _resume(checkpointer, state, data, keyed_callbacks)
   start = int(state.step)
+  if resumed_from is not None and jax.process_index() == 0:
+    print(f"resumed from step {start} (checkpoint {resumed_from})"
+          + (f"; steps={steps} are done, nothing to run" if start >= steps else ""), flush=True)
   control = LoopControl(strategy, steps, run_path, evaluates=eval_fn is not None)
   control.last_checkpoint_step = checkpointer.last_saved_step if checkpointer else None
   if start > steps:
@@ -200,12 +222,12 @@ def fit(
   run = _Run(strategy=strategy, state=state, steps=steps, start=start, control=control, callbacks=callbacks,
              keyed_callbacks=keyed_callbacks, data=data, checkpointer=checkpointer, logs=logs,
              evaluator=_evaluator(eval_fn, eval_data, state, strategy.mesh), eval_every=eval_every,
-             log_every=log_every, overlap=overlap)
+             log_every=log_every, overlap=overlap, interrupts=interrupts, resumed_from=resumed_from)
   result = None
   try:
     _call(callbacks, "on_start", control, start)  # inside: a callback failing here still ends the others
     run.loop(batches)
-    run.wrap_up(save_at_end=checkpoint is not None and checkpoint.save_at_end)
+    run.wrap_up(save_at_end=checkpoint is not None and (checkpoint.save_at_end or run.interrupted))
     result = run.result()
   finally:
     if logs is not None:
@@ -218,6 +240,8 @@ def fit(
                            failed=True)
       result = run.result()
     _call(callbacks, "on_end", control, result)
+  if run.interrupted:
+    raise run.interruption()
   return result
 
 def _check_args(steps, log_every, eval_every, flops_per_step, peak_flops, eval_fn, eval_data):
@@ -238,13 +262,14 @@ def _check_args(steps, log_every, eval_every, flops_per_step, peak_flops, eval_f
 
 
 def _resume(checkpointer, state, data, keyed_callbacks):
-  """The state to start from (the newest checkpoint's, else ``state``) and the batches that follow it;
-  restores the data position and the callbacks' state saved with the checkpoint."""
+  """The state to start from (the newest checkpoint's, else ``state``), the batches that follow it and the
+  checkpoint's path (None: not resumed); restores the data position and the callbacks' state saved with it."""
   given_step = int(state.step)
   restored = checkpointer.restore_latest(state) if checkpointer is not None else None
   if restored is None:
-    return state, iter(data)  # the state passed in continues with the data as given
-  _, state, meta = restored
+    return state, iter(data), None  # the state passed in continues with the data as given
+  step, state, meta = restored
+  path = str(checkpointer.step_path(step))
   checkpointer.last_saved_step = int(state.step)
   for key, cb in keyed_callbacks:
     if hasattr(cb, "set_state") and key in meta.get("callbacks", {}):
@@ -255,7 +280,7 @@ def _resume(checkpointer, state, data, keyed_callbacks):
       raise CheckpointError("The checkpoint holds a data position but the data has no set_state(); resume "
                             "with the same kind of data (e.g. jdist.data.ArrayLoader).")
     data.set_state(meta["data"])
-    return state, iter(data)
+    return state, iter(data), path
   # no data position saved (the run that wrote it read a plain iterable): the data replays from where the
   # state passed in was, so skip the batches the checkpoint covers
   if start < given_step:
@@ -264,7 +289,7 @@ def _resume(checkpointer, state, data, keyed_callbacks):
         f"no data position to move the data back to: resuming would skip {given_step - start} batch(es). "
         f"Pass the state from strategy.init, use data with get_state/set_state (jdist.data.ArrayLoader) in the "
         f"run that writes the checkpoints, or a checkpoint directory of this run.")
-  return state, itertools.islice(iter(data), start - given_step, None)
+  return state, itertools.islice(iter(data), start - given_step, None), path
 
 
 def _evaluator(eval_fn, eval_data, state, mesh):
@@ -342,6 +367,8 @@ class _Run:
   eval_every: int | None
   log_every: int
   overlap: bool
+  interrupts: Interrupts
+  resumed_from: str | None = None
 
   def __post_init__(self):
     self.step = self.start
@@ -352,6 +379,7 @@ class _Run:
     self.copy_ahead = self.strategy.mesh.devices.flat[0].platform != "cpu"
     self.run_id = distributed.next_run("fit") if jax.process_count() > 1 else None
     self.last_local = None  # examples in this process's last batch (several processes: checked when it changes)
+    self.interrupted = False  # a SIGINT / SIGTERM stopped the loop (after finishing its step)
 
   def loop(self, batches) -> None:
     while True:
@@ -375,6 +403,9 @@ class _Run:
           self.finish(*self.pending)
         raise
       self.step += 1
+      if self.interrupts.stop_after(self.step):  # every process asks after every step (a collective answer)
+        self.interrupted = True
+        self.control.request_stop(f"interrupted by {self.interrupts.name} after step {self.step}")
       if self.pending is not None:  # overlap: read the previous step while this one runs on the devices
         self.finish(*self.pending)
       self.pending = (self.step, metrics, n_examples)
@@ -450,8 +481,9 @@ class _Run:
     _call(self.callbacks, "on_checkpoint", self.control, step, path)
 
   def wrap_up(self, *, save_at_end: bool) -> None:
-    """A run that ended early (data, a callback) logs and evaluates its last step too; then the final save."""
-    if not self.control.failed and self.step > self.start:
+    """A run that ended early (data, a callback) logs and evaluates its last step too; then the final save. An
+    interrupted one only saves: its logs stay those of the uninterrupted run, which the resumed run continues."""
+    if not self.control.failed and self.step > self.start and not self.interrupted:
       if self.logged_step != self.step:
         self.log(self.step, self.history[-1])
       if self.evaluator is not None and (not self.eval_history or self.eval_history[-1]["step"] != self.step):
@@ -461,4 +493,21 @@ class _Run:
 
   def result(self) -> FitResult:
     return FitResult(state=self.state, history=self.history, eval_history=self.eval_history, start_step=self.start,
-                     stop_reason=self.control.stop_reason, failed=self.control.failed)
+                     stop_reason=self.control.stop_reason, failed=self.control.failed, resumed_from=self.resumed_from)
+
+  def interruption(self) -> BaseException:
+    """What an interrupted run raises, after saying (process 0) what was kept and where it resumes."""
+    saved = self.checkpointer is not None and self.checkpointer.last_saved_step == self.step
+    path = str(self.checkpointer.step_path(self.step)) if saved else None
+    if saved:
+      message = (f"{self.interrupts.name}: finished step {self.step} and saved it ({path}); run again to resume "
+                 f"from step {self.step}.")
+    elif self.checkpointer is not None and self.checkpointer.last_saved_step is not None:
+      message = (f"{self.interrupts.name}: stopped after step {self.step}, which was not saved ("
+                 f"{self.control.stop_reason}); a new run resumes from step {self.checkpointer.last_saved_step}.")
+    else:
+      message = (f"{self.interrupts.name}: stopped after step {self.step}; no checkpoint was written (fit has no "
+                 f"checkpoint=), so a new run starts from the beginning.")
+    if jax.process_index() == 0:
+      print(f"jdist.fit: {message}", file=sys.stderr, flush=True)
+    return self.interrupts.error(message, self.step, path)

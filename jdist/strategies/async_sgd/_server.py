@@ -97,8 +97,8 @@ def workers_half(cfg: AsyncConfig, mesh: Mesh, vg: Callable, specs: Any, with_co
   """The workers' half of a tick, one ``shard_map`` over the workers axis: each device computes the losses and
   gradients of its k workers on their copies and sends each gradient to the server in pieces.
 
-  Returns ``f(worker_params, batch) -> (grads, copies, losses, aux)``: ``grads`` leaves ``[N, ...]`` split as the
-  server's pieces; ``copies`` the worker copies laid out alike (only ``with_copies``, for DC-ASGD; else ``()``);
+  Returns ``f(worker_params, batch, key_data) -> (grads, copies, losses, aux)``; ``key_data``: None, or each
+  worker's raw key uint32[N, 2] for a ``takes_key`` loss. ``grads`` leaves ``[N, ...]`` split as the server's pieces; ``copies`` the worker copies laid out alike (only ``with_copies``, for DC-ASGD; else ``()``);
   ``losses`` f32[N] and ``aux`` ``[N, ...]`` on every device.
   """
   d, k, axis = cfg.devices, cfg.per_device, cfg.axis
@@ -113,12 +113,14 @@ def workers_half(cfg: AsyncConfig, mesh: Mesh, vg: Callable, specs: Any, with_co
       return jax.lax.all_gather(x, axis, axis=0, tiled=True)
     return jax.lax.all_to_all(x, axis, dim + 1, 0, tiled=True)
 
-  def workers(worker_params, batch):
+  def workers(worker_params, batch, key_data):
+    keys = None if key_data is None else jax.random.wrap_key_data(key_data)  # [k] this device's workers' keys
     if k == 1:  # one worker per device: the plain gradient, the same kernels as data_parallel
       squeeze = lambda t: jax.tree.map(lambda x: x[0], t)
-      (losses, aux), grads = jax.tree.map(lambda x: x[None], vg(squeeze(worker_params), squeeze(batch)))
+      (losses, aux), grads = jax.tree.map(lambda x: x[None], vg(squeeze(worker_params), squeeze(batch),
+                                                                 None if keys is None else keys[0]))
     else:
-      (losses, aux), grads = jax.vmap(vg)(worker_params, batch)  # f32[k], grads: [k, ...]
+      (losses, aux), grads = jax.vmap(vg)(worker_params, batch, keys)  # f32[k], grads: [k, ...]
     grads = jax.tree.map(to_server, grads, specs)
     copies = jax.tree.map(to_server, worker_params, specs) if with_copies else ()
     if d > 1:
@@ -128,7 +130,7 @@ def workers_half(cfg: AsyncConfig, mesh: Mesh, vg: Callable, specs: Any, with_co
 
   stacked = jax.tree.map(lambda spec: P(None, *spec), specs, is_leaf=is_spec)  # [N, ...], the server's pieces
   # check_vma=False: the gathered values are equal on every device, which the type system cannot see
-  return jax.shard_map(workers, mesh=mesh, in_specs=(P(axis), P(axis)),
+  return jax.shard_map(workers, mesh=mesh, in_specs=(P(axis), P(axis), P(axis)),
                        out_specs=(stacked, stacked if with_copies else P(), P(), P()), check_vma=False)
 
 

@@ -21,7 +21,7 @@ from jdist.strategies.async_sgd._delays import DelayModel, as_delay_model, check
 from jdist.strategies.async_sgd._gate import Deliveries, deliveries, gate, slowest_clock
 from jdist.strategies.async_sgd._pull import pull
 from jdist.strategies.async_sgd._server import APPLY_RULES, is_spec, masked_mean, server_specs, workers_half
-from jdist.strategy import StepFn, Strategy, metrics_from, pin_layout, raw_key, value_and_grad
+from jdist.strategy import KeyedLoss, StepFn, Strategy, metrics_from, pin_layout, raw_key, shard_key, value_and_grad
 
 EXTRA_REPLICATED = ("pulled_version", "clock", "alive", "waiting", "pulled_clock", "version", "delay")
 
@@ -55,16 +55,24 @@ def initial_state(cfg: AsyncConfig, mesh: Mesh, optimizer: Any, params: Params, 
   return place(cfg, mesh, optimizer, state)
 
 
+def worker_keys(key_data: jax.Array, clock: jax.Array) -> jax.Array:
+  """Raw keys uint32[N, 2] for a ``takes_key`` loss: worker w's is ``shard_key(state.key, clock[w], w)``, from the
+  tick's key (split every tick), the worker's own clock (the gradients it delivered) and its index."""
+  keys = jax.vmap(lambda c, w: shard_key(key_data, c, w))(clock, jnp.arange(clock.shape[0]))
+  return jax.random.key_data(keys)
+
+
 def tick(cfg: AsyncConfig, optimizer: Any, mesh: Mesh, vg: Callable, state: TrainState,
-         batch: Batch) -> tuple[TrainState, Metrics]:
-  """One server tick: who delivers, the workers' gradients, the server's update, the SSP gate, the pull."""
+         batch: Batch, keyed: bool = False) -> tuple[TrainState, Metrics]:
+  """One server tick: who delivers, the workers' gradients, the server's update, the SSP gate, the pull.
+  ``keyed``: the loss takes a key (``worker_keys``)."""
   ex, t = state.extra, state.step
   key, k_delay = jax.random.split(jax.random.wrap_key_data(state.key))
   sched = deliveries(cfg, ex["alive"], ex["waiting"], ex["delay"], k_delay, t)
   deliver, alive = sched.deliver, sched.alive
   specs = server_specs(cfg, state.params)
   grads, copies, losses, aux = workers_half(cfg, mesh, vg, specs, cfg.delay_compensation > 0)(
-      ex["worker_params"], batch)
+      ex["worker_params"], batch, worker_keys(state.key, ex["clock"]) if keyed else None)
   (params, opt_state, version), staleness = APPLY_RULES[cfg.apply](
       cfg, optimizer, (state.params, state.opt_state, ex["version"]), grads, copies, losses, deliver,
       ex["pulled_version"])
@@ -162,7 +170,9 @@ def async_sgd(
   gradient in progress pull the new parameters and start its next one, or makes it wait.
 
   Args:
-    loss_fn: ``loss_fn(params, batch) -> scalar`` mean loss (``(loss, aux)`` with ``has_aux``).
+    loss_fn: ``loss_fn(params, batch) -> scalar`` mean loss (``(loss, aux)`` with ``has_aux``). A
+      ``jdist.takes_key`` loss gets, for worker w, ``jdist.shard_key(state.key, clock[w], w)``: the tick's key
+      (``state.key``, split every tick), the worker's clock (gradients it has delivered) and its index.
     optimizer: any ``optax.GradientTransformation``, the server's.
     mesh: where the workers run. Worker copies and batches are split over its ``axis`` (``num_workers``
       must be divisible by its size); the server's state is split over it too. ``None``: every worker on
@@ -255,7 +265,7 @@ def async_sgd(
 
   def step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
     check_worker_axis(batch, n)  # at trace time only
-    return tick(cfg, optimizer, mesh, vg, state, batch)
+    return tick(cfg, optimizer, mesh, vg, state, batch, isinstance(loss_fn, KeyedLoss))
 
   name, info = describe(cfg, pause_prob, None if delay is None else model)
   step_fn = StepFn(step, mesh, donate_argnums=0)

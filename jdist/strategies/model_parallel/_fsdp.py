@@ -43,9 +43,12 @@ from jdist.strategies.model_parallel._rules import (
 from jdist.strategy import (
   StepFn,
   Strategy,
+  KeyedLoss,
   apply_update,
   metrics_from,
+  shard_keys,
   sharded_state,
+  takes_key,
   value_and_grad,
 )
 
@@ -86,7 +89,8 @@ def fsdp(
   which leaves the collectives to GSPMD.
 
   Args:
-    loss_fn: ``loss_fn(params, batch) -> scalar`` mean loss.
+    loss_fn: ``loss_fn(params, batch) -> scalar`` mean loss; a ``jdist.takes_key`` loss gets
+      ``jdist.shard_key(state.key, state.step, d)`` on device d of the axis (its piece of the global batch).
     optimizer: any optax optimizer.
     mesh: a mesh with ``axis``; the batch and every parameter of at least ``min_size`` elements are
       split over it (on the parameter's largest dimension divisible by the axis size).
@@ -132,25 +136,31 @@ def _gather(axis: str, x: jax.Array, spec: P) -> jax.Array:
   return checkpoint_name(jax.lax.all_gather(x, axis, axis=d, tiled=True), GATHERED)
 
 
-def _forward(cfg: FSDPConfig, specs: PyTree, pieces: Params, batch: Batch):
-  return cfg.loss_fn(jax.tree.map(functools.partial(_gather, cfg.axis), pieces, specs, is_leaf=_is_spec), batch)
+def _forward(cfg: FSDPConfig, specs: PyTree, pieces: Params, batch: Batch, *key: jax.Array):
+  params = jax.tree.map(functools.partial(_gather, cfg.axis), pieces, specs, is_leaf=_is_spec)
+  return cfg.loss_fn.fn(params, batch, *key) if key else cfg.loss_fn(params, batch)
 
 
-def local_grads(cfg: FSDPConfig, specs: PyTree, pieces: Params, batch: Batch):
+def local_grads(cfg: FSDPConfig, specs: PyTree, pieces: Params, batch: Batch, key_data: jax.Array, step: jax.Array):
   """One device's work inside ``shard_map``: ``(loss, aux, grads)``, grads in the layout of ``specs``.
 
-  pieces: each leaf its 1/N piece (split on one dim) or whole (small, replicated); batch: [B/N, ...].
+  pieces: each leaf its 1/N piece (split on one dim) or whole (small, replicated); batch: [B/N, ...];
+  key_data, step: the state's.
   """
   forward = functools.partial(_forward, cfg, specs)
   if cfg.regather:
     # save every intermediate except the gathered weights: backward gathers them again (ZeRO-3)
     forward = jax.checkpoint(forward, policy=jax.checkpoint_policies.save_anything_except_these_names(GATHERED))
+  # a takes_key loss: this device's batch is piece d of the global batch
+  keys = shard_keys(cfg.loss_fn, key_data, step, jax.lax.axis_index(cfg.axis), 1)
+  if isinstance(cfg.loss_fn, KeyedLoss):
+    forward = takes_key(forward)
   replicated = lambda spec: _sharded_dim(cfg.axis, spec) is None
   # Replicated leaves are marked varying *outside* the differentiated function: inside it, the
   # transpose of the cast would already sum their gradient over the devices (docs/pitfalls.md, pitfall 1).
   pieces = jax.tree.map(lambda x, spec: jax.lax.pcast(x, cfg.axis, to="varying") if replicated(spec) else x,
                         pieces, specs, is_leaf=_is_spec)
-  (loss, aux), grads = value_and_grad(forward, has_aux=cfg.has_aux)(pieces, batch)
+  (loss, aux), grads = value_and_grad(forward, has_aux=cfg.has_aux)(pieces, batch, None if keys is None else keys[0])
   # sharded leaves: the gather's transpose already reduce-scattered (summed) the gradient;
   # replicated leaves: sum explicitly. Either way divide by N for the mean over devices.
   grads = jax.tree.map(lambda g, spec: (jax.lax.psum(g, cfg.axis) if replicated(spec) else g) / cfg.n,
@@ -174,8 +184,8 @@ def step_fn(cfg: FSDPConfig, state: TrainState, batch: Batch):
   """Gradients in pieces from ``local_grads``; the update runs on the pieces, the layout kept."""
   batch_lib.batch_size(batch, multiple_of=cfg.n)
   specs = param_specs(cfg, state.params)
-  body = jax.shard_map(functools.partial(local_grads, cfg, specs), mesh=cfg.mesh, in_specs=(specs, P(cfg.axis)),
-                       out_specs=(P(), P(), specs))
-  loss, aux, grads = body(state.params, batch)
+  body = jax.shard_map(functools.partial(local_grads, cfg, specs), mesh=cfg.mesh,
+                       in_specs=(specs, P(cfg.axis), P(), P()), out_specs=(P(), P(), specs))
+  loss, aux, grads = body(state.params, batch, state.key, state.step)
   state = apply_update(state, grads, loss, cfg.optimizer, layout=(_shardings(cfg, specs), cfg.mesh))
   return state, metrics_from(loss, grads, aux, state.step)

@@ -5,7 +5,9 @@ mesh's axis sizes to a pytree of ``PartitionSpec``s. It needs no devices: pass t
 (``{"data": 2, "model": 4}``) to test rules on a laptop for a cluster's mesh.
 
 A parameter's path is its keys joined by "/" (``blocks/qkv``, ``layers/0/w``); a rule's pattern is a
-regular expression searched in it. Every rule that matches a parameter must give the same spec (two
+regular expression searched in it, and in the path without a trailing ``/value`` (flax NNX state ends each
+path with the Variable's ``value``: ``l1/kernel/value``), so ``kernel$`` matches an NNX kernel too.
+``rules_from_flax`` makes rules from a flax model's own annotations (``nnx.with_partitioning``). Every rule that matches a parameter must give the same spec (two
 that disagree are an error naming both), and every rule must match some parameter; a parameter no
 rule matches is replicated and listed in the report. FSDP then adds its axis to the largest free dimension of every parameter big enough.
 """
@@ -220,7 +222,8 @@ def _decide(name: str, leaf: Any, compiled: list, sizes: dict[str, int], fsdp_ax
   """One parameter's spec: the matching rules' (which must agree), plus the FSDP axis on its largest free
   dimension that divides, if it is big enough; every split checked to divide its dimension."""
   shape = tuple(int(d) for d in np.shape(leaf))
-  hits = [(pattern, spec) for pattern, regex, spec in compiled if regex.search(name)]
+  bare = name[:-len("/value")] if name.endswith("/value") else name  # an NNX Variable's path, without its field
+  hits = [(pattern, spec) for pattern, regex, spec in compiled if regex.search(name) or regex.search(bare)]
   if len({_canonical(s) for _, s in hits}) > 1:
     listing = "; ".join(f"{p!r} -> {tuple(s)}" for p, s in hits)
     raise RuleError(f"Parameter {name} {shape} is matched by rules with different specs: {listing}. Make the "
@@ -255,3 +258,90 @@ def explain_sharding(params: Params, rules: Sequence[Rule], mesh: Any, *, fsdp_a
   if print_fn is not None:
     print_fn(report.table())
   return report
+
+
+LogicalRule = tuple[str, Any]  # (logical axis name, mesh axis, tuple of mesh axes, or None)
+
+
+def rules_from_flax(model: Any, logical_rules: Sequence[LogicalRule] = ()) -> tuple[Rule, ...]:
+  """jdist sharding rules from a flax NNX model's annotations (``nnx.with_partitioning``, logical axis names).
+
+  Each annotated parameter becomes one rule, its path anchored (``^l1/kernel$``, which matches the NNX state's
+  ``l1/kernel/value`` too), its spec the annotation with every logical name mapped to mesh axes by
+  ``logical_rules``, as flax's ``logical_to_mesh_axes`` does: ordered ``(logical name, mesh axis or tuple of axes
+  or None)`` pairs, the first for a name whose axes no earlier dimension of the parameter uses (MaxText's
+  ``logical_axis_rules``). Without logical rules the annotations name mesh axes; a parameter's own
+  ``sharding_rules`` metadata comes before ``logical_rules``. Unannotated parameters get no rule (replicated, or
+  split by FSDP). Build the model with ``nnx.use_eager_sharding(False)`` so that flax only records the
+  annotations and jdist places the parameters.
+
+  Args:
+    model: an ``nnx.Module``, or its ``nnx.State`` (e.g. from ``nnx.split(model, nnx.Param, ...)``).
+    logical_rules: the table from logical axis names to mesh axes; rules naming no annotation are allowed (a
+      shared table also holds activation names).
+
+  Returns:
+    A tuple of ``(pattern, PartitionSpec)`` rules for ``jdist.sharded(..., rules=...)`` / ``partition_specs``.
+
+  Raises:
+    RuleError: a logical name that no rule maps (a typo would leave the parameter replicated); a malformed
+      logical rule. OptionTypeError: ``model`` holds no flax Variables.
+
+  Example:
+    >>> with nnx.use_eager_sharding(False):                                       # doctest: +SKIP
+    ...   model = MLP(rngs=nnx.Rngs(0))  # kernels annotated ("embed", "mlp") / ("mlp", "embed")
+    >>> rules = jdist.rules_from_flax(model, [("embed", "fsdp"), ("mlp", "model")])  # doctest: +SKIP
+  """
+  from flax import nnx
+
+  table = _logical_table(logical_rules)
+  state = nnx.state(model, nnx.Param) if isinstance(model, nnx.Module) else model
+  is_var = lambda x: isinstance(x, nnx.Variable)
+  variables = [(path_str(p), v) for p, v in jax.tree_util.tree_flatten_with_path(state, is_leaf=is_var)[0]
+               if is_var(v)]
+  if not variables:
+    raise OptionTypeError("model", model, "a flax nnx.Module or its nnx.State (holding nnx.Param variables)")
+  rules = []
+  for name, var in variables:
+    names = var.get_metadata().get("out_sharding")
+    if names:
+      local = _logical_table(var.get_metadata().get("sharding_rules") or ())
+      rules.append((f"^{re.escape(name)}$", _mesh_spec(name, tuple(names), local + table)))
+  return tuple(rules)
+
+
+def _logical_table(logical_rules: Any) -> list[tuple[str, tuple[str, ...]]]:
+  """``(logical name, mesh axes)`` pairs, checked (None: no axes)."""
+  table = []
+  for rule in logical_rules:
+    ok = isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str)
+    axes = rule[1] if ok else None
+    if not ok or not (axes is None or isinstance(axes, str) or (isinstance(axes, (tuple, list))
+                                                                and all(isinstance(a, str) for a in axes))):
+      raise RuleError(f"Logical rule {rule!r} is not a (logical name, mesh axis or tuple of axes or None) pair, "
+                      f"e.g. ('mlp', 'model').", rule)
+    table.append((rule[0], _entry_axes(axes)))
+  return table
+
+
+def _mesh_spec(param: str, names: tuple, table: list[tuple[str, tuple[str, ...]]]) -> P:
+  """One parameter's logical annotation as mesh axes: per dimension the first rule for its name whose axes are
+  not used by an earlier dimension (else that dimension stays whole)."""
+  used: set[str] = set()
+  entries = []
+  for entry in names:
+    axes: list[str] = []
+    for logical in _entry_axes(entry):
+      if not table:  # no logical rules: the annotation names mesh axes
+        axes.append(logical)
+        continue
+      candidates = [axs for n, axs in table if n == logical]
+      if not candidates:
+        known = sorted({n for n, _ in table})
+        raise RuleError(f"Parameter {param} is annotated with logical axis {logical!r}, which no logical rule maps "
+                        f"to mesh axes (rules name {known}); add ({logical!r}, mesh axis or None) to the logical "
+                        f"rules.", logical, param)
+      axes.extend(next((axs for axs in candidates if not used & set(axs)), ()))
+    used.update(axes)
+    entries.append(None if not axes else axes[0] if len(axes) == 1 else tuple(axes))
+  return P(*entries)

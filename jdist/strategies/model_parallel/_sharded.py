@@ -29,7 +29,7 @@ from jdist.strategies.model_parallel._rules import (
   partition_specs,
   rule_axes,
 )
-from jdist.strategy import StepFn, Strategy, apply_update, metrics_from, sharded_state, value_and_grad
+from jdist.strategy import StepFn, Strategy, apply_update, metrics_from, shard_keys, sharded_state, value_and_grad
 
 
 def sharded(
@@ -47,7 +47,9 @@ def sharded(
 
   Args:
     loss_fn: ``loss_fn(params, batch) -> scalar`` mean loss over the global batch (written as for one
-      device: GSPMD partitions it).
+      device: GSPMD partitions it). A ``jdist.takes_key`` loss gets ``jdist.shard_key(state.key, state.step, 0)``
+      for the whole global batch (one piece), as on one device; its random bits are the same however the
+      batch is split over the devices (JAX's partitionable threefry).
     optimizer: any optax optimizer; its state is sharded like the parameters it mirrors.
     mesh: the device mesh, e.g. ``make_mesh(data=2, fsdp=2, model=2)``.
     rules: ``(pattern, spec)`` pairs for ``jdist.partition_specs`` (e.g. ``jdist.models.gpt.TP_RULES``).
@@ -101,7 +103,9 @@ def sharded(
   def step_fn(state: TrainState, batch: Batch):
     batch_lib.batch_size(batch, multiple_of=n_batch)
     batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
-    (loss, aux), grads = vg(state.params, batch)
+    # a takes_key loss runs once on the global batch, as on one device: the whole batch is piece 0
+    keys = shard_keys(loss_fn, state.key, state.step, 0, 1)
+    (loss, aux), grads = vg(state.params, batch, None if keys is None else keys[0])
     # pin the layout: the step's outputs have exactly the shardings init gave (rules evaluated at trace time)
     state = apply_update(state, grads, loss, optimizer, layout=(param_shardings_of(state.params), mesh))
     return state, metrics_from(loss, grads, aux, state.step)
