@@ -32,7 +32,7 @@ class Layout:
   remat: str = "none"  # REMATS
   virtual: int = 1  # interleaved pipeline stages per device (Megatron's interleaved 1F1B)
   sequence_parallel: bool = False  # norms and residuals split over the tensor axis too (Megatron-SP)
-  overlap_grad_reduce: bool = True  # the data / FSDP collectives run under the compute (XLA's async collectives)
+  overlap_grad_reduce: bool = True  # the data axis' gradient all-reduce runs under the backward pass
 
   def __post_init__(self):
     if self.strategy not in STRATEGIES:
@@ -70,7 +70,8 @@ def _divisors(n: int) -> list[int]:
 def candidates(shape: TransformerShape, devices: int, batch: int, *, remats=("none", "dots_saveable", "full"),
                max_microbatches: int = 16) -> Iterator[Layout]:
   """The layouts jdist can run for ``shape`` on ``devices``: data parallel with gradient accumulation, GSPMD
-  ``sharded`` over data x fsdp x model, and data x pipe pipelines (1F1B), each with every remat policy.
+  ``sharded`` over data x fsdp x model, and data x pipe pipelines (1F1B), each with every remat policy. jdist
+  reduces the gradients over the data axis after the backward pass: no overlap is assumed for it.
 
   Mesh degrees divide the devices; the model axis divides the heads (Megatron's split by heads) and the MLP
   width; the pipe axis divides the layers; the batch divides by data x fsdp x micro-batches.
@@ -80,7 +81,7 @@ def candidates(shape: TransformerShape, devices: int, batch: int, *, remats=("no
       if m > max_microbatches:
         break
       if batch % (devices * m) == 0:
-        yield Layout(strategy="data_parallel", data=devices, microbatches=m, remat=remat)
+        yield Layout(strategy="data_parallel", data=devices, microbatches=m, remat=remat, overlap_grad_reduce=False)
     for model in _divisors(devices):
       if shape.n_heads % model or shape.d_ff % model:
         continue
@@ -88,11 +89,11 @@ def candidates(shape: TransformerShape, devices: int, batch: int, *, remats=("no
         data = devices // (model * fsdp)
         if batch % (data * fsdp) or (model == 1 and fsdp == 1):  # plain data parallelism is the row above
           continue
-        yield Layout(strategy="sharded", data=data, fsdp=fsdp, model=model, remat=remat)
+        yield Layout(strategy="sharded", data=data, fsdp=fsdp, model=model, remat=remat, overlap_grad_reduce=False)
     for pipe in _divisors(devices)[1:]:
       data = devices // pipe
       if shape.n_layers % pipe:
         continue
       for m in _divisors(batch // data if batch % data == 0 else 1):
         if pipe <= m <= max_microbatches * pipe // 2 and batch % (data * m) == 0:
-          yield Layout(strategy="pipeline", data=data, pipe=pipe, microbatches=m, remat=remat)
+          yield Layout(strategy="pipeline", data=data, pipe=pipe, microbatches=m, remat=remat, overlap_grad_reduce=False)

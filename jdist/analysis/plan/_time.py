@@ -4,8 +4,9 @@ pipeline bubble, and an explicit overlap rule.
   compute  = FLOPs / (peak x matmul_efficiency x SOFTWARE_EFFICIENCY) + non-matmul bytes / HBM bandwidth
   tensor   = sum over the model axis' all-reduces of (steps x latency + bytes sent / link bandwidth)   (exposed)
   pipe     = the same for the activations passed between stages                                    (exposed)
-  data     = the data and FSDP axes' collectives; with ``overlap_grad_reduce`` they run under the compute and
-             only what exceeds it shows, else all of it shows
+  data     = FSDP's gathers and reduce-scatters run under the compute (XLA's async collectives inside the
+             layer loop) and only what exceeds it shows; the data axis' gradient all-reduce joins them with
+             ``overlap_grad_reduce``, else it all shows (jdist reduces the gradients after the backward pass)
   bubble   = (p - 1) / (v m) x (compute + tensor + pipe)
   step     = compute + tensor + pipe + bubble + exposed data
 
@@ -72,8 +73,11 @@ def step_time(costs: Costs, layout: Layout, cluster: Cluster, *,
   compute = costs.flops / rate + costs.hbm_bytes / cluster.hbm_bandwidth
   tensor = collective_seconds(costs, layout, cluster, "model")
   pipe = collective_seconds(costs, layout, cluster, "pipe")
-  data_total = collective_seconds(costs, layout, cluster, "data") + collective_seconds(costs, layout, cluster, "fsdp")
-  data = max(0.0, data_total - compute) if layout.overlap_grad_reduce else data_total
+  fsdp = collective_seconds(costs, layout, cluster, "fsdp")
+  grads = collective_seconds(costs, layout, cluster, "data")
+  hidden = fsdp + (grads if layout.overlap_grad_reduce else 0.0)
+  data = max(0.0, hidden - compute) + (0.0 if layout.overlap_grad_reduce else grads)
+  data_total = fsdp + grads
   bubble = (layout.pipe - 1) / (layout.virtual * layout.microbatches) * (compute + tensor + pipe)
   step = compute + tensor + pipe + bubble + data
   return Timing(step=step, compute=compute, tensor=tensor, pipe=pipe, data=data, data_total=data_total, bubble=bubble,
