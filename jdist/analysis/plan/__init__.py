@@ -12,7 +12,9 @@ from jdist.analysis.plan._cluster import Link as Link
 from jdist.analysis.plan._cluster import available_clusters as available_clusters
 from jdist.analysis.plan._cluster import load_cluster as load_cluster
 from jdist.analysis.plan._config import layout_config as layout_config
+from jdist.analysis.plan._config import ConfiguredRun as ConfiguredRun
 from jdist.analysis.plan._config import read_plan_config as read_plan_config
+from jdist.analysis.plan._config import strategy_from_config as strategy_from_config
 from jdist.analysis.plan._costs import Collective as Collective
 from jdist.analysis.plan._costs import Costs as Costs
 from jdist.analysis.plan._costs import textbook_costs as textbook_costs
@@ -28,6 +30,7 @@ from jdist.analysis.plan._time import SOFTWARE_EFFICIENCY as SOFTWARE_EFFICIENCY
 from jdist.analysis.plan._time import Timing as Timing
 from jdist.analysis.plan._time import step_time as step_time
 
-__all__ = ["Cluster", "Collective", "Compiled", "Costs", "DoesNotFitError", "Layout", "Link", "Plan", "PlanRow",
+__all__ = ["Cluster", "Collective", "Compiled", "ConfiguredRun", "Costs", "DoesNotFitError", "Layout", "Link", "Plan", "PlanRow",
            "SOFTWARE_EFFICIENCY", "Timing", "TransformerShape", "available_clusters", "candidates", "layout_config",
-           "load_cluster", "plan", "read_plan_config", "step_time", "textbook_costs"]
+           "load_cluster", "plan", "read_plan_config", "step_time", "strategy_from_config",
+           "textbook_costs"]

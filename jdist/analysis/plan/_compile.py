@@ -25,7 +25,7 @@ from typing import Any, Sequence
 # buffer assignment and the memory figures are settled before it): measured identical memory and collectives
 # at half the compile time
 COMPILER_OPTIONS = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # bump when what a job compiles changes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,9 +97,40 @@ def build(job: CompileJob, devices: Sequence[Any] | None = None):
     params = jax.eval_shape(to_pipeline, params)
   else:
     raise ValueError(f"no jdist strategy runs {job.strategy!r}")
-  state = jax.eval_shape(lambda p: strategy.init(p, key=0), params)
+  state = _placed(jax.eval_shape(lambda p: strategy.init(p, key=0), params), params, job.strategy, strategy, opt)
   batch = {"tokens": jax.ShapeDtypeStruct((job.batch, cfg.seq_len + 1), jnp.int32)}
   return strategy, state, batch
+
+
+def _placed(state, params, kind: str, strategy, optimizer):
+  """``state``'s shapes with the shardings ``strategy.init`` would give them (``eval_shape`` gives none, and a
+  step lowered on unplaced inputs lets XLA pick their layout: a different program). data_parallel's step fixes
+  its inputs' layout itself (``shard_map``); the others' parameters are placed by their rules."""
+  import jax
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
+
+  from jdist.strategy import optimizer_shardings
+
+  mesh = strategy.mesh
+  if kind == "sharded":
+    from jdist.strategies.model_parallel import partition_specs
+
+    info = strategy.info
+    specs, _ = partition_specs(params, info["rules"], mesh, fsdp_axis=info["fsdp_axis"],
+                               fsdp_min_size=info["fsdp_min_size"])
+    shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
+  elif kind == "pipeline":
+    from jdist.strategies.pipeline._layout import param_shardings
+
+    shardings = param_shardings(params, "pipe", mesh)
+  else:
+    return state
+  opt = optimizer_shardings(optimizer, state.opt_state, params, shardings, mesh)
+  put = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+  replicated = NamedSharding(mesh, P())
+  return state.replace(step=put(state.step, replicated), key=put(state.key, replicated),
+                       params=jax.tree.map(put, state.params, shardings), opt_state=jax.tree.map(put, state.opt_state, opt))
 
 
 _INSTR = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*([a-z0-9]+)\[([0-9,]*)\]")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 import sys
-from typing import Any
+from typing import Any, NamedTuple
 
 if sys.version_info >= (3, 11):
   import tomllib
@@ -30,10 +30,6 @@ def read_plan_config(path: str | pathlib.Path) -> tuple[Any, int, str]:
   Raises:
     ConfigError: a missing file, another model, an unknown model key, or no batch size.
   """
-  import jax.numpy as jnp
-
-  from jdist.models import gpt
-
   p = pathlib.Path(path)
   if not p.is_file():
     raise ConfigError(f"Config file {str(path)!r} does not exist. Pass a TOML file with a [model] section for the GPT, "
@@ -42,6 +38,15 @@ def read_plan_config(path: str | pathlib.Path) -> tuple[Any, int, str]:
     raw = tomllib.loads(p.read_text())
   except tomllib.TOMLDecodeError as e:
     raise ConfigError(f"{path} is not valid TOML: {e}.") from None
+  return plan_config_from_dict(raw, str(path))
+
+
+def plan_config_from_dict(raw: dict, path: str = "config") -> tuple[Any, int, str]:
+  """``read_plan_config`` on an already parsed TOML dict."""
+  import jax.numpy as jnp
+
+  from jdist.models import gpt
+
   model = dict(raw.get("model", {}))
   if model.pop("name", None) != "gpt":
     raise ConfigError(f"{path}: jdist plan compiles jdist's GPT: set [model] name = \"gpt\" and its sizes "
@@ -110,3 +115,44 @@ def model_fields(model: Any) -> dict[str, Any]:
   out = {f.name: getattr(model, f.name) for f in dataclasses.fields(model)}
   out["compute_dtype"] = np.dtype(out["compute_dtype"]).name
   return out
+
+
+class ConfiguredRun(NamedTuple):
+  """What a planner-written config builds: the strategy, the GPT's config, the global batch, the function that
+  turns ``gpt.init``'s parameters into the ones the strategy takes, and the optimizer."""
+
+  strategy: Any
+  model: Any
+  batch: int
+  to_params: Any
+  optimizer: Any
+
+
+def strategy_from_config(text: str, devices: Any = None) -> ConfiguredRun:
+  """Builds the strategy a config written by ``layout_config`` describes, through jdist's own config code for the
+  ``[optimizer]``, ``[strategy]`` and ``[mesh]`` sections (``jdist.config.from_dict``,
+  ``jdist.experiment.build_strategy``). Until the config schema names the GPT, ``[model]`` is read here, and
+  a pipeline is wired with ``gpt.pipeline_fns`` (``jdist train``'s pipeline builds the residual MLP only)."""
+  import math
+
+  import jax
+
+  import jdist
+  from jdist import config as config_lib
+  from jdist.experiment import build_strategy
+  from jdist.models import gpt
+
+  raw = tomllib.loads(text)
+  model, batch, _ = plan_config_from_dict(raw)
+  cfg = config_lib.from_dict({k: raw[k] for k in ("optimizer", "strategy", "mesh") if k in raw})
+  axes = dict(cfg.mesh.axes)
+  devices = list(devices if devices is not None else jax.devices())[:math.prod(axes.values())]
+  mesh = jdist.make_mesh(devices=devices, **axes)
+  optimizer, options = cfg.optimizer.build(), dict(cfg.strategy.options)
+  if cfg.strategy.name == "pipeline":
+    stage_fn, loss, input_fn, to_pipeline = gpt.pipeline_fns(model)
+    data_axis = options.pop("data_axis", "") or None
+    strategy = jdist.pipeline(stage_fn, loss, optimizer, mesh, input_fn=input_fn, data_axis=data_axis, **options)
+    return ConfiguredRun(strategy, model, batch, to_pipeline, optimizer)
+  strategy = build_strategy(cfg.strategy.name, gpt.loss_fn(model), optimizer, mesh, options)
+  return ConfiguredRun(strategy, model, batch, lambda params: params, optimizer)

@@ -65,6 +65,8 @@ class Compiled:
 
 @dataclasses.dataclass(frozen=True)
 class PlanRow:
+  """One layout: its textbook costs, the predicted timing (from them), what compiling it showed (or None)."""
+
   layout: Layout
   textbook: Costs
   timing: Timing
@@ -72,6 +74,13 @@ class PlanRow:
   memory_bytes: float  # the compiled figure where there is one, else the textbook's
   fits: bool
   tokens_per_s: float
+  timing_compiled_bytes: Timing | None = None  # the same model with the collectives scaled to the compiled bytes
+
+  @property
+  def bytes_ratio(self) -> float | None:
+    """Bytes the compiled program sends per device over the textbook's (None when not compiled)."""
+    sent = self.textbook.sent_bytes()
+    return None if self.compiled is None or not sent else self.compiled.sent_bytes / sent
 
 
 def _extrapolate(results: Sequence[dict], depths: Sequence[int], target: int) -> dict:
@@ -134,8 +143,14 @@ def _row(shape: TransformerShape, layout: Layout, batch: int, cluster: Cluster, 
   costs = textbook_costs(shape, layout, batch)
   timing = step_time(costs, layout, cluster)
   memory = compiled.memory_bytes if compiled is not None else costs.memory_bytes
+  alt = None
+  if compiled is not None and costs.sent_bytes():
+    r = compiled.sent_bytes / costs.sent_bytes()
+    scaled = tuple(dataclasses.replace(c, sent_bytes=c.sent_bytes * r) for c in costs.collectives)
+    alt = step_time(dataclasses.replace(costs, collectives=scaled), layout, cluster)
   return PlanRow(layout=layout, textbook=costs, timing=timing, compiled=compiled, memory_bytes=memory,
-                 fits=memory <= USABLE_MEMORY * cluster.memory_bytes, tokens_per_s=batch * shape.seq_len / timing.step)
+                 fits=memory <= USABLE_MEMORY * cluster.memory_bytes, tokens_per_s=batch * shape.seq_len / timing.step,
+                 timing_compiled_bytes=alt)
 
 
 def _rank(rows: Sequence[PlanRow]) -> list[PlanRow]:
@@ -175,19 +190,22 @@ class Plan:
 
   def table(self, top: int | None = 12) -> str:
     """The ranked table (``top`` rows; None: all)."""
-    head = (f"{'#':>2}  {'layout':<34}{'strategy':<14}{'fits':<5}{'GiB/dev':>8}{'ms/step':>10}{'MFU':>7}"
-            f"{'comm':>7}{'bubble':>8}  {'MB sent/dev: compiled / textbook':<32}")
+    head = (f"{'#':>2}  {'layout':<34}{'strategy':<14}{'fits':<5}{'GiB/dev':>8}{'ms/step':>9}{'MFU':>7}"
+            f"{'comm':>7}{'bubble':>7}  {'MB sent/dev textbook':>21}{'compiled':>11}{'ms if compiled bytes':>21}")
     lines = [self.summary(), "", head, "-" * len(head)]
     for i, r in enumerate(self.rows[:top] if top else self.rows, 1):
-      sent_t = r.textbook.sent_bytes() / 1e6
-      sent_c = f"{r.compiled.sent_bytes / 1e6:,.1f}" if r.compiled else "-"
+      sent_c, alt = "-", "-"
+      if r.compiled:
+        sent_c = f"{r.compiled.sent_bytes / 1e6:,.1f}" + ("!" if (r.bytes_ratio or 0) > 1.5 else "")
+        alt = f"{r.timing_compiled_bytes.step * 1e3:.1f}" if r.timing_compiled_bytes else "-"
       mem = f"{r.memory_bytes / GiB:.2f}" + ("" if r.compiled else "*")
       lines.append(f"{i:>2}  {r.layout.label():<34}{r.layout.strategy:<14}{'yes' if r.fits else 'no':<5}{mem:>8}"
-                   f"{r.timing.step * 1e3:>10.1f}{r.timing.mfu:>7.1%}{r.timing.comm_share:>7.1%}"
-                   f"{r.timing.bubble_share:>8.1%}  {sent_c} / {sent_t:,.1f}")
-    lines += ["", "GiB/dev: memory per device from the compiled program (* textbook estimate, not compiled). ms/step, "
-              "MFU, comm (share of the step spent in exposed collectives) and bubble: the step-time model on the "
-              "textbook FLOPs and bytes; compiled bytes are XLA:CPU's partitioning, shown for comparison."]
+                   f"{r.timing.step * 1e3:>9.1f}{r.timing.mfu:>7.1%}{r.timing.comm_share:>7.1%}"
+                   f"{r.timing.bubble_share:>7.1%}  {r.textbook.sent_bytes() / 1e6:>21,.1f}{sent_c:>11}{alt:>21}")
+    lines += ["", "GiB/dev: memory per device of the compiled program (* the textbook's estimate: not compiled). ms/step, "
+              "MFU, comm (exposed collectives' share of the step) and bubble: the step-time model on the textbook FLOPs "
+              "and bytes, because XLA:CPU partitions collectives unlike GPU/TPU back ends; the compiled program's "
+              "bytes (! over 1.5x the textbook's) and the step they would give are shown next to them."]
     return "\n".join(lines)
 
   def summary(self) -> str:
