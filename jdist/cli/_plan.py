@@ -20,6 +20,9 @@ def add_parser(sub) -> None:
                     help="emulate at most this many CPU devices to compile a layout (wider data axes are costed)")
   plan.add_argument("--cache", default=None, help="directory of compiled results (default ~/.cache/jdist/plan)")
   plan.add_argument("--out", default=None, help="write the best layout's config here (default: print it)")
+  plan.add_argument("--rank-by", choices=("textbook", "compiled"), default="textbook",
+                    help="rank by the step time from the textbook's collective bytes (default) or from the compiled "
+                    "program's (conservative: XLA:CPU's partitioning)")
   plan.add_argument("--explain", type=int, default=1, help="print the details of the first N rows (default 1)")
 
 
@@ -36,7 +39,8 @@ def plan_command(args: argparse.Namespace) -> int:
 
   model, batch, optimizer = read_plan_config(args.config)
   result = plan(model, cluster, batch=args.batch or batch, optimizer=optimizer, compile=args.compile_top > 0,
-                compile_top=args.compile_top, max_compile_devices=args.max_compile_devices, cache=args.cache)
+                compile_top=args.compile_top, max_compile_devices=args.max_compile_devices, cache=args.cache,
+                rank_by=args.rank_by)
   print(result.table(top=args.top or None))
   for i in range(min(args.explain, len(result.rows))):
     print()

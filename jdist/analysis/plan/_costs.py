@@ -62,11 +62,17 @@ def _check(shape: TransformerShape, layout: Layout, batch: int) -> None:
     raise OptionError("Layout.pipe", layout.pipe, f"a divisor of the layers ({shape.n_layers}) with virtual={layout.virtual}")
 
 
+def _recomputes_forward(layout: Layout) -> bool:
+  """Full remat, or jdist's 1F1B pipeline, which stashes stage inputs only and runs each stage again in its
+  backward (issue 21)."""
+  return layout.remat == "full" or layout.strategy == "pipeline"
+
+
 def _layer_flops(shape: TransformerShape, layout: Layout) -> float:
   """Hardware FLOPs per token of one layer on one tensor rank, forward and backward, with recomputation."""
   t = layout.model
   fwd, attention = shape.layer_flops_fwd() / t, shape.attention_flops_fwd() / t
-  if layout.remat == "full":
+  if _recomputes_forward(layout):
     return 4 * fwd
   recompute_attention = layout.remat == "selective" or (layout.remat == "dots_saveable" and not shape.flash_attention)
   return 3 * fwd + (attention if recompute_attention else 0.0)
@@ -86,7 +92,7 @@ def _hbm_bytes(shape: TransformerShape, layout: Layout, tokens: float, local_par
   t, d = layout.model, shape.d_model
   per_token = ELEMENTWISE_REPLICATED * d / (t if layout.sequence_parallel else 1)
   per_token += (3 if shape.gated_mlp else 2) * shape.d_ff / t
-  passes = 4 if layout.remat in ("full", "dots_saveable") else 3  # forward, backward (2x), recomputed forward
+  passes = 4 if _recomputes_forward(layout) or layout.remat == "dots_saveable" else 3  # fwd, bwd (2x), recomputed
   elementwise = passes * per_token * shape.act_bytes
   attention = 0.0
   if not shape.flash_attention:
@@ -102,7 +108,7 @@ def _activation_bytes(shape: TransformerShape, layout: Layout, micro_tokens: flo
   units of D: 34 + 5 a s / D; split by the tensor axis as there), times the micro-batches in flight."""
   t, d = layout.model, shape.d_model
   scores = 0.0 if shape.flash_attention else 5 * shape.n_heads * shape.seq_len / d / t
-  if layout.remat == "full":
+  if _recomputes_forward(layout):
     per_token = 2.0  # the layer's input only
   else:
     rest = 34 / t if layout.sequence_parallel else 10 + 24 / t
@@ -118,7 +124,7 @@ def _collectives(shape: TransformerShape, layout: Layout, micro_tokens: float, s
   layers = shape.n_layers // layout.pipe
   out = []
   if t > 1:  # Megatron: one all-reduce after attention and one after the MLP, forward and backward
-    per_layer = 6 if layout.remat == "full" else 4
+    per_layer = 6 if _recomputes_forward(layout) else 4
     count = per_layer * layers * m
     out.append(Collective("model", "all-reduce", count, act, count * 2 * (t - 1) / t * act))
   if f > 1:  # ZeRO-3: gather the weights for the forward and again for the backward, reduce-scatter the gradients

@@ -86,7 +86,7 @@ class PlanRow:
 def _extrapolate(results: Sequence[dict], depths: Sequence[int], target: int) -> dict:
   """Linear in layers per stage, through the two compiled depths (exact for a scanned stack: each layer the same)."""
   if len(results) == 1:
-    return results[0]
+    return {**results[0], "compile_seconds": results[0]["compile_seconds"] * (not results[0].get("cached"))}
   (a, b), (ka, kb) = results, depths
   f = (target - ka) / (kb - ka)
   lin = lambda x, y: x + (y - x) * f
@@ -153,8 +153,16 @@ def _row(shape: TransformerShape, layout: Layout, batch: int, cluster: Cluster, 
                  timing_compiled_bytes=alt)
 
 
-def _rank(rows: Sequence[PlanRow]) -> list[PlanRow]:
-  return sorted(rows, key=lambda r: (not r.fits, r.timing.step if r.fits else r.memory_bytes))
+def _step(row: PlanRow, rank_by: str) -> float:
+  if rank_by == "compiled" and row.timing_compiled_bytes is not None:
+    return row.timing_compiled_bytes.step
+  return row.timing.step
+
+
+def _rank(rows: Sequence[PlanRow], rank_by: str = "textbook") -> list[PlanRow]:
+  """Those that fit first, fastest first (by the textbook bytes, or ``rank_by="compiled"``: the compiled program's
+  where there is one); then the rest, smallest memory first."""
+  return sorted(rows, key=lambda r: (not r.fits, _step(r, rank_by) if r.fits else r.memory_bytes))
 
 
 @dataclasses.dataclass
@@ -169,6 +177,7 @@ class Plan:
   model: Any = None  # the GPTConfig, when the plan compiled jdist's GPT
   seconds: float = 0.0  # planning time
   compile_seconds: float = 0.0  # of which compiling (not counting cache hits)
+  rank_by: str = "textbook"
 
   @property
   def best(self) -> PlanRow:
@@ -190,7 +199,7 @@ class Plan:
 
   def table(self, top: int | None = 12) -> str:
     """The ranked table (``top`` rows; None: all)."""
-    head = (f"{'#':>2}  {'layout':<34}{'strategy':<14}{'fits':<5}{'GiB/dev':>8}{'ms/step':>9}{'MFU':>7}"
+    head = (f"{'#':>2}  {'layout':<40}{'strategy':<14}{'fits':<5}{'GiB/dev':>8}{'ms/step':>9}{'MFU':>7}"
             f"{'comm':>7}{'bubble':>7}  {'MB sent/dev textbook':>21}{'compiled':>11}{'ms if compiled bytes':>21}")
     lines = [self.summary(), "", head, "-" * len(head)]
     for i, r in enumerate(self.rows[:top] if top else self.rows, 1):
@@ -199,13 +208,19 @@ class Plan:
         sent_c = f"{r.compiled.sent_bytes / 1e6:,.1f}" + ("!" if (r.bytes_ratio or 0) > 1.5 else "")
         alt = f"{r.timing_compiled_bytes.step * 1e3:.1f}" if r.timing_compiled_bytes else "-"
       mem = f"{r.memory_bytes / GiB:.2f}" + ("" if r.compiled else "*")
-      lines.append(f"{i:>2}  {r.layout.label():<34}{r.layout.strategy:<14}{'yes' if r.fits else 'no':<5}{mem:>8}"
+      lines.append(f"{i:>2}  {r.layout.label():<40}{r.layout.strategy:<14}{'yes' if r.fits else 'no':<5}{mem:>8}"
                    f"{r.timing.step * 1e3:>9.1f}{r.timing.mfu:>7.1%}{r.timing.comm_share:>7.1%}"
                    f"{r.timing.bubble_share:>7.1%}  {r.textbook.sent_bytes() / 1e6:>21,.1f}{sent_c:>11}{alt:>21}")
     lines += ["", "GiB/dev: memory per device of the compiled program (* the textbook's estimate: not compiled). ms/step, "
               "MFU, comm (exposed collectives' share of the step) and bubble: the step-time model on the textbook FLOPs "
               "and bytes, because XLA:CPU partitions collectives unlike GPU/TPU back ends; the compiled program's "
               "bytes (! over 1.5x the textbook's) and the step they would give are shown next to them."]
+    best = self.rows[0] if self.rows else None
+    if best is not None and best.fits and (best.bytes_ratio or 0) > 3:
+      lines += ["", f"Note: the first row's compiled program sends {best.bytes_ratio:.1f}x the textbook's bytes (see "
+                f"explain()). If the target's compiler partitions it the same way, its step takes "
+                f"{best.timing_compiled_bytes.step * 1e3:.1f} ms, not {best.timing.step * 1e3:.1f}; rank by that "
+                f"with rank_by=\"compiled\" (--rank-by compiled)."]
     return "\n".join(lines)
 
   def summary(self) -> str:
@@ -232,13 +247,15 @@ class Plan:
       lines += [f"    {k:<26}{int(round(v[0])):>6} ops, sent {v[2] / 1e6:,.2f} MB" for k, v in sorted(c.collectives.items())]
       lines.append(f"  memory {c.memory_bytes / GiB:.3f} GiB: params {c.param_bytes / GiB:.3f}, optimizer "
                    f"{c.optimizer_bytes / GiB:.3f}, temporaries {c.temp_bytes / GiB:.3f}; matmul FLOPs {c.flops:.3g} "
-                   f"(textbook for this cluster {r.textbook.flops:.3g})")
+                   f"(textbook for this cluster {r.textbook.flops:.3g}; compiled counts every branch of a conditional "
+                   f"as if it ran, as comm_report does: an upper bound for the pipeline's per-tick switch)")
     return "\n".join(lines)
 
 
 def plan(model: Any, cluster: str | Cluster, *, batch: int, devices: int | None = None, optimizer: str = "adam",
          remats: Sequence[str] = ("none", "dots_saveable", "full"), compile: bool = True, compile_top: int = 6,
-         max_compile_devices: int = 64, cache: Any = None, layouts: Sequence[Layout] | None = None) -> Plan:
+         max_compile_devices: int = 64, cache: Any = None, layouts: Sequence[Layout] | None = None,
+         rank_by: str = "textbook") -> Plan:
   """Ranks the layouts jdist can run for ``model`` on ``cluster``.
 
   Args:
@@ -248,10 +265,14 @@ def plan(model: Any, cluster: str | Cluster, *, batch: int, devices: int | None 
     devices: how many devices (default: the cluster file's).
     optimizer: "adam", "adamw", "sgd" or "momentum" (what the compiled step carries).
     remats: the recomputation policies to try.
-    compile: compile the ``compile_top`` best layouts (by the textbook) on emulated devices; a layout whose data
-      replica spans more than ``max_compile_devices`` devices stays textbook.
+    compile: compile the ``compile_top`` best layouts on emulated devices, re-rank, and repeat until the top rows
+      are compiled (at most 4 x ``compile_top`` layouts); a layout whose data replica spans more than
+      ``max_compile_devices`` devices stays textbook.
     cache: where compiled results are kept (default ~/.cache/jdist/plan; False: no cache).
     layouts: the layouts to cost instead of the enumerated candidates.
+    rank_by: "textbook" (the step time from the textbook's bytes: the default, as XLA:CPU partitions some
+      collectives unlike GPU/TPU) or "compiled" (from the compiled program's bytes where there is one: the
+      conservative choice when the target's compiler partitions like XLA:CPU).
 
   Returns:
     A ``Plan``: ``.table()``, ``.best`` (raises ``DoesNotFitError`` when nothing fits), ``.config()``.
@@ -262,6 +283,8 @@ def plan(model: Any, cluster: str | Cluster, *, batch: int, devices: int | None 
     >>> print(p.table()); open("plan.toml", "w").write(p.config())  # doctest: +SKIP
   """
   start = time.perf_counter()
+  if rank_by not in ("textbook", "compiled"):
+    raise OptionError("rank_by", rank_by, "'textbook' or 'compiled'")
   cluster = load_cluster(cluster, devices)
   if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
     raise OptionError("batch", batch, "a positive int (sequences per step)")
@@ -278,22 +301,28 @@ def plan(model: Any, cluster: str | Cluster, *, batch: int, devices: int | None 
   compiled_s = 0.0
   if compile and is_gpt:
     rows, compiled_s = _compile_rows(rows, model, shape, batch, cluster, optimizer, compile_top, max_compile_devices,
-                                     cache)
-  return Plan(shape=shape, cluster=cluster, batch=batch, optimizer=optimizer, rows=_rank(rows),
-              model=model if is_gpt else None, seconds=time.perf_counter() - start, compile_seconds=compiled_s)
+                                     cache, rank_by)
+  return Plan(shape=shape, cluster=cluster, batch=batch, optimizer=optimizer, rows=_rank(rows, rank_by),
+              model=model if is_gpt else None, seconds=time.perf_counter() - start, compile_seconds=compiled_s,
+              rank_by=rank_by)
 
 
-def _compile_rows(rows, model, shape, batch, cluster, optimizer, top, max_devices, cache):
-  """Compiles the ``top`` best rows and re-costs them with the results."""
-  chosen = range(min(top, len(rows)))
-  plans = {i: _compile_plan(model, rows[i].layout, batch, optimizer, max_devices) for i in chosen}
-  plans = {i: p for i, p in plans.items() if p is not None}
-  jobs = [job for p in plans.values() for job in p[0]]
-  results = iter(run_jobs(jobs, cache=cache))
-  out, seconds = list(rows), 0.0
-  for i, (jobs_i, depths, data_ok) in plans.items():
-    raw = _extrapolate([next(results) for _ in jobs_i], depths, model.n_layers // rows[i].layout.pipe)
-    seconds += raw["compile_seconds"]
-    compiled = _compiled(raw, depths, jobs_i[0].devices, data_ok, rows[i].layout)
-    out[i] = _row(shape, rows[i].layout, batch, cluster, compiled)
-  return out, seconds
+def _compile_rows(rows, model, shape, batch, cluster, optimizer, top, max_devices, cache, rank_by):
+  """Compiles the ``top`` best rows, re-ranks with what compiling showed (a layout the textbook thought fits may
+  not), and repeats until the first ``top`` rows that can be compiled are, or 4 x ``top`` layouts were compiled."""
+  rows, seconds, tried = _rank(rows, rank_by), 0.0, set()
+  while len(tried) < 4 * top:
+    todo = [i for i, r in enumerate(rows[:top]) if r.compiled is None and r.layout not in tried]
+    if not todo:
+      break
+    plans = {i: _compile_plan(model, rows[i].layout, batch, optimizer, max_devices) for i in todo}
+    tried.update(rows[i].layout for i in todo)
+    plans = {i: p for i, p in plans.items() if p is not None}
+    results = iter(run_jobs([job for p in plans.values() for job in p[0]], cache=cache))
+    for i, (jobs_i, depths, data_ok) in plans.items():
+      raw = _extrapolate([next(results) for _ in jobs_i], depths, model.n_layers // rows[i].layout.pipe)
+      seconds += raw["compile_seconds"]
+      rows[i] = _row(shape, rows[i].layout, batch, cluster, _compiled(raw, depths, jobs_i[0].devices, data_ok,
+                                                                         rows[i].layout))
+    rows = _rank(rows, rank_by)
+  return rows, seconds
