@@ -150,3 +150,29 @@ def test_published_runs_within_twenty_percent():
   assert len(ref) == 1 and abs(ref[0]["error"]) < 0.01  # SOFTWARE_EFFICIENCY is calibrated on it
   assert len(records) >= 7 and len({r["source"] for r in records}) >= 3
   assert max(abs(r["error"]) for r in records) < 0.2, [(r["name"], r["error"]) for r in records]
+
+
+def test_cli_writes_the_best_layout(tmp_path, capsys):
+  from jdist.cli import main
+
+  out = tmp_path / "best.toml"
+  assert main(["plan", str(ROOT / "examples" / "plan" / "gpt_1b.toml"), "--cluster", "h100-8x", "--compile-top", "0",
+               "--out", str(out)]) == 0
+  printed = capsys.readouterr().out
+  assert "ms/step" in printed and "written to" in printed
+  import tomllib
+
+  raw = tomllib.loads(out.read_text())
+  assert raw["model"]["d_model"] == 2048 and raw["data"]["batch_size"] == 64
+  assert raw["strategy"]["name"] in ("data_parallel", "sharded", "pipeline") and raw["mesh"]
+
+
+def test_rank_by_compiled_and_options_are_checked():
+  with pytest.raises(OptionError):
+    jdist.plan(SMALL, "cpu", batch=16, compile=False, rank_by="fastest")
+  with pytest.raises(OptionError):
+    jdist.plan(SMALL, "cpu", batch=0, compile=False)
+  p = jdist.plan(TransformerShape.from_gpt(SMALL), "h100-8x", batch=16)  # a shape alone: costed, not compiled
+  assert p.rows and all(r.compiled is None and r.layout.strategy == "analytic" for r in p.rows)
+  with pytest.raises(OptionError):
+    p.config()

@@ -200,17 +200,17 @@ class Plan:
   def table(self, top: int | None = 12) -> str:
     """The ranked table (``top`` rows; None: all)."""
     head = (f"{'#':>2}  {'layout':<40}{'strategy':<14}{'fits':<5}{'GiB/dev':>8}{'ms/step':>9}{'MFU':>7}"
-            f"{'comm':>7}{'bubble':>7}  {'MB sent/dev textbook':>21}{'compiled':>11}{'ms if compiled bytes':>21}")
+            f"{'comm':>7}{'bubble':>7}  {'GB sent/dev: textbook':>22}{'compiled':>10}{'ms if compiled bytes':>22}")
     lines = [self.summary(), "", head, "-" * len(head)]
     for i, r in enumerate(self.rows[:top] if top else self.rows, 1):
       sent_c, alt = "-", "-"
       if r.compiled:
-        sent_c = f"{r.compiled.sent_bytes / 1e6:,.1f}" + ("!" if (r.bytes_ratio or 0) > 1.5 else "")
+        sent_c = f"{r.compiled.sent_bytes / 1e9:,.1f}" + ("!" if (r.bytes_ratio or 0) > 1.5 else " ")
         alt = f"{r.timing_compiled_bytes.step * 1e3:.1f}" if r.timing_compiled_bytes else "-"
       mem = f"{r.memory_bytes / GiB:.2f}" + ("" if r.compiled else "*")
       lines.append(f"{i:>2}  {r.layout.label():<40}{r.layout.strategy:<14}{'yes' if r.fits else 'no':<5}{mem:>8}"
                    f"{r.timing.step * 1e3:>9.1f}{r.timing.mfu:>7.1%}{r.timing.comm_share:>7.1%}"
-                   f"{r.timing.bubble_share:>7.1%}  {r.textbook.sent_bytes() / 1e6:>21,.1f}{sent_c:>11}{alt:>21}")
+                   f"{r.timing.bubble_share:>7.1%}  {r.textbook.sent_bytes() / 1e9:>21,.1f} {sent_c:>10}{alt:>22}")
     lines += ["", "GiB/dev: memory per device of the compiled program (* the textbook's estimate: not compiled). ms/step, "
               "MFU, comm (exposed collectives' share of the step) and bubble: the step-time model on the textbook FLOPs "
               "and bytes, because XLA:CPU partitions collectives unlike GPU/TPU back ends; the compiled program's "
