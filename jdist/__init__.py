@@ -16,6 +16,7 @@ from jdist import strategies as strategies
 from jdist import train as train
 from jdist.analysis import comm_report as comm_report
 from jdist.analysis import theory as theory
+from jdist.analysis.plan import plan as plan
 from jdist.analysis.perf import mfu as mfu
 from jdist.batches import put_batch as put_batch
 from jdist.batches import shard_batch as shard_batch
@@ -67,6 +68,7 @@ __all__ = [
     "partition_specs",
     "pipeline",
     "pipeline_schedule",
+    "plan",
     "precision",
     "put_batch",
     "reducers",

@@ -1,4 +1,4 @@
-"""The ``jdist`` command line: ``demo``, ``train``, ``plot``, ``bench`` and ``launch``.
+"""The ``jdist`` command line: ``demo``, ``train``, ``plot``, ``bench``, ``launch`` and ``plan``.
 
 The CLI only parses arguments into config dataclasses and calls library functions. Bad input ends
 with a one-line message on stderr and a non-zero exit, never a traceback.
@@ -70,6 +70,10 @@ def _parser() -> argparse.ArgumentParser:
   launch.add_argument("--grace", type=float, default=5.0, help="seconds between SIGTERM and SIGKILL after a failure")
   launch.add_argument("--port", type=int, default=None, help="coordinator port on 127.0.0.1 (default: a free one)")
   launch.add_argument("cmd", nargs=argparse.REMAINDER, help="the command, after --, e.g. -- jdist train CONFIG")
+
+  from jdist.cli._plan import add_parser as add_plan_parser
+
+  add_plan_parser(sub)
   return parser
 
 
@@ -146,6 +150,10 @@ def main(argv: Sequence[str] | None = None) -> int:
       from jdist.cli._bench import bench
 
       return bench(args.names, quick=args.quick)
+    if args.command == "plan":
+      from jdist.cli._plan import plan_command
+
+      return plan_command(args)
     if args.command == "launch":
       from jdist.cli._launch import launch
 
