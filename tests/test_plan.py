@@ -181,3 +181,17 @@ def test_rank_by_compiled_and_options_are_checked():
   assert p.rows and all(r.compiled is None and r.layout.strategy == "analytic" for r in p.rows)
   with pytest.raises(OptionError):
     p.config()
+
+
+def test_jdist_train_runs_the_written_config(tmp_path, capsys):
+  """The planner's config is a ready one: `jdist train` runs it as written (the GPT on the bundled text)."""
+  from jdist.cli import main
+
+  config = tmp_path / "tiny.toml"
+  config.write_text('[model]\nname = "gpt"\nvocab_size = 256\nseq_len = 16\nd_model = 32\nn_layers = 2\nn_heads = 4\n'
+                    '[data]\nbatch_size = 16\n')
+  best = tmp_path / "best.toml"
+  assert main(["plan", str(config), "--cluster", "cpu", "--devices", "8", "--compile-top", "0", "--out", str(best)]) == 0
+  assert main(["train", str(best), "--quiet", "--set", "train.steps=2", "--set", "train.eval_every=2",
+               "--set", f"run_dir={tmp_path / 'run'}"]) == 0
+  assert "loss" in (tmp_path / "run" / "metrics.jsonl").read_text()

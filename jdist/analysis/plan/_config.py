@@ -89,7 +89,10 @@ def layout_config(layout: Layout, model: Any, batch: int, optimizer: str = "adam
       value = __import__("numpy").dtype(value).name
     if value != getattr(type(model)(), key) or key in ("d_model", "n_layers", "n_heads", "seq_len", "vocab_size"):
       lines.append(f"{key} = {_toml_value(value)}")
-  lines += ["", "[data]", f"batch_size = {batch}", "", "[optimizer]", f'name = "{optimizer}"', "", "[strategy]",
+  # the bundled byte-level text (jdist.datasets.stdlib_text) in windows of the model's length: `jdist train` runs
+  # the file as written; point [data] at your own tokens instead
+  lines += ["", "[data]", 'name = "text"', f"seq_len = {model.seq_len}", f"batch_size = {batch}", "", "[optimizer]",
+            f'name = "{optimizer}"', "", "[strategy]",
             f'name = "{layout.strategy}"']
   if layout.strategy == "data_parallel" and layout.microbatches > 1:
     lines.append(f"accumulate_steps = {layout.microbatches}")
