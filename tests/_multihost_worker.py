@@ -1,9 +1,15 @@
 """One process of the multi-process tests (run by ``jdist launch`` or directly with ``JDIST_*`` set).
 
 ``python tests/_multihost_worker.py train OUT_DIR``: every strategy of ``CASES`` (data_parallel, FSDP by
-GSPMD and by shard_map, pipeline on two meshes and in its three schedules, local SGD, async SGD) for
-``STEPS`` steps, the misuses of ``errors``, then ``fit`` with checkpoints into ``OUT_DIR/ckpt``; process 0
-writes the final params, the losses and the error messages to ``OUT_DIR/result.npz``.
+GSPMD and by shard_map, pipeline on three meshes and in its three schedules, local SGD, DiLoCo, async SGD) for
+``STEPS`` steps, through ``fit`` with a checkpoint after ``CKPT_STEP`` in ``OUT_DIR/cases/NAME``, the misuses
+of ``errors``, then ``fit`` with checkpoints into ``OUT_DIR/ckpt``; process 0 writes the final params, the
+losses and the error messages to ``OUT_DIR/result.npz``.
+``python tests/_multihost_worker.py resume SOURCE OUT_DIR``: the ``FOUR_PROCESS_CASES`` resumed from those
+checkpoints; process 0 writes ``OUT_DIR/resumed.npz``.
+``python tests/_multihost_worker.py elastic OUT_DIR [PAUSE_S [PAUSE_SAVE_AT]]``: the elastic FSDP run (one
+attempt of it under ``jdist launch --max-restarts``); exits at once if ``OUT_DIR/lost-slot-S`` exists for its
+launcher slot S (a lost host).
 ``python tests/_multihost_worker.py spin``: trains until killed, printing its pid and one line per step.
 The same setup functions build the single-process reference in the tests.
 """
@@ -128,10 +134,11 @@ class Prepared:
     self.loader.set_state(state)
 
 
-def run(case: Case, steps: int, checkpoint_dir: str | None = None):
+def run(case: Case, steps: int, checkpoint_dir: str | None = None, strategy: jdist.Strategy | None = None):
   """``steps`` steps on the loader's batches; returns (params on the host, losses). With ``checkpoint_dir`` the
-  steps run through ``jdist.fit``, which saves a checkpoint there after step ``CKPT_STEP`` (and no other)."""
-  strategy = case.make()
+  steps run through ``jdist.fit``, which saves a checkpoint there after step ``CKPT_STEP`` (and no other).
+  ``strategy``: one the case made before (its step is compiled already)."""
+  strategy = strategy or case.make()
   state = strategy.init(case.params())
   if checkpoint_dir is not None:
     ckpt = jdist.CheckpointConfig(directory=checkpoint_dir, every_steps=CKPT_STEP, save_at_end=False)
@@ -151,10 +158,10 @@ def run(case: Case, steps: int, checkpoint_dir: str | None = None):
   return gather(state.params), np.array(losses)
 
 
-def resume(case: Case, checkpoint_dir: str, steps: int):
+def resume(case: Case, checkpoint_dir: str, steps: int, strategy: jdist.Strategy | None = None):
   """``fit`` from the newest checkpoint in ``checkpoint_dir`` (written by any number of processes) to ``steps``;
   returns (params on the host, the losses of the steps it ran)."""
-  strategy = case.make()
+  strategy = strategy or case.make()
   ckpt = jdist.CheckpointConfig(directory=checkpoint_dir, save_at_end=False)
   result = jdist.fit(strategy, strategy.init(case.params()), Prepared(case), steps=steps, checkpoint=ckpt,
                      log_every=steps)
@@ -301,11 +308,17 @@ def main_elastic(out: str, pause: float, pause_save_at: int | None) -> None:
   print(f"process {jax.process_index()} of {jax.process_count()} finished from step {result.start_step}", flush=True)
 
 
+# resumed on 4 processes: one case per strategy and per way its state lies across processes (the others share
+# a layout with one of these: fsdp_shard_map's with fsdp, 1F1B's with GPipe's pipe8, local SGD's with DiLoCo's)
+FOUR_PROCESS_CASES = ("data_parallel", "fsdp", "pipeline_pipe8", "pipeline_circular_data2_pipe4",
+                      "pipeline_pipe4_data2", "diloco", "async_sgd")
+
+
 def main_resume(source: str, out: str) -> None:
-  """Every case but the scanned one resumed from ``source/NAME`` (checkpoints of ``main_train``) to ``STEPS``."""
+  """The cases of ``FOUR_PROCESS_CASES`` resumed from ``source/NAME`` (checkpoints of ``main_train``) to ``STEPS``."""
   results = {}
   for name, case in CASES.items():
-    if not case.scan:
+    if name in FOUR_PROCESS_CASES:
       p, losses = resume(case, os.path.join(source, name), STEPS)
       results.update(flat(name, p))
       results[f"{name}/losses"] = losses
