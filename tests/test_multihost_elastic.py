@@ -153,7 +153,9 @@ def test_a_kill_inside_a_save_and_a_host_lost_for_good(uninterrupted, tmp_path):
   np.testing.assert_allclose(last["losses"], uninterrupted["losses"][4:], rtol=1e-5)
   for got, want in zip(_params(last), _params(uninterrupted), strict=True):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  # the run saved step 6 again (over the leftover) and went on: nothing temporary is left
   assert newest_checkpoint(ckpt) == worker.ELASTIC_STEPS
+  assert not [p.name for p in ckpt.iterdir() if "tmp" in p.name], sorted(p.name for p in ckpt.iterdir())
 
 
 # ------------------------------------------------------------------ the restart policy on small scripts
@@ -213,6 +215,8 @@ def test_a_slot_that_never_arrives_is_dropped_down_to_min_processes(tmp_path):
       "exited with code 4 before joining the run; slot(s) [1] dropped (never reached jdist.distributed.initialize); "
       f"starting 2 process(es) (was 3); resuming from checkpoint step 8 in {tmp_path / 'ckpt'} (the steps after it run "
       "again)."), restart
+  assert lines[0].startswith("jdist launch: 3 process(es), coordinator 127.0.0.1:") and (
+      ", up to 2 restart(s) (down to 2 process(es)): " in lines[0]), lines[0]
   # the slots left are renumbered: slot 2 is now process 1
   assert "[p1] slot 2 process 1 of 2 restart 1 of 2" in lines, lines
 

@@ -381,7 +381,12 @@ def _start(group: _Group, plan: _Plan, slots: list[int], restart: int, launch_di
   coordinator = f"127.0.0.1:{plan.port or free_port()}"
   group.procs, group.pumps = [], []
   if restart == 0:
-    group.say(f"jdist launch: {plan.devices(len(slots))}, coordinator {coordinator}: {shlex.join(plan.command)}")
+    policy = ""
+    if plan.max_restarts:
+      policy = f", up to {plan.max_restarts} restart(s)" + (
+          f" (down to {plan.min_processes} process(es))" if plan.min_processes < len(slots) else "")
+    group.say(f"jdist launch: {plan.devices(len(slots))}, coordinator {coordinator}{policy}: "
+              f"{shlex.join(plan.command)}")
   for i in range(len(slots)):
     try:
       group.start(plan.command, plan.env(slots, i, coordinator, restart, launch_dir))
