@@ -27,7 +27,9 @@ What ends a run that lost a process, instead of a hang (see docs/multihost.md):
   ``--xla_cpu_collective_timeout_seconds``, XLA's default 30 min) raises a ``JaxRuntimeError`` in the
   waiting step.
 - exit: ``shutdown_timeout_s`` bounds how long a finishing process waits for the others.
-- ``jdist launch`` stops every process as soon as one fails (the last line of defence).
+- ``jdist launch`` stops every process as soon as one fails (the last line of defence); with
+  ``--max-restarts`` it starts them again and ``jdist.fit`` resumes from the last checkpoint
+  (``restart_count`` tells a process how many restarts came before it).
 """
 from __future__ import annotations
 

@@ -348,8 +348,9 @@ def launch(command: Sequence[str], *, num_processes: int, devices_per_process: i
       ``jdist train CONFIG`` it is read from the config).
 
   Returns:
-    0 when every process of the last attempt exited with 0; else the exit code of the process that failed
-    last (128 + the signal number when it was killed by a signal), or 130 when the launcher was interrupted.
+    0 when every process of the last attempt exited with 0; else the exit code of the first process that
+    failed in the last attempt (128 + the signal number when it was killed by a signal), or 130 when the
+    launcher was interrupted.
 
   Raises:
     ValueError: an empty command or a bad count.
