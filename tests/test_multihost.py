@@ -179,6 +179,7 @@ def four_process_resume(two_process_run, tmp_path_factory):
   return dict(np.load(resumed / "resumed.npz"))
 
 
+@pytest.mark.slow  # the 4-process run (its fixture): about a minute of 4 processes compiling on 2 cores
 @pytest.mark.parametrize("name", [name for name, case in worker.CASES.items() if not case.scan])
 def test_checkpoint_of_each_strategy_resumes_on_one_and_on_four_processes(two_process_run, four_process_resume,
                                                                           name, tmp_path):
