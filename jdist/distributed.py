@@ -27,7 +27,9 @@ What ends a run that lost a process, instead of a hang (see docs/multihost.md):
   ``--xla_cpu_collective_timeout_seconds``, XLA's default 30 min) raises a ``JaxRuntimeError`` in the
   waiting step.
 - exit: ``shutdown_timeout_s`` bounds how long a finishing process waits for the others.
-- ``jdist launch`` stops every process as soon as one fails (the last line of defence).
+- ``jdist launch`` stops every process as soon as one fails (the last line of defence); with
+  ``--max-restarts`` it starts them again and ``jdist.fit`` resumes from the last checkpoint
+  (``restart_count`` tells a process how many restarts came before it).
 """
 from __future__ import annotations
 
@@ -46,6 +48,13 @@ ENV_INIT_TIMEOUT = "JDIST_INIT_TIMEOUT"
 ENV_HEARTBEAT_TIMEOUT = "JDIST_HEARTBEAT_TIMEOUT"
 ENV_COLLECTIVE_TIMEOUT = "JDIST_COLLECTIVE_TIMEOUT"
 ENV_DISTRIBUTED = "JDIST_DISTRIBUTED"  # "1": let JAX detect the cluster (SLURM, Open MPI, TPU)
+# set by `jdist launch` only: which of its process slots this is (kept across restarts, while process ids are
+# renumbered), how many times it restarted the run so far and may at most, and where ``initialize`` records
+# that this process arrived (a slot whose process never arrives is dropped when the run may shrink)
+ENV_SLOT = "JDIST_SLOT"
+ENV_RESTART_COUNT = "JDIST_RESTART_COUNT"
+ENV_MAX_RESTARTS = "JDIST_MAX_RESTARTS"
+ENV_LAUNCH_DIR = "JDIST_LAUNCH_DIR"
 ENV_VARS = (ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID, ENV_LOCAL_DEVICES, ENV_INIT_TIMEOUT,
             ENV_HEARTBEAT_TIMEOUT, ENV_COLLECTIVE_TIMEOUT, ENV_DISTRIBUTED)
 
@@ -157,6 +166,7 @@ def initialize(
   if single:
     return  # one process: nothing to join
   explicit = None not in (coordinator_address, num_processes, process_id)
+  _announce_arrival(process_id)
   kwargs: dict[str, Any] = dict(heartbeat_timeout_seconds=max(1, heartbeat),
                                 shutdown_timeout_seconds=max(1, int(shutdown_timeout_s)))
   deadline = time.monotonic() + timeout
@@ -173,6 +183,26 @@ def initialize(
         f"jax.distributed could not work out the multi-process settings ({e}). Pass coordinator_address, "
         f"num_processes and process_id, or set {ENV_COORDINATOR}, {ENV_NUM_PROCESSES} and {ENV_PROCESS_ID} "
         f"(jdist launch does), or run under a scheduler JAX detects (SLURM, Open MPI).") from None
+
+
+def restart_count() -> int:
+  """How many times ``jdist launch --max-restarts`` restarted this run before this process started (0 for
+  the first start, and outside the launcher): like TorchElastic's ``TORCHELASTIC_RESTART_COUNT``."""
+  raw = os.environ.get(ENV_RESTART_COUNT, "").strip()
+  return int(raw) if raw.isdigit() else 0
+
+
+def _announce_arrival(process_id: int | None) -> None:
+  """Under ``jdist launch``: tells the launcher that this process got as far as joining the run (a file in
+  ``$JDIST_LAUNCH_DIR``). After a failure, the launcher drops the slots whose process never did, if the run
+  may shrink (``--min-processes``): a process that cannot even start is taken for a lost host."""
+  directory = os.environ.get(ENV_LAUNCH_DIR)
+  if directory and process_id is not None:
+    try:
+      with open(os.path.join(directory, f"arrived-{process_id}"), "w"):
+        pass
+    except OSError:  # the launcher went away, or the directory is not ours: nothing to tell
+      pass
 
 
 def process_index() -> int:

@@ -1,9 +1,15 @@
 """One process of the multi-process tests (run by ``jdist launch`` or directly with ``JDIST_*`` set).
 
 ``python tests/_multihost_worker.py train OUT_DIR``: every strategy of ``CASES`` (data_parallel, FSDP by
-GSPMD and by shard_map, pipeline on two meshes and in its three schedules, local SGD, async SGD) for
-``STEPS`` steps, the misuses of ``errors``, then ``fit`` with checkpoints into ``OUT_DIR/ckpt``; process 0
-writes the final params, the losses and the error messages to ``OUT_DIR/result.npz``.
+GSPMD and by shard_map, pipeline on three meshes and in its three schedules, local SGD, DiLoCo, async SGD) for
+``STEPS`` steps, through ``fit`` with a checkpoint after ``CKPT_STEP`` in ``OUT_DIR/cases/NAME``, the misuses
+of ``errors``, then ``fit`` with checkpoints into ``OUT_DIR/ckpt``; process 0 writes the final params, the
+losses and the error messages to ``OUT_DIR/result.npz``.
+``python tests/_multihost_worker.py resume SOURCE OUT_DIR``: the ``FOUR_PROCESS_CASES`` resumed from those
+checkpoints; process 0 writes ``OUT_DIR/resumed.npz``.
+``python tests/_multihost_worker.py elastic OUT_DIR [PAUSE_S [PAUSE_SAVE_AT]]``: the elastic FSDP run (one
+attempt of it under ``jdist launch --max-restarts``); exits at once if ``OUT_DIR/lost-slot-S`` exists for its
+launcher slot S (a lost host).
 ``python tests/_multihost_worker.py spin``: trains until killed, printing its pid and one line per step.
 The same setup functions build the single-process reference in the tests.
 """
@@ -16,6 +22,9 @@ from typing import Callable, NamedTuple
 
 if __name__ == "__main__":  # join the other processes before anything touches JAX
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  # a lost host, for the elastic tests: this launcher slot's process can no longer start
+  if sys.argv[1] == "elastic" and os.path.exists(os.path.join(sys.argv[2], f"lost-slot-{os.environ.get('JDIST_SLOT')}")):
+    sys.exit(f"slot {os.environ.get('JDIST_SLOT')}: this host is gone")
   import jdist.distributed
 
   jdist.distributed.initialize()
@@ -31,6 +40,7 @@ from jdist.models import mlp, resmlp  # noqa: E402
 from jdist.strategies.async_sgd import split_workers  # noqa: E402
 
 STEPS = 20  # steps of the equivalence runs
+CKPT_STEP = 12  # the 2-process runs save a checkpoint after this step only; resumes on 1 and 4 processes go on to STEPS
 FIT_STEPS = 12  # steps fit runs on 2 processes before the 1-process resume
 TOTAL_FIT_STEPS = 20
 BATCH = 64  # global batch
@@ -98,16 +108,42 @@ CASES = {
     "pipeline_1f1b_pipe8": Case(lambda: pipeline_strategy(schedule="1f1b", pipe=8), pipeline_params),
     "pipeline_circular_data2_pipe4": Case(lambda: pipeline_strategy("data", "circular", data=2, pipe=4),
                                           pipeline_params),
+    # the pipe axis across the processes, the data axis inside each (its rows come from both shares: gathered)
+    "pipeline_pipe4_data2": Case(lambda: pipeline_strategy("data", pipe=4, data=2), pipeline_params),
     "local_sgd": Case(lambda: jdist.local_sgd(mlp.loss, optax.adam(1e-2), jdist.make_mesh(data=-1), sync_every=2)),
+    "diloco": Case(lambda: jdist.local_sgd(mlp.loss, optax.adam(1e-2), jdist.make_mesh(data=-1), sync_every=2,
+                                           outer_optimizer=optax.sgd(0.7, momentum=0.9, nesterov=True))),
     "async_sgd": Case(async_strategy, prepare=lambda batch: split_workers(batch, 8)),
     "async_sgd_run": Case(async_strategy, prepare=lambda batch: split_workers(batch, 8), scan=True),
 }
 
 
-def run(case: Case, steps: int):
-  """``steps`` steps on the loader's batches; returns (params on the host, losses)."""
-  strategy = case.make()
+class Prepared:
+  """The loader's batches through a case's ``prepare``, with the loader's position (which ``fit`` checkpoints)."""
+
+  def __init__(self, case: Case):
+    self.loader, self.prepare = loader(), case.prepare
+
+  def __iter__(self):
+    return map(self.prepare, iter(self.loader))
+
+  def get_state(self):
+    return self.loader.get_state()
+
+  def set_state(self, state):
+    self.loader.set_state(state)
+
+
+def run(case: Case, steps: int, checkpoint_dir: str | None = None, strategy: jdist.Strategy | None = None):
+  """``steps`` steps on the loader's batches; returns (params on the host, losses). With ``checkpoint_dir`` the
+  steps run through ``jdist.fit``, which saves a checkpoint there after step ``CKPT_STEP`` (and no other).
+  ``strategy``: one the case made before (its step is compiled already)."""
+  strategy = strategy or case.make()
   state = strategy.init(case.params())
+  if checkpoint_dir is not None:
+    ckpt = jdist.CheckpointConfig(directory=checkpoint_dir, every_steps=CKPT_STEP, save_at_end=False)
+    result = jdist.fit(strategy, state, Prepared(case), steps=steps, checkpoint=ckpt, log_every=steps)
+    return gather(result.state.params), np.array([h["loss"] for h in result.history])
   batches = iter(loader())
   if case.scan:
     # each process places its own share of every step's batch; the global batches are then stacked on the mesh
@@ -120,6 +156,17 @@ def run(case: Case, steps: int):
     state, metrics = strategy.step(state, strategy.shard_batch(case.prepare(next(batches))))
     losses.append(float(metrics["loss"]))
   return gather(state.params), np.array(losses)
+
+
+def resume(case: Case, checkpoint_dir: str, steps: int, strategy: jdist.Strategy | None = None):
+  """``fit`` from the newest checkpoint in ``checkpoint_dir`` (written by any number of processes) to ``steps``;
+  returns (params on the host, the losses of the steps it ran)."""
+  strategy = strategy or case.make()
+  ckpt = jdist.CheckpointConfig(directory=checkpoint_dir, save_at_end=False)
+  result = jdist.fit(strategy, strategy.init(case.params()), Prepared(case), steps=steps, checkpoint=ckpt,
+                     log_every=steps)
+  assert result.start_step == CKPT_STEP, result.start_step
+  return gather(result.state.params), np.array([h["loss"] for h in result.history])
 
 
 def _uneven_shares():
@@ -196,7 +243,7 @@ def fit_run(directory: str, steps: int):
 def main_train(out: str) -> None:
   results = {}
   for name, case in CASES.items():
-    p, losses = run(case, STEPS)
+    p, losses = run(case, STEPS, None if case.scan else os.path.join(out, "cases", name))
     results.update(flat(name, p))
     results[f"{name}/losses"] = losses
   results.update({f"error/{name}": np.array(message) for name, message in errors().items()})
@@ -205,6 +252,79 @@ def main_train(out: str) -> None:
   if jdist.distributed.is_coordinator():
     np.savez(os.path.join(out, "result.npz"), **results)
   print(f"process {jax.process_index()} of {jax.process_count()} done, {len(jax.devices())} devices", flush=True)
+
+
+ELASTIC_STEPS = 16  # the elastic run: FSDP through fit, a checkpoint every ELASTIC_EVERY steps
+ELASTIC_EVERY = 2
+
+
+class _SayStep:
+  """Prints every step ("step 3 loss 1.2"), in every process, then sleeps ``pause`` s: room for a kill."""
+
+  def __init__(self, pause: float):
+    self.pause = pause
+
+  def on_step(self, loop, step, metrics):
+    print(f"step {step} loss {metrics['loss']:.6f}", flush=True)
+    time.sleep(self.pause)
+
+
+def _pause_before_commit(step: int, seconds: float) -> None:
+  """Makes the save of ``step`` wait ``seconds`` once its files are written, before orbax commits it (renames
+  ``STEP.orbax-checkpoint-tmp`` to ``STEP``, on process 0), saying so: a kill then lands inside the save."""
+  import asyncio
+
+  from orbax.checkpoint._src.path import atomicity
+
+  original = atomicity.AtomicRenameTemporaryPath.finalize
+
+  async def finalize(self):
+    if self._final_path.name == str(step) and self._final_path.parent.name == "ckpt":
+      print(f"committing checkpoint step {step}", flush=True)
+      await asyncio.sleep(seconds)
+    return await original(self)
+
+  atomicity.AtomicRenameTemporaryPath.finalize = finalize
+
+
+def elastic_run(out: str, *, pause: float = 0.0, pause_save_at: int | None = None):
+  """FSDP on every device for ``ELASTIC_STEPS`` steps through ``fit``, resuming from ``out/ckpt``."""
+  if pause_save_at is not None and jdist.distributed.restart_count() == 0:
+    _pause_before_commit(pause_save_at, 30.0)
+  strategy = fsdp_strategy()
+  ckpt = jdist.CheckpointConfig(directory=os.path.join(out, "ckpt"), every_steps=ELASTIC_EVERY, keep=2)
+  return jdist.fit(strategy, strategy.init(params()), loader(), steps=ELASTIC_STEPS, checkpoint=ckpt,
+                   callbacks=[_SayStep(pause)], log_every=ELASTIC_STEPS)
+
+
+def main_elastic(out: str, pause: float, pause_save_at: int | None) -> None:
+  """One attempt of the elastic run; process 0 writes ``out/attempt-R.npz`` (R: the launcher's restart count)."""
+  result = elastic_run(out, pause=pause, pause_save_at=pause_save_at)
+  final = gather(result.state.params)
+  if jdist.distributed.is_coordinator():
+    np.savez(os.path.join(out, f"attempt-{jdist.distributed.restart_count()}.npz"), start_step=result.start_step,
+             devices=len(jax.devices()), processes=jax.process_count(),
+             losses=np.array([h["loss"] for h in result.history]), **flat("params", final))
+  print(f"process {jax.process_index()} of {jax.process_count()} finished from step {result.start_step}", flush=True)
+
+
+# resumed on 4 processes: one case per strategy and per way its state lies across processes (the others share
+# a layout with one of these: fsdp_shard_map's with fsdp, 1F1B's with GPipe's pipe8, local SGD's with DiLoCo's)
+FOUR_PROCESS_CASES = ("data_parallel", "fsdp", "pipeline_pipe8", "pipeline_circular_data2_pipe4",
+                      "pipeline_pipe4_data2", "diloco", "async_sgd")
+
+
+def main_resume(source: str, out: str) -> None:
+  """The cases of ``FOUR_PROCESS_CASES`` resumed from ``source/NAME`` (checkpoints of ``main_train``) to ``STEPS``."""
+  results = {}
+  for name, case in CASES.items():
+    if name in FOUR_PROCESS_CASES:
+      p, losses = resume(case, os.path.join(source, name), STEPS)
+      results.update(flat(name, p))
+      results[f"{name}/losses"] = losses
+  if jdist.distributed.is_coordinator():
+    np.savez(os.path.join(out, "resumed.npz"), **results)
+  print(f"process {jax.process_index()} of {jax.process_count()} resumed, {len(jax.devices())} devices", flush=True)
 
 
 def main_spin() -> None:
@@ -220,5 +340,10 @@ def main_spin() -> None:
 if __name__ == "__main__":
   if sys.argv[1] == "train":
     main_train(sys.argv[2])
+  elif sys.argv[1] == "resume":
+    main_resume(sys.argv[2], sys.argv[3])
+  elif sys.argv[1] == "elastic":  # elastic OUT [PAUSE_S [PAUSE_SAVE_AT]]
+    main_elastic(sys.argv[2], float(sys.argv[3]) if len(sys.argv) > 3 else 0.0,
+                 int(sys.argv[4]) if len(sys.argv) > 4 else None)
   else:
     main_spin()

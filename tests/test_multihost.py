@@ -1,15 +1,17 @@
 """Several processes on localhost as one JAX run (gloo over loopback), each with 4 emulated CPU devices.
 
 2 processes x 4 devices must equal 1 process x 8 devices (the pytest process), for every strategy:
-data_parallel, FSDP, pipeline (batch split across the processes, or replicated over them), local SGD and
-async SGD (step by step and in one scan); data_parallel's pmap backend must refuse to run across processes;
-a checkpoint written by 2 processes must resume on 1; a killed process must end the run, not hang it; a
-missing coordinator or process must be named within the start-up timeout.
+data_parallel, FSDP (GSPMD and shard_map), pipeline (data axis across the processes, pipe axis across them,
+three schedules), local SGD, DiLoCo and async SGD (step by step and in one scan); data_parallel's pmap backend
+must refuse to run across processes; each strategy's checkpoint written by 2 processes must resume on 1 and
+on 4; a killed process must end the run, not hang it; a missing coordinator or process must be named within
+the start-up timeout. Restarts and fault injection: tests/test_multihost_elastic.py.
 """
 import functools
 import os
 import pathlib
 import queue
+import re
 import shutil
 import signal
 import subprocess
@@ -25,6 +27,7 @@ import pytest
 import jdist
 from jdist import distributed
 from jdist.cli._launch import free_port, process_env
+from jdist.errors import OptionError
 from tests import _multihost_worker as worker
 from tests.conftest import assert_trees_all_close
 
@@ -94,9 +97,15 @@ def _leaves(result, prefix):
 
 
 @functools.cache
+def _strategy(name):
+  """A case's strategy on 1 process x 8 devices, made once: the reference and the resume share its compiled step."""
+  return worker.CASES[name].make()
+
+
+@functools.cache
 def _one_process(name):
   """``worker.run`` of a case on 1 process x 8 devices (this one)."""
-  return worker.run(worker.CASES[name], worker.STEPS)
+  return worker.run(worker.CASES[name], worker.STEPS, strategy=_strategy(name))
 
 
 @pytest.mark.parametrize("name", list(worker.CASES))
@@ -113,8 +122,9 @@ def test_unequal_shares_are_a_clear_error_not_a_skewed_average(two_process_run):
   # each process passes its share of the global batch: fit compares the shares (first batch, each change)
   _, result = two_process_run
   uneven, alone = str(result["error/uneven_shares"]), str(result["error/alone"])
-  assert uneven.startswith("ValueError: The processes passed different numbers of examples at fit 1, step 1 "
-                           "(process 0: 32, process 1: 16). Every process must pass the same number"), uneven
+  # "fit N": the N-th fit of this run (the cases before it ran through fit too)
+  assert re.match(r"ValueError: The processes passed different numbers of examples at fit \d+, step 1 \(process 0: "
+                  r"32, process 1: 16\)\. Every process must pass the same number", uneven), uneven
   assert "a loader that may end on a ragged batch must drop it in every process" in uneven
   # a process whose batch size changed alone (a ragged last batch) raises instead of waiting forever
   assert alone.startswith("ValueError: Process 0 passed 8 examples at a check only process 0 makes (a new batch "
@@ -154,6 +164,38 @@ def test_checkpoint_from_two_processes_resumes_on_one(two_process_run, tmp_path)
   strategy = worker.fsdp_strategy()
   straight = jdist.fit(strategy, strategy.init(worker.params()), worker.loader(), steps=worker.TOTAL_FIT_STEPS)
   assert_trees_all_close(jax.device_get(resumed.state.params), jax.device_get(straight.state.params), rtol=1e-5)
+
+
+
+@pytest.fixture(scope="module")
+def four_process_resume(two_process_run, tmp_path_factory):
+  """Every case's checkpoint written by 2 processes x 4 devices, resumed by 4 processes x 2 devices."""
+  out, _ = two_process_run
+  resumed = tmp_path_factory.mktemp("four_processes")
+  shutil.copytree(out / "cases", resumed / "cases")  # resumes write nothing, but the shared run stays as it was
+  done = subprocess.run(_launch_cmd(sys.executable, WORKER, "resume", str(resumed / "cases"), str(resumed), n=4,
+                                    devices=2), capture_output=True, text=True, timeout=400)
+  assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+  return dict(np.load(resumed / "resumed.npz"))
+
+
+@pytest.mark.slow  # the 4-process run (its fixture): about a minute of 4 processes compiling on 2 cores
+@pytest.mark.parametrize("name", [name for name, case in worker.CASES.items() if not case.scan])
+def test_checkpoint_of_each_strategy_resumes_on_one_and_on_four_processes(two_process_run, four_process_resume,
+                                                                          name, tmp_path):
+  # the 2-process run went through fit and saved after step CKPT_STEP; resumed on 1 x 8 (here) and on 4 x 2, the
+  # remaining steps must give the 2-process run's losses and final parameters
+  out, result = two_process_run
+  assert sorted(p.name for p in (out / "cases" / name).iterdir() if p.name.isdigit()) == [str(worker.CKPT_STEP)]
+  shutil.copytree(out / "cases" / name, tmp_path / name)
+  params, losses = worker.resume(worker.CASES[name], str(tmp_path / name), worker.STEPS, strategy=_strategy(name))
+  rest = result[f"{name}/losses"][worker.CKPT_STEP:]
+  assert len(losses) == worker.STEPS - worker.CKPT_STEP
+  np.testing.assert_allclose(losses, rest, rtol=1e-5)
+  assert_trees_all_close(jax.tree.leaves(params), _leaves(result, name), rtol=1e-5)
+  if name in worker.FOUR_PROCESS_CASES:
+    np.testing.assert_allclose(four_process_resume[f"{name}/losses"], rest, rtol=1e-5)
+    assert_trees_all_close(_leaves(four_process_resume, name), _leaves(result, name), rtol=1e-5)
 
 
 TRAIN_CONFIG = """
@@ -356,9 +398,9 @@ def test_single_process_helpers_and_errors():
   np.testing.assert_array_equal(
       np.concatenate([jdist.split_workers(s, 4, process_count=2)["x"] for s in shares]), workers["x"])
   assert workers["x"].shape == (4, 2, 2)
-  with pytest.raises(jdist.errors.OptionError) as e:
+  with pytest.raises(OptionError) as caught:
     jdist.split_workers(full, 3, process_count=2)
-  assert (e.value.name, e.value.got) == ("num_workers", 3)
+  assert (caught.value.name, caught.value.got) == ("num_workers", 3)
   mesh = jdist.make_mesh(data=-1)
   start, stop, size = jdist.batches.process_batch_rows(jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")),
                                                     16)

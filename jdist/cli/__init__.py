@@ -61,7 +61,8 @@ def _parser() -> argparse.ArgumentParser:
   bench.add_argument("--quick", action="store_true", help="smaller sizes and fewer repeats")
 
   launch = sub.add_parser("launch", help="run a command as P local processes joined by jax.distributed",
-                          usage="jdist launch -n P [--devices-per-process D] [--timeout S] -- COMMAND ...")
+                          usage="jdist launch -n P [--devices-per-process D] [--timeout S] [--max-restarts K "
+                                "[--min-processes M]] -- COMMAND ...")
   launch.add_argument("-n", "--num-processes", type=int, required=True, help="number of processes")
   launch.add_argument("--devices-per-process", type=int, default=None, help="CPU devices each process emulates")
   launch.add_argument("--timeout", type=float, default=None, help="start-up timeout in seconds (default 60)")
@@ -69,6 +70,15 @@ def _parser() -> argparse.ArgumentParser:
                       help="seconds without heartbeats before JAX declares a process dead (default 30)")
   launch.add_argument("--grace", type=float, default=5.0, help="seconds between SIGTERM and SIGKILL after a failure")
   launch.add_argument("--port", type=int, default=None, help="coordinator port on 127.0.0.1 (default: a free one)")
+  launch.add_argument("--max-restarts", type=int, default=0, metavar="K",
+                      help="restart every process after a failure, at most K times; the run resumes from its last "
+                           "checkpoint (default 0)")
+  launch.add_argument("--min-processes", type=int, default=None, metavar="M",
+                      help="after a failure, drop the slots whose process never reaches jdist.distributed.initialize "
+                           "(lost hosts) and go on with the rest, down to M (default: -n, never fewer)")
+  launch.add_argument("--checkpoint-dir", default=None,
+                      help="the run's checkpoint directory, to log the step each restart resumes from (jdist train: "
+                           "read from its config)")
   launch.add_argument("cmd", nargs=argparse.REMAINDER, help="the command, after --, e.g. -- jdist train CONFIG")
 
   from jdist.cli._plan import add_parser as add_plan_parser
@@ -160,7 +170,8 @@ def main(argv: Sequence[str] | None = None) -> int:
       cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
       return launch(cmd, num_processes=args.num_processes, devices_per_process=args.devices_per_process,
                     timeout_s=args.timeout, heartbeat_timeout_s=args.heartbeat_timeout, grace_s=args.grace,
-                    port=args.port)
+                    port=args.port, max_restarts=args.max_restarts, min_processes=args.min_processes,
+                    checkpoint_dir=args.checkpoint_dir)
   except (ConfigError, CheckpointError, DistributedError, ValueError, TypeError, OSError, ImportError) as e:
     message = " ".join(str(e).split()) or type(e).__name__
     print(f"jdist {args.command}: error: {message}", file=sys.stderr)
