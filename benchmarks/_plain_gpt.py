@@ -12,7 +12,8 @@ def init(key, V, D, L, H, S):
         k = ks[4 + 4 * i: 8 + 4 * i]
         p["blocks"].append({"ln1": jnp.ones(D), "qkv": jax.random.normal(k[0], (D, 3 * D)) * s,
                             "o": jax.random.normal(k[1], (D, D)) * s, "ln2": jnp.ones(D),
-                            "fc": jax.random.normal(k[2], (D, 4 * D)) * s, "proj": jax.random.normal(k[3], (4 * D, D)) * s})
+                            "fc": jax.random.normal(k[2], (D, 4 * D)) * s,
+                            "proj": jax.random.normal(k[3], (4 * D, D)) * s})
     p["lnf"] = jnp.ones(D)
     return p
 

@@ -293,8 +293,8 @@ def _mesh(config: Config):
   # make_mesh's own advice (devices=..., emulate_devices) is for Python callers: give the config's
   if total is not None and total < len(devices):
     raise ConfigError(f"mesh {axes} uses {total} devices but {len(devices)} are available. Make the sizes multiply "
-                      f"to {len(devices)} (one of them may be -1), or use the first {total}: mesh.num_devices = {total} "
-                      f"(--set mesh.num_devices={total}).")
+                      f"to {len(devices)} (one of them may be -1), or use the first {total}: "
+                      f"mesh.num_devices = {total} (--set mesh.num_devices={total}).")
   if total is not None and total > len(devices):
     more = (f" On a CPU-only host, emulate {total}: mesh.cpu_devices = {total} (--set mesh.cpu_devices={total})."
             if devices[0].platform == "cpu" else "")

@@ -23,7 +23,8 @@ from typing import Callable, NamedTuple
 if __name__ == "__main__":  # join the other processes before anything touches JAX
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   # a lost host, for the elastic tests: this launcher slot's process can no longer start
-  if sys.argv[1] == "elastic" and os.path.exists(os.path.join(sys.argv[2], f"lost-slot-{os.environ.get('JDIST_SLOT')}")):
+  if (sys.argv[1] == "elastic"
+      and os.path.exists(os.path.join(sys.argv[2], f"lost-slot-{os.environ.get('JDIST_SLOT')}"))):
     sys.exit(f"slot {os.environ.get('JDIST_SLOT')}: this host is gone")
   import jdist.distributed
 
@@ -102,7 +103,8 @@ class Case(NamedTuple):
 CASES = {
     "data_parallel": Case(data_parallel_strategy),
     "fsdp": Case(fsdp_strategy),
-    "fsdp_shard_map": Case(lambda: jdist.model_parallel.fsdp(mlp.loss, optax.adam(1e-2), jdist.make_mesh(fsdp=-1), min_size=256)),
+    "fsdp_shard_map": Case(lambda: jdist.model_parallel.fsdp(mlp.loss, optax.adam(1e-2), jdist.make_mesh(fsdp=-1),
+                                                             min_size=256)),
     "pipeline_data2_pipe4": Case(lambda: pipeline_strategy("data", data=2, pipe=4), pipeline_params),
     "pipeline_pipe8": Case(lambda: pipeline_strategy(pipe=8), pipeline_params),
     "pipeline_1f1b_pipe8": Case(lambda: pipeline_strategy(schedule="1f1b", pipe=8), pipeline_params),

@@ -304,12 +304,14 @@ def test_config_values_of_the_wrong_type_are_errors(override, match):
 
 @pytest.mark.parametrize("options,match", [
     ({"name": "local_sgd", "outer_lr": 0}, "strategy.outer_lr must be a number > 0"),
-    ({"name": "local_sgd", "outer_lr": 0.7, "outer_momentum": "x"}, "strategy.outer_momentum must be a number in [0, 1)"),
+    ({"name": "local_sgd", "outer_lr": 0.7, "outer_momentum": "x"},
+     "strategy.outer_momentum must be a number in [0, 1)"),
     ({"name": "sharded", "rules": "tp "}, 'strategy.rules must be "tp" (the model\'s tensor-parallel rules) or a list'),
     ({"name": "local_sgd", "outer_momentum": 0.9, "outer_nesterov": True},
      "strategy.outer_momentum = 0.9 and strategy.outer_nesterov = true configure the outer optimizer, which needs "
      "strategy.outer_lr"),
-    ({"name": "local_sgd", "outer_lr": 0.7, "outer_nesterov": True}, "outer_nesterov = true needs strategy.outer_momentum"),
+    ({"name": "local_sgd", "outer_lr": 0.7, "outer_nesterov": True},
+     "outer_nesterov = true needs strategy.outer_momentum"),
     ({"name": "sharded", "fsdp_min_size": 4096}, "applies with strategy.fsdp_axis"),
     ({"name": "local_sgd", "outer_nesterov": True}, "strategy.outer_nesterov = true configures the outer optimizer"),
     # the reducer table: the failing key, a suggestion, and where the options of before reducers went

@@ -75,7 +75,8 @@ def test_async_collectives_count_their_results():
       "  %ard = f32[1024]{0} all-reduce-done(f32[1024]{0} %ars)",
       "  %ags = (f32[8]{0}, f32[64]{0}) all-gather-start(f32[8]{0} %p), channel_id=2, replica_groups=[1,8]<=[8]",
       "  %agd = f32[64]{0} all-gather-done((f32[8]{0}, f32[64]{0}) %ags)",
-      "  %cps = (f32[256]{0}, f32[256]{0}, u32[], u32[]) collective-permute-start(%w), source_target_pairs={{0,1},{1,2}}",
+      "  %cps = (f32[256]{0}, f32[256]{0}, u32[], u32[]) collective-permute-start(%w), "
+      "source_target_pairs={{0,1},{1,2}}",
   ])
   r = comm_report(hlo)
   assert r["all-reduce"].payload_bytes == 4096 and r["all-reduce"].sent_bytes == 2 * 7 / 8 * 4096

@@ -233,7 +233,8 @@ def test_a_mesh_axis_the_strategy_does_not_use_is_an_error():
   # its devices would each compute the same step: 4x the work for the speed of 2 devices
   from jdist.strategies.model_parallel import fsdp, sharded
   mesh = jdist.make_mesh(data=2, model=4)
-  idle = r"uses mesh axes \('data',\), but the mesh also has 'model' of size 4: the devices along it would each compute "
+  idle = (r"uses mesh axes \('data',\), but the mesh also has 'model' of size 4: the devices along it would each "
+          r"compute ")
   hint = r"or build the mesh without it, e.g. jdist.make_mesh\(data=2, devices=jax.devices\(\)\[:2\]\)"
   for make, fix in ((lambda: jdist.data_parallel(mlp.loss, optax.sgd(0.1), mesh), "name it in axis"),
                     (lambda: jdist.local_sgd(mlp.loss, optax.sgd(0.1), mesh), "put all of them on it"),
@@ -242,7 +243,8 @@ def test_a_mesh_axis_the_strategy_does_not_use_is_an_error():
       make()
   with pytest.raises(ValueError, match=r"fsdp uses mesh axes \('model',\), but the mesh also has 'data' of size 2"):
     fsdp(mlp.loss, optax.sgd(0.1), mesh, axis="model")
-  with pytest.raises(ValueError, match=r"async_sgd uses mesh axes \('model',\), but the mesh also has 'data' of size 2"):
+  with pytest.raises(ValueError,
+                     match=r"async_sgd uses mesh axes \('model',\), but the mesh also has 'data' of size 2"):
     jdist.async_sgd(mlp.loss, optax.sgd(0.1), mesh, num_workers=4, axis="model")
   with pytest.raises(ValueError, match=r"pipeline uses mesh axes \('model',\), .*name it in data_axis"):
     jdist.pipeline(lambda layer, x: x, lambda p, y, b: 0.0, optax.sgd(0.1), mesh, axis="model", microbatches=2)

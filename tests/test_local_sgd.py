@@ -78,7 +78,8 @@ def test_diloco_runs_and_reduces_loss():
   state, hist = _train(jdist.local_sgd(mlp.loss, optax.adam(1e-2), mesh, sync_every=4,
                                        outer_optimizer=optax.sgd(0.7, momentum=0.9, nesterov=True)), batches)
   assert hist[-1]["loss"] < hist[0]["loss"]
-  assert jdist.local_sgd(mlp.loss, optax.sgd(0.1), mesh, sync_every=4, outer_optimizer=optax.sgd(0.7)).name == "diloco[H=4]"
+  assert jdist.local_sgd(mlp.loss, optax.sgd(0.1), mesh, sync_every=4,
+                         outer_optimizer=optax.sgd(0.7)).name == "diloco[H=4]"
 
 
 def test_bad_arguments():

@@ -45,7 +45,8 @@ def test_another_mesh_s_devices_and_bad_meshes_or_axes():
 
   from jdist.models import mlp
   for make in (jdist.data_parallel, jdist.local_sgd, jdist.sharded, jdist.model_parallel.fsdp):
-    with pytest.raises(TypeError, match="mesh must be a jax.sharding.Mesh, e.g. jdist.make_mesh\\(data=-1\\), got NoneType"):
+    with pytest.raises(TypeError,
+                       match="mesh must be a jax.sharding.Mesh, e.g. jdist.make_mesh\\(data=-1\\), got NoneType"):
       make(mlp.loss, optax.sgd(0.1), None)
   with pytest.raises(ValueError, match=r"\('a', 'a'\) names a mesh axis more than once"):
     jdist.data_parallel(mlp.loss, optax.sgd(0.1), grid, axis=("a", "a"))

@@ -402,8 +402,8 @@ def test_single_process_helpers_and_errors():
     jdist.split_workers(full, 3, process_count=2)
   assert (caught.value.name, caught.value.got) == ("num_workers", 3)
   mesh = jdist.make_mesh(data=-1)
-  start, stop, size = jdist.batches.process_batch_rows(jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")),
-                                                    16)
+  start, stop, size = jdist.batches.process_batch_rows(
+      jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")), 16)
   assert (start, stop, size) == (0, 16, 16)
 
 

@@ -241,7 +241,8 @@ def test_nobody_arriving_drops_nobody(tmp_path):
 
 def test_restart_options_are_checked_before_starting_anything(tmp_path):
   for kwargs, match in (({"max_restarts": -1}, "--max-restarts must be an int >= 0, got -1"),
-                        ({"min_processes": 3}, r"--min-processes must be an int from 1 to the number of processes \(2\)"),
+                        ({"min_processes": 3},
+                         r"--min-processes must be an int from 1 to the number of processes \(2\)"),
                         ({"min_processes": 0}, "--min-processes must be an int from 1")):
     with pytest.raises(ValueError, match=match):
       launch([sys.executable, "-c", "pass"], num_processes=2, **kwargs)

@@ -121,7 +121,8 @@ def test_clusters_load_and_users_add_their_own(tmp_path):
     load_cluster("h100-8")
   assert "h100-8x" in str(e.value)
   mine = tmp_path / "mine.toml"
-  mine.write_text((planning._cluster.CLUSTER_DIR / "h100-8x.toml").read_text().replace("memory_gib = 80", "memory_gib = 40"))
+  mine.write_text((planning._cluster.CLUSTER_DIR / "h100-8x.toml").read_text().replace("memory_gib = 80",
+                                                                                       "memory_gib = 40"))
   assert load_cluster(mine, devices=32).memory_gib == 40 and load_cluster(mine, devices=32).nodes == 4
   mine.write_text("name = 'x'\n")
   with pytest.raises(OptionError):
@@ -191,7 +192,8 @@ def test_jdist_train_runs_the_written_config(tmp_path, capsys):
   config.write_text('[model]\nname = "gpt"\nvocab_size = 256\nseq_len = 16\nd_model = 32\nn_layers = 2\nn_heads = 4\n'
                     '[data]\nbatch_size = 16\n')
   best = tmp_path / "best.toml"
-  assert main(["plan", str(config), "--cluster", "cpu", "--devices", "8", "--compile-top", "0", "--out", str(best)]) == 0
+  assert main(["plan", str(config), "--cluster", "cpu", "--devices", "8", "--compile-top", "0",
+               "--out", str(best)]) == 0
   assert main(["train", str(best), "--quiet", "--set", "train.steps=2", "--set", "train.eval_every=2",
                "--set", f"run_dir={tmp_path / 'run'}"]) == 0
   assert "loss" in (tmp_path / "run" / "metrics.jsonl").read_text()

@@ -302,7 +302,8 @@ def test_stacked_layers_are_approximated_layer_by_layer():
     np.testing.assert_allclose(res["w"][:, b], res_l[f"w{b}"], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(new_qs["w"][b], qs_l[f"w{b}"], rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(mean["norm"][0], norms.mean(0), rtol=1e-6)  # exact
-  assert powersgd_compressible((3, 9, 4, 2), rank, stacked=True) and not powersgd_compressible((3, 9), rank, stacked=True)
+  assert (powersgd_compressible((3, 9, 4, 2), rank, stacked=True)
+          and not powersgd_compressible((3, 9), rank, stacked=True))
 
 
 def test_gpt_blocks_compressed_per_layer():

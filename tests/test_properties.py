@@ -275,8 +275,10 @@ def pipeline_params(draw, layers: int):
   keys = iter(jax.random.split(jax.random.key(draw(st.integers(0, 2**16))), 16))
   stages = [0.5 * jax.random.normal(next(keys), (layers, *draw(st.sampled_from(LEAF_SHAPES))))
             for _ in range(stage_leaves)]
-  heads = [0.5 * jax.random.normal(next(keys), draw(st.sampled_from(LEAF_SHAPES))) for _ in range(draw(st.integers(1, 2)))]
-  return {"stages": draw(nested(stages)), "head": draw(nested(heads)), "embed": jax.random.normal(next(keys), (5, WIDTH))}
+  heads = [0.5 * jax.random.normal(next(keys), draw(st.sampled_from(LEAF_SHAPES)))
+           for _ in range(draw(st.integers(1, 2)))]
+  return {"stages": draw(nested(stages)), "head": draw(nested(heads)),
+          "embed": jax.random.normal(next(keys), (5, WIDTH))}
 
 
 def features(batch):

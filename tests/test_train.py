@@ -208,8 +208,9 @@ def test_a_checkpoint_of_another_configuration_is_named_never_moved_aside(tmp_pa
               "optimizer": r"it has opt_state/0/count, opt_state/0/mu/layers/0/b, opt_state/0/mu/layers/0/w \.\.\. "
                            r"that this run does not",
               "dtype": r"params/layers/0/b is float32\[16\] there and bfloat16\[16\] here"}[change]
-  with pytest.raises(CheckpointError, match=r"ckpt/10 was written for a different model, optimizer or number of devices \(or by a "
-                                            r"jdist version .*\): " + expected + r"\. Nothing was moved or overwritten"):
+  with pytest.raises(CheckpointError, match=r"ckpt/10 was written for a different model, optimizer or number of "
+                                            r"devices \(or by a jdist version .*\): " + expected
+                                            + r"\. Nothing was moved or overwritten"):
     fit(strategy, other, loader, steps=15, checkpoint=CheckpointConfig(directory=ckdir, every_steps=5, fallback=True))
   assert sorted(p.name for p in ckdir.iterdir()) == ["10", "5"]
   strategy, state, loader = _setup()

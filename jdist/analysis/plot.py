@@ -135,7 +135,8 @@ def plot_families(families: Mapping[str, Sequence[tuple[str, str | pathlib.Path]
 def _read(run_dir: str | pathlib.Path) -> list[dict]:
   path = pathlib.Path(run_dir) / METRICS_FILE
   if not path.is_file():
-    raise FileNotFoundError(f"{run_dir} has no {METRICS_FILE}; pass run directories written by jdist train / jdist.fit.")
+    raise FileNotFoundError(f"{run_dir} has no {METRICS_FILE}; pass run directories written by jdist train / "
+                            "jdist.fit.")
   return read_jsonl(path)
 
 

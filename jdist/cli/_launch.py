@@ -153,7 +153,8 @@ class _Group:
           os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
   def start(self, command: list[str], env: dict[str, str]) -> None:
-    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL,
                             start_new_session=True,  # its own process group: stopped as a whole, children included
                             preexec_fn=_death_signal())
     self.procs.append(proc)

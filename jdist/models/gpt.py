@@ -142,7 +142,8 @@ def attention_backend(impl: str | None, dtype: Any, head_dim: int, platform: str
     raise ValueError(f"Unknown attention implementation {impl!r}. It needs to be one of {list(ATTENTION_IMPLS)}.")
   if impl == "auto":
     platform = platform if platform is not None else jax.default_backend()
-    fits = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) and head_dim % 8 == 0 and head_dim <= 128
+    fits = (jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) and head_dim % 8 == 0
+            and head_dim <= 128)
     return "cudnn" if platform == "gpu" and fits else "xla"
   return impl or "xla"
 

@@ -343,8 +343,8 @@ class Checkpointer:
             f"Checkpoint {self.step_path(step)} keeps the stacked layers in another order ({describe(saved)}) than "
             f"this run ({describe(self.layer_layout)}): a circular pipeline stores each device's layers together. "
             f"Nothing was moved or overwritten. Resume with the schedule, pipe size and repeats that wrote it; to "
-            f"change them, convert the parameters with unstack_params (from jdist.strategies.pipeline import unstack_params) "
-            f"and start a new run.")
+            f"change them, convert the parameters with unstack_params (from jdist.strategies.pipeline import "
+            f"unstack_params) and start a new run.")
       return step, state, _caller_meta(meta)
     if steps:
       raise CheckpointError(f"None of the checkpoints in {self.directory} ({steps}) can be read; they were moved "

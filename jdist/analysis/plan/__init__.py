@@ -30,7 +30,7 @@ from jdist.analysis.plan._time import SOFTWARE_EFFICIENCY as SOFTWARE_EFFICIENCY
 from jdist.analysis.plan._time import Timing as Timing
 from jdist.analysis.plan._time import step_time as step_time
 
-__all__ = ["Cluster", "Collective", "Compiled", "ConfiguredRun", "Costs", "DoesNotFitError", "Layout", "Link", "Plan", "PlanRow",
-           "SOFTWARE_EFFICIENCY", "Timing", "TransformerShape", "available_clusters", "candidates", "layout_config",
-           "load_cluster", "plan", "read_plan_config", "step_time", "strategy_from_config",
+__all__ = ["Cluster", "Collective", "Compiled", "ConfiguredRun", "Costs", "DoesNotFitError", "Layout", "Link", "Plan",
+           "PlanRow", "SOFTWARE_EFFICIENCY", "Timing", "TransformerShape", "available_clusters", "candidates",
+           "layout_config", "load_cluster", "plan", "read_plan_config", "step_time", "strategy_from_config",
            "textbook_costs"]

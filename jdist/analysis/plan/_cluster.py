@@ -116,7 +116,8 @@ def load_cluster(spec: "str | pathlib.Path | Cluster", devices: int | None = Non
       if str(spec) not in names:
         hint = difflib.get_close_matches(str(spec), names, n=1)
         raise OptionError("cluster", str(spec), f"a shipped cluster ({', '.join(names)}) or a TOML file",
-                          f"Did you mean {hint[0]!r}?" if hint else f"Add your own: copy {CLUSTER_DIR / 'h100-8x.toml'}.")
+                          f"Did you mean {hint[0]!r}?" if hint
+                          else f"Add your own: copy {CLUSTER_DIR / 'h100-8x.toml'}.")
       path = CLUSTER_DIR / f"{spec}.toml"
     if not path.is_file():
       raise OptionError("cluster", str(spec), "an existing TOML file or a shipped cluster's name",

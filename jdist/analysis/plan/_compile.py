@@ -130,7 +130,8 @@ def _placed(state, params, kind: str, strategy, optimizer):
   put = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
   replicated = NamedSharding(mesh, P())
   return state.replace(step=put(state.step, replicated), key=put(state.key, replicated),
-                       params=jax.tree.map(put, state.params, shardings), opt_state=jax.tree.map(put, state.opt_state, opt))
+                       params=jax.tree.map(put, state.params, shardings),
+                       opt_state=jax.tree.map(put, state.opt_state, opt))
 
 
 _INSTR = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*([a-z0-9]+)\[([0-9,]*)\]")

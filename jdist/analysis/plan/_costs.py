@@ -59,7 +59,8 @@ def _check(shape: TransformerShape, layout: Layout, batch: int) -> None:
   if batch % groups:
     raise OptionError("batch", batch, f"a multiple of data x fsdp x microbatches = {groups}")
   if shape.n_layers % (layout.pipe * layout.virtual):
-    raise OptionError("Layout.pipe", layout.pipe, f"a divisor of the layers ({shape.n_layers}) with virtual={layout.virtual}")
+    raise OptionError("Layout.pipe", layout.pipe,
+                      f"a divisor of the layers ({shape.n_layers}) with virtual={layout.virtual}")
 
 
 def _recomputes_forward(layout: Layout) -> bool:

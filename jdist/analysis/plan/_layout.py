@@ -96,4 +96,5 @@ def candidates(shape: TransformerShape, devices: int, batch: int, *, remats=("no
         continue
       for m in _divisors(batch // data if batch % data == 0 else 1):
         if pipe <= m <= max_microbatches * pipe // 2 and batch % (data * m) == 0:
-          yield Layout(strategy="pipeline", data=data, pipe=pipe, microbatches=m, remat=remat, overlap_grad_reduce=False)
+          yield Layout(strategy="pipeline", data=data, pipe=pipe, microbatches=m, remat=remat,
+                       overlap_grad_reduce=False)

@@ -135,8 +135,9 @@ def _compiled(raw: dict, depths, devices: int, data_ok: bool, layout: Layout) ->
     count, payload, sent = collectives.get("all-reduce", (0, 0, 0.0))
     collectives["all-reduce"] = (count + 1, payload + grads, sent + 2 * (layout.data - 1) / layout.data * grads)
   return Compiled(memory_bytes=total, param_bytes=raw["param_bytes"], optimizer_bytes=raw["optimizer_bytes"],
-                  temp_bytes=mem["temp_size_in_bytes"], flops=raw["flops"], collectives=collectives, depths=tuple(depths),
-                  devices=devices, data_axis_textbook=not data_ok, seconds=raw["compile_seconds"])
+                  temp_bytes=mem["temp_size_in_bytes"], flops=raw["flops"], collectives=collectives,
+                  depths=tuple(depths), devices=devices, data_axis_textbook=not data_ok,
+                  seconds=raw["compile_seconds"])
 
 
 def _row(shape: TransformerShape, layout: Layout, batch: int, cluster: Cluster, compiled: Compiled | None) -> PlanRow:
@@ -184,7 +185,8 @@ class Plan:
     """The fastest layout that fits. Raises ``DoesNotFitError`` when none does."""
     if not self.rows or not self.rows[0].fits:
       least = min(self.rows, key=lambda r: r.memory_bytes)
-      raise DoesNotFitError(self.shape.name, least.memory_bytes / GiB, self.cluster.memory_gib, least.layout, self.cluster)
+      raise DoesNotFitError(self.shape.name, least.memory_bytes / GiB, self.cluster.memory_gib, least.layout,
+                            self.cluster)
     return self.rows[0]
 
   def config(self, row: PlanRow | None = None, *, run_dir: str = "runs/plan") -> str:
@@ -211,10 +213,10 @@ class Plan:
       lines.append(f"{i:>2}  {r.layout.label():<40}{r.layout.strategy:<14}{'yes' if r.fits else 'no':<5}{mem:>8}"
                    f"{r.timing.step * 1e3:>9.1f}{r.timing.mfu:>7.1%}{r.timing.comm_share:>7.1%}"
                    f"{r.timing.bubble_share:>7.1%}  {r.textbook.sent_bytes() / 1e9:>21,.1f} {sent_c:>10}{alt:>22}")
-    lines += ["", "GiB/dev: memory per device of the compiled program (* the textbook's estimate: not compiled). ms/step, "
-              "MFU, comm (exposed collectives' share of the step) and bubble: the step-time model on the textbook FLOPs "
-              "and bytes, because XLA:CPU partitions collectives unlike GPU/TPU back ends; the compiled program's "
-              "bytes (! over 1.5x the textbook's) and the step they would give are shown next to them."]
+    lines += ["", "GiB/dev: memory per device of the compiled program (* the textbook's estimate: not compiled). "
+              "ms/step, MFU, comm (exposed collectives' share of the step) and bubble: the step-time model on the "
+              "textbook FLOPs and bytes, because XLA:CPU partitions collectives unlike GPU/TPU back ends; the compiled "
+              "program's bytes (! over 1.5x the textbook's) and the step they would give are shown next to them."]
     best = self.rows[0] if self.rows else None
     if best is not None and best.fits and (best.bytes_ratio or 0) > 3:
       lines += ["", f"Note: the first row's compiled program sends {best.bytes_ratio:.1f}x the textbook's bytes (see "
@@ -238,13 +240,15 @@ class Plan:
              f"{t.pipe * 1e3:.2f} + bubble {t.bubble * 1e3:.2f} + exposed data/FSDP {t.data * 1e3:.2f} "
              f"(of {t.data_total * 1e3:.2f})",
              "  textbook collectives (used for the time):"]
-    lines += [f"    {c.axis:<6}{c.kind:<20}{c.count:>6} x {c.payload_bytes / 1e6:,.2f} MB, sent {c.sent_bytes / 1e6:,.2f} MB"
+    lines += [f"    {c.axis:<6}{c.kind:<20}{c.count:>6} x {c.payload_bytes / 1e6:,.2f} MB, "
+              f"sent {c.sent_bytes / 1e6:,.2f} MB"
               for c in r.textbook.collectives] or ["    none"]
     if r.compiled:
       c = r.compiled
       lines.append(f"  compiled on {c.devices} emulated devices at {c.depths} layers/stage"
                    + (" (data axis: textbook)" if c.data_axis_textbook else "") + ":")
-      lines += [f"    {k:<26}{int(round(v[0])):>6} ops, sent {v[2] / 1e6:,.2f} MB" for k, v in sorted(c.collectives.items())]
+      lines += [f"    {k:<26}{int(round(v[0])):>6} ops, sent {v[2] / 1e6:,.2f} MB"
+                for k, v in sorted(c.collectives.items())]
       lines.append(f"  memory {c.memory_bytes / GiB:.3f} GiB: params {c.param_bytes / GiB:.3f}, optimizer "
                    f"{c.optimizer_bytes / GiB:.3f}, temporaries {c.temp_bytes / GiB:.3f}; matmul FLOPs {c.flops:.3g} "
                    f"(textbook for this cluster {r.textbook.flops:.3g}; compiled counts every branch of a conditional "

@@ -84,8 +84,8 @@ class TransformerShape:
 
   def embedding_params(self) -> int:
     """Token embedding (and the head when untied), position table, final norm."""
-    return self.vocab_size * self.d_model * (1 if self.tied else 2) + self.position_table * self.seq_len * self.d_model \
-        + self.d_model
+    return (self.vocab_size * self.d_model * (1 if self.tied else 2) + self.position_table * self.seq_len * self.d_model
+            + self.d_model)
 
   def num_params(self) -> int:
     return self.n_layers * self.layer_params() + self.embedding_params()

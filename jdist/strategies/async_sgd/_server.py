@@ -98,7 +98,8 @@ def workers_half(cfg: AsyncConfig, mesh: Mesh, vg: Callable, specs: Any, with_co
   gradients of its k workers on their copies and sends each gradient to the server in pieces.
 
   Returns ``f(worker_params, batch, key_data) -> (grads, copies, losses, aux)``; ``key_data``: None, or each
-  worker's raw key uint32[N, 2] for a ``takes_key`` loss. ``grads`` leaves ``[N, ...]`` split as the server's pieces; ``copies`` the worker copies laid out alike (only ``with_copies``, for DC-ASGD; else ``()``);
+  worker's raw key uint32[N, 2] for a ``takes_key`` loss. ``grads`` leaves ``[N, ...]`` split as the server's pieces;
+  ``copies`` the worker copies laid out alike (only ``with_copies``, for DC-ASGD; else ``()``);
   ``losses`` f32[N] and ``aux`` ``[N, ...]`` on every device.
   """
   d, k, axis = cfg.devices, cfg.per_device, cfg.axis

@@ -13,4 +13,5 @@ from jdist.strategies.model_parallel._tp import column_parallel as column_parall
 from jdist.strategies.model_parallel._tp import row_parallel as row_parallel
 from jdist.strategies.model_parallel._tp import tp_mlp as tp_mlp
 
-__all__ = ["DEFAULT_FSDP_MIN_SIZE", "fsdp", "ShardingReport", "explain_sharding", "partition_specs", "path_str", "rules_from_flax", "sharded", "column_parallel", "row_parallel", "tp_mlp"]
+__all__ = ["DEFAULT_FSDP_MIN_SIZE", "fsdp", "ShardingReport", "explain_sharding", "partition_specs", "path_str",
+           "rules_from_flax", "sharded", "column_parallel", "row_parallel", "tp_mlp"]

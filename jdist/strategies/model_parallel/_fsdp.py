@@ -2,8 +2,8 @@
 
 Every large parameter lives on the mesh in 1/N pieces (and so does its optimizer state). To use a
 weight, the devices all-gather it; a ``jax.checkpoint`` policy keeps every intermediate except the gathered
-weights, so the program asks for the full weight to be gathered again in the backward pass; the transpose of an all-gather is a
-reduce-scatter, so each device receives only its piece of the summed gradient. Per step and device
+weights, so the program asks for the full weight to be gathered again in the backward pass; the transpose of an
+all-gather is a reduce-scatter, so each device receives only its piece of the summed gradient. Per step and device
 that is (N-1)/N P bytes gathered forward, (N-1)/N P gathered backward and (N-1)/N P reduce-scattered:
 3(N-1)/N P, the ZeRO-3 figure, with no full-gradient all-reduce. (Measured on XLA:CPU in JAX 0.10,
 the compiler merges the backward all-gather into the forward one, keeping the full weights alive:

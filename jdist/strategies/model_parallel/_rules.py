@@ -7,9 +7,10 @@ mesh's axis sizes to a pytree of ``PartitionSpec``s. It needs no devices: pass t
 A parameter's path is its keys joined by "/" (``blocks/qkv``, ``layers/0/w``); a rule's pattern is a
 regular expression searched in it, and in the path without a trailing ``/value`` (flax NNX state ends each
 path with the Variable's ``value``: ``l1/kernel/value``), so ``kernel$`` matches an NNX kernel too.
-``rules_from_flax`` makes rules from a flax model's own annotations (``nnx.with_partitioning``). Every rule that matches a parameter must give the same spec (two
-that disagree are an error naming both), and every rule must match some parameter; a parameter no
-rule matches is replicated and listed in the report. FSDP then adds its axis to the largest free dimension of every parameter big enough.
+``rules_from_flax`` makes rules from a flax model's own annotations (``nnx.with_partitioning``). Every rule
+that matches a parameter must give the same spec (two that disagree are an error naming both), and every rule
+must match some parameter; a parameter no rule matches is replicated and listed in the report. FSDP then adds
+its axis to the largest free dimension of every parameter big enough.
 """
 from __future__ import annotations
 
