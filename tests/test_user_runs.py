@@ -71,7 +71,7 @@ def load(*, n=1024, noise=0.5):
   return {"x": x[:896], "y": y[:896]}, {"x": x[896:], "y": y[896:]}
 '''
 
-CONFIG = ('''
+CONFIG = '''
 run_dir = "{run_dir}"
 
 [model]
@@ -92,8 +92,12 @@ max_norm = 1.0
 [[optimizer.args]]
 name = "adamw"
 weight_decay = 1e-3
-learning_rate = {{ name = "warmup_cosine_decay_schedule", init_value = 0.0, peak_value = 1e-2, '''
-          '''warmup_steps = 5, decay_steps = 40 }}
+[optimizer.args.learning_rate]  # the schedule, a table of the last [[optimizer.args]] (adamw's learning_rate)
+name = "warmup_cosine_decay_schedule"
+init_value = 0.0
+peak_value = 1e-2
+warmup_steps = 5
+decay_steps = 40
 
 {strategy}
 
@@ -105,7 +109,7 @@ progress = false
 
 [checkpoint]
 every_steps = 10
-''')
+'''
 
 STRATEGIES = {"data_parallel": '[strategy]\nname = "data_parallel"\n\n[mesh]\ndata = 8',
               "fsdp": '[strategy]\nname = "fsdp"\nmin_size = 256\n\n[mesh]\nfsdp = 8'}
