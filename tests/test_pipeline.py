@@ -361,7 +361,7 @@ def test_stage_params_not_stacked():
   with pytest.raises(OptionError) as e:
     pipeline(stage_fn, loss_fn, optax.sgd(0.1), jdist.make_mesh(pipe=2, devices=jax.devices()[:2]),
              schedule="zero-bubble")
-  assert (e.value.name, e.value.got, e.value.expected) == ("schedule", "zero-bubble", "one of ['gpipe', 'circular', '1f1b']")
+  assert (e.value.name, e.value.got) == ("schedule", "zero-bubble") and "'zb_h1'" in e.value.expected
 
 
 def test_1f1b_has_no_virtual_stages():
