@@ -25,7 +25,7 @@ from jdist.strategies.pipeline._layout import (
   to_device_order,
 )
 from jdist.strategies.pipeline._schedules import pipeline_schedule
-from jdist.strategies.pipeline._stage import PipelineConfig, batch_x
+from jdist.strategies.pipeline._stage import PipelineConfig, batch_x, vary_params
 from jdist.strategy import StepFn, Strategy, apply_update, metrics_from, sharded_state
 
 # each schedule's executor: (config, params, batch, key base) -> (loss, aux, grads, busy ticks) on one device
@@ -133,7 +133,7 @@ def pipeline(
                   step=StepFn(functools.partial(step, cfg, optimizer, mesh), mesh, donate_argnums=0),
                   name=f"pipeline[{schedule}, p={p}, m={sched.microbatches}" + (f", v={v}]" if v > 1 else "]"),
                   mesh=mesh,
-                  info=types.MappingProxyType({"schedule": sched, "layer_layout": layout}))
+                  info=types.MappingProxyType({"schedule": sched, "layer_layout": layout, "config": cfg}))
 
 
 def init(cfg: PipelineConfig, optimizer: Any, mesh: Mesh, params: Params, *, key: PRNGKey | int | None = None
@@ -163,9 +163,7 @@ def local_grads(cfg: PipelineConfig, params: Params, batch: Batch, key: jax.Arra
   the replicated entries summed over the pipe (and everything averaged over data replicas); idle stage-ticks.
   ``key``, ``step``: the state's, for functions that take a key."""
   # params["stages"]: this device's S / p layers [v c, ...], its v virtual stages of c layers
-  vary = lambda x, axes: jax.lax.pcast(x, axes, to="varying") if axes else x
-  params = {k: jax.tree.map(lambda x: vary(x, cfg.data_axes if k == "stages" else cfg.all_axes), val)
-            for k, val in params.items()}
+  params = vary_params(cfg, params)
   base = (key, step) if cfg.takes_key else None
   loss, aux, grads, active = EXECUTORS[cfg.schedule.name](cfg, params, batch, base)
   # the loss and aux live on the last device only: sum over the pipe; average over data replicas

@@ -73,7 +73,8 @@ class PipelineConfig:
 
   def varying(self, x: jax.Array) -> jax.Array:
     """``x`` typed like the values the pipeline computes (varying over every mesh axis), for cond / scan."""
-    return jax.lax.pcast(x, self.all_axes, to="varying")
+    missing = tuple(a for a in self.all_axes if a not in jax.typeof(x).manual_axis_type.varying)
+    return jax.lax.pcast(x, missing, to="varying") if missing else x
 
   def head(self, params: Params, y: jax.Array, micro_batch: Batch, key: jax.Array | None = None
            ) -> tuple[jax.Array, Any]:
@@ -82,6 +83,14 @@ class PipelineConfig:
     if isinstance(self.loss_fn, KeyedLoss):
       return loss_and_aux(self.loss_fn.fn(params, y, micro_batch, key), self.has_aux)
     return loss_and_aux(self.loss_fn(params, y, micro_batch), self.has_aux)
+
+
+def vary_params(cfg: PipelineConfig, params: Params) -> Params:
+  """Inside ``shard_map``: every entry typed as varying over every mesh axis (the stacked layers already
+  vary over the pipe axis), as the values the pipeline computes from them."""
+  vary = lambda x, axes: jax.lax.pcast(x, axes, to="varying") if axes else x
+  return {k: jax.tree.map(lambda x: vary(x, cfg.data_axes if k == "stages" else cfg.all_axes), val)
+          for k, val in params.items()}
 
 
 def layer_key(key: jax.Array | None, layer: jax.Array | int) -> jax.Array | None:
@@ -97,7 +106,7 @@ def micro_batches(batch: Batch, m: int) -> Callable[[jax.Array], Batch]:
 
 
 def run_stage(cfg: PipelineConfig, local: Params, lap: jax.Array | int, x: jax.Array, key: jax.Array | None = None,
-              first_layer: jax.Array | int = 0) -> jax.Array:
+              first_layer: jax.Array | int = 0, unroll: bool = False) -> jax.Array:
   """Runs virtual stage ``lap`` of this device's layers ``local`` [v c, ...] (its c layers in order) on x;
   with a micro-batch ``key``, layer k of the stage gets ``layer_key(key, first_layer + k)``.
 
@@ -109,7 +118,7 @@ def run_stage(cfg: PipelineConfig, local: Params, lap: jax.Array | int, x: jax.A
       lambda a: jax.lax.dynamic_slice_in_dim(a, lap * (a.shape[0] // v), a.shape[0] // v, 0), local)
   c = jax.tree.leaves(layers)[0].shape[0]
   step = lambda h, layer_k: (cfg.layer(layer_k[0], h, layer_key(key, first_layer + layer_k[1])), None)
-  return jax.lax.scan(step, x, (layers, jnp.arange(c)))[0]
+  return jax.lax.scan(step, x, (layers, jnp.arange(c)), unroll=unroll)[0]
 
 
 def activation_type(cfg: PipelineConfig, params: Params, micro_batch: Batch) -> jax.ShapeDtypeStruct:

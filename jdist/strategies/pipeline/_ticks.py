@@ -249,34 +249,39 @@ def tick(dev: Device, pl: Plan, codes: np.ndarray, carry: tuple, t: jax.Array, s
   return inbox, stash, wcarry, grads, loss, aux, active + (at(pl.branch) != IDLE).astype(jnp.int32)
 
 
+def device(cfg: PipelineConfig, params: Params, batch: Batch, base: tuple | None) -> tuple[Device, Plan]:
+  """This device's constants and the plan: the layer's VJP is traced here, at the types every tick uses."""
+  pl = plan(cfg.schedule)
+  pick = micro_batches(batch, cfg.schedule.microbatches)
+  x_type = activation_type(cfg, params, pick(0))
+  zeros_x = cfg.varying(jnp.zeros(x_type.shape, x_type.dtype))
+  loss_type, _ = jax.eval_shape(lambda: cfg.head(params, zeros_x, pick(0), cfg.micro_key(base, 0)))
+  c = jax.tree.leaves(params["stages"])[0].shape[0] // cfg.schedule.repeats
+  dev = Device(cfg, params, pick, zeros_x, loss_type, None, c, base)
+  d = jax.lax.axis_index(cfg.axis)
+  i0, j0 = jnp.asarray(pl.micro)[0, d], jnp.asarray(pl.stage)[0, d]  # typed like every tick's values
+  return dev._replace(vjp=layer_vjp(layer_fn(cfg), layer(dev, 0, 0), keys(dev, i0, j0)[1][0], zeros_x, cfg.remat)), pl
+
+
 def local_grads(cfg: PipelineConfig, params: Params, batch: Batch, base: tuple | None = None
                 ) -> tuple[jax.Array, Any, Params, jax.Array]:
   """``(loss, aux, grads, busy ticks)`` on this device (the loss on the device of the last stage, / m; the
   gradients summed over micro-batches, this device's share), with a hand-written backward. ``base``:
   (state.key data, state.step) when a function takes a key."""
-  sched, pl = cfg.schedule, plan(cfg.schedule)
-  pick = micro_batches(batch, sched.microbatches)
-  x_type = activation_type(cfg, params, pick(0))
-  zeros_x = cfg.varying(jnp.zeros(x_type.shape, x_type.dtype))
-  loss_type, aux_type = jax.eval_shape(lambda: cfg.head(params, zeros_x, pick(0), cfg.micro_key(base, 0)))
-  c = jax.tree.leaves(params["stages"])[0].shape[0] // sched.repeats
-  dev = Device(cfg, params, pick, zeros_x, loss_type, None, c, base)
-  d = jax.lax.axis_index(cfg.axis)
-  i0, j0 = jnp.asarray(pl.micro)[0, d], jnp.asarray(pl.stage)[0, d]  # typed like every tick's values
-  vjp = layer_vjp(layer_fn(cfg), layer(dev, 0, 0), keys(dev, i0, j0)[1][0], zeros_x, cfg.remat)
-  dev = dev._replace(vjp=vjp)
+  dev, pl = device(cfg, params, batch, base)
   n_in, n_st, n_cr = pl.slots
-  buffers = lambda n, types: [cfg.varying(jnp.zeros((n, c, *a.shape), a.dtype)) for a in types]
+  buffers = lambda n, types: [cfg.varying(jnp.zeros((n, dev.layers, *a.shape), a.dtype)) for a in types]
   codes = np.unique(pl.branch)
 
   def two_ticks(carry, j):  # the ticks alternate between the send patterns of the two parities
     carry = tick(dev, pl, codes, carry, 2 * j, pl.sends[0])
     return tick(dev, pl, codes, carry, 2 * j + 1, pl.sends[1]), None
 
+  aux_type = jax.eval_shape(lambda: cfg.head(params, dev.zeros_x, dev.pick(0), cfg.micro_key(base, 0)))[1]
   zero_grads = jax.tree.map(lambda x: cfg.varying(jnp.zeros(x.shape, x.dtype)), params)
-  init = (cfg.varying(jnp.zeros((n_in, *x_type.shape), x_type.dtype)), buffers(n_st, vjp.stash_types),
-          buffers(n_cr, vjp.carry_types if sched.split_backward else []), zero_grads,
+  init = (cfg.varying(jnp.zeros((n_in, *dev.zeros_x.shape), dev.zeros_x.dtype)), buffers(n_st, dev.vjp.stash_types),
+          buffers(n_cr, dev.vjp.carry_types if cfg.schedule.split_backward else []), zero_grads,
           cfg.varying(jnp.zeros((), jnp.float32)), zero_sums(aux_type, cfg), cfg.varying(jnp.zeros((), jnp.int32)))
   (_, _, _, grads, loss, aux, active), _ = jax.lax.scan(two_ticks, init, jnp.arange(pl.branch.shape[0] // 2))
-  m = sched.microbatches
+  m = cfg.schedule.microbatches
   return loss / m, jax.tree.map(lambda a: a / m, aux), grads, active
