@@ -17,10 +17,10 @@ FORWARD, BACKWARD, WEIGHT = "F", "B", "W"
 Op = tuple[str, int, int]
 
 
-def round_size(p: int, m: int) -> int:
+def round_size(p: int, m: int, v: int) -> int:
   """Micro-batches per round of an interleaved schedule: p, or m when m < p (PyTorch's relaxation of
-  Megatron's "m must be a multiple of p": rounds = max(1, m // p) must divide m)."""
-  rounds = max(1, m // p)
+  Megatron's "m must be a multiple of p": rounds = max(1, m // p) must divide m); any m when v = 1."""
+  rounds = max(1, m // p) if v > 1 else 1
   if m % rounds:
     raise OptionError("microbatches", m, f"a multiple of {rounds} (the rounds of {p} micro-batches) for an "
                       f"interleaved schedule on {p} devices", f"Use e.g. microbatches={rounds * p}.")
@@ -42,7 +42,7 @@ def interleaved_orders(p: int, m: int, v: int) -> list[list[Op]]:
   (g = ``round_size``; capped at m v), then one forward and one backward in turn, then the remaining
   backwards: its peak holding is warm-up + 1 virtual stages' inputs (11 9 7 5 for p=4, m=8, v=2, as
   PyTorch's ``ScheduleInterleaved1F1B``)."""
-  g, orders = round_size(p, m), []
+  g, orders = round_size(p, m, v), []
   for d in range(p):
     fwd = [(FORWARD, *_nth(k, g, v, p, d, forward=True)) for k in range(m * v)]
     bwd = [(BACKWARD, *_nth(k, g, v, p, d, forward=False)) for k in range(m * v)]
@@ -61,7 +61,7 @@ def zb_h1_orders(p: int, m: int, v: int = 1) -> list[list[Op]]:
   then F B W, so every device holds p micro-batches, 1F1B's peak on the first device; the delayed W fill
   the drain's bubble. With F, B and W one tick each the bubble is (p-1) ticks of 3 m v + p - 1 (1F1B's
   is 3(p-1) of 3(m + p - 1)): a third."""
-  g, orders = round_size(p, m), []
+  g, orders = round_size(p, m, v), []
   for d in range(p):
     fwd = [(FORWARD, *_nth(k, g, v, p, d, forward=True)) for k in range(m * v)]
     bwd = [_nth(k, g, v, p, d, forward=False) for k in range(m * v)]
