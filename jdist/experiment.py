@@ -153,11 +153,12 @@ def async_sgd_from_config(loss_fn, optimizer, mesh, *, num_workers: int = 8, pau
 
 
 def pipeline_from_config(loss_fn, optimizer, mesh, *, microbatches: int = 4, schedule: str = "gpipe",
-                         repeats: int | None = None, data_axis: str = "") -> Strategy:
-  """``pipeline`` of the residual MLP (model.name = "resmlp"): its residual layers are the stages."""
+                         repeats: int | None = None, data_axis: str = "", remat: str = "") -> Strategy:
+  """``pipeline`` of the residual MLP (model.name = "resmlp"): its residual layers are the stages. ``remat``
+  names a ``jax.checkpoint_policies`` policy ("" keeps every residual)."""
   stage_fn, head_loss, input_fn = resmlp.pipeline_fns()
   return pipeline(stage_fn, head_loss, optimizer, mesh, axis="pipe", microbatches=microbatches, schedule=schedule,
-                  repeats=repeats, data_axis=data_axis or None, input_fn=input_fn)
+                  repeats=repeats, data_axis=data_axis or None, input_fn=input_fn, remat=remat or None)
 
 
 STRATEGIES: dict[str, Callable[..., Strategy]] = {

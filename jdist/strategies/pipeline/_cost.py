@@ -1,4 +1,5 @@
-"""FLOPs of a pipeline step per device, from XLA's cost analysis of each op compiled on its own.
+"""FLOPs of a pipeline step per device, from XLA's cost analysis of each op compiled on its own, and the
+step's modelled time from a schedule's table and its ops' costs.
 
 The compiled step's own ``cost_analysis()`` cannot say what the step computes: XLA counts a loop's body
 once (the tick loop runs T times) and a conditional as its costliest branch (each tick's ``lax.switch``
@@ -89,3 +90,49 @@ def step_flops(strategy: Any, state: Any, batch: Batch) -> np.ndarray:
     return np.full(sched.num_stages, sched.ticks * (cost["F"] + cost["B"]))
   return np.array([sum(cost[str(o)] for o in sched.op[:, d] if o != ".") for d in range(sched.num_stages)])
 
+
+
+def device_orders(schedule: Any) -> list[list[tuple[str, int, int]]]:
+  """Each device's ops ``(kind, micro-batch, virtual stage)`` in the order it runs them: the table's, and
+  for "gpipe" / "circular" the forward ticks, then the backwards as ``jax.grad`` runs them (in reverse)."""
+  orders = []
+  for d in range(schedule.num_stages):
+    cells = [(t, int(schedule.table[t, d]), int(schedule.stage_ids[d, schedule.lap[t, d]]))
+             for t in range(schedule.ticks) if schedule.table[t, d] >= 0]
+    if schedule.op is None:
+      orders.append([("F", i, j) for _, i, j in cells] + [("B", i, j) for _, i, j in cells[::-1]])
+    else:
+      orders.append([(str(schedule.op[t, d]), i, j) for t, i, j in cells])
+  return orders
+
+
+def modelled_time(schedule: Any, cost: dict[str, float], *, lockstep: bool = True) -> float:
+  """One step's time when each op lasts ``cost[kind]`` ("F", "B", "W": per virtual stage; a GPipe "B" is a
+  tick's backward), communication free.
+
+  ``lockstep``: as jdist runs it, every device on the same tick, each tick as long as its costliest op
+  (GPipe and circular run the stage on every tick, idle or not: ticks x (F + B)). Otherwise each device
+  runs its ops in order, each as soon as its device is free and its inputs exist: the model of the
+  papers and of torch's asynchronous runtime.
+  """
+  if lockstep:
+    if schedule.op is None:
+      return schedule.ticks * (cost["F"] + cost["B"])
+    return float(sum(max([cost[str(o)] for o in row if o != "."] or [0.0]) for row in schedule.op))
+  orders, last = device_orders(schedule), schedule.stage_ids.size - 1
+  done: dict[tuple[str, int, int], float] = {}
+  free, pos = [0.0] * len(orders), [0] * len(orders)
+  while any(pos[d] < len(ops) for d, ops in enumerate(orders)):
+    progressed = False
+    for d, ops in enumerate(orders):
+      while pos[d] < len(ops):
+        kind, i, j = ops[pos[d]]
+        needs = {"F": [("F", i, j - 1)] if j else [], "W": [("B", i, j)],
+                 "B": [("F", i, j)] + ([("B", i, j + 1)] if j < last else [])}[kind]
+        if any(n not in done for n in needs):
+          break
+        free[d] = max([free[d]] + [done[n] for n in needs]) + cost[kind]
+        done[kind, i, j], pos[d], progressed = free[d], pos[d] + 1, True
+    if not progressed:
+      raise RuntimeError("The device orders deadlock.")
+  return max(free)

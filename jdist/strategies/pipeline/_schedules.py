@@ -1,7 +1,7 @@
 """Pipeline schedules as tables: which micro-batch each device works on at each tick, and with what op.
 
 Pure numpy: a schedule is data, built and checked here with no devices, and run by an executor
-(``_gpipe`` for forward-only tables, whose backward ``jax.grad`` derives; ``_one_f_one_b`` for tables
+(``_gpipe`` for forward-only tables, whose backward ``jax.grad`` derives; ``_ticks`` for tables
 that say where each backward runs).
 
 Cells name an op: ``F`` a micro-batch's forward through a stage, ``B`` its backward (the input gradient,
@@ -190,8 +190,9 @@ def one_f_one_b(p: int, m: int) -> Schedule:
   ticks differ in parity), and each stage runs the 1F1B order: min(p - s, m) forwards (Megatron's
   min(p - s - 1, m) warm-up and the first steady one), then one backward, one forward, ..., then the
   remaining backwards. 2(m + p - 1) ticks in all, 2m of them busy on every device: the bubble is GPipe's
-  (p-1)/(m+p-1). A greedy list schedule would run the warm-up forwards back to back instead, as soon as
-  their inputs exist; the receivers would then need a queue for activations that arrive early.
+  (p-1)/(m+p-1). ``_orders.timed`` would run the warm-up forwards back to back instead, as soon as their
+  inputs exist: same ticks and bubble, but activations that arrive early wait in the inbox, and a device
+  sends both ways on one tick parity (two ``ppermute``s a tick instead of one).
   """
   ticks = 2 * (m + p - 1)
   table = -np.ones((ticks, p), np.int32)
