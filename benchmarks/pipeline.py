@@ -57,7 +57,8 @@ RUNS = (("gpipe", "gpipe", None, None), ("gpipe nothing", "gpipe", None, "nothin
 MiB = 2**20
 
 
-def measure(label, schedule, repeats, remat, m, p, mesh, rows_per_micro=4):
+def measure(label, schedule, repeats, remat, m, p, mesh, costs, rows_per_micro=4):
+  """One schedule / remat at m micro-batches; ``costs`` caches each label's op FLOPs (they do not depend on m)."""
   cfg = gpt.GPTConfig(vocab_size=256, seq_len=64, d_model=128, n_layers=8, n_heads=4)
   stage_fn, loss_fn, input_fn, to_pipeline = gpt.pipeline_fns(cfg)
   params = to_pipeline(gpt.init(jax.random.key(0), cfg))
@@ -67,7 +68,9 @@ def measure(label, schedule, repeats, remat, m, p, mesh, rows_per_micro=4):
   state, batch = strategy.init(params), strategy.shard_batch(batch)
   compiled = strategy.step.lower(state, batch).compile()
   sched = strategy.info["schedule"]
-  cost = op_flops(strategy, jax.eval_shape(lambda: state), batch)
+  if label not in costs:
+    costs[label] = op_flops(strategy, jax.eval_shape(lambda: state), batch)
+  cost = costs[label]
   steps = np.array([sum(cost[str(o)] for o in sched.op[:, d] if o != ".") for d in range(p)]) if sched.op is not None \
       else np.full(p, sched.ticks * (cost["F"] + cost["B"]))
   return {"label": label, "schedule": schedule, "repeats": sched.repeats, "remat": remat, "microbatches": m,
@@ -115,7 +118,8 @@ def main() -> None:
   ms = [4, 8] if args.quick else [4, 8, 16, 32]
   runs = [r for r in RUNS if not args.quick or r[3] is None]
   mesh = jdist.make_mesh(pipe=p, devices=jax.devices()[:p])
-  records = [measure(*run, m, p, mesh) for run in runs for m in ms]
+  costs = {}
+  records = [measure(*run, m, p, mesh, costs) for run in runs for m in ms]
   ideal = {m: m * sum(r["op_flops"].values()) for r in records if r["label"] == "gpipe" for m in [r["microbatches"]]}
   rows = [(r["label"], r["microbatches"], r["ticks"], f"{r['bubble']:.3f}", " ".join(map(str, r["peak_stash"])),
            r["temp_bytes"] / MiB, " ".join(f"{k} {v / 1e6:.0f}" for k, v in r["op_flops"].items()),
@@ -143,9 +147,9 @@ def _plot(records, ideal) -> None:
   for label in labels:
     rs = [r for r in records if r["label"] == label]
     ms = [r["microbatches"] for r in rs]
+    dash = {"nothing_saveable": "--", "dots_saveable": "-."}.get(rs[0]["remat"], "-")
     style = dict(color=colors[rs[0]["schedule"]], marker="o", label=label,
-                 linestyle="--" if rs[0]["remat"] else ":" if rs[0]["repeats"] > 1 and rs[0]["schedule"] == "zb_h1"
-                 else "-")
+                 linestyle=":" if rs[0]["repeats"] > 1 and rs[0]["schedule"] == "zb_h1" else dash)
     axes[0].plot(ms, [r["temp_bytes"] / MiB for r in rs], **style)
     axes[1].plot(ms, [r["lockstep"] / ideal[r["microbatches"]] for r in rs], **style)
     axes[2].plot(ms, [r["async"] / ideal[r["microbatches"]] for r in rs], **style)
@@ -158,8 +162,9 @@ def _plot(records, ideal) -> None:
     ax.grid(alpha=0.3)
   axes[0].set_yscale("log")
   axes[2].legend(fontsize=7, ncol=2)
-  fig.suptitle("GPT on 4 pipe devices: memory and modelled time per schedule (dashed: remat nothing_saveable / "
-               "dots_saveable); ideal = m (F + B) of one device, no bubble, no recomputation", fontsize=10)
+  fig.suptitle("GPT on 4 pipe devices: memory and modelled time per schedule (dashed: remat nothing_saveable, "
+               "dash-dot: dots_saveable, dotted: zb_h1 v=2); ideal = m (F + B) of one device, no bubble, no "
+               "recomputation", fontsize=10)
   fig.tight_layout()
   save_figure(fig, "pipeline")
 

@@ -627,6 +627,24 @@ def test_a_stage_and_a_loss_that_take_keys_draw_what_the_layers_in_sequence_draw
   assert strategy.info["schedule"].stage_ids.tolist() == ([[0, 3], [1, 2]] if schedule == "zbv" else [[0], [1]])
 
 
+def test_the_pipeline_configs_build_their_schedules():
+  import pathlib
+
+  from jdist import config as config_lib
+  from jdist import experiment
+  expected = {"pipeline": ("gpipe", 8), "pipeline_interleaved": ("interleaved_1f1b", 4), "pipeline_zb": ("zb_h1", 8),
+              "pipeline_zbv": ("zbv", 4)}
+  for path in sorted((pathlib.Path(__file__).resolve().parents[1] / "examples" / "configs").glob("pipeline*.toml")):
+    cfg = config_lib.load(path)
+    mesh = jdist.make_mesh(**cfg.mesh.axes, devices=jax.devices()[:cfg.mesh.num_devices or None])
+    strategy = experiment.build_strategy(cfg.strategy.name, None, optax.sgd(0.1), mesh, dict(cfg.strategy.options))
+    sched = strategy.info["schedule"]
+    assert (sched.name, sched.num_stages) == expected[path.stem], path.name
+  cfg = config_lib.load(path, ["strategy.remat=nothing_saveable"])
+  strategy = experiment.build_strategy(cfg.strategy.name, None, optax.sgd(0.1), mesh, dict(cfg.strategy.options))
+  assert strategy.info["config"].remat is jax.checkpoint_policies.nothing_saveable
+
+
 # ---- the pieces, alone ------------------------------------------------------------------------------------
 
 
