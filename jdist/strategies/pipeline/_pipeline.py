@@ -100,7 +100,8 @@ def pipeline(
   Returns:
     A ``Strategy``. Metrics: ``loss``, ``grad_norm``, ``bubble`` (idle stage-ticks / all, counted from
     the schedule the step ran) and ``ticks`` (rows of the schedule's table: forward ticks for "gpipe" and
-    "circular", every tick for the others); ``info["schedule"]`` is that ``Schedule``.
+    "circular", every tick for the others); ``info["schedule"]`` is that ``Schedule``, ``info["config"]``
+    the frozen ``PipelineConfig`` (for ``op_flops`` / ``step_flops``).
     ``shard_batch`` takes the global batch in one process and this process's share in a multi-process run
     (as ``jdist.batches.put_batch``); with ``data_axis`` outermost, e.g. ``make_mesh(data=2, pipe=4)`` on 2
     processes, each process's devices need only its share, otherwise the shares are first gathered on
