@@ -171,11 +171,13 @@ def async_sgd_from_config(loss_fn, optimizer, mesh, *, num_workers: int = 8, pau
 
 
 def pipeline_from_config(model: Pipelined, optimizer, mesh, *, microbatches: int = 4, schedule: str = "gpipe",
-                         repeats: int | None = None, data_axis: str = "") -> Strategy:
+                         repeats: int | None = None, data_axis: str = "", remat: str = "") -> Strategy:
   """``pipeline`` of the model's stages (``Model.pipeline``: the residual MLP's layers, the GPT's blocks); it is
-  given the model's ``Pipelined`` in place of a loss."""
+  given the model's ``Pipelined`` in place of a loss. ``remat`` names a ``jax.checkpoint_policies`` policy
+  ("" keeps every residual)."""
   return pipeline(model.stage_fn, model.loss_fn, optimizer, mesh, axis="pipe", microbatches=microbatches,
-                  schedule=schedule, repeats=repeats, data_axis=data_axis or None, input_fn=model.input_fn)
+                  schedule=schedule, repeats=repeats, data_axis=data_axis or None, input_fn=model.input_fn,
+                  remat=remat or None)
 
 
 STRATEGIES: dict[str, Callable[..., Strategy]] = {

@@ -310,18 +310,19 @@ def sequential_loss(params, batch):
 
 
 @given(data=st.data(), layout=st.sampled_from([(1, 2), (1, 4), (1, 8), (2, 2), (2, 4)]),
-       schedule=st.sampled_from(["gpipe", "circular", "1f1b"]), m_per_stage=st.sampled_from([1, 2]),
+       schedule=st.sampled_from(["gpipe", "circular", "1f1b", "interleaved_1f1b", "zb_h1", "zbv"]),
+       m_per_stage=st.sampled_from([1, 2]),
        opt=st.sampled_from([("sgd", lambda: optax.sgd(0.05)), ("adam", lambda: optax.adam(0.01))]))
 def test_pipeline_equals_layers_in_sequence(data, layout, schedule, m_per_stage, opt):
   n_data, p = layout
-  v = 2 if schedule == "circular" else 1
+  v = 2 if schedule in ("circular", "interleaved_1f1b", "zbv") else 1
   m = p * m_per_stage
   params = data.draw(pipeline_params(p * v * data.draw(st.sampled_from([1, 2]))))
   batches = stacked_batches(data.draw, n_data * m)
   mesh = (jdist.make_mesh(pipe=p, devices=devices(p)) if n_data == 1 else
           jdist.make_mesh(data=n_data, pipe=p, devices=devices(n_data * p)))
   strategy = jdist.pipeline(stage_fn, head_loss, opt[1](), mesh, microbatches=m, schedule=schedule,
-                            repeats=v if schedule == "circular" else None, input_fn=input_fn,
+                            repeats=v if schedule in ("circular", "interleaved_1f1b") else None, input_fn=input_fn,
                             data_axis="data" if n_data > 1 else None)
   ref_params, _, ref_losses = single_device_reference(sequential_loss, opt[1](), params, batches)
   state = strategy.init(params)

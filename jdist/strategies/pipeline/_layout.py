@@ -35,35 +35,40 @@ def check_stages(params: Any, p: int, v: int) -> int:
   return s
 
 
-def device_layer_order(num_layers: int, num_stages: int, repeats: int) -> np.ndarray:
+def device_layer_order(num_layers: int, num_stages: int, repeats: int, stages: np.ndarray | None = None
+                       ) -> np.ndarray:
   """``order[k]``: the layer the pipeline state keeps at position k of its layer axis.
 
-  Device d holds positions [d S/p, (d+1) S/p): its v virtual stages of c = S/(p v) layers, virtual stage
-  j of the model (layers [j c, (j+1) c)) on device j mod p. With v = 1 (GPipe, 1F1B) that is the identity.
+  Device d holds positions [d S/p, (d+1) S/p): its v virtual stages of c = S/(p v) layers in lap order,
+  virtual stage j of the model (layers [j c, (j+1) c)) where ``stages`` (int[p, v], a schedule's
+  ``stage_ids``) puts it; by default on device j mod p, lap j // p (round-robin). With v = 1 (GPipe,
+  1F1B, ZB-H1) that is the identity.
   """
   p, v = num_stages, repeats
   c = num_layers // (p * v)
-  device, lap, layer = np.meshgrid(np.arange(p), np.arange(v), np.arange(c), indexing="ij")
-  return ((lap * p + device) * c + layer).reshape(-1)
+  stages = np.arange(p * v).reshape(v, p).T if stages is None else np.asarray(stages)
+  return (stages[:, :, None] * c + np.arange(c)).reshape(-1)
 
 
-def to_device_order(params: Params, p: int, v: int) -> Params:
+def to_device_order(params: Params, schedule: Schedule) -> Params:
   """``params`` with the stacked layers in device order (``device_layer_order``): what the state keeps."""
-  if v == 1:
+  if schedule.repeats == 1:
     return params
-  order = device_layer_order(jax.tree.leaves(params["stages"])[0].shape[0], p, v)
+  order = device_layer_order(jax.tree.leaves(params["stages"])[0].shape[0], schedule.num_stages, schedule.repeats,
+                             schedule.stage_ids)
   return dict(params, stages=jax.tree.map(lambda x: x[order], params["stages"]))
 
 
 def unstack_params(params: Params, schedule: Schedule) -> Params:
   """Pipeline params (or a tree laid out like them: gradients, optimizer moments) in the model's layer
-  order; ``schedule`` is the strategy's, ``strategy.info["schedule"]``. Only "circular" reorders the layers
-  (``device_layer_order``); the shapes are the model's in every schedule."""
+  order; ``schedule`` is the strategy's, ``strategy.info["schedule"]``. Only schedules with virtual stages
+  reorder the layers (``device_layer_order``); the shapes are the model's in every schedule."""
   if not isinstance(schedule, Schedule):
     raise OptionTypeError("schedule", schedule, "the pipeline's Schedule", "Pass strategy.info['schedule'].")
   if schedule.repeats == 1:
     return params
-  order = device_layer_order(jax.tree.leaves(params["stages"])[0].shape[0], schedule.num_stages, schedule.repeats)
+  order = device_layer_order(jax.tree.leaves(params["stages"])[0].shape[0], schedule.num_stages, schedule.repeats,
+                             schedule.stage_ids)
   return dict(params, stages=jax.tree.map(lambda x: x[np.argsort(order)], params["stages"]))
 
 
