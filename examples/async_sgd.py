@@ -193,6 +193,12 @@ def plot(results: dict, path: pathlib.Path) -> pathlib.Path:
   return path
 
 
+def plot_path(out: str) -> pathlib.Path:
+  """``--out`` as named: a ``.png`` file itself, or a directory that gets ``async_sgd.png``."""
+  path = pathlib.Path(out)
+  return path if path.suffix.lower() == ".png" else path / "async_sgd.png"
+
+
 def run(ticks: int = 600, out: str = "runs/async_sgd", verbose: bool = True, *, bounds=BOUNDS, keys=(0, 1, 2),
         rules=tuple(RULES), devices: bool = False, linear_ticks: int = 4000) -> dict:
   """Both parts. Returns ``{"linear_regression": {...}, "digits": {(rule, bound): {metric: [per key]}}}``."""
@@ -207,7 +213,7 @@ def run(ticks: int = 600, out: str = "runs/async_sgd", verbose: bool = True, *, 
           f"= 2.30); train loss @ updates: the server's when the run had applied as many updates as the fewest of its "
           f"rule; waiting: workers held at the gate per tick. s counts clocks (gradients delivered); a bound of s "
           f"allows up to ({WORKERS} - 1)(2s + 1) updates of staleness.")
-    print(f"loss curves: {plot(results['digits'], pathlib.Path(out) / 'async_sgd.png')}")
+    print(f"loss curves: {plot(results['digits'], plot_path(out))}")
   return results
 
 
@@ -216,7 +222,7 @@ if __name__ == "__main__":
   parser.add_argument("--ticks", type=int, default=600, help="server ticks per run (default 600)")
   parser.add_argument("--keys", type=int, default=3, help="schedule keys per configuration")
   parser.add_argument("--out", default="runs/async_sgd",
-                      help="directory for the plot (OUT/async_sgd.png) and the results (default runs/async_sgd)")
+                      help="the plot: a .png file, or a directory that gets async_sgd.png (default runs/async_sgd)")
   parser.add_argument("--devices", action="store_true", help="one worker per emulated device")
   args = parser.parse_args()
   run(args.ticks, args.out, keys=tuple(range(args.keys)), devices=args.devices)

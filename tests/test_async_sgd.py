@@ -2,6 +2,8 @@
 init key, dead workers are discarded, every layout gives one device's numbers, and bad input is a typed error.
 (SSP's guarantees and the numpy parameter server: tests/test_async_ssp.py; the pieces alone:
 tests/test_async_pieces.py.)"""
+import pathlib
+
 import jax
 import numpy as np
 import optax
@@ -422,6 +424,11 @@ def test_example_runs_quickly(tmp_path):
   assert set(results["digits"]) == {("each", 4)}
   assert all(r["final_loss"][0] < r["first_loss"][0] for r in results["digits"].values())
   assert (tmp_path / "async_sgd.png").exists()
+  # --out as named: a .png path is the file (its folder made), anything else a folder that gets async_sgd.png
+  assert example.plot_path(str(tmp_path / "plots" / "curves.PNG")) == tmp_path / "plots" / "curves.PNG"
+  assert example.plot_path("runs/x") == pathlib.Path("runs/x/async_sgd.png")
+  example.plot(results["digits"], example.plot_path(str(tmp_path / "plots" / "a.png")))
+  assert (tmp_path / "plots" / "a.png").is_file()
 
 
 def test_strategy_seed_varies_the_schedule_not_the_parameters_through_the_cli(tmp_path):
