@@ -21,7 +21,7 @@ logging.getLogger("asyncio").setLevel(logging.CRITICAL)
 from hypothesis import HealthCheck, settings  # noqa: E402
 
 _SLOW_OK = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.differing_executors]
-settings.register_profile("ci", derandomize=True, max_examples=10, deadline=None, database=None,
+settings.register_profile("ci", derandomize=True, max_examples=8, deadline=None, database=None,
                           suppress_health_check=_SLOW_OK, print_blob=True)
 settings.register_profile("explore", max_examples=60, deadline=None, database=None,
                           suppress_health_check=_SLOW_OK, print_blob=True)

@@ -66,6 +66,8 @@ SETUPS = {
     "sharded_tp_fsdp": {"strategy": "sharded", "strategy_options": 'rules = "tp"\nfsdp_axis = "fsdp"',
                         "mesh": "fsdp = 2\nmodel = 4"},
 }
+# the five kill points shared between the setups (each kill and restart is two processes compiling the step)
+KILL_AT = {"data_parallel": (8, 17), "sharded_tp_fsdp": (3, 12, 26)}
 
 
 def _train_cmd(config):
@@ -119,7 +121,7 @@ def test_sigkill_at_five_steps_then_restart_equals_uninterrupted(tmp_path, setup
   ref_step, ref_state = _final_state(full)
   ref_log = (tmp_path / "full" / "metrics.jsonl").read_bytes()
   assert ref_step == 30
-  for kill_at in (3, 8, 12, 17, 26):
+  for kill_at in KILL_AT[setup]:
     cfg = _write_config(tmp_path, f"killed_{kill_at}", **SETUPS[setup])
     _run_until_killed(cfg, tmp_path / f"killed_{kill_at}", kill_at)
     done = subprocess.run(_train_cmd(cfg), capture_output=True, text=True, timeout=300)
