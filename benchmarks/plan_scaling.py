@@ -10,15 +10,16 @@ device counts and widths (fresh, without the cache).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax.numpy as jnp  # noqa: E402
 
+from _common import write_json  # noqa: E402
 from jdist.analysis.plan import plan  # noqa: E402
 from jdist.analysis.plan._compile import CompileJob, run_jobs  # noqa: E402
 from jdist.analysis.plan._config import model_fields  # noqa: E402
@@ -62,10 +63,7 @@ def main(argv=None) -> int:
   print("\n| model (2 layers compiled) | devices | one compile (s) | with the worker process (s) |\n|---|---|---|---|")
   for r in out["compile"]:
     print(f"| {r['model']} | {r['devices']} | {r['compile_s']:.1f} | {r['with_process_s']:.1f} |")
-  folder = os.environ.get("JDIST_BENCH_OUT", "bench_results")
-  os.makedirs(folder, exist_ok=True)
-  with open(os.path.join(folder, "plan_scaling.json"), "w") as f:
-    json.dump(out, f, indent=1)
+  write_json("plan_scaling", out)
   return 0
 
 

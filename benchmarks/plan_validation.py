@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from _common import write_json  # noqa: E402
 from jdist.analysis.plan import Layout, TransformerShape, load_cluster, step_time, textbook_costs  # noqa: E402
 
 KORTHIKANTI = ("Korthikanti et al. 2022, \"Reducing Activation Recomputation in Large Transformer Models\" "
@@ -180,10 +181,7 @@ def main(argv=None) -> int:
   errors = [abs(r["error"]) for r in records if not r["reference"]]
   print(f"\n{len(errors)} predicted rows: median |error| {sorted(errors)[len(errors) // 2]:.1%}, "
         f"max {max(errors):.1%}, {sum(e <= 0.2 for e in errors)} within 20%")
-  out = os.environ.get("JDIST_BENCH_OUT", "bench_results")
-  os.makedirs(out, exist_ok=True)
-  with open(os.path.join(out, "plan_validation.json"), "w") as f:
-    json.dump(records, f, indent=1)
+  write_json("plan_validation", {"rows": records})
   return 0
 
 
